@@ -1,0 +1,1 @@
+"""MQTT -> AMQP bridge and the embedded edge broker runner."""

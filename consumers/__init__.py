@@ -1,0 +1,1 @@
+"""Idempotent consumers: RabbitMQ -> time-series stores."""

@@ -1,0 +1,1 @@
+"""Edge agent: sensors, outbox (store-and-forward), flashing."""

@@ -1,0 +1,81 @@
+"""The exceptions iotpipe raises.
+
+Every error a user can cause (bad settings, an unreachable broker, a malformed file) is an
+``IotpipeError``: the command line prints its message on one line and exits non-zero, without a
+traceback. Anything else is a bug and keeps its traceback.
+
+    IotpipeError
+    ├── ConfigError          a setting is invalid (names the field, the value, what is allowed)
+    ├── ConnectError         a broker or server cannot be reached or refused us
+    ├── RecordingError       a recording file is unreadable or malformed
+    └── DeliveryError        a broker refused or lost acknowledgements
+
+Envelope validation failures are *values*, not exceptions: see ``iotpipe.envelope.Rejection``.
+"""
+
+from __future__ import annotations
+
+
+class IotpipeError(Exception):
+    """Root of every error iotpipe raises for a user-facing problem."""
+
+    exit_code: int = 1
+
+
+class ConfigError(IotpipeError):
+    """A setting is invalid.
+
+    Attributes:
+        field: dotted name of the setting, e.g. ``mqtt.url``.
+        value: the offending value (already redacted if it was a secret).
+        allowed: what would have been accepted.
+    """
+
+    exit_code = 2
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid setting {field}={value!r}: {allowed}")
+
+
+class ConnectError(IotpipeError):
+    """A broker or server cannot be reached, or refused the connection.
+
+    Attributes:
+        target: what we tried to reach, without credentials (``mqtt://host:1883``).
+        reason: why it failed.
+    """
+
+    exit_code = 3
+
+    def __init__(self, target: str, reason: str) -> None:
+        self.target = target
+        self.reason = reason
+        super().__init__(f"cannot connect to {target}: {reason}")
+
+
+class RecordingError(IotpipeError):
+    """A recording file is unreadable or malformed.
+
+    Attributes:
+        path: the file.
+        line: 1-based line number, or 0 for the file as a whole.
+        reason: what is wrong.
+    """
+
+    exit_code = 2
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {reason}")
+
+
+class DeliveryError(IotpipeError):
+    """A broker refused publishes or acknowledgements went missing."""
+
+    exit_code = 4

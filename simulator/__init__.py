@@ -1,0 +1,1 @@
+"""Sensor fleet simulator: signal profiles, fleet, fault injection."""
