@@ -1,0 +1,84 @@
+"""The ``iotpipe`` command: one entry point that mounts each component's subcommands.
+
+Every component keeps its commands in its own ``cli`` module; this root only wires them up,
+handles ``--version`` and logging, and turns an :class:`~iotpipe.errors.IotpipeError` into one
+clear line on stderr and a non-zero exit code (never a traceback for a user mistake).
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from iotpipe import __version__
+from iotpipe.errors import IotpipeError
+from iotpipe.options import setup_logging
+
+app = typer.Typer(
+    name="iotpipe",
+    help="IoT telemetry pipeline: MQTT edge -> RabbitMQ -> exactly-once time-series stores.\n\n"
+    "Start with [bold]iotpipe broker[/bold] and [bold]iotpipe simulate[/bold]; "
+    "see each command's --help for examples.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class LogLevel(StrEnum):
+    """Log levels accepted by ``--log-level``."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"iotpipe {__version__} (wire contract 1.0)")
+        raise typer.Exit
+
+
+@app.callback()
+def root(
+    log_level: Annotated[
+        LogLevel, typer.Option("--log-level", help="Log verbosity (logs go to stderr).")
+    ] = LogLevel.WARNING,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Set up logging for every subcommand."""
+    setup_logging(log_level.value)
+
+
+def _mount() -> None:
+    from bridge.cli import broker
+    from iotpipe.recording_cli import record, replay
+    from simulator.cli import simulate
+
+    app.command("broker")(broker)
+    app.command("simulate")(simulate)
+    app.command("record")(record)
+    app.command("replay")(replay)
+
+
+def main() -> None:
+    """Run the ``iotpipe`` command line."""
+    _mount()
+    try:
+        app(prog_name="iotpipe")
+    except IotpipeError as err:
+        typer.secho(f"iotpipe: error: {err}", err=True, fg=typer.colors.RED)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("iotpipe: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,174 @@
+"""Shared fixtures: real MQTT brokers on free ports, unique topics, waiting with deadlines.
+
+Brokers are real: amqtt runs in-process on a private port (in its own thread and event loop),
+and Mosquitto runs as a private process with its own port and data directory. Tests never kill
+or reconfigure the machine's shared brokers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:port."""
+
+    def accepting() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_for(accepting, timeout, f"port {port} to accept connections")
+
+
+@dataclass
+class BrokerInfo:
+    """A running MQTT broker for one test."""
+
+    name: str
+    url: str
+    port: int
+
+
+class AmqttThread:
+    """amqtt running in a background thread with its own event loop."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.broker: Any = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="amqtt", daemon=True)
+
+    def start(self) -> None:
+        from amqtt.broker import Broker
+
+        self._thread.start()
+
+        async def _start() -> None:
+            self.broker = Broker(self.config)
+            await self.broker.start()
+
+        asyncio.run_coroutine_threadsafe(_start(), self.loop).result(timeout=15)
+
+    def stop(self) -> None:
+        if self.broker is not None:
+            asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop).result(timeout=15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
+
+
+def amqtt_config(port: int, *, allow_anonymous: bool = True) -> dict[str, Any]:
+    """A minimal explicit amqtt config bound to loopback (its default binds 0.0.0.0:1883)."""
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}},
+    }
+
+
+@pytest.fixture
+def amqtt_broker() -> Iterator[BrokerInfo]:
+    """A plain amqtt broker in-process on a free port."""
+    port = free_port()
+    runner = AmqttThread(amqtt_config(port))
+    runner.start()
+    try:
+        yield BrokerInfo("amqtt", f"mqtt://127.0.0.1:{port}", port)
+    finally:
+        runner.stop()
+
+
+class MosquittoProcess:
+    """A private Mosquitto with its own port, config and data directory."""
+
+    def __init__(self, workdir: Path, port: int, extra_config: str = "") -> None:
+        self.port = port
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(workdir, "mosquitto", "mosquitto")
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {workdir}/\n"
+            f"log_dest file {workdir}/mosquitto.log\n"
+            "max_queued_messages 0\n"
+            f"{extra_config}"
+        )
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)])
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def mosquitto_broker(tmp_path: Path) -> Iterator[BrokerInfo]:
+    """A private Mosquitto instance on a free port (needs the ``mosquitto`` binary)."""
+    if shutil.which("mosquitto") is None:
+        pytest.fail("mosquitto is not installed: run `make setup` (apt-get install mosquitto)")
+    port = free_port()
+    broker = MosquittoProcess(tmp_path / "mosquitto", port)
+    broker.start()
+    try:
+        yield BrokerInfo("mosquitto", f"mqtt://127.0.0.1:{port}", port)
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def mqtt_broker(request: pytest.FixtureRequest) -> BrokerInfo:
+    """Each test using this runs twice: against in-process amqtt and a private Mosquitto."""
+    fixture = "amqtt_broker" if request.param == "amqtt" else "mosquitto_broker"
+    info: BrokerInfo = request.getfixturevalue(fixture)
+    return info
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique token for topics, client ids and queue names of one test."""
+    return uuid.uuid4().hex[:10]
