@@ -15,7 +15,7 @@ import typer
 
 from iotpipe import __version__
 from iotpipe.errors import IotpipeError
-from iotpipe.options import setup_logging
+from iotpipe.options import ConfigOption, MqttUrlOption, setup_logging
 
 app = typer.Typer(
     name="iotpipe",
@@ -60,10 +60,44 @@ def root(
     setup_logging(log_level.value)
 
 
+@app.command("watch")
+def watch_command(
+    mqtt: MqttUrlOption = None,
+    topic: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--topic", "-t", help="Topic filter to watch (repeatable).", show_default=False
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(help="Stop after this many seconds [default: run until Ctrl-C].", min=0.1),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Show live iotpipe traffic on an MQTT broker: devices, latest readings, rejected messages.
+
+    Every message is checked against the wire contract; rejected ones are counted by reason
+    (bad_json, schema, topic_mismatch, too_large, ...).
+
+    [bold]Examples[/bold]
+
+      iotpipe watch                                   # local broker, all iotpipe topics
+      iotpipe watch --mqtt mqtt://gw.local:1883 -t 'iotpipe/v1/kitchen/#'
+    """
+    from iotpipe.settings import MqttSettings, config_path, load
+    from iotpipe.watch import watch
+
+    settings = load(MqttSettings, "mqtt", config_file=config_path(config), overrides={"url": mqtt})
+    view = watch(settings, topic or ["iotpipe/#"], duration=duration)
+    typer.echo(view.summary(), err=True)
+
+
 def _mount() -> None:
     from bridge.cli import broker
-    from iotpipe.recording_cli import record, replay
     from simulator.cli import simulate
+
+    from iotpipe.recording_cli import record, replay
 
     app.command("broker")(broker)
     app.command("simulate")(simulate)

@@ -159,10 +159,12 @@ class MqttClient:
             self._inflight.discard(mid)
             self.acknowledged += 1
 
-    def _handle_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+    def _handle_message(
+        self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage
+    ) -> None:
         if self._on_message is not None:
             self._on_message(
-                Message(msg.topic, msg.payload, msg.qos, bool(msg.retain), bool(msg.dup), msg.mid)
+                Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup), msg.mid)
             )
 
     def _handle_subscribe(
@@ -217,7 +219,9 @@ class MqttClient:
             raise ConnectError(self.url.redacted(), f"broker refused: {self._connack}")
         log.debug("mqtt connected url=%s session_present=%s", self.url, self._session_present)
 
-    def reconnect(self, deadline: float, *, base_delay: float = 0.2, max_delay: float = 5.0) -> None:
+    def reconnect(
+        self, deadline: float, *, base_delay: float = 0.2, max_delay: float = 5.0
+    ) -> None:
         """Re-establish a lost connection with jittered exponential backoff.
 
         Unacknowledged QoS>0 messages are retransmitted by paho once the link is back.
@@ -239,7 +243,9 @@ class MqttClient:
                 return
             time.sleep(min(delay * random.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, max_delay)
-        raise ConnectError(self.url.redacted(), f"lost the connection and could not reconnect: {last}")
+        raise ConnectError(
+            self.url.redacted(), f"lost the connection and could not reconnect: {last}"
+        )
 
     def disconnect(self) -> None:
         """Disconnect cleanly (the broker then does not publish our will)."""
@@ -278,7 +284,9 @@ class MqttClient:
             self.pump(timeout=0.01)
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise DeliveryError(f"publish to {topic!r} refused by the MQTT client: {_paho_reason(info.rc)}")
+            raise DeliveryError(
+                f"publish to {topic!r} refused by the MQTT client: {_paho_reason(info.rc)}"
+            )
         self.published += 1
         if qos > 0:
             # The ack can only arrive in a later pump(), so there is no race with _handle_publish.
@@ -315,7 +323,9 @@ class MqttClient:
         reasons = self._pending_subacks.pop(mid) or []
         refused = [f for (f, _), r in zip(wanted, reasons, strict=False) if r.is_failure]
         if refused:
-            raise ConnectError(self.url.redacted(), f"subscription refused for {', '.join(refused)}")
+            raise ConnectError(
+                self.url.redacted(), f"subscription refused for {', '.join(refused)}"
+            )
         for entry in wanted:
             if entry not in self._subscriptions:
                 self._subscriptions.append(entry)

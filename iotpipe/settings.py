@@ -109,7 +109,9 @@ class TlsSettings(Section):
 class MqttSettings(Section):
     """How to reach an MQTT broker."""
 
-    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://[user:pass@]host[:port] or mqtts://")
+    url: str = Field(
+        "mqtt://127.0.0.1:1883", description="mqtt://[user:pass@]host[:port] or mqtts://"
+    )
     client_id: str = Field("", description="MQTT client id; empty picks a random one")
     keepalive: int = Field(30, ge=5, le=3600, description="keep-alive interval, seconds")
     tls: TlsSettings = TlsSettings()

@@ -95,7 +95,9 @@ def amqtt_config(port: int, *, allow_anonymous: bool = True) -> dict[str, Any]:
     """A minimal explicit amqtt config bound to loopback (its default binds 0.0.0.0:1883)."""
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}},
+        "plugins": {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}
+        },
     }
 
 

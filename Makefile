@@ -1,0 +1,22 @@
+# The project's only entry points; CI and people run exactly these.
+.PHONY: setup run test check bench clean
+
+setup:  ## install everything into .venv (and mosquitto via apt when missing)
+	@scripts/setup
+
+run: setup  ## embedded broker + a small simulated fleet + a live view of the traffic
+	@scripts/run
+
+test: setup  ## the whole test suite against real brokers
+	.venv/bin/pytest
+
+check: setup  ## lint and types
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
+	.venv/bin/python bench/bench_simulator.py
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis
