@@ -8,6 +8,7 @@ or reconfigure the machine's shared brokers.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -121,10 +122,12 @@ class MosquittoProcess:
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
-        shutil.chown(workdir, "mosquitto", "mosquitto")
         self.conf = workdir / "mosquitto.conf"
+        # As root, Mosquitto drops to the `mosquitto` user, which cannot enter pytest's private
+        # tmp dirs; a private test instance may keep running as root instead.
+        as_root = "user root\n" if os.geteuid() == 0 else ""
         self.conf.write_text(
-            f"listener {port} 127.0.0.1\n"
+            as_root + f"listener {port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {workdir}/\n"
