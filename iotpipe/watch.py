@@ -133,7 +133,8 @@ def watch(
                     live.update(view.render())
         else:
             while deadline is None or time.monotonic() < deadline:
-                _pump_for(client, 5.0 if deadline is None else min(5.0, refresh * 10))
+                remaining = 5.0 if deadline is None else deadline - time.monotonic()
+                _pump_for(client, max(0.0, min(5.0, remaining)))
                 console.print(view.summary())
     except KeyboardInterrupt:
         pass
