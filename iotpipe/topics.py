@@ -1,0 +1,212 @@
+"""MQTT topics and AMQP routing keys of wire contract 1.x.
+
+Devices publish on ``iotpipe/v1/{site}/{device}/{kind}``; the bridge republishes to RabbitMQ with
+the same topic turned into a routing key (``/`` -> ``.``), exactly as RabbitMQ's own MQTT plugin
+maps it, so a binding such as ``iotpipe.v1.#`` works whichever way the data came in.
+
+``{site}`` and ``{device}`` are 1-64 characters of ``A-Z a-z 0-9 _ -``. They can contain neither
+``/`` nor ``.`` nor a wildcard, so for iotpipe topics the topic <-> routing-key mapping is lossless.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+
+__all__ = [
+    "NAME_PATTERN",
+    "PREFIX",
+    "STATUS_FILTER",
+    "TELEMETRY_FILTER",
+    "Kind",
+    "Topic",
+    "is_valid_name",
+    "parse_routing_key",
+    "parse_topic",
+    "to_mqtt_topic",
+    "to_routing_key",
+    "topic",
+]
+
+PREFIX = "iotpipe/v1"
+"""The first two levels of every contract-1.x MQTT topic."""
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""Regular expression a site or device name must match as a whole (1-64 of ``A-Z a-z 0-9 _ -``).
+
+Anchored and free of look-arounds so pydantic can run it with its Rust engine, where ``$`` is
+the end of the text (use ``re.fullmatch`` in Python so a trailing newline never slips through).
+"""
+
+TELEMETRY_FILTER = f"{PREFIX}/+/+/telemetry"
+"""MQTT subscription filter matching every device's telemetry."""
+
+STATUS_FILTER = f"{PREFIX}/+/+/status"
+"""MQTT subscription filter matching every device's status messages."""
+
+_NAME_RE = re.compile(NAME_PATTERN)
+_PREFIX_LEVELS = PREFIX.split("/")
+# Topics repeat per device, so memoising the parse removes it from the per-message cost; the
+# bound keeps a flood of distinct (hostile) topics from growing memory.
+_TOPIC_CACHE_SIZE = 4096
+
+
+class Kind(StrEnum):
+    """What a topic carries: its last level."""
+
+    TELEMETRY = "telemetry"
+    """Telemetry envelopes (QoS 1, not retained)."""
+    STATUS = "status"
+    """Retained status messages (birth ``online``, last will ``offline``)."""
+
+
+_KINDS = {kind.value: kind for kind in Kind}
+
+
+def is_valid_name(name: str) -> bool:
+    """Tell whether ``name`` is a valid site or device name.
+
+    Args:
+        name: the candidate name.
+
+    Returns:
+        True when ``name`` is 1-64 characters of ``A-Z a-z 0-9 _ -``.
+    """
+    return _NAME_RE.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A parsed iotpipe v1 topic.
+
+    Attributes:
+        site: the site name.
+        device: the device name, unique within its site.
+        kind: what the topic carries.
+
+    Raises:
+        ValueError: on construction, when ``site`` or ``device`` is not a valid name or ``kind``
+            is not a ``Kind``.
+    """
+
+    site: str
+    device: str
+    kind: Kind
+
+    def __post_init__(self) -> None:
+        """Reject names that would produce a topic outside the contract."""
+        _check_name("site", self.site)
+        _check_name("device", self.device)
+        # Accept the plain string "telemetry" too, but store the enum member.
+        object.__setattr__(self, "kind", Kind(self.kind))
+
+    @property
+    def mqtt(self) -> str:
+        """The MQTT topic, e.g. ``iotpipe/v1/home/pi-kitchen/telemetry``."""
+        return f"{PREFIX}/{self.site}/{self.device}/{self.kind.value}"
+
+    @property
+    def routing_key(self) -> str:
+        """The AMQP routing key, e.g. ``iotpipe.v1.home.pi-kitchen.telemetry``."""
+        return to_routing_key(self.mqtt)
+
+    def __str__(self) -> str:
+        """Return the MQTT topic."""
+        return self.mqtt
+
+
+def _check_name(field: str, value: str) -> None:
+    if not isinstance(value, str) or not is_valid_name(value):
+        raise ValueError(f"invalid {field} {value!r}: must be 1-64 characters of A-Z a-z 0-9 _ -")
+
+
+def topic(site: str, device: str, kind: Kind = Kind.TELEMETRY) -> str:
+    """Build the MQTT topic a device publishes on.
+
+    Args:
+        site: the site name.
+        device: the device name.
+        kind: telemetry (default) or status.
+
+    Returns:
+        ``iotpipe/v1/{site}/{device}/{kind}``.
+
+    Raises:
+        ValueError: when ``site`` or ``device`` is not a valid name or ``kind`` is unknown.
+    """
+    return Topic(site, device, kind).mqtt
+
+
+def parse_topic(topic: str) -> Topic | None:
+    """Parse an MQTT topic of contract 1.x.
+
+    Args:
+        topic: the topic a message arrived on.
+
+    Returns:
+        The parsed topic, or None when ``topic`` is not exactly
+        ``iotpipe/v1/{site}/{device}/{telemetry|status}`` with valid names.
+    """
+    return _parse_topic(topic)
+
+
+@lru_cache(maxsize=_TOPIC_CACHE_SIZE)
+def _parse_topic(topic: str) -> Topic | None:
+    levels = topic.split("/")
+    if len(levels) != 5 or levels[:2] != _PREFIX_LEVELS:
+        return None
+    _, _, site, device, kind_name = levels
+    kind = _KINDS.get(kind_name)
+    if kind is None or not (is_valid_name(site) and is_valid_name(device)):
+        return None
+    return Topic(site, device, kind)
+
+
+def parse_routing_key(routing_key: str) -> Topic | None:
+    """Parse an AMQP routing key of contract 1.x.
+
+    Args:
+        routing_key: e.g. ``iotpipe.v1.home.pi-kitchen.telemetry``.
+
+    Returns:
+        The parsed topic, or None when ``routing_key`` is not the routing key of a valid
+        iotpipe v1 topic.
+    """
+    parsed = parse_topic(to_mqtt_topic(routing_key))
+    # "/" survives to_mqtt_topic, so "iotpipe.v1.a/b..." could otherwise sneak through.
+    if parsed is None or parsed.routing_key != routing_key:
+        return None
+    return parsed
+
+
+def to_routing_key(mqtt_topic: str) -> str:
+    """Map an MQTT topic or filter to an AMQP routing key or binding pattern.
+
+    Same mapping as RabbitMQ's MQTT plugin: ``/`` -> ``.`` and ``+`` -> ``*`` (``#`` is the same
+    in both). Dots already in the topic are kept, so the mapping is only reversible for topics
+    without dots, which includes every iotpipe topic.
+
+    Args:
+        mqtt_topic: e.g. ``iotpipe/v1/+/+/telemetry``.
+
+    Returns:
+        e.g. ``iotpipe.v1.*.*.telemetry``.
+    """
+    return mqtt_topic.replace("/", ".").replace("+", "*")
+
+
+def to_mqtt_topic(routing_key: str) -> str:
+    """Map an AMQP routing key or binding pattern to an MQTT topic or filter.
+
+    The inverse of ``to_routing_key``, again as RabbitMQ's MQTT plugin does it:
+    ``*`` -> ``+`` and ``.`` -> ``/``.
+
+    Args:
+        routing_key: e.g. ``iotpipe.v1.home.pi-kitchen.status``.
+
+    Returns:
+        e.g. ``iotpipe/v1/home/pi-kitchen/status``.
+    """
+    return routing_key.replace("*", "+").replace(".", "/")
