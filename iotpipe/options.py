@@ -29,8 +29,8 @@ MqttUrlOption = Annotated[
     str | None,
     typer.Option(
         "--mqtt",
-        help="MQTT broker URL: mqtt://[user:pass@]host[:port] or mqtts://... "
-        "[default: mqtt://127.0.0.1:1883]",
+        help="MQTT broker URL: mqtt://\\[user:pass@]host\\[:port] or mqtts://... "
+        "\\[default: mqtt://127.0.0.1:1883]",
         show_default=False,
     ),
 ]

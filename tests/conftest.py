@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["tests.fixtures_replay"]
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
