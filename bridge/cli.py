@@ -1,0 +1,127 @@
+"""``iotpipe broker``: run the embedded edge broker, or add a user to its password file.
+
+Mounted by :mod:`iotpipe.cli` as a single command (``app.command("broker")(broker)``), so adding a
+user is the ``--add-user`` option rather than a ``broker passwd`` subcommand. amqtt's own
+``user_mgr`` manages a SQL user database (``amqtt[contrib]``), not this password file, and
+``mosquitto_passwd`` writes hashes amqtt cannot read, so neither can do the job.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from iotpipe.options import ConfigOption
+from iotpipe.settings import config_path, load
+
+_EXAMPLES = """
+
+[bold]Examples[/bold]
+
+  [dim]# this machine only (127.0.0.1:1883); anyone may connect[/dim]
+  iotpipe broker
+
+  [dim]# devices log in as {site}/{device}; services by name[/dim]
+  iotpipe broker --add-user home/pi-kitchen --password-file passwd
+  iotpipe broker --add-user bridge --password-file passwd
+  iotpipe broker --host 0.0.0.0 --password-file passwd \\
+      --acl-file configs/broker-acl.toml
+
+  [dim]# everything from a file (commented sample: configs/broker.toml)[/dim]
+  iotpipe broker --config configs/broker.toml
+
+  [dim]# scripted: the password comes from stdin if it is not a terminal[/dim]
+  echo "$PW" | iotpipe broker --add-user home/pi-1 --password-file passwd
+"""
+
+
+def broker(
+    *,
+    config: ConfigOption = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host",
+            help="Address to listen on; 0.0.0.0 = every interface. \\[default: 127.0.0.1]",
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", "-p", help="TCP port. \\[default: 1883]", show_default=False),
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--password-file",
+            help="user:argon2-hash file (amqtt's FileAuthPlugin format). When set, clients must log "
+            "in; devices as {site}/{device}.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    acl_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--acl-file",
+            help="TOML ACL (see configs/broker-acl.toml); needs --password-file.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    add_user: Annotated[
+        str | None,
+        typer.Option(
+            "--add-user",
+            metavar="USER",
+            help="Add USER to the password file (or change their password) and exit. The password "
+            "is prompted for, or read from stdin. A running broker picks it up at the next login.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run the embedded MQTT broker (amqtt): zero-install, for an edge box or a laptop.
+
+    MQTT 3.1.1 only; sessions, queued and retained messages live in memory and are lost on restart.
+    For production sites use Mosquitto (configs/mosquitto/). SIGTERM or Ctrl-C stops it cleanly.
+    """
+    from bridge.broker import BrokerSettings, run
+    from bridge.broker import add_user as write_user
+
+    flags: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "password_file": password_file,
+        "acl_file": acl_file,
+    }
+    settings = load(BrokerSettings, "broker", config_file=config_path(config), overrides=flags)
+    if add_user is None:
+        run(settings, echo=typer.echo)
+        return
+    if settings.password_file is None:
+        typer.secho(
+            "iotpipe: error: --add-user needs --password-file (or broker.password_file)", err=True
+        )
+        raise typer.Exit(2)
+    password = _read_password(add_user)
+    created = write_user(settings.password_file, add_user, password)
+    verb = "added user" if created else "changed the password of"
+    typer.echo(f"{verb} {add_user} in {settings.password_file}")
+
+
+def _read_password(username: str) -> str:
+    if sys.stdin.isatty():
+        password: str = typer.prompt(
+            f"Password for {username}", hide_input=True, confirmation_prompt=True
+        )
+        return password
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+# Typer builds the help page from the docstring; the examples are appended here so the docstring
+# stays a plain sentence for readers of the code.
+broker.__doc__ = inspect.cleandoc(broker.__doc__ or "") + _EXAMPLES
