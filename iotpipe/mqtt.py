@@ -51,7 +51,7 @@ class Will:
     retain: bool = True
 
 
-MessageHandler = Callable[[Message], None]
+MessageHandler = Callable[[Message], object]
 
 
 class MqttClient:
@@ -164,7 +164,9 @@ class MqttClient:
     ) -> None:
         if self._on_message is not None:
             self._on_message(
-                Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup), msg.mid)
+                Message(
+                    msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup), msg.mid
+                )
             )
 
     def _handle_subscribe(
