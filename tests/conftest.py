@@ -8,6 +8,7 @@ or reconfigure the machine's shared brokers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -104,18 +105,6 @@ def amqtt_config(port: int, *, allow_anonymous: bool = True) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def amqtt_broker() -> Iterator[BrokerInfo]:
-    """A plain amqtt broker in-process on a free port."""
-    port = free_port()
-    runner = AmqttThread(amqtt_config(port))
-    runner.start()
-    try:
-        yield BrokerInfo("amqtt", f"mqtt://127.0.0.1:{port}", port)
-    finally:
-        runner.stop()
-
-
 class MosquittoProcess:
     """A private Mosquitto with its own port, config and data directory."""
 
@@ -153,18 +142,45 @@ class MosquittoProcess:
             self.proc = None
 
 
-@pytest.fixture
-def mosquitto_broker(tmp_path: Path) -> Iterator[BrokerInfo]:
-    """A private Mosquitto instance on a free port (needs the ``mosquitto`` binary)."""
+@contextlib.contextmanager
+def running_broker(kind: str, workdir: Path) -> Iterator[BrokerInfo]:
+    """Start a private broker of ``kind`` on a free port for the duration of the block.
+
+    ``amqtt`` is iotpipe's embedded broker (``iotpipe broker``) in-process; ``mosquitto`` is a
+    private Mosquitto process with its data in ``workdir``.
+    """
+    port = free_port()
+    if kind == "amqtt":
+        from bridge.broker import BrokerSettings, BrokerThread
+
+        runner = BrokerThread(BrokerSettings(port=port)).start()
+        try:
+            yield BrokerInfo("amqtt", f"mqtt://127.0.0.1:{port}", port)
+        finally:
+            runner.stop()
+        return
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed: run `make setup` (apt-get install mosquitto)")
-    port = free_port()
-    broker = MosquittoProcess(tmp_path / "mosquitto", port)
-    broker.start()
+    process = MosquittoProcess(workdir, port)
+    process.start()
     try:
         yield BrokerInfo("mosquitto", f"mqtt://127.0.0.1:{port}", port)
     finally:
-        broker.stop()
+        process.stop()
+
+
+@pytest.fixture
+def amqtt_broker(tmp_path: Path) -> Iterator[BrokerInfo]:
+    """iotpipe's embedded amqtt broker, in-process on a free port."""
+    with running_broker("amqtt", tmp_path) as info:
+        yield info
+
+
+@pytest.fixture
+def mosquitto_broker(tmp_path: Path) -> Iterator[BrokerInfo]:
+    """A private Mosquitto instance on a free port (needs the ``mosquitto`` binary)."""
+    with running_broker("mosquitto", tmp_path / "mosquitto") as info:
+        yield info
 
 
 @pytest.fixture(params=["amqtt", "mosquitto"])

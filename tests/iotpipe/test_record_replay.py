@@ -16,14 +16,7 @@ from iotpipe.recording import RecordedMessage, read_recording
 from iotpipe.recording_cli import replay_messages
 from iotpipe.settings import MqttSettings
 from iotpipe.testing import Capture, ReplayTimeoutError, replay_and_wait
-from tests.conftest import (
-    AmqttThread,
-    BrokerInfo,
-    MosquittoProcess,
-    amqtt_config,
-    free_port,
-    wait_for,
-)
+from tests.conftest import BrokerInfo, running_broker, wait_for
 from tests.fixtures_replay import CaptureFactory, Replayer, iotpipe_argv
 
 pytestmark = pytest.mark.mqtt
@@ -32,21 +25,8 @@ pytestmark = pytest.mark.mqtt
 @pytest.fixture
 def second_broker(mqtt_broker: BrokerInfo, tmp_path: Path) -> Iterator[BrokerInfo]:
     """A fresh broker of the same kind as ``mqtt_broker``, to replay into."""
-    port = free_port()
-    if mqtt_broker.name == "amqtt":
-        runner = AmqttThread(amqtt_config(port))
-        runner.start()
-        try:
-            yield BrokerInfo("amqtt", f"mqtt://127.0.0.1:{port}", port)
-        finally:
-            runner.stop()
-    else:
-        process = MosquittoProcess(tmp_path / "mosquitto-2", port)
-        process.start()
-        try:
-            yield BrokerInfo("mosquitto", f"mqtt://127.0.0.1:{port}", port)
-        finally:
-            process.stop()
+    with running_broker(mqtt_broker.name, tmp_path / "second-broker") as info:
+        yield info
 
 
 class Command:
