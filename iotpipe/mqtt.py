@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 #: paho refuses publishes past this many unacknowledged QoS>0 messages.
 PAHO_MAX_UNACKED = 65_535
 
+#: paho results for which a QoS>0 message is in paho's queue and will be (re)sent.
+_QUEUED_OK = (
+    MQTTErrorCode.MQTT_ERR_SUCCESS,
+    MQTTErrorCode.MQTT_ERR_NO_CONN,
+    MQTTErrorCode.MQTT_ERR_CONN_LOST,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -61,6 +68,8 @@ class MqttClient:
     waits, such as :meth:`flush`) often enough to keep the connection alive.
 
     Attributes:
+        ack_timeout: how long a full window may go without any acknowledgement before
+            :meth:`publish` gives up.
         published: QoS>0 messages handed to the broker (and all QoS 0 ones).
         acknowledged: QoS>0 messages the broker acknowledged (PUBACK / PUBCOMP).
         reconnects: how many times the connection was re-established.
@@ -76,6 +85,7 @@ class MqttClient:
         max_inflight: int = 1000,
         on_message: MessageHandler | None = None,
         manual_ack: bool = False,
+        ack_timeout: float = 60.0,
     ) -> None:
         if not 1 <= max_inflight < PAHO_MAX_UNACKED:
             raise ValueError(f"max_inflight must be 1..{PAHO_MAX_UNACKED - 1}")
@@ -83,6 +93,7 @@ class MqttClient:
         self.url = settings.broker
         self.client_id = client_id if client_id is not None else settings.client_id
         self.max_inflight = max_inflight
+        self.ack_timeout = ack_timeout
         self.published = 0
         self.acknowledged = 0
         self.reconnects = 0
@@ -275,17 +286,24 @@ class MqttClient:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Publish one message, first waiting (pumping) while the in-flight window is full.
 
+        A QoS>0 message that paho accepted stays in paho's queue until the broker acknowledges
+        it, across a lost connection and a :meth:`reconnect` (paho retransmits it), so it is
+        counted and tracked even when the link broke during the write.
+
         Returns:
             The paho message id.
 
         Raises:
-            DeliveryError: paho refused the message (it is never dropped silently).
-            ConnectError: the connection was lost while waiting for window space.
+            DeliveryError: paho refused the message, a QoS 0 message could not be sent, or the
+                broker acknowledged nothing for ``ack_timeout`` seconds while the window was full.
+            ConnectError: the connection was lost while waiting for window space (the message
+                was not handed over; publish it again after :meth:`reconnect`).
         """
-        while qos > 0 and len(self._inflight) >= self.max_inflight:
-            self.pump(timeout=0.01)
+        if qos > 0 and len(self._inflight) >= self.max_inflight:
+            self._wait_for_window()
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        kept = _QUEUED_OK if qos > 0 else (MQTTErrorCode.MQTT_ERR_SUCCESS,)
+        if info.rc not in kept:
             raise DeliveryError(
                 f"publish to {topic!r} refused by the MQTT client: {_paho_reason(info.rc)}"
             )
@@ -296,6 +314,20 @@ class MqttClient:
         else:
             self.acknowledged += 1
         return info.mid
+
+    def _wait_for_window(self) -> None:
+        deadline = time.monotonic() + self.ack_timeout
+        acknowledged = self.acknowledged
+        while len(self._inflight) >= self.max_inflight:
+            self.pump(timeout=0.01)
+            if self.acknowledged != acknowledged:
+                acknowledged = self.acknowledged
+                deadline = time.monotonic() + self.ack_timeout
+            elif time.monotonic() > deadline:
+                raise DeliveryError(
+                    f"{self.url.redacted()} acknowledged nothing for {self.ack_timeout:g} s; "
+                    f"{len(self._inflight)} messages are unacknowledged"
+                )
 
     def flush(self, timeout: float) -> bool:
         """Pump until every QoS>0 message is acknowledged; False if time ran out first."""

@@ -1,0 +1,323 @@
+"""The simulated fleet: named devices with their sensors, counters and payload templates.
+
+Encoding is the simulator's hot path, so each device renders its envelope from a bytes ``%``
+template built once at start-up (constant fields pre-escaped, one ``%.Nf`` per numeric reading):
+one format call per message instead of building and serialising a dict, about 0.6 us instead of
+6 (``json.dumps``) or 1.1 (``orjson`` plus building the dict). The output is ordinary compact
+JSON; the tests decode it with ``iotpipe.envelope``.
+
+Every random choice comes from a per-device :class:`random.Random` seeded with
+``"{seed}/{site}/{device}"``, so a device's ids and readings depend only on the seed and its
+name, not on the size or order of the fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from iotpipe import __version__
+from iotpipe.errors import ConfigError
+from iotpipe.topics import Kind, is_valid_name, topic
+from simulator import signals
+from simulator.settings import Profiles, SensorName, SimulateSettings
+
+if TYPE_CHECKING:
+    from simulator.faults import Outage, Reorderer
+
+AGENT = f"iotpipe-simulator/{__version__}"
+VERSION = "1.0"
+
+#: A message on its way: (topic, payload, whether the bridge must reject it).
+Outgoing = tuple[str, bytes, bool]
+
+
+class Stamper:
+    """Formats epoch milliseconds as the envelope's ``ts`` JSON value (quotes included), as bytes.
+
+    ``rfc3339`` gives ``b'"2026-11-26T08:15:02.125Z"'``; ``epoch_ms`` gives ``b'1795680902125'``.
+    The date-time part is cached per second: consecutive messages mostly share it.
+    """
+
+    _MILLIS = tuple(f'{ms:03d}Z"'.encode() for ms in range(1000))
+
+    def __init__(self, ts_format: str = "rfc3339") -> None:
+        self.rfc3339 = ts_format == "rfc3339"
+        self._second = -1
+        self._prefix = b""
+
+    def __call__(self, t_ms: int) -> bytes:
+        """The JSON text of ``ts`` for ``t_ms``."""
+        if not self.rfc3339:
+            return b"%d" % t_ms
+        second = t_ms // 1000
+        if second != self._second:
+            self._second = second
+            date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._prefix = f'"{date}.'.encode()
+        return self._prefix + self._MILLIS[t_ms - second * 1000]
+
+
+def build_signals(
+    rng: random.Random, sensors: Sequence[SensorName], profiles: Profiles
+) -> dict[SensorName, signals.Signal]:
+    """One device's signal objects, with per-device offsets drawn from ``rng``.
+
+    Humidity follows a temperature signal even when temperature itself is not reported.
+    """
+    p = profiles
+    built: dict[SensorName, signals.Signal] = {}
+    temperature: signals.Temperature | None = None
+    for name in sensors:  # draw in a fixed order so the seed fully decides the fleet
+        if name in ("temperature", "humidity") and temperature is None:
+            t = p.temperature
+            temperature = signals.Temperature(
+                rng,
+                mean=t.mean + rng.uniform(-t.spread, t.spread),
+                amplitude=t.amplitude,
+                peak_hour=t.peak_hour,
+                noise=t.noise,
+                drift=t.drift,
+                drift_hours=t.drift_hours,
+            )
+        if name == "temperature":
+            assert temperature is not None
+            built[name] = temperature
+        elif name == "humidity":
+            assert temperature is not None
+            h = p.humidity
+            built[name] = signals.Humidity(
+                rng,
+                temperature,
+                mean=min(100.0, max(0.0, h.mean + rng.uniform(-h.spread, h.spread))),
+                per_degree=h.per_degree,
+                noise=h.noise,
+            )
+        elif name == "pressure":
+            pr = p.pressure
+            built[name] = signals.Pressure(
+                rng,
+                start=pr.mean + rng.uniform(-pr.spread, pr.spread),
+                step=pr.step,
+                low=pr.low,
+                high=pr.high,
+            )
+        elif name == "power":
+            pw = p.power
+            built[name] = signals.Power(rng, levels=pw.levels, dwell=pw.dwell, noise=pw.noise)
+        elif name == "battery":
+            b = p.battery
+            built[name] = signals.Battery(
+                rng,
+                start=rng.uniform(b.start_min, b.start_max),
+                drain_per_hour=b.drain_per_hour
+                * (1 + rng.uniform(-b.drain_spread, b.drain_spread)),
+            )
+        else:  # door, motion
+            profile = p.door if name == "door" else p.motion
+            built[name] = signals.Binary(
+                rng, on_seconds=profile.on_seconds, off_seconds=profile.off_seconds
+            )
+    return built
+
+
+def _decimals(name: SensorName, profiles: Profiles) -> int:
+    profile = getattr(profiles, name)
+    return int(getattr(profile, "decimals", 0))
+
+
+class Device:
+    """One simulated device: its names, topics, counters, signals and payload template.
+
+    Attributes:
+        index: position in the fleet, 0-based.
+        site: site name.
+        name: device name.
+        topic: telemetry topic.
+        status_topic: retained status topic.
+        boot: this run's boot id; part of every message id, so ids never repeat across boots.
+        seq: the next message's sequence number.
+        link: index of the connection that carries this device.
+        last: the last payload actually sent (for the offline fault's resend).
+        outage: set while the offline fault keeps the device off the network.
+        reorder: created when the reorder fault first holds one of its messages back.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        site: str,
+        name: str,
+        *,
+        seed: int,
+        settings: SimulateSettings,
+        stamper: Stamper,
+    ) -> None:
+        self.index = index
+        self.site = site
+        self.name = name
+        self.topic = topic(site, name, Kind.TELEMETRY)
+        self.status_topic = topic(site, name, Kind.STATUS)
+        self.rng = random.Random(f"{seed}/{site}/{name}")
+        self.boot = f"{self.rng.getrandbits(64):016x}"
+        self.seq = 0
+        self.link = 0
+        self.last: Outgoing | None = None
+        self.outage: Outage[Outgoing] | None = None
+        self.reorder: Reorderer[Outgoing] | None = None
+        self.signals = build_signals(self.rng, settings.sensors, settings.profiles)
+        self.samplers: list[Callable[[float], object]] = [
+            s.json if isinstance(s, signals.Binary) else s for s in self.signals.values()
+        ]
+        self._stamp = stamper
+        self.batch = settings.batch
+        self.template = self._template(settings).encode()
+
+    def _template(self, settings: SimulateSettings) -> str:
+        def text(value: object) -> str:
+            # Compact JSON, with "%" doubled so the text survives %-formatting.
+            return json.dumps(value, separators=(",", ":")).replace("%", "%%")
+
+        readings = []
+        for name, signal in self.signals.items():
+            fmt = (
+                "%s"
+                if isinstance(signal, signals.Binary)
+                else f"%.{_decimals(name, settings.profiles)}f"
+            )
+            own_ts = ',"ts":%s' if self.batch > 1 else ""
+            readings.append(
+                f'{{"sensor":{text(name)},"value":{fmt},"unit":{text(signal.unit)}{own_ts}}}'
+            )
+        sample = ",".join(readings)
+        tags = f',"tags":{text(settings.tags)}' if settings.tags else ""
+        return (
+            f'{{"v":"{VERSION}","id":{text(self.boot)[:-1]}-%d","site":{text(self.site)},'
+            f'"device":{text(self.name)},"seq":%d,"boot":{text(self.boot)},"ts":%s,'
+            f'"readings":[{",".join([sample] * self.batch)}]{tags}}}'
+        )
+
+    def message(self, t_ms: int, skew_ms: int = 0, step_ms: Sequence[int] = ()) -> bytes:
+        """Render the next envelope and advance ``seq``.
+
+        Args:
+            t_ms: when the (last) sample is taken, epoch milliseconds of simulated time.
+            skew_ms: the device clock's error: added to every written ``ts``, not to the
+                time the signals are sampled at.
+            step_ms: with ``batch`` > 1, how long before ``t_ms`` each sample is taken (one
+                offset per sample, oldest first, the last one 0).
+
+        Returns:
+            The UTF-8 JSON payload.
+        """
+        seq = self.seq
+        self.seq = seq + 1
+        stamp = self._stamp
+        if self.batch == 1:
+            t = t_ms / 1000.0
+            values = [sample(t) for sample in self.samplers]
+            return self.template % (seq, seq, stamp(t_ms + skew_ms), *values)
+        args: list[object] = [seq, seq, stamp(t_ms - step_ms[0] + skew_ms)]
+        for back in step_ms:
+            at = t_ms - back
+            t = at / 1000.0
+            ts = stamp(at + skew_ms)
+            for sample in self.samplers:
+                args.append(sample(t))
+                args.append(ts)
+        return self.template % tuple(args)
+
+    def message_id(self, seq: int) -> str:
+        """The id of this device's message number ``seq`` (``{boot}-{seq}``)."""
+        return f"{self.boot}-{seq}"
+
+    def status(self, state: str, t_ms: int) -> bytes:
+        """A retained status message (``online`` birth or ``offline`` will) at ``t_ms``."""
+        return json.dumps(
+            {
+                "v": VERSION,
+                "site": self.site,
+                "device": self.name,
+                "state": state,
+                "ts": json.loads(self._stamp(t_ms)),
+                "agent": AGENT,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+
+def fleet_names(settings: SimulateSettings) -> list[tuple[str, str]]:
+    """The (site, device) names of the whole fleet, site by site.
+
+    Raises:
+        ConfigError: a pattern is malformed or makes an invalid or repeated name.
+    """
+    sites = [
+        _format("simulate.site_pattern", settings.site_pattern, n=s, i=s)
+        for s in range(1, settings.sites + 1)
+    ]
+    if len(set(sites)) != len(sites):
+        raise ConfigError(
+            "simulate.site_pattern", settings.site_pattern, "gives the same name twice; use {n}"
+        )
+    names: list[tuple[str, str]] = []
+    n = 0
+    for site in sites:
+        devices: set[str] = set()
+        for i in range(1, settings.devices + 1):
+            n += 1
+            device = _format(
+                "simulate.device_pattern", settings.device_pattern, n=n, i=i, site=site
+            )
+            if device in devices:
+                raise ConfigError(
+                    "simulate.device_pattern",
+                    settings.device_pattern,
+                    f"gives {site}/{device} twice; number devices with {{n}} or {{i}}",
+                )
+            devices.add(device)
+            names.append((site, device))
+    return names
+
+
+def _format(field: str, pattern: str, **values: object) -> str:
+    try:
+        name = pattern.format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            field, pattern, f"bad pattern ({err}); placeholders: {{n}}, {{i}}, {{site}}"
+        ) from None
+    if not is_valid_name(name):
+        raise ConfigError(field, pattern, f"gives {name!r}; names are 1-64 of A-Z a-z 0-9 _ -")
+    return name
+
+
+class Fleet:
+    """Every simulated device, built deterministically from the settings and a seed.
+
+    Attributes:
+        seed: the seed used (random when the settings give none; printed in the summary so a
+            run can be repeated).
+        devices: the devices, site by site.
+        stamper: the shared ``ts`` formatter.
+    """
+
+    def __init__(self, settings: SimulateSettings, seed: int | None = None) -> None:
+        if seed is None:
+            seed = (
+                settings.seed
+                if settings.seed is not None
+                else random.SystemRandom().getrandbits(63)
+            )
+        self.seed = seed
+        self.stamper = Stamper(settings.ts_format)
+        self.devices = [
+            Device(index, site, name, seed=seed, settings=settings, stamper=self.stamper)
+            for index, (site, name) in enumerate(fleet_names(settings))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.devices)

@@ -1,0 +1,271 @@
+"""The simulator's settings: the ``[simulate]`` table of a config file, and its flags.
+
+``configs/simulate.toml`` shows every option with its default; command-line flags override it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from iotpipe.settings import Section
+from simulator.faults import Fault
+
+SensorName = Literal["temperature", "humidity", "pressure", "power", "battery", "door", "motion"]
+
+#: Every sensor a simulated device can have, in the order readings are written.
+SENSORS: tuple[SensorName, ...] = (
+    "temperature",
+    "humidity",
+    "pressure",
+    "power",
+    "battery",
+    "door",
+    "motion",
+)
+
+MAX_DEVICES = 10_000
+MAX_READINGS = 1000  # per envelope (wire contract)
+_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class TemperatureProfile(Section):
+    """Temperature (``Cel``): daily cycle + slow drift + noise."""
+
+    mean: float = Field(21.0, description="fleet mean, degrees Celsius")
+    spread: float = Field(2.0, ge=0, description="each device's mean is offset by up to +-spread")
+    amplitude: float = Field(3.0, ge=0, description="half the day-night swing")
+    peak_hour: float = Field(15.0, ge=0, lt=24, description="UTC hour of the daily maximum")
+    noise: float = Field(0.1, ge=0, description="standard deviation of the white noise")
+    drift: float = Field(0.5, ge=0, description="standard deviation of the slow drift")
+    drift_hours: float = Field(6.0, gt=0, description="how slowly the drift wanders (hours)")
+    decimals: int = Field(2, ge=1, le=6, description="digits after the decimal point")
+
+
+class HumidityProfile(Section):
+    """Relative humidity (``%RH``), anti-correlated with the temperature."""
+
+    mean: float = Field(45.0, ge=0, le=100, description="fleet mean, %RH")
+    spread: float = Field(5.0, ge=0, description="each device's mean is offset by up to +-spread")
+    per_degree: float = Field(
+        2.5, ge=0, description="%RH lost per degree above the mean temperature"
+    )
+    noise: float = Field(0.5, ge=0, description="standard deviation of the white noise")
+    decimals: int = Field(1, ge=1, le=6)
+
+
+class PressureProfile(Section):
+    """Barometric pressure (``Pa``): a random walk bounded to [low, high]."""
+
+    mean: float = Field(101_325.0, description="fleet mean at start, Pa")
+    spread: float = Field(300.0, ge=0, description="each device starts up to +-spread from mean")
+    step: float = Field(2.0, ge=0, description="walk step, Pa per square-root second")
+    low: float = Field(98_000.0, description="lower bound, Pa")
+    high: float = Field(104_000.0, description="upper bound, Pa")
+    decimals: int = Field(1, ge=1, le=6)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PressureProfile:
+        if not self.low < self.high:
+            raise ValueError("low must be below high")
+        return self
+
+
+class PowerProfile(Section):
+    """Electrical power (``W``): load steps between levels at random times."""
+
+    levels: list[float] = Field([8.0, 60.0, 150.0, 900.0], min_length=1, description="loads, W")
+    dwell: float = Field(120.0, gt=0, description="mean seconds a load level is held")
+    noise: float = Field(0.02, ge=0, description="relative noise (0.02 = 2 %)")
+    decimals: int = Field(1, ge=1, le=6)
+
+    @field_validator("levels")
+    @classmethod
+    def _non_negative(cls, levels: list[float]) -> list[float]:
+        if any(level < 0 for level in levels):
+            raise ValueError("power levels must be >= 0")
+        return levels
+
+
+class BatteryProfile(Section):
+    """Battery charge (``%``): drains linearly, never rises."""
+
+    start_min: float = Field(60.0, ge=0, le=100, description="lowest charge at start, %")
+    start_max: float = Field(100.0, ge=0, le=100, description="highest charge at start, %")
+    drain_per_hour: float = Field(0.5, ge=0, description="mean drain, % per hour")
+    drain_spread: float = Field(0.3, ge=0, lt=1, description="each device drains +-this fraction")
+    decimals: int = Field(1, ge=1, le=6)
+
+    @model_validator(mode="after")
+    def _range(self) -> BatteryProfile:
+        if self.start_min > self.start_max:
+            raise ValueError("start_min must not exceed start_max")
+        return self
+
+
+class BinaryProfile(Section):
+    """A two-state event sensor (``1``): true for ~on_seconds, false for ~off_seconds."""
+
+    on_seconds: float = Field(30.0, gt=0, description="mean seconds in the true state")
+    off_seconds: float = Field(600.0, gt=0, description="mean seconds in the false state")
+
+
+class DoorProfile(BinaryProfile):
+    """A door (``1``): open (true) for ~20 s, closed for ~15 min."""
+
+    on_seconds: float = Field(20.0, gt=0, description="mean seconds open")
+    off_seconds: float = Field(900.0, gt=0, description="mean seconds closed")
+
+
+class MotionProfile(BinaryProfile):
+    """A motion detector (``1``): active (true) for ~30 s, idle for ~5 min."""
+
+    on_seconds: float = Field(30.0, gt=0, description="mean seconds active")
+    off_seconds: float = Field(300.0, gt=0, description="mean seconds idle")
+
+
+class Profiles(Section):
+    """Signal profiles, one table per sensor."""
+
+    temperature: TemperatureProfile = TemperatureProfile()
+    humidity: HumidityProfile = HumidityProfile()
+    pressure: PressureProfile = PressureProfile()
+    power: PowerProfile = PowerProfile()
+    battery: BatteryProfile = BatteryProfile()
+    door: DoorProfile = DoorProfile()
+    motion: MotionProfile = MotionProfile()
+
+
+_Rate = Field(0.0, ge=0, le=1)
+
+
+class FaultSettings(Section):
+    """Fault injection: each rate is the probability (0..1) that a message gets that fault.
+
+    At most one fault hits a message, so the rates must sum to at most 1.
+    """
+
+    duplicate: float = _Rate
+    reorder: float = _Rate
+    reorder_window: int = Field(5, ge=1, le=1000, description="held back for 1..N later messages")
+    malformed: float = _Rate
+    schema_: float = Field(0.0, ge=0, le=1, alias="schema")
+    oversize: float = _Rate
+    mismatch: float = _Rate
+    skew: float = _Rate
+    skew_seconds: float = Field(300.0, gt=0, le=10 * 365 * 86_400, description="max clock error")
+    offline: float = _Rate
+    offline_messages: int = Field(10, ge=1, le=10_000, description="messages buffered offline")
+
+    model_config = Section.model_config | {"populate_by_name": True}
+
+    def rates(self) -> dict[Fault, float]:
+        """The rate of every fault kind."""
+        return {
+            Fault.DUPLICATE: self.duplicate,
+            Fault.REORDER: self.reorder,
+            Fault.MALFORMED: self.malformed,
+            Fault.SCHEMA: self.schema_,
+            Fault.OVERSIZE: self.oversize,
+            Fault.MISMATCH: self.mismatch,
+            Fault.SKEW: self.skew,
+            Fault.OFFLINE: self.offline,
+        }
+
+    @model_validator(mode="after")
+    def _sum_at_most_one(self) -> FaultSettings:
+        total = sum(self.rates().values())
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"fault rates sum to {total:g}; at most 1 (one fault per message)")
+        return self
+
+
+class SimulateSettings(Section):
+    """Everything ``iotpipe simulate`` does, apart from where the broker is (``[mqtt]``)."""
+
+    sites: int = Field(1, ge=1, le=MAX_DEVICES, description="number of sites")
+    devices: int = Field(10, ge=1, le=MAX_DEVICES, description="devices per site")
+    site_pattern: str = Field("site-{n:02d}", description="site names; {n} counts from 1")
+    device_pattern: str = Field(
+        "dev-{n:04d}", description="device names; {n} counts across the fleet, {i} within the site"
+    )
+    sensors: list[SensorName] = Field(list(SENSORS), min_length=1, description="sensors per device")
+    tags: dict[str, str] = Field({"source": "simulator"}, description="tags on every envelope")
+    rate: float | Literal["max"] = Field(1.0, description="samples per second per device, or max")
+    speed: float = Field(1.0, gt=0, le=1_000_000, description="simulated seconds per real second")
+    start: datetime | None = Field(None, description="simulated start time (default: now)")
+    count: int | None = Field(None, ge=1, description="stop after this many envelopes")
+    duration: float | None = Field(None, gt=0, description="stop after this many simulated seconds")
+    batch: int = Field(1, ge=1, le=MAX_READINGS, description="samples per sensor per envelope")
+    qos: Literal[0, 1, 2] = Field(1, description="MQTT QoS of telemetry")
+    ts_format: Literal["rfc3339", "epoch_ms"] = Field("rfc3339", description="how ts is written")
+    connections: int | None = Field(None, ge=1, le=MAX_DEVICES, description="MQTT connections")
+    max_inflight: int = Field(1000, ge=1, le=60_000, description="unacknowledged QoS>0 messages")
+    status: bool = Field(True, description="publish retained birth/offline status messages")
+    seed: int | None = Field(None, description="random seed: same seed, same ids and values")
+    flush_timeout: float = Field(30.0, gt=0, description="seconds to wait for the last acks")
+    reconnect_timeout: float = Field(60.0, gt=0, description="seconds to retry a lost connection")
+    profiles: Profiles = Profiles()
+    faults: FaultSettings = FaultSettings()
+
+    @field_validator("rate")
+    @classmethod
+    def _rate_range(cls, rate: float | str) -> float | str:
+        if rate != "max" and not (isinstance(rate, float | int) and 0.1 <= rate <= 100):
+            raise ValueError("must be 0.1..100 (samples per second per device) or max")
+        return rate
+
+    @field_validator("start")
+    @classmethod
+    def _utc(cls, start: datetime | None) -> datetime | None:
+        if start is not None and start.tzinfo is None:
+            return start.replace(tzinfo=UTC)
+        return start
+
+    @field_validator("sensors")
+    @classmethod
+    def _unique(cls, sensors: list[SensorName]) -> list[SensorName]:
+        if len(set(sensors)) != len(sensors):
+            raise ValueError("each sensor may appear once")
+        return sensors
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        if len(tags) > 16:
+            raise ValueError("at most 16 tags (wire contract)")
+        for key, value in tags.items():
+            if not _TAG_RE.fullmatch(key) or len(value) > 256:
+                raise ValueError(f"tag {key!r}: keys are 1-64 of A-Z a-z 0-9 _ - ., values <= 256")
+        return tags
+
+    @model_validator(mode="after")
+    def _limits(self) -> SimulateSettings:
+        if self.sites * self.devices > MAX_DEVICES:
+            raise ValueError(
+                f"sites x devices = {self.sites * self.devices}; at most {MAX_DEVICES}"
+            )
+        if self.batch * len(self.sensors) > MAX_READINGS:
+            raise ValueError(
+                f"batch x sensors = {self.batch * len(self.sensors)} readings per envelope; "
+                f"the wire contract allows {MAX_READINGS}"
+            )
+        return self
+
+    @property
+    def total_devices(self) -> int:
+        """Devices in the whole fleet."""
+        return self.sites * self.devices
+
+    @property
+    def unpaced(self) -> bool:
+        """Whether to publish as fast as possible (``rate = "max"``)."""
+        return self.rate == "max"
+
+    @property
+    def sample_rate(self) -> float:
+        """Samples per second per device in simulated time (1 when unpaced)."""
+        return 1.0 if self.rate == "max" else float(self.rate)
