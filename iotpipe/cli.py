@@ -95,9 +95,8 @@ def watch_command(
 
 def _mount() -> None:
     from bridge.cli import broker
-    from simulator.cli import simulate
-
     from iotpipe.recording_cli import record, replay
+    from simulator.cli import simulate
 
     app.command("broker")(broker)
     app.command("simulate")(simulate)
