@@ -15,6 +15,8 @@ Envelope validation failures are *values*, not exceptions: see ``iotpipe.envelop
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 
 class IotpipeError(Exception):
     """Root of every error iotpipe raises for a user-facing problem."""
@@ -37,7 +39,8 @@ class ConfigError(IotpipeError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"invalid setting {field}={value!r}: {allowed}")
+        shown = repr(str(value)) if isinstance(value, PurePath) else repr(value)
+        super().__init__(f"invalid setting {field}={shown}: {allowed}")
 
 
 class ConnectError(IotpipeError):

@@ -98,7 +98,7 @@ def test_acl_without_password_file_is_one_error_line(tmp_path: Path) -> None:
     result = _run("broker", "--acl-file", str(acl))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"iotpipe: error: invalid setting broker.acl_file={acl!r}: "
+        f"iotpipe: error: invalid setting broker.acl_file={str(acl)!r}: "
         "needs password_file too: without authentication a username is a claim"
     ]
 
