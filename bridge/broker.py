@@ -58,7 +58,7 @@ from pydantic import (
 
 from iotpipe.errors import ConfigError
 from iotpipe.settings import Section
-from iotpipe.topics import is_valid_name
+from iotpipe.topics import check_filter, is_valid_name
 
 if TYPE_CHECKING:
     from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -139,19 +139,6 @@ class BrokerSettings(Section):
 # -- ACL --------------------------------------------------------------------------------------
 
 
-def _check_filter(value: str) -> str:
-    """Validate an MQTT topic filter (``+`` a whole level, ``#`` only the whole last level)."""
-    if not value:
-        raise ValueError("a topic filter must not be empty")
-    levels = value.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            raise ValueError(f"{value!r}: '#' must be the whole last level")
-        if "+" in level and level != "+":
-            raise ValueError(f"{value!r}: '+' must be a whole level")
-    return value
-
-
 def filter_covers(allowed: str, requested: str) -> bool:
     """Tell whether every topic matching ``requested`` also matches ``allowed``.
 
@@ -188,7 +175,7 @@ class AclRule(BaseModel):
     @classmethod
     def _filters(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         for value in values:
-            _check_filter(value.replace("{site}", "s").replace("{device}", "d"))
+            check_filter(value.replace("{site}", "s").replace("{device}", "d"))
         return values
 
     def may_publish(self, topic: str) -> bool:

@@ -32,6 +32,7 @@ from iotpipe.mqtt import Message, MqttClient
 from iotpipe.options import ConfigOption, MqttUrlOption
 from iotpipe.recording import Header, RecordedMessage, RecordingReader, RecordingWriter
 from iotpipe.settings import BrokerUrl, MqttSettings, Section, load
+from iotpipe.topics import check_filter
 
 __all__ = [
     "PacedPublisher",
@@ -49,25 +50,6 @@ _RECONNECT_WINDOW = 30.0  # seconds a recorder keeps trying to get a lost connec
 
 
 # -- settings ---------------------------------------------------------------------------------
-
-
-def _check_filter(value: str) -> str:
-    """Validate an MQTT subscription filter (MQTT 3.1.1 section 4.7)."""
-    if not value:
-        raise ValueError("a topic filter cannot be empty")
-    if "\x00" in value:
-        raise ValueError("a topic filter cannot contain NUL")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("a topic filter must be valid Unicode") from None
-    levels = value.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            raise ValueError(f"{value!r}: '#' must be a whole level, and the last one")
-        if "+" in level and level != "+":
-            raise ValueError(f"{value!r}: '+' must be a whole level")
-    return value
 
 
 class RecordSettings(Section):
@@ -88,7 +70,7 @@ class RecordSettings(Section):
     @classmethod
     def _valid_filters(cls, topics: tuple[str, ...]) -> tuple[str, ...]:
         for topic in topics:
-            _check_filter(topic)
+            check_filter(topic)
         return topics
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "TELEMETRY_FILTER",
     "Kind",
     "Topic",
+    "check_filter",
     "is_valid_name",
     "parse_routing_key",
     "parse_topic",
@@ -210,3 +211,27 @@ def to_mqtt_topic(routing_key: str) -> str:
         e.g. ``iotpipe/v1/home/pi-kitchen/status``.
     """
     return routing_key.replace("*", "+").replace(".", "/")
+
+
+def check_filter(value: str) -> str:
+    """Validate an MQTT topic filter (MQTT 3.1.1 section 4.7) and return it.
+
+    Raises:
+        ValueError: empty, NUL, not Unicode, or a wildcard that is not a whole level
+            (``#`` only as the whole last level).
+    """
+    if not value:
+        raise ValueError("a topic filter cannot be empty")
+    if "\x00" in value:
+        raise ValueError("a topic filter cannot contain NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a topic filter must be valid Unicode") from None
+    levels = value.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            raise ValueError(f"{value!r}: '#' must be the whole last level")
+        if "+" in level and level != "+":
+            raise ValueError(f"{value!r}: '+' must be a whole level")
+    return value
