@@ -51,5 +51,8 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Third-party libraries are chatty at INFO; they only speak up for warnings.
-    for noisy in ("amqtt", "transitions", "pika", "websockets"):
+    for noisy in ("amqtt", "transitions", "websockets"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # pika logs several ERROR lines per failed connection attempt; iotpipe.amqp logs one line
+    # per event (lost, retrying, reconnected) instead.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
