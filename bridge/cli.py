@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from iotpipe.options import ConfigOption
+from iotpipe.options import ConfigOption, MqttUrlOption
 from iotpipe.settings import config_path, load
 
 _EXAMPLES = """
@@ -125,3 +125,86 @@ def _read_password(username: str) -> str:
 # Typer builds the help page from the docstring; the examples are appended here so the docstring
 # stays a plain sentence for readers of the code.
 broker.__doc__ = inspect.cleandoc(broker.__doc__ or "") + _EXAMPLES
+
+
+_BRIDGE_EXAMPLES = """
+
+[bold]Examples[/bold]
+
+  [dim]# local Mosquitto/amqtt -> local RabbitMQ, spool in state/bridge/[/dim]
+  iotpipe bridge
+
+  [dim]# a gateway reaching RabbitMQ over the WAN, with TLS[/dim]
+  iotpipe bridge --mqtt mqtt://bridge:pw@127.0.0.1:1883 \\
+      --amqp amqps://iot:pw@rabbit.example.com:5671/telemetry
+
+  [dim]# everything from a file (commented sample: configs/bridge.toml)[/dim]
+  iotpipe bridge --config configs/bridge.toml
+"""
+
+
+def bridge(
+    *,
+    config: ConfigOption = None,
+    mqtt: MqttUrlOption = None,
+    amqp: Annotated[
+        str | None,
+        typer.Option(
+            "--amqp",
+            help="RabbitMQ URL: amqp://user:pass@host:port/vhost or amqps://... "
+            "\\[default: amqp://guest:guest@127.0.0.1:5672/]",
+            show_default=False,
+        ),
+    ] = None,
+    spool: Annotated[
+        Path | None,
+        typer.Option(
+            "--spool",
+            help="Spool file for RabbitMQ outages. \\[default: state/bridge/spool.db]",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            "--http-port",
+            help="Port of /metrics and /healthz. \\[default: 9181]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Forward MQTT telemetry to RabbitMQ: nothing lost, nothing dropped silently.
+
+    Subscribes (QoS 1, persistent session) to iotpipe/v1/+/+/telemetry and .../status, validates
+    every message against the wire contract, publishes valid ones to the iotpipe.telemetry
+    exchange and rejected ones to iotpipe.dead (routing key bridge.<reason>). An MQTT message is
+    acknowledged only after RabbitMQ confirmed it or it was committed to the local spool, which
+    holds messages while RabbitMQ is unreachable. SIGTERM or Ctrl-C: finish in-flight work, exit 0.
+    """
+    import signal
+
+    from bridge.service import Bridge, BridgeSettings
+    from iotpipe.settings import AmqpSettings, MqttSettings
+
+    path = config_path(config)
+    mqtt_settings = load(MqttSettings, "mqtt", config_file=path, overrides={"url": mqtt})
+    amqp_settings = load(AmqpSettings, "amqp", config_file=path, overrides={"url": amqp})
+    settings = load(
+        BridgeSettings,
+        "bridge",
+        config_file=path,
+        overrides={"spool_path": spool, "http_port": http_port},
+    )
+    service = Bridge(mqtt_settings, amqp_settings, settings)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: service.stop())
+    typer.echo(
+        f"iotpipe bridge {mqtt_settings.broker} -> {amqp_settings.broker}; "
+        f"spool {settings.spool_path}; http://{settings.http_host}:{settings.http_port}/metrics",
+        err=True,
+    )
+    service.run()
+
+
+bridge.__doc__ = inspect.cleandoc(bridge.__doc__ or "") + _BRIDGE_EXAMPLES

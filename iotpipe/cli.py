@@ -94,11 +94,12 @@ def watch_command(
 
 
 def _mount() -> None:
-    from bridge.cli import broker
+    from bridge.cli import bridge, broker
     from iotpipe.recording_cli import record, replay
     from simulator.cli import simulate
 
     app.command("broker")(broker)
+    app.command("bridge")(bridge)
     app.command("simulate")(simulate)
     app.command("record")(record)
     app.command("replay")(replay)

@@ -1,0 +1,457 @@
+"""The MQTT -> RabbitMQ bridge: validate, route, publish with confirms, spool, ack in order.
+
+Delivery rule: an MQTT message is acknowledged (PUBACK, in the order the messages arrived, as
+MQTT requires) only after RabbitMQ confirmed it, or after it was committed to the local spool.
+
+Threads, each with one job (paho and pika are each driven by exactly one thread):
+
+- ``iotpipe-bridge`` (``Bridge.run``): the MQTT network loop. It validates each message,
+  hands it to the AMQP publisher (or to the spool writer while RabbitMQ is away), applies the
+  outcomes that the other threads queue for it, sends PUBACKs in arrival order, and feeds the
+  spool drain.
+- ``iotpipe-amqp`` (``ConfirmingPublisher``): pika's I/O loop; reports each publish outcome.
+- ``iotpipe-spool`` (``SpoolWriter``): group commits to the SQLite spool.
+- ``iotpipe-http``: ``/metrics`` and ``/healthz``.
+
+Outcomes travel back to the bridge thread through one ``deque`` (append and popleft are atomic),
+so neither pika's thread nor the spool's ever waits on MQTT.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import Field
+
+from bridge.spool import DrainRate, Entry, Spool, SpoolWriter
+from iotpipe.amqp import (
+    DEAD_EXCHANGE,
+    TELEMETRY_EXCHANGE,
+    ConfirmingPublisher,
+    MessageProperties,
+    Outcome,
+    dead_letter_properties,
+    telemetry_properties,
+)
+from iotpipe.envelope import Envelope, Rejection, Status, decode
+from iotpipe.errors import ConnectError
+from iotpipe.health import HealthServer
+from iotpipe.mqtt import Message, MqttClient
+from iotpipe.settings import AmqpSettings, MqttSettings, Section
+from iotpipe.topics import STATUS_FILTER, TELEMETRY_FILTER, check_filter, to_routing_key
+
+log = logging.getLogger(__name__)
+
+
+class BridgeSettings(Section):
+    """The ``[bridge]`` section."""
+
+    topics: tuple[str, ...] = Field(
+        (TELEMETRY_FILTER, STATUS_FILTER), description="MQTT topic filters to forward"
+    )
+    client_id: str = Field("iotpipe-bridge", min_length=1, description="fixed MQTT client id")
+    shared_group: str = Field(
+        "", description="subscribe as $share/<group>/<filter> (Mosquitto; amqtt has no support)"
+    )
+    window: int = Field(1000, ge=1, le=60_000, description="unconfirmed AMQP publishes at most")
+    spool_path: Path = Field(Path("state/bridge/spool.db"), description="durable spool file")
+    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024, description="spool budget")
+    spool_durability: Literal["fsync", "process"] = Field(
+        "fsync", description="fsync: survives power loss; process: survives a crash only"
+    )
+    drain_rate: float = Field(2000.0, gt=0, description="spooled messages re-sent per second")
+    http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
+    http_port: int = Field(9181, ge=0, le=65535, description="port of /metrics and /healthz")
+
+    def model_post_init(self, _context: Any) -> None:
+        """Check every topic filter."""
+        for topic in self.topics:
+            check_filter(topic)
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Where one message goes: exchange, routing key, the unchanged body and its properties."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: MessageProperties
+
+    def to_spool(self, received_at: float) -> Entry:
+        """The spool's form of this message (properties as a JSON-able dict)."""
+        props = self.properties
+        fields = {
+            "message_id": props.message_id,
+            "content_type": props.content_type,
+            "type": props.type,
+            "delivery_mode": props.delivery_mode,
+            "timestamp": props.timestamp,
+            "app_id": props.app_id,
+            "headers": dict(props.headers) if props.headers is not None else None,
+        }
+        return Entry(self.exchange, self.routing_key, self.body, fields, received_at)
+
+    @staticmethod
+    def from_spool(exchange: str, routing_key: str, body: bytes, fields: Any) -> Routed:
+        """Rebuild a message read back from the spool."""
+        return Routed(exchange, routing_key, body, MessageProperties(**fields))
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One MQTT message on its way: acknowledged once ``done``."""
+
+    mid: int
+    qos: int
+    generation: int
+    routed: Routed
+    received_at: float
+    received: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """A token for a spool entry being re-sent."""
+
+    spool_id: int
+
+
+class BridgeMetrics:
+    """The bridge's Prometheus metrics, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "iotpipe_bridge_received", "MQTT messages received", ["kind"], registry=r
+        )
+        self.forwarded = Counter(
+            "iotpipe_bridge_forwarded", "messages confirmed by RabbitMQ", registry=r
+        )
+        self.dead = Counter(
+            "iotpipe_bridge_dead_lettered",
+            "rejected messages sent to iotpipe.dead",
+            ["reason"],
+            registry=r,
+        )
+        self.spooled = Counter(
+            "iotpipe_bridge_spooled", "messages committed to the spool", registry=r
+        )
+        self.drained = Counter(
+            "iotpipe_bridge_spool_drained", "spooled messages confirmed by RabbitMQ", registry=r
+        )
+        self.returned = Counter(
+            "iotpipe_bridge_unroutable", "publishes RabbitMQ returned as unroutable", registry=r
+        )
+        self.spool_depth = Gauge("iotpipe_bridge_spool_depth", "messages in the spool", registry=r)
+        self.spool_bytes = Gauge("iotpipe_bridge_spool_bytes", "bytes in the spool", registry=r)
+        self.unacked = Gauge(
+            "iotpipe_bridge_mqtt_unacked",
+            "MQTT messages received and not yet acknowledged",
+            registry=r,
+        )
+        self.confirm_latency = Histogram(
+            "iotpipe_bridge_confirm_latency_seconds",
+            "MQTT receive to RabbitMQ confirm",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "iotpipe_bridge_reconnects", "reconnections", ["side"], registry=r
+        )
+
+
+class Bridge:
+    """Forward MQTT telemetry and status to RabbitMQ; see the module docstring."""
+
+    def __init__(
+        self,
+        mqtt: MqttSettings,
+        amqp: AmqpSettings,
+        settings: BridgeSettings,
+        *,
+        serve_http: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.metrics = BridgeMetrics()
+        self._results: deque[tuple[object, Outcome | None]] = deque()
+        self._pending: deque[Inbound] = deque()
+        self._generation = 0
+        self._stopping = threading.Event()
+        self._drain_rate = DrainRate(settings.drain_rate)
+
+        self.spool = Spool(
+            settings.spool_path,
+            max_bytes=settings.spool_max_bytes,
+            durability=settings.spool_durability,
+        )
+        self._spool_writer: SpoolWriter[Inbound] = SpoolWriter(
+            self.spool,
+            on_committed=self._on_committed,
+            on_error=self._on_spool_error,
+            name="iotpipe-spool",
+        )
+        self.publisher = ConfirmingPublisher(
+            amqp, on_result=self._on_result, window=settings.window
+        )
+        self.mqtt = MqttClient(
+            mqtt,
+            client_id=settings.client_id,
+            clean_session=False,
+            manual_ack=True,
+            on_message=self._on_message,
+            max_inflight=1000,
+        )
+        self._http = (
+            HealthServer(settings.http_host, settings.http_port, self.metrics.registry, self.health)
+            if serve_http
+            else None
+        )
+
+    # -- outcomes from other threads ------------------------------------------------------
+
+    def _on_result(self, token: object, outcome: Outcome) -> None:
+        self._results.append((token, outcome))
+
+    def _on_committed(self, tokens: list[Inbound]) -> None:
+        for token in tokens:
+            self._results.append((token, None))
+
+    # -- MQTT side (bridge thread) ----------------------------------------------------------
+
+    def _filters(self) -> list[tuple[str, int]]:
+        group = self.settings.shared_group
+        return [(f"$share/{group}/{t}" if group else t, 1) for t in self.settings.topics]
+
+    def _on_message(self, message: Message) -> None:
+        if self._stopping.is_set():
+            return  # not acked: the broker's persistent session redelivers it to the next run
+        now = time.time()
+        if message.retain and not message.payload:
+            # Clearing a retained status is broker housekeeping, not a message to forward.
+            self.metrics.received.labels("cleared").inc()
+            if message.qos > 0:
+                self._pending.append(
+                    Inbound(message.mid, message.qos, self._generation, _EMPTY, now, done=True)
+                )
+            return
+        routed = route(message, now)
+        kind = (
+            routed.routing_key.rsplit(".", 1)[-1]
+            if routed.exchange == TELEMETRY_EXCHANGE
+            else "rejected"
+        )
+        self.metrics.received.labels(kind).inc()
+        inbound = Inbound(message.mid, message.qos, self._generation, routed, now)
+        if message.qos > 0:
+            self._pending.append(inbound)
+        self._forward(inbound)
+
+    def _forward(self, inbound: Inbound) -> None:
+        if self.publisher.connected:
+            routed = inbound.routed
+            self.publisher.publish(
+                routed.exchange, routed.routing_key, routed.body, routed.properties, inbound
+            )
+        else:
+            self._spool(inbound)
+
+    def _spool(self, inbound: Inbound) -> None:
+        # Never blocks: while the spool is full the writer keeps retrying, and the message
+        # stays unacknowledged (back-pressure onto the MQTT broker's persistent session).
+        self._spool_writer.submit(inbound.routed.to_spool(inbound.received_at), inbound)
+
+    def _on_spool_error(self, error: Exception) -> None:
+        if not self._spool_writer.stalled:
+            log.warning("bridge spool cannot take more (not acknowledging MQTT): %s", error)
+
+    def _reclaim_queued(self) -> None:
+        """RabbitMQ went away: take back what the publisher had not sent yet."""
+        for token in self.publisher.withdraw():
+            if isinstance(token, Drained):
+                self.spool.release([token.spool_id])
+            elif isinstance(token, Inbound):
+                self._spool(token)
+
+    def _apply_results(self) -> None:
+        results = self._results
+        metrics = self.metrics
+        to_delete: list[int] = []
+        to_release: list[int] = []
+        while results:
+            token, outcome = results.popleft()
+            if isinstance(token, Drained):
+                if outcome is Outcome.CONFIRMED:
+                    to_delete.append(token.spool_id)
+                else:
+                    to_release.append(token.spool_id)
+                continue
+            assert isinstance(token, Inbound)
+            if outcome is None:  # committed to the spool
+                metrics.spooled.inc()
+                token.done = True
+            elif outcome is Outcome.CONFIRMED:
+                metrics.confirm_latency.observe(time.monotonic() - token.received)
+                if token.routed.exchange == DEAD_EXCHANGE:
+                    metrics.dead.labels(token.routed.routing_key.removeprefix("bridge.")).inc()
+                else:
+                    metrics.forwarded.inc()
+                token.done = True
+            else:
+                if outcome is Outcome.RETURNED:
+                    metrics.returned.inc()
+                    log.warning(
+                        "bridge unroutable: no queue bound exchange=%s routing_key=%s; spooling",
+                        token.routed.exchange,
+                        token.routed.routing_key,
+                    )
+                self._spool(token)
+        if to_delete:
+            self.spool.delete(to_delete)
+            self.metrics.drained.inc(len(to_delete))
+        if to_release:
+            self.spool.release(to_release)
+
+    def _ack_in_order(self) -> None:
+        pending = self._pending
+        while pending and pending[0].done:
+            inbound = pending.popleft()
+            if inbound.generation == self._generation:
+                self.mqtt.ack(inbound.mid, inbound.qos)
+
+    def _drain(self) -> None:
+        """Re-send spooled messages, oldest first, within the rate and the publish window."""
+        if not self.publisher.connected or self.spool.depth == self.spool.in_flight:
+            return
+        room = self.settings.window - self.publisher.pending
+        if room <= 0:
+            return
+        allowed = self._drain_rate.take(min(room, 1000))
+        if allowed == 0:
+            return
+        batch = self.spool.peek_oldest(allowed)
+        self._drain_rate.give_back(allowed - len(batch))
+        for spooled in batch:
+            routed = Routed.from_spool(
+                spooled.exchange, spooled.routing_key, spooled.body, spooled.properties
+            )
+            self.publisher.publish(
+                routed.exchange,
+                routed.routing_key,
+                routed.body,
+                routed.properties,
+                Drained(spooled.id),
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Connectivity of both sides and the spool's state."""
+        full = self._spool_writer.stalled
+        healthy = self.mqtt.connected and (self.publisher.connected or not full)
+        return healthy, {
+            "mqtt": "up" if self.mqtt.connected else "down",
+            "amqp": "up" if self.publisher.connected else "down",
+            "spool": {"depth": self.spool.depth, "bytes": self.spool.bytes, "full": full},
+            "unacked": len(self._pending),
+        }
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish: no new messages, flush confirms, ack, return."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Connect both sides and forward until :meth:`stop` is called.
+
+        Raises:
+            ConnectError: a broker cannot be reached at start-up.
+        """
+        threading.current_thread().name = "iotpipe-bridge"
+        try:
+            self.publisher.start()
+        except ConnectError as err:
+            # RabbitMQ away at start-up is what the spool is for; MQTT away is fatal.
+            log.warning("bridge starting without RabbitMQ (spooling): %s", err.reason)
+        self.mqtt.connect()
+        self.mqtt.subscribe(self._filters())
+        if self._http is not None:
+            self._http.start()
+        log.info("bridge running topics=%s", ",".join(self.settings.topics))
+        try:
+            while not self._stopping.is_set():
+                self._step()
+            self._finish()
+        finally:
+            self._close()
+
+    def _step(self, timeout: float = 0.005) -> None:
+        try:
+            self.mqtt.pump(timeout)
+        except ConnectError as err:
+            log.warning("bridge lost MQTT: %s", err.reason)
+            self._generation += 1  # unacked messages will be redelivered by the broker
+            self._pending.clear()
+            self.mqtt.reconnect(deadline=time.monotonic() + 3600)
+            self.metrics.reconnects.labels("mqtt").inc()
+        self._apply_results()
+        self._ack_in_order()
+        if not self.publisher.connected and self.publisher.pending:
+            self._reclaim_queued()
+        self._drain()
+        self._update_gauges()
+
+    def _finish(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            self._step(timeout=0.01)
+        if self._pending:
+            log.warning("bridge stopping with %d messages unacknowledged", len(self._pending))
+
+    def _update_gauges(self) -> None:
+        self.metrics.spool_depth.set(self.spool.depth)
+        self.metrics.spool_bytes.set(self.spool.bytes)
+        self.metrics.unacked.set(len(self._pending))
+
+    def _close(self) -> None:
+        if self._http is not None:
+            self._http.stop()
+        self.mqtt.disconnect()
+        self.publisher.close()
+        self._spool_writer.close()
+        self.spool.close()
+
+
+def route(message: Message, received_at: float) -> Routed:
+    """Where one MQTT message goes, with which properties (pure; never raises).
+
+    Valid messages go to ``iotpipe.telemetry`` with the routing key of their topic; invalid
+    ones to ``iotpipe.dead`` with routing key ``bridge.<reason>``. The body is never changed.
+    """
+    decoded = decode(message.topic, message.payload)
+    if isinstance(decoded, Rejection):
+        properties = dead_letter_properties(
+            str(decoded), topic=message.topic, received_at=received_at
+        )
+        return Routed(DEAD_EXCHANGE, f"bridge.{decoded.reason.value}", message.payload, properties)
+    properties = telemetry_properties(
+        message_id=decoded.id if isinstance(decoded, Envelope) else None,
+        version=decoded.v,
+        site=decoded.site,
+        device=decoded.device,
+        topic=message.topic,
+        kind="status" if isinstance(decoded, Status) else "telemetry",
+        received_at=received_at,
+    )
+    return Routed(TELEMETRY_EXCHANGE, to_routing_key(message.topic), message.payload, properties)
+
+
+_EMPTY = Routed("", "", b"", MessageProperties())
