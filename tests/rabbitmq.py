@@ -247,22 +247,35 @@ def blocking_channel(url: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def rabbitmq_url() -> str:
-    """The shared RabbitMQ's URL; fails the test with a clear message if it is not reachable."""
+def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A RabbitMQ for tests that do not stop it: the running one, else a private session node.
+
+    ``$IOTPIPE_TEST_AMQP_URL`` (default: the local broker on 5672) is used when it answers;
+    otherwise a private node is started for the whole session, so ``make test`` does not depend
+    on a RabbitMQ service being up.
+    """
     url = os.environ.get(URL_ENV, SHARED_URL)
-    reason = None
     try:
         with blocking_channel(url):
             pass
     except pika.exceptions.AMQPError as err:
         reason = describe_error(err)
-    if reason is not None:
+    else:
+        yield url
+        return
+    if rabbitmq_bin() is None:
         pytest.fail(
-            f"RabbitMQ is not reachable at {AmqpSettings(url=url).broker.redacted()} ({reason}): "
-            f"start it (`service rabbitmq-server start`) or point ${URL_ENV} at one",
+            f"RabbitMQ is not reachable at {AmqpSettings(url=url).broker.redacted()} ({reason}) "
+            f"and rabbitmq-server is not installed: run `make setup` or point ${URL_ENV} at one",
             pytrace=False,
         )
-    return url
+    node = PrivateRabbit(tmp_path_factory.mktemp("session-rabbitmq"))
+    try:
+        node.start()
+        yield node.url
+    finally:
+        node.kill()
+        shutil.rmtree(node.mnesia, ignore_errors=True)
 
 
 @pytest.fixture
