@@ -188,6 +188,7 @@ class Bridge:
         self._generation = 0
         self._stopping = threading.Event()
         self._drain_rate = DrainRate(settings.drain_rate)
+        self._amqp_reconnects = 0
 
         self.spool = Spool(
             settings.spool_path,
@@ -402,6 +403,11 @@ class Bridge:
             self._pending.clear()
             self.mqtt.reconnect(deadline=time.monotonic() + 3600)
             self.metrics.reconnects.labels("mqtt").inc()
+        if self.publisher.reconnects != self._amqp_reconnects:
+            self.metrics.reconnects.labels("amqp").inc(
+                self.publisher.reconnects - self._amqp_reconnects
+            )
+            self._amqp_reconnects = self.publisher.reconnects
         self._apply_results()
         self._ack_in_order()
         if not self.publisher.connected and self.publisher.pending:
