@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import pytest
 from bridge.service import Bridge, BridgeSettings, route
 from iotpipe.amqp import DEAD_EXCHANGE, TELEMETRY_EXCHANGE
 from iotpipe.mqtt import Message, MqttClient
-from iotpipe.settings import AmqpSettings, MqttSettings
+from iotpipe.settings import AmqpSettings, MqttSettings, load
 from tests.conftest import BrokerInfo, free_port, wait_for
 from tests.rabbitmq import blocking_channel
 
@@ -356,3 +357,22 @@ def test_cli_bridge_rejects_bad_settings_in_one_line(tmp_path: Path) -> None:
         "scheme must be amqp or amqps; expected amqp://[user:pass@]host[:port] or "
         "amqps://[user:pass@]host[:port]"
     ]
+
+
+def test_sample_config_loads_as_the_defaults_and_lists_every_option(tmp_path: Path) -> None:
+    """configs/bridge.toml loads as the defaults, and uncommenting its options changes none."""
+    sample = Path(__file__).resolve().parents[2] / "configs" / "bridge.toml"
+    assert load(BridgeSettings, "bridge", config_file=sample, environ={}) == BridgeSettings()
+    assert load(MqttSettings, "mqtt", config_file=sample, environ={}) == MqttSettings()
+    assert load(AmqpSettings, "amqp", config_file=sample, environ={}) == AmqpSettings()
+    uncommented = tmp_path / "bridge.toml"
+    uncommented.write_text(
+        "\n".join(
+            line.removeprefix("# ") if line.startswith("# ") and " = " in line else line
+            for line in sample.read_text().splitlines()
+            if not line.startswith(("# [", "# ca_file", "# cert_file", "# key_file", "# insecure"))
+        )
+    )
+    data = tomllib.loads(uncommented.read_text())
+    assert set(data["bridge"]) == set(BridgeSettings.model_fields), "every option is in the sample"
+    assert load(BridgeSettings, "bridge", config_file=uncommented, environ={}) == BridgeSettings()
