@@ -378,9 +378,10 @@ class Bridge:
         """
         threading.current_thread().name = "iotpipe-bridge"
         try:
-            self.publisher.start()
+            self.publisher.start(retry=True)
         except ConnectError as err:
-            # RabbitMQ away at start-up is what the spool is for; MQTT away is fatal.
+            # RabbitMQ away at start-up is what the spool is for (the publisher keeps trying
+            # in the background); MQTT away is fatal.
             log.warning("bridge starting without RabbitMQ (spooling): %s", err.reason)
         self.mqtt.connect()
         self.mqtt.subscribe(self._filters())

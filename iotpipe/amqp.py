@@ -432,6 +432,7 @@ class ConfirmingPublisher:
         self._start_error: str | None = None
         self._settled = threading.Condition()
         self._flushing = 0
+        self._retry_start = False
 
         # Loop-thread state.
         self._connection: Any = None
@@ -459,11 +460,14 @@ class ConfirmingPublisher:
         """Messages published and not yet confirmed, nacked or returned."""
         return len(self._unconfirmed)
 
-    def start(self, timeout: float | None = None) -> None:
+    def start(self, timeout: float | None = None, *, retry: bool = False) -> None:
         """Connect, enable confirms, declare the topology; wait until ready.
 
         Args:
             timeout: seconds to wait, default ``connect_timeout``.
+            retry: when the first connection fails, still raise ConnectError, but keep the
+                publisher running and reconnecting in the background as after a lost connection:
+                ``publish()`` queues, and ``connected`` turns True once a connection succeeds.
 
         Raises:
             ConnectError: the broker is unreachable, refused the login or the virtual host,
@@ -475,10 +479,14 @@ class ConfirmingPublisher:
         wait = self._connect_timeout if timeout is None else timeout
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name="iotpipe-amqp", daemon=True)
+        self._retry_start = retry
         self._thread.start()
         if not self._started.wait(wait):
             self._start_error = f"not ready within {wait:g} s"
-            self._ioloop.add_callback_threadsafe(self._begin_close)
+            if not retry:
+                self._ioloop.add_callback_threadsafe(self._begin_close)
+        if self._start_error is not None and retry:
+            raise ConnectError(self.url.redacted(), self._start_error)  # still trying
         if self._start_error is not None:
             self._thread.join(timeout=wait + 5)
             self._accepting = False
@@ -644,11 +652,14 @@ class ConfirmingPublisher:
         reason = describe_error(error)
         if self._closing:
             self._finish()
-        elif not self._started.is_set():
+        elif not self._started.is_set() and not self._retry_start:
             self._start_error = reason
             self._started.set()
             self._ioloop.stop()
         else:
+            if not self._started.is_set():  # start(retry=True): report, keep trying
+                self._start_error = reason
+                self._started.set()
             delay = self._schedule_reconnect()
             log.warning(
                 "amqp reconnect failed url=%s reason=%s queued=%d retry_in_s=%.2f",
@@ -715,11 +726,14 @@ class ConfirmingPublisher:
         self._fail_unconfirmed()
         if self._closing:
             self._finish()
-        elif not self._started.is_set():
+        elif not self._started.is_set() and not self._retry_start:
             self._start_error = self._start_error or describe_error(reason)
             self._started.set()
             self._ioloop.stop()
         else:
+            if not self._started.is_set():  # start(retry=True): report, keep trying
+                self._start_error = self._start_error or describe_error(reason)
+                self._started.set()
             log.warning(
                 "amqp connection lost url=%s reason=%s queued=%d retry_in_s=%.2f",
                 self.url,

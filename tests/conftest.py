@@ -128,7 +128,12 @@ class MosquittoProcess:
         )
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)])
+        # It logs to a file; its stdout must not hold the test runner's pipe open.
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port)
 
     def stop(self) -> None:
