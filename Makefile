@@ -17,6 +17,9 @@ check: setup  ## lint and types
 
 bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/python bench/bench_simulator.py
+	.venv/bin/python bench/bench_spool.py
+	.venv/bin/python bench/bench_amqp.py
+	.venv/bin/python bench/bench_bridge.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis
