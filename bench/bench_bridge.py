@@ -178,8 +178,8 @@ class PrivateMosquitto:
             f"log_dest file {workdir}/mosquitto.log\n"
             # Mosquitto sends a subscriber at most max_inflight_messages unacknowledged QoS 1
             # messages (default 20). The bridge acknowledges a message only after RabbitMQ
-            # confirmed it (~ms later), so 20 would cap it at 20 per round trip: raise it to the
-            # bridge's own window.
+            # confirmed it, so the bridge can never have more than this many messages in flight
+            # to RabbitMQ: raise it to the bridge's own window.
             f"max_inflight_messages {max_inflight}\n"
             # The rest waits in the bridge's session queue, capped by default at 1000 messages,
             # beyond which Mosquitto drops QoS 1 messages silently; 0 = no limit.
@@ -262,7 +262,8 @@ class BridgeProcess:
             self.proc.kill()
             self.proc.wait()
         if self.proc.returncode != 0:
-            print(f"bridge exited {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
+            tail = self.log.read_text()[-2000:]
+            print(f"bridge exited {self.proc.returncode}:\n{tail}", file=sys.stderr)
 
 
 # -- publisher and consumer --------------------------------------------------------------------
@@ -588,6 +589,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.monotonic()
+    load_start = os.getloadavg()[0]  # other work on the machine skews every figure
     candidates = {f"candidate:{path.name}": path.resolve() for path in args.candidate}
     samples: dict[str, list[Round]] = {"bridge": [], "plugin": []}
     samples |= {name: [] for name in candidates}
@@ -637,7 +639,7 @@ def main() -> None:
     medians = {name: statistics.median(r.rate for r in rounds) for name, rounds in samples.items()}
     cpu = {
         name: {
-            key: statistics.median(r.cpu_us.get(key, 0.0) for r in rounds)
+            key: round(statistics.median(r.cpu_us.get(key, 0.0) for r in rounds), 1)
             for key in rounds[0].cpu_us
         }
         for name, rounds in samples.items()
@@ -665,6 +667,8 @@ def main() -> None:
             for name, rounds in samples.items()
         },
         "cpu_us_per_msg": cpu,
+        "duplicates": {name: sum(r.duplicates for r in rounds) for name, rounds in samples.items()},
+        "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
     if candidates:
         result["candidates_vs_bridge"] = {
