@@ -116,10 +116,12 @@ class RunningBridge:
         with blocking_channel(self.amqp_url) as channel:
 
             def enough() -> bool:
-                method, props, body = channel.basic_get(queue, auto_ack=True)
-                if method is not None:
+                while len(got) < expected:
+                    method, props, body = channel.basic_get(queue, auto_ack=True)
+                    if method is None:
+                        return False
                     got.append((props, body))
-                return len(got) >= expected
+                return True
 
             wait_for(enough, timeout, f"{expected} messages on {queue}")
         return got
@@ -376,3 +378,57 @@ def test_sample_config_loads_as_the_defaults_and_lists_every_option(tmp_path: Pa
     data = tomllib.loads(uncommented.read_text())
     assert set(data["bridge"]) == set(BridgeSettings.model_fields), "every option is in the sample"
     assert load(BridgeSettings, "bridge", config_file=uncommented, environ={}) == BridgeSettings()
+
+
+def test_two_bridges_split_a_shared_subscription(
+    mosquitto_broker: BrokerInfo, rabbitmq_url: str, tmp_path: Path, unique: str
+) -> None:
+    """Two bridges in one shared-subscription group split the traffic; every id arrives once."""
+    site = f"s{unique}"
+    queue = f"test.{unique}.shared"
+    with blocking_channel(rabbitmq_url) as channel:
+        channel.exchange_declare(TELEMETRY_EXCHANGE, "topic", durable=True)
+        channel.queue_declare(queue, arguments={"x-expires": 600_000})
+        channel.queue_bind(queue, TELEMETRY_EXCHANGE, f"iotpipe.v1.{site}.#")
+    bridges: list[tuple[Bridge, threading.Thread]] = []
+    try:
+        for n in range(2):
+            settings = BridgeSettings(
+                topics=(f"iotpipe/v1/{site}/+/telemetry",),
+                client_id=f"bridge-{unique}-{n}",
+                shared_group=f"g{unique}",
+                spool_path=tmp_path / f"spool-{n}.db",
+                http_port=0,
+            )
+            bridge = Bridge(
+                MqttSettings(url=mosquitto_broker.url), AmqpSettings(url=rabbitmq_url), settings
+            )
+            thread = threading.Thread(target=bridge.run, name=f"test-bridge-{n}")
+            thread.start()
+            bridges.append((bridge, thread))
+        wait_for(
+            lambda: all(b.mqtt.connected and b.publisher.connected for b, _ in bridges),
+            20,
+            "both bridges connected",
+        )
+        pub = publisher(mosquitto_broker.url, unique)
+        for seq in range(1000):
+            pub.publish(
+                f"iotpipe/v1/{site}/d{seq % 10}/telemetry", envelope(site, f"d{seq % 10}", seq)
+            )
+        assert pub.flush(timeout=30)
+        got = RunningBridge(bridges[0][0], bridges[0][1], rabbitmq_url, queue, "", site).drain(
+            queue, 1000
+        )
+        ids = [props.message_id for props, _ in got]
+        assert len(set(ids)) == 1000
+        forwarded = [b.metrics.forwarded._value.get() for b, _ in bridges]
+        assert all(count > 0 for count in forwarded), forwarded
+        assert sum(forwarded) == 1000
+        pub.disconnect()
+    finally:
+        for bridge, thread in bridges:
+            bridge.stop()
+            thread.join(timeout=30)
+        with blocking_channel(rabbitmq_url) as channel:
+            channel.queue_delete(queue)
