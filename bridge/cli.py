@@ -176,11 +176,12 @@ def bridge(
 ) -> None:
     """Forward MQTT telemetry to RabbitMQ: nothing lost, nothing dropped silently.
 
-    Subscribes (QoS 1, persistent session) to iotpipe/v1/+/+/telemetry and .../status, validates
-    every message against the wire contract, publishes valid ones to the iotpipe.telemetry
-    exchange and rejected ones to iotpipe.dead (routing key bridge.<reason>). An MQTT message is
-    acknowledged only after RabbitMQ confirmed it or it was committed to the local spool, which
-    holds messages while RabbitMQ is unreachable. SIGTERM or Ctrl-C: finish in-flight work, exit 0.
+    Subscribes (QoS 1, persistent session) to iotpipe/v1/+/+/telemetry and
+    .../status and checks every message against the wire contract: valid ones
+    go to the iotpipe.telemetry exchange, rejected ones to iotpipe.dead
+    (routing key bridge.<reason>). A message is acknowledged to MQTT only after
+    RabbitMQ confirmed it or it was committed to the local spool, which holds
+    messages while RabbitMQ is unreachable. SIGTERM or Ctrl-C: finish, exit 0.
     """
     import signal
 
