@@ -183,6 +183,11 @@ class Bridge:
     ) -> None:
         self.settings = settings
         self.metrics = BridgeMetrics()
+        # Label children looked up once: .labels() costs more than the increment itself.
+        self._received = {
+            kind: self.metrics.received.labels(kind)
+            for kind in ("telemetry", "status", "rejected", "cleared")
+        }
         self._results: deque[tuple[object, Outcome | None]] = deque()
         self._pending: deque[Inbound] = deque()
         self._generation = 0
@@ -217,6 +222,10 @@ class Bridge:
             if serve_http
             else None
         )
+        # Read when /metrics is scraped, not set on every loop iteration.
+        self.metrics.spool_depth.set_function(lambda: self.spool.depth)
+        self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
+        self.metrics.unacked.set_function(lambda: len(self._pending))
 
     # -- outcomes from other threads ------------------------------------------------------
 
@@ -239,7 +248,7 @@ class Bridge:
         now = time.time()
         if message.retain and not message.payload:
             # Clearing a retained status is broker housekeeping, not a message to forward.
-            self.metrics.received.labels("cleared").inc()
+            self._received["cleared"].inc()
             if message.qos > 0:
                 self._pending.append(
                     Inbound(message.mid, message.qos, self._generation, _EMPTY, now, done=True)
@@ -251,7 +260,7 @@ class Bridge:
             if routed.exchange == TELEMETRY_EXCHANGE
             else "rejected"
         )
-        self.metrics.received.labels(kind).inc()
+        self._received[kind].inc()
         inbound = Inbound(message.mid, message.qos, self._generation, routed, now)
         if message.qos > 0:
             self._pending.append(inbound)
@@ -414,7 +423,6 @@ class Bridge:
         if not self.publisher.connected and self.publisher.pending:
             self._reclaim_queued()
         self._drain()
-        self._update_gauges()
 
     def _finish(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -422,11 +430,6 @@ class Bridge:
             self._step(timeout=0.01)
         if self._pending:
             log.warning("bridge stopping with %d messages unacknowledged", len(self._pending))
-
-    def _update_gauges(self) -> None:
-        self.metrics.spool_depth.set(self.spool.depth)
-        self.metrics.spool_bytes.set(self.spool.bytes)
-        self.metrics.unacked.set(len(self._pending))
 
     def _close(self) -> None:
         if self._http is not None:
