@@ -164,6 +164,15 @@ def running_bridge(
             channel.queue_delete(dead_queue)
 
 
+def bind_site_queue(url: str, queue: str, site: str) -> str:
+    """Declare ``queue`` (expiring when unused) bound to one site's telemetry; return its name."""
+    with blocking_channel(url) as channel:
+        channel.exchange_declare(TELEMETRY_EXCHANGE, "topic", durable=True)
+        channel.queue_declare(queue, arguments={"x-expires": 600_000})
+        channel.queue_bind(queue, TELEMETRY_EXCHANGE, f"iotpipe.v1.{site}.#")
+    return queue
+
+
 def publisher(url: str, unique: str) -> MqttClient:
     client = MqttClient(MqttSettings(url=url), client_id=f"pub-{unique}")
     client.connect()
@@ -277,11 +286,7 @@ def test_cli_bridge_forwards_and_exits_cleanly_on_sigterm(
 ) -> None:
     """`iotpipe bridge` forwards what arrives, and SIGTERM makes it finish and exit 0."""
     site = f"s{unique}"
-    queue = f"test.{unique}.cli"
-    with blocking_channel(rabbitmq_url) as channel:
-        channel.exchange_declare(TELEMETRY_EXCHANGE, "topic", durable=True)
-        channel.queue_declare(queue, arguments={"x-expires": 600_000})
-        channel.queue_bind(queue, TELEMETRY_EXCHANGE, f"iotpipe.v1.{site}.#")
+    queue = bind_site_queue(rabbitmq_url, f"test.{unique}.cli", site)
     http_port = free_port()
     config = tmp_path / "bridge.toml"
     config.write_text(
@@ -385,11 +390,7 @@ def test_two_bridges_split_a_shared_subscription(
 ) -> None:
     """Two bridges in one shared-subscription group split the traffic; every id arrives once."""
     site = f"s{unique}"
-    queue = f"test.{unique}.shared"
-    with blocking_channel(rabbitmq_url) as channel:
-        channel.exchange_declare(TELEMETRY_EXCHANGE, "topic", durable=True)
-        channel.queue_declare(queue, arguments={"x-expires": 600_000})
-        channel.queue_bind(queue, TELEMETRY_EXCHANGE, f"iotpipe.v1.{site}.#")
+    queue = bind_site_queue(rabbitmq_url, f"test.{unique}.shared", site)
     bridges: list[tuple[Bridge, threading.Thread]] = []
     try:
         for n in range(2):
