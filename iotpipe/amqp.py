@@ -38,6 +38,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
@@ -95,6 +96,7 @@ HEADER_ERROR = "x-iotpipe-error"
 
 _PERSISTENT = 2
 _MESSAGE_TYPES = {Kind.TELEMETRY: "iotpipe.telemetry", Kind.STATUS: "iotpipe.status"}
+_TYPE_BY_KIND: dict[str, str] = {kind.value: type_ for kind, type_ in _MESSAGE_TYPES.items()}
 
 
 class Outcome(StrEnum):
@@ -160,7 +162,7 @@ def telemetry_properties(
     return MessageProperties(
         message_id=message_id,
         content_type=CONTENT_TYPE,
-        type=_MESSAGE_TYPES[Kind(kind)],
+        type=_TYPE_BY_KIND.get(kind) or _MESSAGE_TYPES[Kind(kind)],  # Kind(): ValueError
         delivery_mode=_PERSISTENT,
         timestamp=int(received_at),
         app_id=APP_ID,
@@ -247,12 +249,7 @@ def _encode_properties(props: MessageProperties) -> bytes:
         fields.append(_short(props.content_type, "content_type"))
     if props.headers is not None:
         flags |= _FLAGS.FLAG_HEADERS
-        entries: list[bytes] = []
-        for key, value in props.headers.items():
-            data = value.encode()
-            entries += (_short(key, "header name"), b"S", _PACK_U32(len(data)), data)
-        table = b"".join(entries)
-        fields += (_PACK_U32(len(table)), table)
+        fields.append(_header_table(tuple(props.headers.items())))
     flags |= _FLAGS.FLAG_DELIVERY_MODE
     fields.append(_PACK_U8(props.delivery_mode))
     if props.message_id is not None:
@@ -268,6 +265,54 @@ def _encode_properties(props: MessageProperties) -> bytes:
         flags |= _FLAGS.FLAG_APP_ID
         fields.append(_short(props.app_id, "app_id"))
     return _PACK_U16(flags) + b"".join(fields)
+
+
+@lru_cache(maxsize=4096)
+def _header_table(items: tuple[tuple[str, str], ...]) -> bytes:
+    """The encoded headers table (length-prefixed). Memoised: the bridge's headers repeat per
+    device (version, site, device, topic), and encoding them is most of the properties' cost."""
+    entries: list[bytes] = []
+    for key, value in items:
+        data = value.encode()
+        entries += (_short(key, "header name"), b"S", _PACK_U32(len(data)), data)
+    table = b"".join(entries)
+    return _PACK_U32(len(table)) + table
+
+
+# pika's private hook: ``Connection._send_message()`` marshals a publish's frames and hands them
+# to ``_output_marshaled_frames(frames)``, which counts them and writes each one to the transport.
+# Verified against pika 1.4.4 (pinned exactly in pyproject.toml). Fallback: without the hook,
+# hold() and release() do nothing and every frame is written the way pika does it.
+_CAN_BATCH = callable(getattr(pika.connection.Connection, "_output_marshaled_frames", None))
+
+
+class _BatchingConnection(pika.SelectConnection):  # type: ignore[misc]
+    """A SelectConnection that can join the frames of many publishes into one write.
+
+    pika hands every frame (three per message: method, header, body) to its transport as a
+    separate buffer, and the transport sends each with its own ``send()``. Between :meth:`hold`
+    and :meth:`release` the frames are collected and go to the transport as one buffer, in the
+    same order. (pika's ``frames_sent`` statistic then counts a batch as one frame.)
+    """
+
+    _held: list[bytes] | None = None
+
+    def hold(self) -> None:
+        """Collect the frames of the following publishes (till :meth:`release`)."""
+        if _CAN_BATCH:
+            self._held = []
+
+    def release(self) -> None:
+        """Write the frames collected since :meth:`hold` as one buffer."""
+        frames, self._held = self._held, None
+        if frames:
+            super()._output_marshaled_frames([b"".join(frames)])
+
+    def _output_marshaled_frames(self, marshaled_frames: list[bytes]) -> None:
+        if self._held is not None:
+            self._held += marshaled_frames
+        else:
+            super()._output_marshaled_frames(marshaled_frames)
 
 
 class _EncodedProperties:
@@ -634,7 +679,7 @@ class ConfirmingPublisher:
             heartbeat=self._heartbeat,
             name=self._connection_name,
         )
-        self._connection = pika.SelectConnection(
+        self._connection = _BatchingConnection(
             params,
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
@@ -768,19 +813,24 @@ class ConfirmingPublisher:
         unconfirmed = self._unconfirmed
         room = self.window - len(unconfirmed)
         publish = channel.basic_publish
-        while room > 0 and queue:
-            item = queue.popleft()
-            exchange, routing_key, body, encoded, token = item
-            try:
-                publish(exchange, routing_key, body, _EncodedProperties(encoded), True)
-            except (pika_errors.AMQPChannelError, pika_errors.AMQPConnectionError):
-                # Not sent: keep it first in line for the next channel.
-                queue.appendleft(item)
-                return
-            self._tag += 1
-            unconfirmed[self._tag] = _Delivery(token, exchange, routing_key, body)
-            room -= 1
-            self.published += 1
+        connection = self._connection
+        connection.hold()
+        try:
+            while room > 0 and queue:
+                item = queue.popleft()
+                exchange, routing_key, body, encoded, token = item
+                try:
+                    publish(exchange, routing_key, body, _EncodedProperties(encoded), True)
+                except (pika_errors.AMQPChannelError, pika_errors.AMQPConnectionError):
+                    # Not sent: keep it first in line for the next channel.
+                    queue.appendleft(item)
+                    return
+                self._tag += 1
+                unconfirmed[self._tag] = _Delivery(token, exchange, routing_key, body)
+                room -= 1
+                self.published += 1
+        finally:
+            connection.release()
         self.peak_unconfirmed = max(self.peak_unconfirmed, len(unconfirmed))
 
     def _on_confirm(self, frame: Any) -> None:

@@ -5,12 +5,19 @@ this machine an inline network loop publishes ~50% faster than paho's background
 keeps every callback on one thread. Publishing is windowed: at most ``max_inflight`` QoS>0
 messages are unacknowledged at any time, so paho's 16-bit message-id space (65,535) is never
 exhausted, and every ``publish()`` result is checked: nothing is dropped silently.
+
+Under paho sits a buffered socket (one ``recv()`` for every packet the kernel holds; the PUBACKs
+of one pass of the bridge's loop sent in one ``send()``). It replaces a private attribute of
+paho, verified against paho-mqtt 2.2.0 only (pinned exactly); where it cannot be installed the
+client falls back to paho's own loop.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import select
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -59,6 +66,122 @@ class Will:
 
 
 MessageHandler = Callable[[Message], object]
+
+_READ_SIZE = 65536
+
+
+class _BufferedSocket:
+    """The socket paho reads and writes, with a read buffer and corked writes.
+
+    paho reads every packet in three or four ``recv()`` calls (command byte, length bytes, rest)
+    and writes every packet, a 4-byte PUBACK too, with its own ``send()``: a system call each.
+    Here one ``recv()`` fetches whatever the kernel holds and serves paho's small reads from
+    memory; ``pending()`` (which paho already asks TLS sockets) tells how much is buffered. While
+    corked, writes are collected and go out in one ``send()`` on :meth:`flush`.
+
+    Errors of the real socket (``BlockingIOError``, TLS want-read/want-write, ``b""`` at EOF)
+    reach paho unchanged, so paho's own handling of them still applies.
+    """
+
+    __slots__ = ("_in", "_inner_pending", "_out", "_pos", "_sock", "corked")
+
+    def __init__(self, sock: socket.socket | ssl.SSLSocket) -> None:
+        self._sock = sock
+        # TLS sockets may hold decrypted bytes that select() cannot see; plain ones have none.
+        self._inner_pending: Callable[[], int] | None = getattr(sock, "pending", None)
+        self._in = b""
+        self._pos = 0
+        self._out = bytearray()
+        self.corked = False
+
+    def recv(self, bufsize: int) -> bytes:
+        """At most ``bufsize`` bytes: from the buffer, else from one ``recv()`` of the socket."""
+        if self._pos >= len(self._in):
+            data = self._sock.recv(_READ_SIZE)
+            if len(data) <= bufsize:
+                return data  # all of it (b"" at EOF): nothing to keep
+            self._in = data
+            self._pos = 0
+        start = self._pos
+        self._pos = min(start + bufsize, len(self._in))
+        return self._in[start : self._pos]
+
+    def pending(self) -> int:
+        """Bytes readable without waiting: buffered here plus, for TLS, inside the SSL object."""
+        inner = self._inner_pending() if self._inner_pending is not None else 0
+        return len(self._in) - self._pos + inner
+
+    def send(self, data: bytes | bytearray) -> int:
+        """Send ``data``, or queue all of it while corked or while earlier bytes still wait."""
+        if self.corked or self._out:
+            self._out += data  # after what is still waiting, so the order is kept
+            return len(data)
+        return self._sock.send(data)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes queued and not yet handed to the kernel."""
+        return len(self._out)
+
+    def flush(self) -> None:
+        """Uncork; send what was collected, as far as the socket takes it (the rest stays)."""
+        self.corked = False
+        out = self._out
+        while out:
+            try:
+                sent = self._sock.send(out)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError as err:
+                # The connection is gone; paho notices on its next read and reports it. What
+                # was queued is PUBACKs at most: the broker redelivers those messages.
+                log.debug("mqtt send failed, dropping %d queued bytes: %s", len(out), err)
+                out.clear()
+                return
+            del out[:sent]
+
+    def close(self) -> None:
+        """Send what is still queued (paho closes right after queueing DISCONNECT), then close."""
+        if self._out:
+            self.flush()
+        if self._out:
+            try:
+                self._sock.settimeout(1.0)
+                self._sock.sendall(self._out)
+            except OSError as err:
+                log.debug("mqtt close dropped %d queued bytes: %s", len(self._out), err)
+            self._out.clear()
+        self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def _install_buffer(client: paho.Client) -> _BufferedSocket | None:
+    """Put a :class:`_BufferedSocket` under paho's freshly connected socket; None if we cannot.
+
+    paho has no socket factory, so this replaces its private ``_sock`` attribute. Verified
+    against paho-mqtt 2.2.0 (pinned exactly in pyproject.toml), where every read and write
+    goes through ``self._sock.recv()`` / ``self._sock.send()`` and ``socket()`` returns
+    ``self._sock``. Fallback: if a paho release lays this out differently, the socket stays
+    as paho made it and :meth:`MqttClient._loop` uses plain ``client.loop()``; slower, same
+    behaviour.
+    """
+    raw = client.socket()
+    if raw is None or isinstance(raw, _BufferedSocket):
+        return raw
+    if getattr(client, "_sock", None) is not raw or not isinstance(raw, socket.socket):
+        return None  # not paho's layout, or websockets (a wrapper of paho's own)
+    wrapped = _BufferedSocket(raw)
+    client._sock = wrapped  # type: ignore[assignment]  # private; see the docstring
+    installed: object = client.socket()
+    if installed is not wrapped:  # a paho we have not verified
+        client._sock = raw
+        return None
+    return wrapped
 
 
 class MqttClient:
@@ -219,11 +342,13 @@ class MqttClient:
             self._client.connect(self.url.host, self.url.port, self.settings.keepalive)
         except (OSError, ssl.SSLError) as err:
             raise ConnectError(self.url.redacted(), _os_reason(err)) from None
+        if _install_buffer(self._client) is None:
+            log.debug("mqtt buffered socket not installed; using paho's own loop url=%s", self.url)
         deadline = time.monotonic() + timeout
         while self._connack is None:
             if time.monotonic() > deadline:
                 raise ConnectError(self.url.redacted(), f"no CONNACK within {timeout:g} s")
-            rc = self._client.loop(timeout=0.05)
+            rc = self._loop(timeout=0.05)
             if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                 if self._connack is not None:
                     break
@@ -265,7 +390,7 @@ class MqttClient:
         self._closing = True
         if self._connected:
             self._client.disconnect()
-            self._client.loop(timeout=0.1)
+            self._loop(timeout=0.1)
         self._connected = False
 
     # -- I/O ----------------------------------------------------------------------------------
@@ -276,12 +401,46 @@ class MqttClient:
         Raises:
             ConnectError: the connection is lost (call :meth:`reconnect` to recover).
         """
-        rc = self._client.loop(timeout=timeout)
+        rc = self._loop(timeout)
         if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN) or (
             not self._connected and not self._closing
         ):
             self._connected = False
             raise ConnectError(self.url.redacted(), f"connection lost ({_paho_reason(rc)})")
+
+    def _loop(self, timeout: float) -> MQTTErrorCode:
+        """paho's ``loop()`` rebuilt from its external-loop API (``loop_read``, ``loop_write``,
+        ``loop_misc``): no wake-up socket pair (``loop()`` creates one and writes a byte to it
+        for every packet queued), and every packet already buffered is read, not just one.
+
+        Without our buffered socket under paho (see :func:`_install_buffer`) this is paho's
+        own ``loop()``."""
+        client = self._client
+        sock = client.socket()
+        if not isinstance(sock, _BufferedSocket):
+            if sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN  # what loop() says, without a socket pair
+            return client.loop(timeout)
+        sock.flush()
+        if sock.pending():
+            readable = True
+        else:
+            want = client.want_write() or sock.unsent > 0
+            ready = select.select([sock], [sock] if want else [], [], timeout)
+            readable = bool(ready[0])
+            if ready[1]:
+                sock.flush()
+        if readable:
+            rc = client.loop_read()
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock.pending():
+                rc = client.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                return rc
+        if client.want_write():
+            rc = client.loop_write()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+        return client.loop_misc()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Publish one message, first waiting (pumping) while the in-flight window is full.
@@ -371,7 +530,14 @@ class MqttClient:
             self.subscribe(self._subscriptions)
 
     def ack(self, mid: int, qos: int) -> None:
-        """Acknowledge a received message (only with ``manual_ack=True``)."""
+        """Acknowledge a received message (only with ``manual_ack=True``).
+
+        The PUBACK goes out with the next :meth:`pump` (with every other one queued till then),
+        or when the connection is closed; without the buffered socket, at once.
+        """
+        sock = self._client.socket()
+        if isinstance(sock, _BufferedSocket):
+            sock.corked = True
         self._client.ack(mid, qos)
 
 

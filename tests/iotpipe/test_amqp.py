@@ -10,8 +10,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pika.connection
 import pytest
 
+from iotpipe import amqp
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
     EXCHANGES,
@@ -489,3 +491,44 @@ def test_killed_node_every_message_gets_one_outcome_and_publishing_resumes(
                 break
             stored.add(int(body))
     assert confirmed <= stored  # a confirm means it survived the SIGKILL
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "fallback"])
+def test_queued_publishes_go_out_in_one_write_in_order(
+    scratch: tuple[Any, str],
+    rabbitmq_url: str,
+    start_publisher: StartPublisher,
+    monkeypatch: pytest.MonkeyPatch,
+    batching: bool,
+) -> None:
+    """Messages queued together leave in one transport write (or, without pika's hook, one write
+    per frame as pika does it), and arrive complete and in order either way."""
+    monkeypatch.setattr(amqp, "_CAN_BATCH", batching)
+    writes: list[int] = []
+    output = pika.connection.Connection._output_marshaled_frames
+
+    def spy(self: Any, frames: list[bytes]) -> None:
+        writes.append(len(frames))
+        output(self, frames)
+
+    monkeypatch.setattr(pika.connection.Connection, "_output_marshaled_frames", spy)
+    channel, exchange = scratch
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, exchange, "batch.#")
+    publisher, results = start_publisher(rabbitmq_url, window=1000)
+    gate = threading.Event()
+    publisher._ioloop.add_callback_threadsafe(lambda: gate.wait(10))  # the loop waits here...
+    props = MessageProperties(content_type="application/json")
+    for token in range(300):  # ...while all of them are queued
+        publisher.publish(exchange, f"batch.{token % 7}", b"%d" % token, props, token)
+    writes.clear()
+    gate.set()
+    results.wait(300)
+    assert results.count(Outcome.CONFIRMED) == 300
+    assert writes == ([1] if batching else [3] * 300)  # frames: method, header, body per message
+    bodies = []
+    for _ in range(300):
+        _method, _props, body = channel.basic_get(queue, auto_ack=True)
+        bodies.append(int(body))
+    assert bodies == list(range(300))
