@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_replay", "tests.rabbitmq"]
+pytest_plugins = ["tests.fixtures_replay", "tests.rabbitmq", "tests.victoria"]
 
 
 def free_port() -> int:
