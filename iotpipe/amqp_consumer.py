@@ -1,0 +1,853 @@
+"""AMQP consumer side: batches of deliveries from one RabbitMQ queue, on the caller's thread.
+
+:class:`BatchConsumer` is for a single-threaded worker that loops *fetch a batch -> write it ->
+acknowledge it*. It runs a pika ``BlockingConnection`` on the caller's thread: nothing happens on
+the connection (deliveries, heartbeats) except inside :meth:`~BatchConsumer.next_batch`,
+:meth:`~BatchConsumer.sleep` and the acknowledging methods, so call ``next_batch`` or ``sleep`` at
+least every ``heartbeat`` seconds.
+
+Usage::
+
+    consumer = BatchConsumer(settings, QueueSpec())
+    consumer.connect(retry=True)               # declares exchanges, queue and bindings
+    while not stopping:
+        batch = consumer.next_batch(1000, 0.05)
+        if batch:
+            store.write(batch)
+            consumer.ack_through(batch[-1])
+    consumer.close()                           # whatever was not acked goes back to the queue
+
+Connections come and go. Every delivery carries the ``epoch`` (connection generation) it arrived
+on; after a lost connection the broker redelivers everything unacknowledged, so settling a
+delivery of an older epoch is a no-op (the store deduplicates the redelivered copy).
+``next_batch`` never raises for a lost connection: it reconnects with jittered exponential
+backoff and returns what is valid.
+
+Poison messages: the queue is declared with a delivery limit (quorum queues) and dead-letters to
+:data:`~iotpipe.amqp.DEAD_EXCHANGE` with routing key ``consumer.delivery_limit`` once a message
+has been requeued too often; :meth:`~BatchConsumer.dead_letter` sends one there at once, with the
+reason in the routing key (``consumer.<reason>``) and the error in ``x-iotpipe-error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+# pika ships no type information; everything taken from it stays inside this module.
+import pika  # type: ignore[import-untyped]
+from pika import exceptions as pika_errors
+
+from iotpipe.amqp import (
+    DEAD_EXCHANGE,
+    HEADER_ERROR,
+    TELEMETRY_EXCHANGE,
+    _connection_parameters,
+    declare_topology,
+    describe_error,
+    vhost_of,
+)
+from iotpipe.errors import ConfigError, ConnectError
+from iotpipe.settings import AmqpSettings
+
+__all__ = ["BatchConsumer", "Delivery", "QueueSpec"]
+
+log = logging.getLogger(__name__)
+
+_SLICE = 0.1
+"""Longest single wait on the socket: how quickly next_batch/sleep notice stop()."""
+
+_CONNECT_TIMEOUT = 10.0
+"""Limit for one connection attempt (TCP, TLS and AMQP handshake, declarations)."""
+
+_CONFIRM_TIMEOUT = 30.0
+"""Longest wait for the broker to confirm a dead letter before the connection is given up."""
+
+_BLOCKED_TIMEOUT = 60.0
+"""Longest the broker may block the connection (resource alarm) before it is given up."""
+
+_ERROR_LIMIT = 1000
+"""Characters of an error message kept in a dead letter's ``x-iotpipe-error`` header."""
+
+_REASON = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PERSISTENT = 2
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_DELIVERY_COUNT = "x-delivery-count"
+_QUORUM_SINCE = (3, 8)
+
+# Which QueueSpec field an argument RabbitMQ reports as "inequivalent" comes from.
+_ARGUMENT_FIELDS = {
+    "x-queue-type": "queue_type",
+    "x-delivery-limit": "delivery_limit",
+    "x-dead-letter-routing-key": "dead_letter_routing_key",
+}
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for queue '[^']*' in vhost '[^']*': "
+    r"received (?P<ours>.+?) but current is (?P<theirs>.+)$"
+)
+_VALUE = re.compile(r"the value ('.*?') of type '\w+'")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """The queue a consumer owns, declared (idempotently) on every connect.
+
+    Attributes:
+        name: the queue's name.
+        bindings: binding keys on :data:`~iotpipe.amqp.TELEMETRY_EXCHANGE`.
+        queue_type: ``quorum`` (replicated, with a delivery limit; RabbitMQ 3.8+) or ``classic``.
+        delivery_limit: quorum queues only: deliveries after which a message that keeps being
+            requeued is dead-lettered (``x-delivery-limit``; RabbitMQ 3.10 has no default, so a
+            poison message would otherwise loop forever).
+        dead_letter_routing_key: routing key of messages the broker dead-letters to
+            :data:`~iotpipe.amqp.DEAD_EXCHANGE`.
+    """
+
+    name: str = "iotpipe.store"
+    bindings: tuple[str, ...] = ("iotpipe.v1.#",)
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: int = 5
+    dead_letter_routing_key: str = "consumer.delivery_limit"
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name.encode()) > 255:
+            raise ConfigError("queue.name", self.name, "1 to 255 bytes")
+        if self.queue_type not in ("quorum", "classic"):
+            raise ConfigError("queue.queue_type", self.queue_type, "'quorum' or 'classic'")
+        if self.delivery_limit < 1:
+            raise ConfigError("queue.delivery_limit", self.delivery_limit, "at least 1")
+
+    def arguments(self) -> dict[str, Any]:
+        """The ``x-`` arguments the queue is declared with."""
+        args: dict[str, Any] = {
+            "x-dead-letter-exchange": DEAD_EXCHANGE,
+            "x-dead-letter-routing-key": self.dead_letter_routing_key,
+        }
+        if self.queue_type == "quorum":
+            args["x-queue-type"] = "quorum"
+            args["x-delivery-limit"] = self.delivery_limit
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message delivered to the consumer and not yet settled.
+
+    Attributes:
+        tag: the delivery tag on its connection.
+        epoch: the connection generation it arrived on (:attr:`BatchConsumer.epoch`); settling
+            a delivery of an older epoch does nothing (the broker redelivers it).
+        routing_key: its routing key, ``iotpipe.v1.{site}.{device}.telemetry``.
+        body: the payload bytes.
+        message_id: the envelope ``id`` set by the bridge.
+        content_type: MIME type of the body.
+        type: ``iotpipe.telemetry`` or ``iotpipe.status``.
+        headers: the AMQP headers (empty mapping when there are none).
+        redelivered: the broker delivered it before (to us or another consumer).
+        delivery_count: earlier deliveries, from a quorum queue's ``x-delivery-count`` header (0 on
+            the first delivery and always 0 on classic queues).
+        timestamp: when the bridge received it, Unix seconds.
+        app_id: who published it.
+    """
+
+    tag: int
+    epoch: int
+    routing_key: str
+    body: bytes
+    message_id: str | None
+    content_type: str | None
+    type: str | None
+    headers: Mapping[str, Any]
+    redelivered: bool
+    delivery_count: int
+    timestamp: int | None = None
+    app_id: str | None = None
+
+
+class BatchConsumer:
+    """Consumes one queue in batches on the caller's thread; see the module docstring.
+
+    Not thread-safe, except :meth:`stop`, which may be called from any thread or a signal
+    handler.
+
+    Args:
+        settings: URL (credentials, host, port, vhost from its path) and TLS material.
+        queue: the queue to declare, bind and consume.
+        prefetch: the most unacknowledged deliveries the broker sends ahead (``basic.qos``);
+            larger than the batch size keeps the next batch arriving while one is written.
+        name: connection name, shown in RabbitMQ's management UI and logs.
+        heartbeat: AMQP heartbeat in seconds.
+        backoff_min: first reconnect delay in seconds (before jitter); doubles per attempt.
+        backoff_max: the longest reconnect delay.
+
+    Attributes:
+        reconnects: connections re-established after a loss.
+        epoch: the current connection generation (1 after the first connect).
+    """
+
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        queue: QueueSpec,
+        *,
+        prefetch: int = 2000,
+        name: str = "iotpipe-consumer",
+        heartbeat: int = 30,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        if prefetch < 1 or prefetch > 65535:
+            raise ConfigError("prefetch", prefetch, "1 to 65535")
+        self.settings = settings
+        self.url = settings.broker
+        self.queue = queue
+        self.prefetch = prefetch
+        self.name = name
+        self.heartbeat = heartbeat
+        self.reconnects = 0
+        self.epoch = 0
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._server_version = ""
+
+        self._connection: Any = None
+        self._channel: Any = None
+        self._confirm_channel: Any = None
+        self._cancelled = False
+        self._stopping = False
+        self._closed = False
+
+        self._buffer: list[Delivery] = []
+        self._buffer_since: float | None = None  # when the oldest buffered delivery arrived
+        # Settlement bookkeeping of the current epoch. A multiple ack naming a tag that was
+        # already settled alone is a channel error (406 unknown delivery tag), so ack_through
+        # must know which tags are settled.
+        self._acked_through = 0
+        self._settled: set[int] = set()
+
+        self._attempt = 0
+        self._next_attempt = 0.0
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is open and the consumer registered."""
+        channel = self._channel
+        return channel is not None and channel.is_open and not self._cancelled
+
+    @property
+    def server_version(self) -> str:
+        """The broker's version, e.g. ``"3.10.8"`` (empty before the first connect)."""
+        return self._server_version
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    def connect(self, timeout: float | None = None, *, retry: bool = False) -> None:
+        """Connect, declare the exchanges, the queue and its bindings, and start consuming.
+
+        Does nothing when already connected.
+
+        Args:
+            timeout: seconds for one attempt (default 10); with ``retry``, for all attempts
+                (default: no limit).
+            retry: keep trying with jittered exponential backoff (one log line per failed
+                attempt) instead of raising at the first failure. Returns early, not connected,
+                once :meth:`stop` was called.
+
+        Raises:
+            ConnectError: the broker is unreachable or refused us (with ``retry``: still so
+                when ``timeout`` ran out).
+            ConfigError: the queue exists with other arguments, or the broker is too old for
+                a quorum queue. Never retried: a person must fix it.
+        """
+        if self.connected:
+            return
+        if self._closed:
+            raise RuntimeError("the consumer is closed")
+        if not retry:
+            self._open(_CONNECT_TIMEOUT if timeout is None else timeout)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stopping:
+            remaining = _CONNECT_TIMEOUT if deadline is None else deadline - time.monotonic()
+            try:
+                self._open(min(_CONNECT_TIMEOUT, max(remaining, 0.1)))
+            except ConnectError as err:
+                delay = self._backoff()
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise
+                log.warning(
+                    "amqp consumer connect failed url=%s queue=%s attempt=%d reason=%s "
+                    "retry_in_s=%.2f",
+                    self.url,
+                    self.queue.name,
+                    self._attempt,
+                    err.reason,
+                    delay,
+                )
+                self._wait(delay)
+            else:
+                return
+
+    def _open(self, timeout: float) -> None:
+        """One connection attempt; on success the consumer is registered and epoch advanced."""
+        params = _connection_parameters(
+            self.settings, timeout=timeout, heartbeat=self.heartbeat, name=self.name
+        )
+        # A broker under a resource alarm stops reading from connections that publish (ours
+        # does, dead letters): give up on such a connection rather than hang in an ack.
+        params.blocked_connection_timeout = _BLOCKED_TIMEOUT
+        try:
+            connection = pika.BlockingConnection(params)
+        except (pika_errors.AMQPError, OSError) as err:
+            raise ConnectError(self.url.redacted(), describe_error(err)) from None
+        try:
+            version = str(connection._impl.server_properties.get("version", ""))
+            self._check_server(version)
+            # A node that is still booting may accept the connection and then never answer
+            # basic.consume on a quorum queue (seen with RabbitMQ 3.10 after a SIGKILL).
+            with _answer_within(connection, timeout, f"declaring and consuming {self.queue.name}"):
+                channel = connection.channel()
+                self._declare(connection, channel)
+                channel.basic_qos(prefetch_count=self.prefetch)
+                channel.add_on_cancel_callback(self._on_cancel)
+                channel.basic_consume(self.queue.name, self._on_message, auto_ack=False)
+        except BaseException as err:
+            _close_quietly(connection)
+            if isinstance(err, pika_errors.AMQPError | OSError):
+                raise ConnectError(self.url.redacted(), _reason(err)) from None
+            raise
+        # Deliveries that arrived meanwhile wait in pika until process_data_events dispatches
+        # them to _on_message, which stamps them with the epoch set here.
+        self.epoch += 1
+        self._reset_epoch_state()
+        first = not self._server_version
+        self._server_version = version
+        self._connection = connection
+        self._channel = channel
+        self._attempt = 0
+        if first:
+            log.info(
+                "amqp consumer connected url=%s queue=%s type=%s server=%s prefetch=%d",
+                self.url,
+                self.queue.name,
+                self.queue.queue_type,
+                version,
+                self.prefetch,
+            )
+        else:
+            self.reconnects += 1
+            log.info(
+                "amqp consumer reconnected url=%s queue=%s epoch=%d reconnects=%d",
+                self.url,
+                self.queue.name,
+                self.epoch,
+                self.reconnects,
+            )
+
+    def _check_server(self, version: str) -> None:
+        if self.queue.queue_type != "quorum":
+            return
+        numbers = re.match(r"(\d+)\.(\d+)", version)
+        if numbers is not None and (int(numbers[1]), int(numbers[2])) < _QUORUM_SINCE:
+            raise ConfigError(
+                "queue.queue_type",
+                "quorum",
+                f"RabbitMQ {version} has no quorum queues (they need 3.8 or newer): "
+                "use queue_type = 'classic' or upgrade the broker",
+            )
+
+    def _declare(self, connection: Any, channel: Any) -> None:
+        spec = self.queue
+        try:
+            declare_topology(channel)
+        except pika_errors.ChannelClosedByBroker as err:
+            if err.reply_code != 406:
+                raise
+            raise ConfigError(
+                "amqp exchanges",
+                f"{TELEMETRY_EXCHANGE}, {DEAD_EXCHANGE}",
+                f"an exchange exists with another type or durability ({err.reply_text}); "
+                "they must be durable topic exchanges: delete the wrong one",
+            ) from None
+        try:
+            channel.queue_declare(spec.name, durable=True, arguments=spec.arguments())
+        except pika_errors.ChannelClosedByBroker as err:
+            if err.reply_code != 406:
+                raise
+            raise self._inequivalent(connection, err.reply_text) from None
+        for key in spec.bindings:
+            channel.queue_bind(spec.name, TELEMETRY_EXCHANGE, routing_key=key)
+
+    def _inequivalent(self, connection: Any, reply: str) -> ConfigError:
+        """The ConfigError for a queue that exists with other arguments (406 on declare).
+
+        RabbitMQ names only the first argument that differs, so the others are found by
+        declaring again with each difference learnt so far set to the existing queue's value
+        (a declare that matches the existing queue changes nothing).
+        """
+        spec = self.queue
+        vhost = vhost_of(self.url.path)
+        delete = "rabbitmqctl delete_queue " + ("" if vhost == "/" else f"-p {vhost} ") + spec.name
+        differences: list[tuple[str, str, str]] = []  # (argument, theirs, ours)
+        arguments = spec.arguments()
+        durable = True
+        for _ in range(12):
+            found = _INEQUIVALENT.search(reply)
+            if found is None or any(arg == found["arg"] for arg, _, _ in differences):
+                break  # unparsable, or our guess of their value was wrong: report what we know
+            arg = found["arg"]
+            ours, theirs = (_VALUE.sub(r"\1", found[side]) for side in ("ours", "theirs"))
+            differences.append((arg, theirs, ours))
+            if arg == "durable":
+                durable = theirs == "'true'"
+            elif theirs == "none":
+                arguments.pop(arg, None)
+            else:
+                text = theirs.strip("'")
+                arguments[arg] = int(text) if text.isdigit() else text
+            try:
+                connection.channel().queue_declare(spec.name, durable=durable, arguments=arguments)
+            except pika_errors.ChannelClosedByBroker as err:
+                if err.reply_code != 406:
+                    break
+                reply = err.reply_text
+            except (pika_errors.AMQPError, OSError):
+                break
+            else:
+                break  # equivalent now: every difference is known
+        if not differences:
+            return ConfigError(
+                "queue.name",
+                spec.name,
+                f"the queue exists with other arguments ({reply}); delete it ({delete}; its "
+                "messages are lost) or use another queue name",
+            )
+        fields = [_ARGUMENT_FIELDS.get(arg) for arg, _, _ in differences]
+        described = ", ".join(
+            f"{arg} is {theirs} (we declare {ours})" for arg, theirs, ours in differences
+        )
+        if all(fields):
+            names = " and ".join(f"queue.{field}" for field in fields)
+            fix = f"or change {names} to match"
+            field = str(fields[0])
+            value: object = getattr(spec, field)
+        else:
+            fix = "or use another queue name"
+            field, value = "name", spec.name
+        return ConfigError(
+            f"queue.{field}",
+            value,
+            f"queue {spec.name!r} already exists with other arguments: {described}; "
+            f"delete it ({delete}; its messages are lost) {fix}",
+        )
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
+        headers = props.headers
+        self._buffer.append(
+            Delivery(
+                method.delivery_tag,
+                self.epoch,
+                method.routing_key,
+                body,
+                props.message_id,
+                props.content_type,
+                props.type,
+                headers if headers is not None else _EMPTY,
+                method.redelivered,
+                headers.get(_DELIVERY_COUNT, 0) if headers else 0,
+                props.timestamp,
+                props.app_id,
+            )
+        )
+
+    def _on_cancel(self, _frame: Any) -> None:
+        # The broker cancelled our consumer (queue deleted, or a quorum leader moved): start over
+        # on a new connection, which re-declares the queue.
+        self._cancelled = True
+
+    def next_batch(self, max_messages: int, max_wait: float) -> list[Delivery]:
+        """Wait for up to ``max_messages`` deliveries, in delivery order.
+
+        Returns when ``max_messages`` are buffered, or ``max_wait`` seconds after the first
+        delivery of this batch arrived, or (nothing arriving) after ``max_wait`` seconds with
+        ``[]``. Returns ``[]`` promptly once :meth:`stop` was called.
+
+        A lost connection is logged and re-established with backoff (``epoch`` advances);
+        deliveries buffered from the old connection are dropped, because the broker redelivers
+        them. While the broker stays away each call waits about ``max_wait`` (plus at most one
+        connection attempt) and returns ``[]``.
+
+        Raises:
+            ConfigError: on reconnecting, the queue turned out to have been re-declared with other
+                arguments.
+        """
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        buffer = self._buffer
+        started = time.monotonic()
+        polled = False
+        while not (self._stopping or self._closed):
+            if len(buffer) >= max_messages:
+                break
+            if not self.connected:
+                if self._channel is not None:  # cancelled, or the channel closed under us
+                    self._lost(
+                        "the broker cancelled the consumer (queue deleted?)"
+                        if self._cancelled
+                        else "the channel was closed"
+                    )
+                if not self._reconnect(started + max_wait):
+                    return []
+                continue
+            now = time.monotonic()
+            since = self._buffer_since if buffer else None
+            remaining = (started if since is None else since) + max_wait - now
+            if remaining <= 0 and polled:
+                break
+            self._poll(min(max(remaining, 0.0), _SLICE))
+            polled = True
+        if self._stopping or self._closed:
+            return []
+        return self._take(max_messages)
+
+    def _poll(self, time_limit: float) -> None:
+        try:
+            self._connection.process_data_events(time_limit=time_limit)
+        except (pika_errors.AMQPError, OSError) as err:
+            self._lost(describe_error(err))
+            return
+        if self._buffer and self._buffer_since is None:
+            self._buffer_since = time.monotonic()
+
+    def _take(self, max_messages: int) -> list[Delivery]:
+        buffer = self._buffer
+        if len(buffer) <= max_messages:
+            batch = buffer[:]
+            buffer.clear()
+            self._buffer_since = None
+        else:
+            batch = buffer[:max_messages]
+            del buffer[:max_messages]
+            self._buffer_since = time.monotonic()  # at the latest; they arrived before this
+        return batch
+
+    def _lost(self, reason: str) -> None:
+        """Forget the connection and everything delivered on it; schedule a reconnect."""
+        dropped = len(self._buffer)
+        self._buffer.clear()
+        self._buffer_since = None
+        connection = self._connection
+        self._connection = None
+        self._channel = None
+        self._confirm_channel = None
+        self._cancelled = False
+        if connection is not None:
+            _close_quietly(connection)
+        delay = self._backoff()
+        self._next_attempt = time.monotonic() + delay
+        log.warning(
+            "amqp consumer connection lost url=%s queue=%s epoch=%d reason=%s dropped=%d "
+            "retry_in_s=%.2f",
+            self.url,
+            self.queue.name,
+            self.epoch,
+            reason,
+            dropped,
+            delay,
+        )
+
+    def _reconnect(self, until: float) -> bool:
+        """Wait (at most until ``until``) for the next attempt's turn and make it."""
+        wait = self._next_attempt - time.monotonic()
+        if wait > 0:
+            self._wait(min(wait, max(until - time.monotonic(), 0.0)))
+            if self._stopping or time.monotonic() < self._next_attempt:
+                return False
+        try:
+            self._open(_CONNECT_TIMEOUT)
+        except ConnectError as err:
+            delay = self._backoff()
+            self._next_attempt = time.monotonic() + delay
+            log.warning(
+                "amqp consumer reconnect failed url=%s queue=%s attempt=%d reason=%s "
+                "retry_in_s=%.2f",
+                self.url,
+                self.queue.name,
+                self._attempt,
+                err.reason,
+                delay,
+            )
+            return False
+        return True
+
+    def _backoff(self) -> float:
+        """The next reconnect delay: doubling from backoff_min up to backoff_max, jittered."""
+        ceiling = min(self._backoff_max, 2 * self._backoff_min * 2.0**self._attempt)
+        self._attempt = min(self._attempt + 1, 30)
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep without a connection, in slices so that stop() is noticed."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(remaining, _SLICE))
+
+    # -- settling -----------------------------------------------------------------------------
+
+    def _reset_epoch_state(self) -> None:
+        self._buffer.clear()
+        self._buffer_since = None
+        self._acked_through = 0
+        self._settled.clear()
+        self._cancelled = False
+
+    def _current(self, d: Delivery, what: str) -> bool:
+        if d.epoch == self.epoch and self.connected:
+            return True
+        log.debug(
+            "amqp consumer %s skipped: stale delivery tag=%d epoch=%d current_epoch=%d",
+            what,
+            d.tag,
+            d.epoch,
+            self.epoch,
+        )
+        return False
+
+    def ack_through(self, last: Delivery) -> None:
+        """Acknowledge ``last`` and every earlier delivery of its connection at once.
+
+        Deliveries already settled one by one (:meth:`ack`, :meth:`requeue`,
+        :meth:`dead_letter`) are skipped. A no-op for a stale delivery (older epoch) or while the
+        connection is down: the broker redelivers those.
+        """
+        if not self._current(last, "ack_through") or last.tag <= self._acked_through:
+            return
+        tag = last.tag
+        settled = self._settled
+        while tag in settled:
+            tag -= 1
+        if tag > self._acked_through:
+            try:
+                self._channel.basic_ack(delivery_tag=tag, multiple=True)
+            except (pika_errors.AMQPError, OSError) as err:
+                self._lost(describe_error(err))
+                return
+        self._acked_through = last.tag
+        if settled:
+            self._settled = {t for t in settled if t > last.tag}
+
+    def ack(self, d: Delivery) -> None:
+        """Acknowledge one delivery (no-op if stale or already settled)."""
+        self._settle_one(d, "ack")
+
+    def requeue(self, d: Delivery) -> None:
+        """Return one delivery to the queue (``basic.nack`` with requeue).
+
+        On a quorum queue this counts towards the delivery limit: after ``delivery_limit``
+        requeues the broker dead-letters it. No-op if stale or already settled.
+        """
+        self._settle_one(d, "requeue")
+
+    def _settle_one(self, d: Delivery, how: Literal["ack", "requeue"]) -> bool:
+        if not self._current(d, how):
+            return False
+        tag = d.tag
+        if tag <= self._acked_through or tag in self._settled:
+            log.debug("amqp consumer %s skipped: already settled tag=%d", how, tag)
+            return False
+        try:
+            if how == "ack":
+                self._channel.basic_ack(delivery_tag=tag)
+            else:
+                self._channel.basic_nack(delivery_tag=tag, requeue=True)
+        except (pika_errors.AMQPError, OSError) as err:
+            self._lost(describe_error(err))
+            return False
+        if tag == self._acked_through + 1:
+            self._acked_through = tag
+            while self._acked_through + 1 in self._settled:
+                self._acked_through += 1
+                self._settled.discard(self._acked_through)
+        else:
+            self._settled.add(tag)
+        return True
+
+    def dead_letter(self, d: Delivery, reason: str, error: str) -> bool:
+        """Publish ``d`` to :data:`~iotpipe.amqp.DEAD_EXCHANGE`, then acknowledge it.
+
+        The body, properties and headers go unchanged, plus ``x-iotpipe-error`` = ``error``
+        (truncated to 1000 characters), persistent, with routing key ``consumer.<reason>``, on a
+        separate channel in confirm mode, published ``mandatory``. Only once the broker has
+        confirmed it is ``d`` acknowledged.
+
+        Args:
+            d: a delivery of the current epoch.
+            reason: a short token, ``A-Z a-z 0-9 _ -`` (e.g. ``invalid``, ``store_rejected``).
+            error: human-readable, for whoever inspects the dead letters.
+
+        Returns:
+            True when the broker confirmed the dead letter (even if the ack that followed was
+            lost with the connection: the original then comes back once more). False, acking
+            nothing, when it was not confirmed: the connection is down, ``d`` is stale, the broker
+            nacked it, or it was unroutable (no queue bound to ``iotpipe.dead``); ``d`` is then
+            redelivered, or, while the connection lives, still the caller's to settle.
+
+        Raises:
+            ValueError: ``reason`` is not a short token.
+        """
+        if _REASON.fullmatch(reason) is None:
+            raise ValueError(f"dead-letter reason must match {_REASON.pattern}, got {reason!r}")
+        if not self._current(d, "dead_letter"):
+            return False
+        if len(error) > _ERROR_LIMIT:
+            error = error[: _ERROR_LIMIT - 1] + "…"
+        headers = dict(d.headers)
+        headers[HEADER_ERROR] = error
+        properties = pika.BasicProperties(
+            content_type=d.content_type,
+            delivery_mode=_PERSISTENT,
+            message_id=d.message_id,
+            timestamp=d.timestamp,
+            type=d.type,
+            app_id=d.app_id,
+            headers=headers,
+        )
+        routing_key = f"consumer.{reason}"
+        try:
+            with _answer_within(self._connection, _CONFIRM_TIMEOUT, "confirming a dead letter"):
+                channel = self._confirm_channel
+                if channel is None or not channel.is_open:
+                    channel = self._connection.channel()
+                    channel.confirm_delivery()
+                    self._confirm_channel = channel
+                channel.basic_publish(
+                    DEAD_EXCHANGE, routing_key, d.body, properties, mandatory=True
+                )
+        except (pika_errors.UnroutableError, pika_errors.NackError) as err:
+            what = "unroutable" if isinstance(err, pika_errors.UnroutableError) else "nacked"
+            log.warning(
+                "amqp consumer dead letter %s exchange=%s routing_key=%s message_id=%s "
+                "(is a queue bound to %s?)",
+                what,
+                DEAD_EXCHANGE,
+                routing_key,
+                d.message_id,
+                DEAD_EXCHANGE,
+            )
+            return False
+        except pika_errors.AMQPChannelError as err:
+            self._confirm_channel = None
+            log.warning(
+                "amqp consumer dead letter failed routing_key=%s reason=%s",
+                routing_key,
+                describe_error(err),
+            )
+            if self._connection is not None and not self._connection.is_open:
+                self._lost(describe_error(err))
+            return False
+        except (pika_errors.AMQPError, OSError) as err:
+            self._lost(_reason(err))
+            return False
+        self._settle_one(d, "ack")
+        return True
+
+    # -- waiting and stopping -----------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` while keeping the connection alive; returns early after stop().
+
+        Deliveries arriving meanwhile are buffered for the next batch. A connection lost while
+        sleeping is noticed here and re-established by the next :meth:`next_batch`.
+        """
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self.connected:
+                self._poll(min(remaining, _SLICE))
+            else:
+                time.sleep(min(remaining, _SLICE))
+
+    def stop(self) -> None:
+        """Make :meth:`next_batch`, :meth:`sleep` and ``connect(retry=True)`` return promptly.
+
+        Safe from any thread and from a signal handler: it only sets a flag, which those
+        methods check at least every 0.1 s. Final: afterwards ``next_batch`` always returns
+        ``[]``. Settle what you hold, then :meth:`close`.
+        """
+        self._stopping = True
+
+    def close(self) -> None:
+        """Cancel the consumer and close the connection; unacknowledged messages are requeued.
+
+        Idempotent.
+        """
+        self._closed = True
+        connection = self._connection
+        self._connection = None
+        self._channel = None
+        self._confirm_channel = None
+        self._buffer.clear()
+        if connection is not None:
+            _close_quietly(connection)
+            log.info(
+                "amqp consumer closed url=%s queue=%s reconnects=%d",
+                self.url,
+                self.queue.name,
+                self.reconnects,
+            )
+
+
+def _reason(error: BaseException) -> str:
+    """describe_error(), but keeping what an _answer_within timeout was waiting for."""
+    if isinstance(error, TimeoutError) and str(error).startswith("no answer within"):
+        return str(error)
+    return describe_error(error)
+
+
+@contextlib.contextmanager
+def _answer_within(connection: Any, seconds: float, what: str) -> Iterator[None]:
+    """Tear the connection down if the block has not finished within ``seconds``.
+
+    pika's blocking calls wait for the broker's reply without a limit. The timer runs on the
+    connection's I/O loop, which those calls drive; it breaks the stream the way pika's own
+    heartbeat checker does, so the waiting call raises (a TimeoutError).
+    """
+    impl = connection._impl
+
+    def expire() -> None:
+        if impl.is_open:
+            impl._terminate_stream(TimeoutError(f"no answer within {seconds:g} s ({what})"))
+
+    timer = impl.ioloop.call_later(seconds, expire)
+    try:
+        yield
+    finally:
+        impl.ioloop.remove_timeout(timer)
+
+
+def _close_quietly(connection: Any) -> None:
+    """Close a BlockingConnection that may already be broken, ignoring how it fails."""
+    try:
+        if connection.is_open:
+            connection.close()
+    except (pika_errors.AMQPError, OSError) as err:
+        log.debug("amqp consumer close failed: %s", describe_error(err))
+    except AssertionError:
+        # pika 1.4 can trip over its own assertions when closing a half-dead connection.
+        log.debug("amqp consumer close failed", exc_info=True)

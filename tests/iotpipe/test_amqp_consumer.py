@@ -1,0 +1,515 @@
+"""BatchConsumer against real RabbitMQ: batching, settling, poison messages, errors, lost nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pytest
+
+from iotpipe.amqp import DEAD_EXCHANGE, HEADER_ERROR, TELEMETRY_EXCHANGE
+from iotpipe.amqp_consumer import BatchConsumer, Delivery, QueueSpec
+from iotpipe.errors import ConfigError, ConnectError
+from iotpipe.settings import AmqpSettings
+from tests.conftest import free_port, wait_for
+from tests.rabbitmq import PrivateRabbit, blocking_channel
+
+MakeConsumer = Callable[..., BatchConsumer]
+
+
+class Site:
+    """One test's slice of the broker: a unique site, its queue spec and a publisher."""
+
+    def __init__(self, url: str, unique: str) -> None:
+        self.url = url
+        self.site = f"t{unique}"
+        self.spec = QueueSpec(
+            name=f"iotpipe-test.consumer.{unique}", bindings=(f"iotpipe.v1.{self.site}.#",)
+        )
+        self.queues = [self.spec.name]
+
+    def routing_key(self, device: str = "d1") -> str:
+        return f"iotpipe.v1.{self.site}.{device}.telemetry"
+
+    def publish(self, count: int, *, start: int = 0) -> list[str]:
+        """Publish ``count`` confirmed telemetry messages; returns their message ids."""
+        ids = [f"{self.site}-{i}" for i in range(start, start + count)]
+        with blocking_channel(self.url) as channel:
+            channel.confirm_delivery()
+            for message_id in ids:
+                properties = pika.BasicProperties(
+                    message_id=message_id,
+                    content_type="application/json",
+                    type="iotpipe.telemetry",
+                    delivery_mode=2,
+                    timestamp=1_764_000_000,
+                    app_id="iotpipe-bridge",
+                    headers={"x-iotpipe-site": self.site, "x-iotpipe-version": "1.0"},
+                )
+                body = b'{"id":"%s"}' % message_id.encode()
+                channel.basic_publish(
+                    TELEMETRY_EXCHANGE, self.routing_key(), body, properties, mandatory=True
+                )
+        return ids
+
+    def ready(self, queue: str | None = None) -> int:
+        """Messages ready (not delivered, or returned) in the queue."""
+        with blocking_channel(self.url) as channel:
+            method = channel.queue_declare(queue or self.spec.name, passive=True).method
+            return int(method.message_count)
+
+    @contextlib.contextmanager
+    def watch_dead(self, binding: str) -> Iterator[Callable[[str], tuple[Any, Any, bytes]]]:
+        """A queue bound to iotpipe.dead with ``binding``; yields ``find(message_id)``."""
+        queue = f"iotpipe-test.dead.{self.site}.{binding}"
+        self.queues.append(queue)
+        with blocking_channel(self.url) as channel:
+            channel.queue_declare(queue, durable=False, auto_delete=False)
+            channel.queue_bind(queue, DEAD_EXCHANGE, binding)
+            seen: dict[str, tuple[Any, Any, bytes]] = {}
+
+            def poll(message_id: str) -> tuple[Any, Any, bytes] | None:
+                while True:
+                    method, props, body = channel.basic_get(queue, auto_ack=True)
+                    if method is None:
+                        return seen.get(message_id)
+                    seen[props.message_id] = (method, props, body)  # others' dead letters too
+
+            def find(message_id: str) -> tuple[Any, Any, bytes]:
+                found: tuple[Any, Any, bytes] = wait_for(
+                    lambda: poll(message_id), 15, f"dead letter {message_id}"
+                )
+                return found
+
+            yield find
+
+    def cleanup(self) -> None:
+        with blocking_channel(self.url) as channel:
+            for queue in self.queues:
+                channel.queue_delete(queue)
+
+
+@pytest.fixture
+def site(rabbitmq_url: str, unique: str) -> Iterator[Site]:
+    """A unique site with its queue on the shared broker; its queues are deleted afterwards."""
+    s = Site(rabbitmq_url, unique)
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture
+def make_consumer() -> Iterator[MakeConsumer]:
+    """Create BatchConsumers (``make_consumer(url, spec, **options)``); all closed afterwards."""
+    made: list[BatchConsumer] = []
+
+    def make(url: str, spec: QueueSpec, **options: Any) -> BatchConsumer:
+        consumer = BatchConsumer(AmqpSettings(url=url), spec, **options)
+        made.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in made:
+        consumer.close()
+
+
+def collect(consumer: BatchConsumer, count: int, timeout: float = 15) -> list[Delivery]:
+    """Deliveries from next_batch until ``count`` arrived (fails the test after ``timeout``)."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"got {len(got)} of {count} deliveries within {timeout:g} s")
+        got.extend(consumer.next_batch(count - len(got), 0.05))
+    return got
+
+
+def test_queue_arguments_follow_the_queue_type() -> None:
+    """Quorum queues get a type and an explicit delivery limit; both kinds dead-letter to iotpipe.dead."""
+    assert QueueSpec().arguments() == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 5,
+        "x-dead-letter-exchange": "iotpipe.dead",
+        "x-dead-letter-routing-key": "consumer.delivery_limit",
+    }
+    assert QueueSpec(queue_type="classic").arguments() == {
+        "x-dead-letter-exchange": "iotpipe.dead",
+        "x-dead-letter-routing-key": "consumer.delivery_limit",
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [({"name": ""}, "queue.name"), ({"delivery_limit": 0}, "queue.delivery_limit")],
+)
+def test_invalid_queue_spec_is_a_config_error(options: dict[str, Any], field: str) -> None:
+    """A queue spec that cannot be declared is refused with the field's name."""
+    with pytest.raises(ConfigError, match=field):
+        QueueSpec(**options)
+
+
+def test_dead_letter_reason_must_be_a_token() -> None:
+    """A reason that would not make a clean routing key is a programming error."""
+    consumer = BatchConsumer(AmqpSettings(), QueueSpec())
+    d = Delivery(1, 1, "k", b"", None, None, None, {}, False, 0)
+    with pytest.raises(ValueError, match="reason"):
+        consumer.dead_letter(d, "no spaces.or dots", "x")
+
+
+@pytest.mark.rabbitmq
+def test_connect_declares_queue_and_delivers_with_properties(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """connect() declares the bound quorum queue; deliveries carry routing key, properties, headers."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    assert consumer.connected
+    assert (consumer.epoch, consumer.reconnects) == (1, 0)
+    assert consumer.server_version.startswith("3.")
+    [message_id] = site.publish(1)
+    [d] = collect(consumer, 1)
+    assert d.epoch == 1
+    assert d.routing_key == site.routing_key()
+    assert d.body == b'{"id":"%s"}' % message_id.encode()
+    assert (d.message_id, d.content_type, d.type) == (
+        message_id,
+        "application/json",
+        "iotpipe.telemetry",
+    )
+    assert (d.timestamp, d.app_id) == (1_764_000_000, "iotpipe-bridge")
+    assert d.headers == {"x-iotpipe-site": site.site, "x-iotpipe-version": "1.0"}
+    assert (d.redelivered, d.delivery_count) == (False, 0)
+
+
+@pytest.mark.rabbitmq
+def test_batches_are_cut_by_size_then_by_time(site: Site, make_consumer: MakeConsumer) -> None:
+    """A backlog comes in full batches; the remainder comes once max_wait passes after it arrived."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    ids = site.publish(25)
+    sizes = []
+    got: list[Delivery] = []
+    while len(got) < 25:
+        batch = consumer.next_batch(10, 2.0)
+        sizes.append(len(batch))
+        got.extend(batch)
+    assert sizes == [10, 10, 5]
+    assert [d.message_id for d in got] == ids
+    assert [d.tag for d in got] == list(range(1, 26))
+
+
+@pytest.mark.rabbitmq
+def test_idle_queue_returns_an_empty_batch(site: Site, make_consumer: MakeConsumer) -> None:
+    """With nothing arriving, next_batch returns [] after max_wait, and later messages still come."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    assert consumer.next_batch(100, 0.2) == []
+    site.publish(3)
+    assert len(collect(consumer, 3)) == 3
+
+
+@pytest.mark.rabbitmq
+def test_ack_through_acks_everything_up_to_the_tag(site: Site, make_consumer: MakeConsumer) -> None:
+    """ack_through(d) settles d and all before it; the rest go back to the queue on close."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    site.publish(20)
+    got = collect(consumer, 20)
+    consumer.ack_through(got[11])
+    consumer.close()
+    assert site.ready() == 8
+
+    again = make_consumer(site.url, site.spec)
+    again.connect()
+    rest = collect(again, 8)
+    assert [d.message_id for d in rest] == [d.message_id for d in got[12:]]
+    assert all(d.redelivered for d in rest)
+    again.ack_through(rest[-1])
+    again.close()
+    assert site.ready() == 0
+
+
+@pytest.mark.rabbitmq
+def test_ack_through_skips_deliveries_settled_one_by_one(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """Acking through a delivery already acked or requeued on its own keeps the channel healthy."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    site.publish(6)
+    got = collect(consumer, 6)
+    consumer.ack(got[0])
+    consumer.ack(got[0])  # twice: a no-op, not a channel error
+    consumer.ack(got[4])
+    consumer.requeue(got[5])
+    consumer.ack_through(got[5])  # acks 2..4 with one multiple ack; 5 and 6 were settled alone
+    [back] = collect(consumer, 1)
+    assert back.message_id == got[5].message_id
+    assert back.delivery_count == 1
+    consumer.ack_through(back)
+    assert consumer.connected
+    assert consumer.reconnects == 0
+    consumer.close()
+    assert site.ready() == 0
+
+
+@pytest.mark.rabbitmq
+def test_requeue_counts_deliveries_until_the_broker_dead_letters(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """Each requeue raises delivery_count; past delivery_limit the broker dead-letters the message."""
+    spec = QueueSpec(name=site.spec.name, bindings=site.spec.bindings, delivery_limit=2)
+    consumer = make_consumer(site.url, spec)
+    consumer.connect()
+    with site.watch_dead("consumer.delivery_limit") as find:
+        [message_id] = site.publish(1)
+        counts = []
+        while True:
+            batch = consumer.next_batch(1, 1.0)
+            if not batch:  # dead-lettered: it does not come back
+                break
+            [d] = batch
+            counts.append(d.delivery_count)
+            assert d.redelivered == (d.delivery_count > 0)
+            consumer.requeue(d)
+            assert len(counts) < 10, "the delivery limit was not enforced"
+        method, props, body = find(message_id)
+    assert counts == [0, 1, 2]
+    assert method.routing_key == "consumer.delivery_limit"
+    assert body == b'{"id":"%s"}' % message_id.encode()
+    assert props.headers["x-death"][0]["reason"] == "delivery_limit"
+    assert site.ready() == 0
+
+
+@pytest.mark.rabbitmq
+def test_dead_letter_publishes_with_reason_and_error_then_acks(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """dead_letter() sends body and properties to iotpipe.dead with the reason and error, then acks."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    with site.watch_dead("consumer.invalid") as find:
+        first, second = site.publish(2)
+        d1, d2 = collect(consumer, 2)
+        assert consumer.dead_letter(d1, "invalid", "readings[0].value: not a finite number")
+        assert consumer.dead_letter(d2, "invalid", "x" * 5000)
+        method, props, body = find(first)
+        _, props2, _ = find(second)
+    assert method.routing_key == "consumer.invalid"
+    assert body == d1.body
+    assert (props.message_id, props.content_type, props.type, props.delivery_mode) == (
+        first,
+        "application/json",
+        "iotpipe.telemetry",
+        2,
+    )
+    assert (props.timestamp, props.app_id) == (1_764_000_000, "iotpipe-bridge")
+    assert props.headers == {
+        "x-iotpipe-site": site.site,
+        "x-iotpipe-version": "1.0",
+        HEADER_ERROR: "readings[0].value: not a finite number",
+    }
+    assert len(props2.headers[HEADER_ERROR]) == 1000  # truncated
+    consumer.ack_through(d2)  # both already acked alone: nothing left to do
+    assert consumer.connected
+    consumer.close()
+    assert site.ready() == 0
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize(
+    ("existing", "spec_change", "field", "says"),
+    [
+        (
+            {
+                "x-queue-type": "classic",
+                "x-dead-letter-exchange": DEAD_EXCHANGE,
+                "x-dead-letter-routing-key": "consumer.delivery_limit",
+            },
+            {},
+            "queue.queue_type",
+            "x-queue-type is 'classic' (we declare 'quorum')",
+        ),
+        (
+            {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 9,
+                "x-dead-letter-exchange": DEAD_EXCHANGE,
+                "x-dead-letter-routing-key": "consumer.delivery_limit",
+            },
+            {},
+            "queue.delivery_limit",
+            "x-delivery-limit is '9' (we declare '5')",
+        ),
+        (
+            {},
+            {},
+            "queue.name",
+            "x-dead-letter-exchange is none (we declare 'iotpipe.dead'), "
+            "x-dead-letter-routing-key is none (we declare 'consumer.delivery_limit'), "
+            "x-queue-type is none (we declare 'quorum')",
+        ),
+    ],
+    ids=["type", "delivery-limit", "plain-classic"],
+)
+def test_queue_with_other_arguments_is_a_config_error(
+    site: Site,
+    make_consumer: MakeConsumer,
+    existing: dict[str, Any],
+    spec_change: dict[str, Any],
+    field: str,
+    says: str,
+) -> None:
+    """A queue declared earlier with other arguments fails connect() with what differs and the fix."""
+    with blocking_channel(site.url) as channel:
+        channel.queue_declare(site.spec.name, durable=True, arguments=existing)
+    spec = QueueSpec(name=site.spec.name, bindings=site.spec.bindings, **spec_change)
+    consumer = make_consumer(site.url, spec)
+    with pytest.raises(ConfigError) as caught:
+        consumer.connect()
+    message = str(caught.value)
+    assert caught.value.field == field
+    assert says in message
+    assert site.spec.name in message
+    assert f"rabbitmqctl delete_queue {site.spec.name}" in message
+    assert "\n" not in message
+    assert not consumer.connected
+
+
+@pytest.mark.rabbitmq
+def test_unreachable_broker_is_a_connect_error(make_consumer: MakeConsumer) -> None:
+    """connect() raises ConnectError with the reason; with retry it tries until the timeout."""
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    consumer = make_consumer(url, QueueSpec(), backoff_min=0.05, backoff_max=0.2)
+    with pytest.raises(ConnectError, match="connection refused"):
+        consumer.connect()
+    with pytest.raises(ConnectError, match="connection refused"):
+        consumer.connect(timeout=1.0, retry=True)
+    assert not consumer.connected
+
+
+@pytest.mark.rabbitmq
+def test_connect_retry_logs_one_line_per_attempt(
+    make_consumer: MakeConsumer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """connect(retry=True) logs each failed attempt with its reason and the next delay."""
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    consumer = make_consumer(url, QueueSpec(), backoff_min=0.05, backoff_max=0.2)
+    with caplog.at_level(logging.WARNING, "iotpipe.amqp_consumer"), pytest.raises(ConnectError):
+        consumer.connect(timeout=1.0, retry=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "iotpipe.amqp_consumer"]
+    assert len(lines) >= 2
+    assert all("connect failed" in line and "retry_in_s=" in line for line in lines)
+
+
+@pytest.mark.rabbitmq
+def test_stop_from_a_signal_handler_ends_next_batch_and_sleep(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """stop() in a signal handler makes a long next_batch and sleep return at once."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    previous = signal.signal(signal.SIGALRM, lambda _signum, _frame: consumer.stop())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        began = time.monotonic()
+        assert consumer.next_batch(100, 60) == []
+        consumer.sleep(60)
+        assert time.monotonic() - began < 10  # far below the 60 s asked for
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    site.publish(1)
+    assert consumer.next_batch(1, 0.5) == []  # stop() is final
+
+
+@pytest.mark.rabbitmq
+def test_stop_from_another_thread_ends_next_batch(site: Site, make_consumer: MakeConsumer) -> None:
+    """stop() from another thread makes a waiting next_batch return [] promptly."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    timer = threading.Timer(0.3, consumer.stop)
+    timer.start()
+    began = time.monotonic()
+    assert consumer.next_batch(100, 60) == []
+    assert time.monotonic() - began < 10
+    timer.join()
+
+
+@pytest.mark.rabbitmq
+def test_deleted_queue_is_redeclared_on_a_new_connection(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """When the broker cancels the consumer (queue deleted), next_batch reconnects and redeclares."""
+    consumer = make_consumer(site.url, site.spec, backoff_min=0.05, backoff_max=0.2)
+    consumer.connect()
+    with blocking_channel(site.url) as channel:
+        channel.queue_delete(site.spec.name)
+    wait_for(lambda: consumer.next_batch(1, 0.05) == [] and consumer.epoch == 2, 15, "reconnect")
+    assert consumer.reconnects == 1
+    site.publish(1)
+    [d] = collect(consumer, 1)
+    assert d.epoch == 2
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_killed_node_reconnects_and_redelivers_everything_unacked(
+    private_rabbit: PrivateRabbit, make_consumer: MakeConsumer
+) -> None:
+    """After a SIGKILL and restart, next_batch reconnects (epoch + 1), stale acks do nothing, nothing is lost."""
+    site = Site(private_rabbit.url, "kill")
+    # Classic, not quorum: RabbitMQ 3.10 may bring a single-node quorum queue back without a
+    # leader after a SIGKILL (rabbitmq/rabbitmq-server#10070), which is the broker's problem, not
+    # the consumer's. (Meeting such a queue, the consumer times out basic.consume and retries.)
+    spec = QueueSpec(name=site.spec.name, bindings=site.spec.bindings, queue_type="classic")
+    site.spec = spec
+    consumer = make_consumer(site.url, spec, backoff_min=0.1, backoff_max=0.5)
+    consumer.connect()
+    ids = site.publish(50)
+    before = collect(consumer, 20)  # mid-batch: 20 handed out, the rest buffered or queued
+
+    private_rabbit.kill()
+    consumer.ack_through(before[-1])  # the connection is gone: nothing may raise
+    assert consumer.next_batch(100, 0.5) == []
+    assert not consumer.connected
+    private_rabbit.start()
+
+    after = collect(consumer, 50, timeout=60)
+    assert (consumer.epoch, consumer.reconnects) == (2, 1)
+    assert sorted(d.message_id or "" for d in after) == sorted(ids)
+    assert all(d.epoch == 2 for d in after)
+    assert all(d.redelivered for d in after if d.message_id in {b.message_id for b in before})
+
+    consumer.ack_through(before[-1])  # stale: a no-op, not an ack of tag 20 on the new channel
+    consumer.close()
+    assert site.ready() == 50
+
+    again = make_consumer(site.url, site.spec)
+    again.connect()
+    rest = collect(again, 50)
+    again.ack_through(rest[-1])
+    again.close()
+    assert site.ready() == 0
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_unroutable_dead_letter_is_not_acked(
+    private_rabbit: PrivateRabbit, make_consumer: MakeConsumer
+) -> None:
+    """With no queue bound to iotpipe.dead, dead_letter() returns False and the message stays."""
+    site = Site(private_rabbit.url, "unroutable")  # a private node: nobody else binds iotpipe.dead
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    site.publish(1)
+    [d] = collect(consumer, 1)
+    assert not consumer.dead_letter(d, "invalid", "bad")
+    assert consumer.connected
+    consumer.close()
+    assert site.ready() == 1
