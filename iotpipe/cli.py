@@ -95,6 +95,8 @@ def watch_command(
 
 def _mount() -> None:
     from bridge.cli import bridge, broker
+    from consumers.cli import consume
+    from consumers.query_cli import export, stats
     from iotpipe.recording_cli import record, replay
     from simulator.cli import simulate
 
@@ -103,6 +105,9 @@ def _mount() -> None:
     app.command("simulate")(simulate)
     app.command("record")(record)
     app.command("replay")(replay)
+    app.command("consume")(consume)
+    app.command("export")(export)
+    app.command("stats")(stats)
 
 
 def main() -> None:

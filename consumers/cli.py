@@ -1,0 +1,99 @@
+"""``iotpipe consume``: the store writer (RabbitMQ -> SQLite or InfluxDB, exactly once)."""
+
+from __future__ import annotations
+
+import inspect
+import signal
+from typing import Annotated, Any
+
+import typer
+
+from iotpipe.options import ConfigOption
+
+_EXAMPLES = """
+
+[bold]Examples[/bold]
+
+  [dim]# local RabbitMQ -> state/telemetry.db (SQLite, zero set-up)[/dim]
+  iotpipe consume
+
+  [dim]# another file, another broker[/dim]
+  iotpipe consume --amqp amqp://iot:pw@rabbit:5672/ \\
+      --store sqlite:////var/lib/iotpipe/telemetry.db
+
+  [dim]# InfluxDB 2.x / 3.x / Cloud, or anything speaking its v2 write API[/dim]
+  IOTPIPE_INFLUXDB__TOKEN=... iotpipe consume --store influxdb://influx:8086
+
+  [dim]# everything from a file (commented sample: configs/consume.toml)[/dim]
+  iotpipe consume --config configs/consume.toml
+"""
+
+
+def consume(
+    *,
+    config: ConfigOption = None,
+    amqp: Annotated[
+        str | None,
+        typer.Option(
+            "--amqp",
+            help="RabbitMQ URL: amqp://user:pass@host:port/vhost or amqps://... "
+            "\\[default: amqp://guest:guest@127.0.0.1:5672/]",
+            show_default=False,
+        ),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            help="sqlite:///path/telemetry.db (relative), sqlite:////abs/path.db, or "
+            "influxdb[s]://host:port (org, bucket, token from \\[influxdb]). "
+            "\\[default: sqlite:///state/telemetry.db]",
+            show_default=False,
+        ),
+    ] = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue", help="Queue to consume. \\[default: iotpipe.store]", show_default=False
+        ),
+    ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            "--http-port",
+            help="Port of /metrics and /healthz. \\[default: 9182]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Store telemetry from RabbitMQ, each reading exactly once.
+
+    Declares its durable queue (quorum, with a delivery limit and dead-lettering
+    to iotpipe.dead) bound to iotpipe.v1.#, writes batches to the store and
+    acknowledges a batch only after the store committed it. Messages are
+    deduplicated by id, so redeliveries and replays never add a second point.
+    A store outage holds the batch and retries; nothing is lost. SIGTERM or
+    Ctrl-C: finish the batch, acknowledge it, exit 0.
+    """
+    from consumers.service import Consumer
+    from consumers.settings import ConsumeSettings, InfluxSettings
+    from consumers.stores import open_store
+    from iotpipe.settings import AmqpSettings, config_path, load
+
+    path = config_path(config)
+    amqp_settings = load(AmqpSettings, "amqp", config_file=path, overrides={"url": amqp})
+    flags: dict[str, Any] = {"store": store, "queue": queue, "http_port": http_port}
+    settings = load(ConsumeSettings, "consume", config_file=path, overrides=flags)
+    influx = load(InfluxSettings, "influxdb", config_file=path)
+    service = Consumer(amqp_settings, settings, open_store(settings, influx))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: service.stop())
+    typer.echo(
+        f"iotpipe consume {amqp_settings.broker} queue {settings.queue} -> {settings.target}; "
+        f"http://{settings.http_host}:{settings.http_port}/metrics",
+        err=True,
+    )
+    service.run()
+
+
+consume.__doc__ = inspect.cleandoc(consume.__doc__ or "") + _EXAMPLES

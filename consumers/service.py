@@ -1,0 +1,363 @@
+"""The store writer: RabbitMQ -> decode -> store -> ack, each reading stored exactly once.
+
+One thread does everything, in a loop (the HTTP endpoint has its own):
+
+1. take a batch of deliveries from the queue (up to ``batch_size``, or what arrived within
+   ``batch_latency`` of the first one);
+2. decode each with the core codec; a message that breaks the wire contract can never succeed,
+   so it is dead-lettered at once (``consumer.<reason>``, with ``x-iotpipe-error``);
+3. write the rest to the store in one call, which deduplicates by message id and commits;
+4. only then acknowledge the batch (``basic.ack`` with ``multiple``).
+
+A store that is down (server unreachable, disk full, file locked) raises
+:class:`~consumers.store.StoreUnavailable`: the batch stays unacknowledged and is retried with
+jittered exponential backoff, heartbeats kept alive meanwhile, so nothing is lost and nothing
+spins; it does not count towards the delivery limit. A message the store refuses outright is
+requeued (which counts) and dead-lettered with the store's reason on its last allowed delivery.
+
+A crash anywhere leaves the batch unacknowledged; RabbitMQ redelivers it and the store's dedupe
+absorbs what was already committed. A lost connection makes the batch's delivery tags stale: the
+ack is skipped and the redelivered copies are absorbed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from consumers.query import seq_gaps
+from consumers.settings import ConsumeSettings, SqliteTarget
+from consumers.store import DeviceStatus, Message, Store, StoreUnavailable, WriteResult
+from iotpipe.amqp_consumer import BatchConsumer, Delivery, QueueSpec
+from iotpipe.envelope import Envelope, Rejection, decode
+from iotpipe.errors import IotpipeError
+from iotpipe.health import HealthServer
+from iotpipe.settings import AmqpSettings
+
+log = logging.getLogger(__name__)
+
+#: Dead-letter reason of a message the store refused on its last allowed delivery.
+STORE_REJECTED = "store_rejected"
+_BACKOFF_MIN_S = 0.5
+_BACKOFF_MAX_S = 30.0
+
+
+class ConsumerMetrics:
+    """The consumer's Prometheus metrics, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "iotpipe_consumer_received", "AMQP deliveries received", ["kind"], registry=r
+        )
+        self.stored_messages = Counter(
+            "iotpipe_consumer_stored_messages", "messages stored (new ids)", registry=r
+        )
+        self.stored_readings = Counter(
+            "iotpipe_consumer_stored_readings", "readings stored", registry=r
+        )
+        self.duplicates = Counter(
+            "iotpipe_consumer_duplicates", "messages absorbed by dedupe (id seen)", registry=r
+        )
+        self.out_of_order = Counter(
+            "iotpipe_consumer_out_of_order", "messages stored after a higher seq", registry=r
+        )
+        self.type_changes = Counter(
+            "iotpipe_consumer_type_changes",
+            "readings whose value type differs from the sensor's first",
+            registry=r,
+        )
+        self.statuses = Counter(
+            "iotpipe_consumer_statuses", "status messages applied to the registry", registry=r
+        )
+        self.dead = Counter(
+            "iotpipe_consumer_dead_lettered",
+            "messages sent to iotpipe.dead",
+            ["reason"],
+            registry=r,
+        )
+        self.requeued = Counter(
+            "iotpipe_consumer_requeued", "messages the store refused, requeued", registry=r
+        )
+        self.store_errors = Counter(
+            "iotpipe_consumer_store_errors", "failed store writes (retried)", registry=r
+        )
+        self.batch_seconds = Histogram(
+            "iotpipe_consumer_store_write_seconds",
+            "time of one successful store write",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.batch_messages = Histogram(
+            "iotpipe_consumer_batch_messages",
+            "deliveries per batch",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+            registry=r,
+        )
+        self.reconnects = Gauge(
+            "iotpipe_consumer_amqp_reconnects", "AMQP reconnections since start", registry=r
+        )
+        self.store_up = Gauge(
+            "iotpipe_consumer_store_up", "1 while the last store write succeeded", registry=r
+        )
+        self.seq_gaps = Gauge(
+            "iotpipe_consumer_seq_gaps",
+            "seq values missing between the lowest and highest stored, over every device and boot",
+            registry=r,
+        )
+
+
+class Consumer:
+    """Consume ``settings.queue`` into ``store`` until :meth:`stop`.
+
+    Args:
+        amqp: how to reach RabbitMQ.
+        settings: the ``[consume]`` section.
+        store: an open store; the consumer closes it when it stops.
+        rng: random source of the backoff jitter (tests pass a seeded one).
+    """
+
+    def __init__(
+        self,
+        amqp: AmqpSettings,
+        settings: ConsumeSettings,
+        store: Store,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = ConsumerMetrics()
+        self._rng = rng or random.Random()
+        self._stopping = threading.Event()
+        self._queue = QueueSpec(
+            name=settings.queue,
+            bindings=settings.bindings,
+            queue_type=settings.queue_type,
+            delivery_limit=settings.delivery_limit,
+        )
+        self.amqp = BatchConsumer(amqp, self._queue, prefetch=settings.prefetch)
+        self.metrics.reconnects.set_function(lambda: self.amqp.reconnects)
+        self.metrics.seq_gaps.set_function(self._seq_gaps)
+        self.totals = WriteResult()
+        self.statuses = 0
+        self.dead_lettered = 0
+        self.requeued = 0
+        self._store_error = ""
+        self._last_batch_at: float | None = None
+        self._http: HealthServer | None = None
+        self.ready = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve ``/metrics``, connect, and consume until :meth:`stop`; then close everything."""
+        s = self.settings
+        self._http = HealthServer(s.http_host, s.http_port, self.metrics.registry, self.health)
+        self._http.start()
+        try:
+            self.amqp.connect(retry=True)
+            if not self._stopping.is_set():
+                log.info(
+                    "consuming queue=%s type=%s delivery_limit=%d store=%s",
+                    s.queue,
+                    s.queue_type,
+                    s.delivery_limit,
+                    s.target,
+                )
+            self.ready.set()
+            next_prune = time.monotonic()
+            while not self._stopping.is_set():
+                batch = self.amqp.next_batch(s.batch_size, s.batch_latency)
+                if batch:
+                    self.process(batch)
+                if time.monotonic() >= next_prune:
+                    self._prune()
+                    next_prune = time.monotonic() + s.prune_interval
+        finally:
+            self.amqp.close()
+            self.store.close()
+            self._http.stop()
+            t = self.totals
+            log.info(
+                "stopped: stored %d messages (%d readings), %d duplicates absorbed, "
+                "%d dead-lettered, %d requeued",
+                t.messages,
+                t.readings,
+                t.duplicates,
+                self.dead_lettered,
+                self.requeued,
+            )
+
+    def stop(self) -> None:
+        """Finish the batch in hand (store and ack it), then return from :meth:`run`.
+
+        Safe to call from a signal handler. A batch waiting for an unavailable store is left
+        unacknowledged instead: RabbitMQ hands it out again later.
+        """
+        self._stopping.set()
+        self.amqp.stop()
+
+    @property
+    def http_port(self) -> int | None:
+        """The port ``/metrics`` and ``/healthz`` listen on, once running."""
+        return self._http.port if self._http is not None else None
+
+    def health(self) -> tuple[bool, Mapping[str, Any]]:
+        """``/healthz``: RabbitMQ connected and the store writable."""
+        amqp_ok = self.amqp.connected
+        store_ok = not self._store_error
+        details = {
+            "amqp": "connected" if amqp_ok else "disconnected",
+            "store": "ok" if store_ok else self._store_error,
+            "queue": self.settings.queue,
+            "last_batch_age_s": (
+                round(time.monotonic() - self._last_batch_at, 3)
+                if self._last_batch_at is not None
+                else None
+            ),
+        }
+        return amqp_ok and store_ok, details
+
+    def _seq_gaps(self) -> float:
+        """Read at scrape time from the completeness table (on the HTTP thread, own connection)."""
+        target = self.settings.target
+        path = target.path if isinstance(target, SqliteTarget) else self.settings.state_path
+        try:
+            return float(seq_gaps(path))
+        except (IotpipeError, sqlite3.Error):
+            return float("nan")  # no store file yet, or busy: no figure rather than a wrong one
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def process(self, batch: Sequence[Delivery]) -> None:
+        """Decode, store and acknowledge one batch of deliveries."""
+        m = self.metrics
+        m.batch_messages.observe(len(batch))
+        messages: list[Message] = []
+        owners: list[Delivery] = []
+        statuses: list[DeviceStatus] = []
+        settled: set[int] = set()
+        for delivery in batch:
+            decoded = decode(_topic_of(delivery.routing_key), delivery.body)
+            if isinstance(decoded, Rejection):
+                m.received.labels("rejected").inc()
+                self._dead_letter(delivery, decoded.reason.value, decoded.message, settled)
+            elif isinstance(decoded, Envelope):
+                m.received.labels("telemetry").inc()
+                messages.append(Message.from_envelope(decoded))
+                owners.append(delivery)
+            else:
+                m.received.labels("status").inc()
+                statuses.append(DeviceStatus.from_status(decoded))
+        result = self._write(messages, statuses)
+        if result is None:
+            return  # stopping while the store is down: the batch goes back to the queue
+        self._count(result, len(statuses))
+        for index, reason in sorted(result.rejected.items()):
+            self._refused(owners[index], reason, settled)
+        unsettled = [d for d in batch if d.tag not in settled]
+        if unsettled:
+            self.amqp.ack_through(unsettled[-1])
+        self._last_batch_at = time.monotonic()
+
+    def _write(
+        self, messages: Sequence[Message], statuses: Sequence[DeviceStatus]
+    ) -> WriteResult | None:
+        """Write until the store takes the batch; None when stopped first."""
+        delay = _BACKOFF_MIN_S
+        while True:
+            started = time.perf_counter()
+            try:
+                result = self.store.write(messages, statuses)
+            except StoreUnavailable as err:
+                self.metrics.store_errors.inc()
+                self.metrics.store_up.set(0)
+                if not self._store_error:
+                    log.warning("store unavailable, holding the batch: %s", err)
+                self._store_error = str(err) or type(err).__name__
+                wait = self._rng.uniform(delay / 2, delay)
+                log.info("store write retry in %.1fs", wait)
+                self.amqp.sleep(wait)
+                if self._stopping.is_set():
+                    return None
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+                continue
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            self.metrics.store_up.set(1)
+            if self._store_error:
+                log.warning("store available again")
+                self._store_error = ""
+            return result
+
+    def _count(self, result: WriteResult, statuses: int) -> None:
+        t = self.totals
+        t.messages += result.messages
+        t.readings += result.readings
+        t.duplicates += result.duplicates
+        t.out_of_order += result.out_of_order
+        t.type_changes += result.type_changes
+        self.statuses += statuses
+        m = self.metrics
+        m.stored_messages.inc(result.messages)
+        m.stored_readings.inc(result.readings)
+        m.duplicates.inc(result.duplicates)
+        m.out_of_order.inc(result.out_of_order)
+        m.type_changes.inc(result.type_changes)
+        m.statuses.inc(statuses)
+
+    def _refused(self, delivery: Delivery, reason: str, settled: set[int]) -> None:
+        """A message the store refused: requeue it, or dead-letter it on its last delivery."""
+        if delivery.delivery_count + 1 >= self.settings.delivery_limit:
+            self._dead_letter(delivery, STORE_REJECTED, reason, settled)
+            return
+        log.warning(
+            "store refused message id=%s (delivery %d of %d): %s",
+            delivery.message_id,
+            delivery.delivery_count + 1,
+            self.settings.delivery_limit,
+            reason,
+        )
+        self.amqp.requeue(delivery)
+        self.metrics.requeued.inc()
+        self.requeued += 1
+        settled.add(delivery.tag)
+
+    def _dead_letter(self, delivery: Delivery, reason: str, error: str, settled: set[int]) -> None:
+        if self.amqp.dead_letter(delivery, reason, error):
+            self.metrics.dead.labels(reason).inc()
+            self.dead_lettered += 1
+            log.info(
+                "dead-lettered id=%s key=%s reason=%s: %s",
+                delivery.message_id,
+                delivery.routing_key,
+                reason,
+                error,
+            )
+        # Confirmed and acked, or the connection dropped and it will come back: either way it
+        # is not ours to acknowledge any more.
+        settled.add(delivery.tag)
+
+    def _prune(self) -> None:
+        try:
+            dropped = self.store.prune(int(time.time() * 1000))
+        except StoreUnavailable as err:
+            log.warning("prune skipped: %s", err)
+            return
+        if dropped:
+            log.info(
+                "pruned %d message ids older than %g days", dropped, self.settings.retention_days
+            )
+
+
+def _topic_of(routing_key: str) -> str:
+    """The MQTT topic a routing key came from (``/`` <-> ``.``; names cannot hold dots)."""
+    return routing_key.replace(".", "/")

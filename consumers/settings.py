@@ -1,0 +1,148 @@
+"""Settings of ``iotpipe consume`` and the ``--store`` URL that picks the store.
+
+Store URLs:
+
+- ``sqlite:///state/telemetry.db`` — a file relative to the working directory (three slashes, as
+  SQLAlchemy writes it); ``sqlite:////var/lib/iotpipe/telemetry.db`` is absolute; a bare path
+  (``state/telemetry.db``) or ``sqlite:state/telemetry.db`` means the same as
+  ``sqlite:///state/telemetry.db``.
+- ``influxdb://host:8086`` (HTTP) or ``influxdbs://host:8086`` (HTTPS): InfluxDB 2.x/3.x, Cloud,
+  or any server speaking the InfluxDB v2 write API. Org, bucket and token come from the
+  ``[influxdb]`` section (or ``IOTPIPE_INFLUXDB__TOKEN``), never from the URL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+
+from iotpipe.errors import ConfigError
+from iotpipe.settings import Section
+
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteTarget:
+    """A SQLite store file."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return f"sqlite:///{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class InfluxTarget:
+    """An InfluxDB (v2 write API) server."""
+
+    url: str
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_store(value: str, *, field: str = "--store") -> SqliteTarget | InfluxTarget:
+    """Parse a store URL (see the module docstring).
+
+    Raises:
+        ConfigError: the URL has another scheme, no path or no host.
+    """
+    allowed = "sqlite:///path/to/telemetry.db, a file path, or influxdb[s]://host[:port]"
+    if value.startswith("sqlite:") and not value.startswith("sqlite://"):
+        if value == "sqlite:":
+            raise ConfigError(field, value, "no path; expected sqlite:///path/to/telemetry.db")
+        return SqliteTarget(Path(value.removeprefix("sqlite:")))
+    if "://" not in value:
+        if not value.strip():
+            raise ConfigError(field, value, f"empty; expected {allowed}")
+        return SqliteTarget(Path(value))
+    scheme, _, rest = value.partition("://")
+    if scheme == "sqlite":
+        if not rest.startswith("/") or len(rest) < 2:
+            raise ConfigError(field, value, "expected sqlite:///relative.db or sqlite:////abs.db")
+        return SqliteTarget(Path(rest[1:]))
+    if scheme in ("influxdb", "influxdbs"):
+        try:
+            parts = urlsplit(value)
+            port = parts.port or 8086
+        except ValueError as err:
+            raise ConfigError(field, value, f"{err}; expected {allowed}") from None
+        if not parts.hostname or parts.username or parts.password:
+            raise ConfigError(
+                field, value, "expected influxdb://host:port (the token goes in [influxdb].token)"
+            )
+        http = "https" if scheme == "influxdbs" else "http"
+        return InfluxTarget(f"{http}://{parts.hostname}:{port}")
+    raise ConfigError(field, value, f"unknown store type {scheme!r}; expected {allowed}")
+
+
+class ConsumeSettings(Section):
+    """The ``[consume]`` section."""
+
+    store: str = Field("sqlite:///state/telemetry.db", description="where readings are written")
+    queue: str = Field("iotpipe.store", min_length=1, max_length=255, description="AMQP queue")
+    bindings: tuple[str, ...] = Field(
+        ("iotpipe.v1.#",), min_length=1, description="routing keys bound on iotpipe.telemetry"
+    )
+    queue_type: Literal["quorum", "classic"] = Field("quorum", description="queue type")
+    delivery_limit: int = Field(
+        5, ge=1, le=1000, description="deliveries before a refused message is dead-lettered"
+    )
+    prefetch: int = Field(2000, ge=1, le=65_535, description="unacknowledged deliveries at most")
+    batch_size: int = Field(1000, ge=1, le=65_535, description="messages per store write")
+    batch_latency: float = Field(
+        0.2, gt=0, le=60, description="seconds a batch may wait to fill up"
+    )
+    retention_days: float = Field(7.0, gt=0, description="how long message ids are remembered")
+    prune_interval: float = Field(600.0, gt=0, description="seconds between prunes of old ids")
+    durability: Literal["fsync", "process"] = Field(
+        "fsync", description="fsync: survives power loss; process: survives a crash only"
+    )
+    busy_timeout: float = Field(30.0, gt=0, description="seconds to wait for a locked SQLite file")
+    state_path: Path = Field(
+        Path("state/consumer/state.db"), description="InfluxDB stores: local dedupe/registry file"
+    )
+    dedupe: str = Field("", description="InfluxDB stores: redis://host:port/db to share seen ids")
+    http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
+    http_port: int = Field(9182, ge=0, le=65535, description="port of /metrics and /healthz")
+
+    @field_validator("store")
+    @classmethod
+    def _valid_store(cls, value: str) -> str:
+        try:
+            parse_store(value, field="store")
+        except ConfigError as err:
+            raise ValueError(err.allowed) from None
+        return value
+
+    @field_validator("dedupe")
+    @classmethod
+    def _valid_dedupe(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://[:password@]host[:port][/db], or empty")
+        return value
+
+    @property
+    def target(self) -> SqliteTarget | InfluxTarget:
+        """The parsed store URL."""
+        return parse_store(self.store, field="consume.store")
+
+    @property
+    def retention_ms(self) -> int:
+        """The retention window of seen ids, in milliseconds."""
+        return int(self.retention_days * DAY_S * 1000)
+
+
+class InfluxSettings(Section):
+    """The ``[influxdb]`` section: used when the store is ``influxdb://``."""
+
+    org: str = Field("iotpipe", description="organisation (ignored by VictoriaMetrics)")
+    bucket: str = Field("telemetry", min_length=1, description="bucket (database)")
+    token: SecretStr = Field(SecretStr(""), description="API token with write access")
+    measurement: str = Field("telemetry", min_length=1, description="measurement name")
+    timeout: float = Field(10.0, gt=0, le=300, description="seconds per write request")
