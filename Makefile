@@ -20,6 +20,8 @@ bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/python bench/bench_spool.py
 	.venv/bin/python bench/bench_amqp.py
 	.venv/bin/python bench/bench_bridge.py
+	.venv/bin/python bench/bench_influx.py
+	.venv/bin/python bench/bench_consume.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis
