@@ -33,6 +33,7 @@ from pydantic import Field
 from bridge.spool import DrainRate, Entry, Spool, SpoolWriter
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
+    DEAD_LETTER_QUEUE,
     TELEMETRY_EXCHANGE,
     ConfirmingPublisher,
     MessageProperties,
@@ -61,6 +62,9 @@ class BridgeSettings(Section):
         "", description="subscribe as $share/<group>/<filter> (Mosquitto; amqtt has no support)"
     )
     window: int = Field(1000, ge=1, le=60_000, description="unconfirmed AMQP publishes at most")
+    dead_letter_queue: str = Field(
+        DEAD_LETTER_QUEUE, max_length=255, description="queue keeping iotpipe.dead; '' = none"
+    )
     spool_path: Path = Field(Path("state/bridge/spool.db"), description="durable spool file")
     spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024, description="spool budget")
     spool_durability: Literal["fsync", "process"] = Field(
@@ -207,7 +211,10 @@ class Bridge:
             name="iotpipe-spool",
         )
         self.publisher = ConfirmingPublisher(
-            amqp, on_result=self._on_result, window=settings.window
+            amqp,
+            on_result=self._on_result,
+            window=settings.window,
+            dead_letter_queue=settings.dead_letter_queue,
         )
         self.mqtt = MqttClient(
             mqtt,

@@ -143,6 +143,7 @@ class Consumer:
             bindings=settings.bindings,
             queue_type=settings.queue_type,
             delivery_limit=settings.delivery_limit,
+            dead_letter_queue=settings.dead_letter_queue,
         )
         self.amqp = BatchConsumer(amqp, self._queue, prefetch=settings.prefetch)
         self.metrics.reconnects.set_function(lambda: self.amqp.reconnects)

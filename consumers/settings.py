@@ -93,6 +93,9 @@ class ConsumeSettings(Section):
     delivery_limit: int = Field(
         5, ge=1, le=1000, description="deliveries before a refused message is dead-lettered"
     )
+    dead_letter_queue: str = Field(
+        "iotpipe.dead", max_length=255, description="queue keeping iotpipe.dead; '' = none"
+    )
     prefetch: int = Field(2000, ge=1, le=65_535, description="unacknowledged deliveries at most")
     batch_size: int = Field(1000, ge=1, le=65_535, description="messages per store write")
     batch_latency: float = Field(

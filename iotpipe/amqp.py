@@ -56,6 +56,7 @@ __all__ = [
     "APP_ID",
     "CONTENT_TYPE",
     "DEAD_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
     "EXCHANGES",
     "HEADER_DEVICE",
     "HEADER_ERROR",
@@ -84,6 +85,10 @@ DEAD_EXCHANGE = "iotpipe.dead"
 """Topic exchange for rejected messages (routing key ``bridge.<reason>``)."""
 
 EXCHANGES: tuple[tuple[str, str], ...] = ((TELEMETRY_EXCHANGE, "topic"), (DEAD_EXCHANGE, "topic"))
+#: The default queue that keeps everything sent to :data:`DEAD_EXCHANGE` (bound with ``#``).
+#: Without a queue bound there, RabbitMQ would have nowhere to put a rejected message: the
+#: bridge's mandatory publishes would come back, and dead letters of the store queue be dropped.
+DEAD_LETTER_QUEUE = "iotpipe.dead"
 """The exchanges of wire contract 1.x as ``(name, type)``; both durable. Consumers own queues."""
 
 APP_ID = "iotpipe-bridge"
@@ -331,14 +336,22 @@ class _EncodedProperties:
         return [self._data]  # a fresh list: marshal() inserts the frame prefix into it
 
 
-def declare_topology(channel: Any) -> None:
+def declare_topology(channel: Any, dead_letter_queue: str = "") -> None:
     """Declare the contract's exchanges on a pika ``BlockingChannel`` (idempotent).
 
     For tests and command-line tools; :class:`ConfirmingPublisher` declares them itself on
     every (re)connect.
+
+    Args:
+        channel: an open channel.
+        dead_letter_queue: also declare this durable queue, bound with ``#`` to
+            :data:`DEAD_EXCHANGE`; ``""`` declares none.
     """
     for name, kind in EXCHANGES:
         channel.exchange_declare(exchange=name, exchange_type=kind, durable=True)
+    if dead_letter_queue:
+        channel.queue_declare(dead_letter_queue, durable=True)
+        channel.queue_bind(dead_letter_queue, DEAD_EXCHANGE, routing_key="#")
 
 
 def vhost_of(path: str) -> str:
@@ -422,6 +435,9 @@ class ConfirmingPublisher:
         backoff_base: first reconnect delay in seconds; doubles per failed attempt, +-50% jitter.
         backoff_max: the longest reconnect delay (before jitter).
         connection_name: shown in RabbitMQ's management UI and logs.
+        dead_letter_queue: a durable queue to declare, bound with ``#`` to
+            :data:`DEAD_EXCHANGE`, so that rejected messages have somewhere to go; ``""``
+            declares none (another component owns it).
 
     Attributes:
         window: the most messages that may be unconfirmed at once.
@@ -445,6 +461,7 @@ class ConfirmingPublisher:
         backoff_base: float = 0.5,
         backoff_max: float = 10.0,
         connection_name: str = "iotpipe-publisher",
+        dead_letter_queue: str = "",
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -464,6 +481,7 @@ class ConfirmingPublisher:
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._connection_name = connection_name
+        self._dead_letter_queue = dead_letter_queue
 
         # Shared with publishing threads: deque.append/popleft are atomic, the flags are plain
         # attribute reads and writes (a stale read costs at most one extra wake-up).
@@ -724,7 +742,7 @@ class ConfirmingPublisher:
 
     def _declare(self, channel: Any, index: int) -> None:
         if index == len(EXCHANGES):
-            self._on_channel_ready(channel)
+            self._declare_dead_letter_queue(channel)
             return
         name, kind = EXCHANGES[index]
         channel.exchange_declare(
@@ -732,6 +750,22 @@ class ConfirmingPublisher:
             exchange_type=kind,
             durable=True,
             callback=lambda _frame: self._declare(channel, index + 1),
+        )
+
+    def _declare_dead_letter_queue(self, channel: Any) -> None:
+        queue = self._dead_letter_queue
+        if not queue:
+            self._on_channel_ready(channel)
+            return
+        channel.queue_declare(
+            queue,
+            durable=True,
+            callback=lambda _frame: channel.queue_bind(
+                queue,
+                DEAD_EXCHANGE,
+                routing_key="#",
+                callback=lambda _frame: self._on_channel_ready(channel),
+            ),
         )
 
     def _on_channel_ready(self, channel: Any) -> None:

@@ -108,6 +108,8 @@ class QueueSpec:
             poison message would otherwise loop forever).
         dead_letter_routing_key: routing key of messages the broker dead-letters to
             :data:`~iotpipe.amqp.DEAD_EXCHANGE`.
+        dead_letter_queue: a durable queue bound with ``#`` to the dead-letter exchange, so
+            dead letters are kept; ``""`` declares none (another component owns it).
     """
 
     name: str = "iotpipe.store"
@@ -115,6 +117,7 @@ class QueueSpec:
     queue_type: Literal["quorum", "classic"] = "quorum"
     delivery_limit: int = 5
     dead_letter_routing_key: str = "consumer.delivery_limit"
+    dead_letter_queue: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > 255:
@@ -368,7 +371,7 @@ class BatchConsumer:
     def _declare(self, connection: Any, channel: Any) -> None:
         spec = self.queue
         try:
-            declare_topology(channel)
+            declare_topology(channel, spec.dead_letter_queue)
         except pika_errors.ChannelClosedByBroker as err:
             if err.reply_code != 406:
                 raise

@@ -247,6 +247,25 @@ def blocking_channel(url: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def isolated_rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private RabbitMQ node for the session, for tests that need a broker nobody else binds.
+
+    On the shared broker anything may be bound to ``iotpipe.v1.#`` (``iotpipe consume`` declares
+    ``iotpipe.store`` so, and ``make run`` leaves it there), so a test proving that a message is
+    *unroutable* needs a broker of its own. Started on first use (several seconds).
+    """
+    if rabbitmq_bin() is None:
+        pytest.fail("rabbitmq-server is not installed: run `make setup`", pytrace=False)
+    node = PrivateRabbit(tmp_path_factory.mktemp("isolated-rabbitmq"))
+    try:
+        node.start()
+        yield node.url
+    finally:
+        node.kill()
+        shutil.rmtree(node.mnesia, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A RabbitMQ for tests that do not stop it: the running one, else a private session node.
 

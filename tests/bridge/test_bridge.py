@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -132,6 +133,23 @@ def running_bridge(
     mosquitto_broker: BrokerInfo, rabbitmq_url: str, tmp_path: Path, unique: str
 ) -> Iterator[RunningBridge]:
     """A bridge between a private Mosquitto and RabbitMQ, forwarding one unique site."""
+    with _running_bridge(mosquitto_broker, rabbitmq_url, tmp_path, unique) as running:
+        yield running
+
+
+@pytest.fixture
+def isolated_bridge(
+    mosquitto_broker: BrokerInfo, isolated_rabbitmq_url: str, tmp_path: Path, unique: str
+) -> Iterator[RunningBridge]:
+    """The same, on a private RabbitMQ node where nothing else is bound."""
+    with _running_bridge(mosquitto_broker, isolated_rabbitmq_url, tmp_path, unique) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _running_bridge(
+    mosquitto_broker: BrokerInfo, rabbitmq_url: str, tmp_path: Path, unique: str
+) -> Iterator[RunningBridge]:
     site = f"s{unique}"
     queue, dead_queue = f"test.{unique}.telemetry", f"test.{unique}.dead"
     with blocking_channel(rabbitmq_url) as channel:
@@ -260,9 +278,11 @@ def test_metrics_and_health_report_traffic_and_connectivity(
 
 
 def test_unroutable_messages_are_spooled_not_lost(
-    running_bridge: RunningBridge, mosquitto_broker: BrokerInfo, rabbitmq_url: str, unique: str
+    isolated_bridge: RunningBridge, mosquitto_broker: BrokerInfo, unique: str
 ) -> None:
     """With no queue bound for a device, its messages wait in the spool until one is bound."""
+    running_bridge = isolated_bridge
+    rabbitmq_url = isolated_bridge.amqp_url
     site = running_bridge.site
     with blocking_channel(rabbitmq_url) as channel:
         channel.queue_unbind(running_bridge.queue, TELEMETRY_EXCHANGE, f"iotpipe.v1.{site}.#")

@@ -26,6 +26,7 @@ from tests.consumers.conftest import (
     Outgoing,
     Running,
     SiteQueue,
+    drain,
     publish,
     raw,
     status,
@@ -332,3 +333,19 @@ def test_influx_store_urls() -> None:
     assert parse_store("influxdbs://cloud.example.com") == InfluxTarget(
         "https://cloud.example.com:8086"
     )
+
+
+def test_the_consumer_declares_a_queue_that_keeps_dead_letters(
+    site_queue: SiteQueue, start_consumer: StartConsumer, tmp_path: Path
+) -> None:
+    """Its own dead letters (and the broker's, at the delivery limit) have somewhere to go."""
+    dlq = f"{site_queue.name}.dlq"
+    site_queue.extra.append(dlq)
+    db = tmp_path / "telemetry.db"
+    settings = site_queue.settings(f"sqlite:///{db}", dead_letter_queue=dlq)
+    running = start_consumer(site_queue.url, settings, SQLiteStore(db))
+    poison = raw(site_queue.site, "d0", b"not json " + site_queue.site.encode())
+    publish(site_queue.url, [poison])
+    assert wait_for(lambda: running.consumer.dead_lettered >= 1, 30)
+    kept = [m for m in drain(site_queue.url, dlq) if m[2] == poison.body]
+    assert [key for key, _, _ in kept] == ["consumer.bad_json"]

@@ -257,6 +257,26 @@ def test_start_declares_the_contract_exchanges(
 
 
 @pytest.mark.rabbitmq
+def test_a_dead_letter_queue_keeps_what_goes_to_the_dead_exchange(
+    rabbitmq_url: str, start_publisher: StartPublisher, unique: str
+) -> None:
+    """With dead_letter_queue set, a dead letter is routed (CONFIRMED, not RETURNED) and kept."""
+    queue = f"iotpipe-test.{unique}.dead"
+    publisher, results = start_publisher(rabbitmq_url, dead_letter_queue=queue)
+    try:
+        publisher.publish(DEAD_EXCHANGE, f"bridge.{unique}", BODY, MessageProperties(), "x")
+        results.wait(1)
+        assert results.by_token == {"x": [Outcome.CONFIRMED]}
+        with blocking_channel(rabbitmq_url) as channel:
+            method, _, body = channel.basic_get(queue, auto_ack=True)
+            assert method is not None
+            assert (method.routing_key, body) == (f"bridge.{unique}", BODY)
+    finally:
+        with blocking_channel(rabbitmq_url) as channel:
+            channel.queue_delete(queue)
+
+
+@pytest.mark.rabbitmq
 def test_twenty_thousand_messages_all_confirmed_within_the_window(
     scratch: tuple[Any, str], rabbitmq_url: str, start_publisher: StartPublisher
 ) -> None:
