@@ -163,6 +163,7 @@ class Simulation:
         self._sleep = sleep
         self.links: list[Link] = []
         self._counts = _Counts()
+        self._status_ms: dict[str, int] = {}
         self._plan = FaultPlan(settings.faults.rates())
         # Two fault streams, each consumed in message order whatever the block boundaries, so
         # a seed injects the same faults into the same messages in paced and unpaced runs:
@@ -443,6 +444,11 @@ class Simulation:
         dev.last = out
 
     def _publish_status(self, dev: Device, state: str, t_ms: int) -> None:
+        # Each status of a device is strictly newer than its last one, so a reader that keeps
+        # the newest status per device (the consumers' registry) always ends on the last one,
+        # even when an outage ends and the run ends in the same millisecond.
+        t_ms = max(t_ms, self._status_ms.get(dev.status_topic, t_ms - 1) + 1)
+        self._status_ms[dev.status_topic] = t_ms
         link = self.links[dev.link]
         payload = dev.status(state, t_ms)
         try:

@@ -220,6 +220,16 @@ def test_outage_still_open_at_the_end_is_flushed() -> None:
     assert [e.seq for e in run.decoded() if isinstance(e, Envelope)] == [0, 1, 2, 3, 4]
 
 
+def test_statuses_of_a_device_are_strictly_newer_each_time() -> None:
+    """An outage cut short by the run's end goes online and offline in one millisecond; the
+    offline status must still be the newer, so a registry keeping the newest ends offline."""
+    run = simulate(devices=1, count=5, faults={"offline": 1.0, "offline_messages": 100})
+    statuses = [st for m in run.statuses if isinstance(st := decode(m.topic, m.payload), Status)]
+    times = [st.timestamp_ms for st in statuses]
+    assert [st.state for st in statuses] == ["online", "offline", "online", "offline"]
+    assert times == sorted(set(times)), f"not strictly increasing: {times}"
+
+
 def test_every_fault_at_once_accounts_for_every_message() -> None:
     """With all faults mixed, published = messages + duplicates + resends, and valid/rejected
     match what the codec says."""
