@@ -4,7 +4,7 @@
 setup:  ## install everything into .venv (and mosquitto via apt when missing)
 	@scripts/setup
 
-run: setup  ## embedded broker + a small simulated fleet + a live view of the traffic
+run: setup  ## the whole pipeline (iotpipe up): edge broker, bridge, RabbitMQ, consumer, simulated fleet
 	@scripts/run
 
 test: setup  ## the whole test suite against real brokers
@@ -22,6 +22,7 @@ bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/python bench/bench_bridge.py
 	.venv/bin/python bench/bench_influx.py
 	.venv/bin/python bench/bench_consume.py
+	.venv/bin/python bench/bench_e2e.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

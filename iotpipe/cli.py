@@ -98,6 +98,8 @@ def _mount() -> None:
     from consumers.cli import consume
     from consumers.query_cli import export, stats
     from iotpipe.recording_cli import record, replay
+    from iotpipe.status import status
+    from iotpipe.up import up
     from simulator.cli import simulate
 
     app.command("broker")(broker)
@@ -108,6 +110,8 @@ def _mount() -> None:
     app.command("consume")(consume)
     app.command("export")(export)
     app.command("stats")(stats)
+    app.command("up")(up)
+    app.command("status")(status)
 
 
 def main() -> None:
