@@ -15,20 +15,34 @@ exactly one of them is set. ``tags`` is the message's tags as compact JSON, or N
 
 Several consumer processes may write one file (one writer at a time, see
 :mod:`consumers.state`); readers (:mod:`consumers.query`) never block them (WAL).
+
+Rollups (schema version 2): ``rollup_1m`` and ``rollup_1h`` hold, per sensor and minute or hour
+(UTC, aligned to the epoch), the count, sum, min and max of its number and boolean (0/1) values,
+so a month of a 1 Hz sensor is 720 hourly rows instead of 2.6 million readings. An ``AFTER
+INSERT`` trigger on ``readings`` maintains them: it fires only for rows really inserted, so a
+reading refused by ``INSERT OR IGNORE`` adds nothing, and the aggregates are exactly-once too.
+The same kind of trigger appends each inserted reading's key to ``readings_feed``, a numbered
+journal of the latest :data:`FEED_KEEP` insertions (in commit order, across every writer
+process) that the dashboard's live view follows. A version 1 store is migrated when a
+:class:`SQLiteStore` opens it: tables, triggers and a backfill from ``readings`` in one
+transaction.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from consumers.state import DEFAULT_RETENTION_MS, Durability, StateDB
+from consumers.state import DEFAULT_RETENTION_MS, SCHEMA_VERSION, Durability, StateDB
 from consumers.store import DeviceStatus, Message, Value, WriteResult
 
-__all__ = ["READINGS_SCHEMA", "SQLiteStore"]
+log = logging.getLogger(__name__)
+
+__all__ = ["FEED_KEEP", "READINGS_SCHEMA", "ROLLUPS", "SQLiteStore"]
 
 READINGS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -49,6 +63,78 @@ _INSERT_READING = (
     "INSERT OR IGNORE INTO readings (site, device, sensor, ts_ms, value_num, value_bool,"
     " value_str, unit, msg_id, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+ROLLUPS: dict[str, int] = {"rollup_1m": 60_000, "rollup_1h": 3_600_000}
+"""The rollup tables and their bucket widths in milliseconds."""
+FEED_KEEP = 100_000
+"""How many of the latest inserted readings ``readings_feed`` keeps (a live view that falls
+further behind skips ahead)."""
+
+_ROLLUP_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    site      TEXT NOT NULL,
+    device    TEXT NOT NULL,
+    sensor    TEXT NOT NULL,
+    bucket_ms INTEGER NOT NULL,  -- bucket start: reading time rounded down to {width} ms
+    n         INTEGER NOT NULL,  -- number and boolean readings in the bucket
+    sum       REAL NOT NULL,     -- booleans count as 0/1
+    min       REAL NOT NULL,
+    max       REAL NOT NULL,
+    PRIMARY KEY (site, device, sensor, bucket_ms)
+) WITHOUT ROWID
+"""
+# Floor to the bucket (SQLite's % truncates toward zero; this also holds before 1970).
+_BUCKET = "{ts} - ({ts} % {width} + {width}) % {width}"
+_ROLLUP_UPSERT = """
+    INSERT INTO {table} (site, device, sensor, bucket_ms, n, sum, min, max)
+    VALUES (NEW.site, NEW.device, NEW.sensor, {bucket}, 1,
+            coalesce(NEW.value_num, NEW.value_bool), coalesce(NEW.value_num, NEW.value_bool),
+            coalesce(NEW.value_num, NEW.value_bool))
+    ON CONFLICT (site, device, sensor, bucket_ms) DO UPDATE SET
+        n = n + 1, sum = sum + excluded.sum,
+        min = min(min, excluded.min), max = max(max, excluded.max);
+"""
+_ROLLUP_TRIGGER = (
+    "CREATE TRIGGER IF NOT EXISTS readings_rollup AFTER INSERT ON readings"
+    " WHEN NEW.value_num IS NOT NULL OR NEW.value_bool IS NOT NULL BEGIN"
+    + "".join(
+        _ROLLUP_UPSERT.format(table=table, bucket=_BUCKET.format(ts="NEW.ts_ms", width=width))
+        for table, width in ROLLUPS.items()
+    )
+    + "END"
+)
+_ROLLUP_BACKFILL = """
+INSERT INTO {table} (site, device, sensor, bucket_ms, n, sum, min, max)
+SELECT site, device, sensor, {bucket} AS bucket, count(*), sum(v), min(v), max(v)
+FROM (SELECT site, device, sensor, ts_ms, coalesce(value_num, value_bool) AS v FROM readings)
+WHERE v IS NOT NULL
+GROUP BY site, device, sensor, bucket
+"""
+# The hourly rollup of a backfill is built from the minutes: 60 times fewer rows to read.
+_ROLLUP_1H_FROM_1M = """
+INSERT INTO rollup_1h (site, device, sensor, bucket_ms, n, sum, min, max)
+SELECT site, device, sensor, {bucket} AS bucket, sum(n), sum(sum), min(min), max(max)
+FROM rollup_1m GROUP BY site, device, sensor, bucket
+"""
+# seq is an INTEGER PRIMARY KEY (the rowid): max + 1 on insert, and pruning never deletes the
+# newest row, so numbers only grow. Assigned inside the write transaction, they follow commit
+# order across processes: a reader never sees seq n + 1 committed before n.
+_FEED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings_feed (
+    seq    INTEGER PRIMARY KEY,  -- insertion order
+    site   TEXT NOT NULL,
+    device TEXT NOT NULL,
+    sensor TEXT NOT NULL,
+    ts_ms  INTEGER NOT NULL      -- with site, device and sensor: the reading's key
+)
+"""
+_FEED_TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS readings_feed AFTER INSERT ON readings BEGIN
+    INSERT INTO readings_feed (site, device, sensor, ts_ms)
+    VALUES (NEW.site, NEW.device, NEW.sensor, NEW.ts_ms);
+END
+"""
+_PRUNE_FEED = "DELETE FROM readings_feed WHERE seq <= (SELECT max(seq) FROM readings_feed) - ?"
 
 _Row = tuple[
     str, str, str, int, float | int | None, int | None, str | None, str | None, str, str | None
@@ -136,9 +222,52 @@ class SQLiteStore:
         try:
             with self.state.transaction() as conn:
                 conn.execute(READINGS_SCHEMA)
+                self._migrate(conn)
         except BaseException:
             self.state.close()
             raise
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create the rollups and the live feed; backfill the rollups of a version 1 store.
+
+        Runs inside the opening transaction, so concurrent openers of a version 1 file agree:
+        the first one migrates, the others find the tables.
+        """
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        for table, width in ROLLUPS.items():
+            conn.execute(_ROLLUP_TABLE.format(table=table, width=width))
+        conn.execute(_FEED_SCHEMA)
+        conn.execute(_ROLLUP_TRIGGER)
+        conn.execute(_FEED_TRIGGER)
+        if not tables >= set(ROLLUPS):
+            self._backfill(conn)
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?",
+            (str(SCHEMA_VERSION), SCHEMA_VERSION),
+        )
+
+    def _backfill(self, conn: sqlite3.Connection) -> None:
+        """Fill fresh rollup tables from the stored readings (a version 1 store)."""
+        began = time.perf_counter()
+        for table in ROLLUPS:
+            conn.execute(f"DELETE FROM {table}")  # noqa: S608 (table names are constants)
+        minute = ROLLUPS["rollup_1m"]
+        conn.execute(
+            _ROLLUP_BACKFILL.format(
+                table="rollup_1m", bucket=_BUCKET.format(ts="ts_ms", width=minute)
+            )
+        )
+        hour = ROLLUPS["rollup_1h"]
+        conn.execute(_ROLLUP_1H_FROM_1M.format(bucket=_BUCKET.format(ts="bucket_ms", width=hour)))
+        minutes = conn.execute("SELECT count(*) FROM rollup_1m").fetchone()[0]
+        if minutes:
+            log.info(
+                "store migrated to schema version %d path=%s rollup_1m_rows=%d seconds=%.1f",
+                SCHEMA_VERSION,
+                self.path,
+                minutes,
+                time.perf_counter() - began,
+            )
 
     def write(self, messages: Sequence[Message], statuses: Sequence[DeviceStatus]) -> WriteResult:
         """Store a batch in one transaction; raise ``StoreUnavailable`` if SQLite cannot now.
@@ -152,6 +281,8 @@ class SQLiteStore:
             new, duplicates = self.state.unseen(conn, messages)
             fresh = [messages[i] for i in new]
             inserted = self._insert_readings(conn, fresh)
+            if inserted:
+                conn.execute(_PRUNE_FEED, (FEED_KEEP,))
             self.state.record(
                 conn, fresh, [messages[i] for i in duplicates], result, self._clock_ms()
             )
@@ -162,9 +293,8 @@ class SQLiteStore:
     @staticmethod
     def _insert_readings(conn: sqlite3.Connection, messages: Sequence[Message]) -> int:
         """Insert the readings of ``messages``; return how many rows were new."""
-        before = conn.total_changes
-        conn.executemany(_INSERT_READING, reading_rows(messages))
-        return conn.total_changes - before
+        # rowcount, not total_changes: the latter also counts the triggers' rollup rows.
+        return conn.executemany(_INSERT_READING, reading_rows(messages)).rowcount
 
     def prune(self, now_ms: int) -> int:
         """Forget message ids older than the retention window; return how many were dropped."""

@@ -52,8 +52,12 @@ __all__ = [
 
 Durability = Literal["fsync", "process"]
 
-SCHEMA_VERSION = 1
-"""The layout this module writes; a file with a higher ``meta.schema_version`` is refused."""
+SCHEMA_VERSION = 2
+"""The layout this code writes; a file with a higher ``meta.schema_version`` is refused.
+
+Version 2 added the SQLite store's rollup tables and live feed (:mod:`consumers.sqlite_store`
+migrates a version 1 store when it opens it); the state tables are the same in both.
+"""
 DEFAULT_RETENTION_MS = 7 * 86_400_000
 """How long message ids are remembered by default: 7 days."""
 

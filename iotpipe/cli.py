@@ -96,6 +96,7 @@ def watch_command(
 def _mount() -> None:
     from bridge.cli import bridge, broker
     from consumers.cli import consume
+    from consumers.dashboard.cli import dashboard
     from consumers.query_cli import export, stats
     from iotpipe.recording_cli import record, replay
     from iotpipe.status import status
@@ -110,6 +111,7 @@ def _mount() -> None:
     app.command("consume")(consume)
     app.command("export")(export)
     app.command("stats")(stats)
+    app.command("dashboard")(dashboard)
     app.command("up")(up)
     app.command("status")(status)
 

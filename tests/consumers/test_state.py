@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.state import StateDB
+from consumers.state import SCHEMA_VERSION, StateDB
 from consumers.store import DeviceStatus, Message, Reading, StoreUnavailable, Value, WriteResult
 from iotpipe.errors import ConfigError
 
@@ -81,7 +81,8 @@ def test_creates_directories_and_schema_version(tmp_path: Path) -> None:
     StateDB(path).close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    assert version == str(SCHEMA_VERSION)
     conn.close()
 
 
@@ -308,7 +309,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     StateDB(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute(f"UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
     with pytest.raises(ConfigError, match="newer iotpipe"):

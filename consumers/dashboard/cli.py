@@ -1,0 +1,136 @@
+"""``iotpipe dashboard``: serve the query API and the web page over a SQLite store.
+
+Mounted by :mod:`iotpipe.cli`. A mistake (an InfluxDB store, a file that is not an iotpipe store,
+a port in use) raises :class:`~iotpipe.errors.ConfigError`: one line, exit 2. A store file that
+does not exist *yet* is not a mistake: the dashboard starts, says so on stderr, and the page
+shows "no store yet" (the API answers 503) until ``iotpipe consume`` creates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from consumers.query_cli import store_path
+from consumers.settings import InfluxTarget
+from iotpipe.errors import ConfigError
+
+__all__ = ["dashboard"]
+
+_EXAMPLES = """
+
+[bold]Examples[/bold]
+
+  [dim]# the default store of iotpipe consume, on http://127.0.0.1:8080/[/dim]
+  iotpipe dashboard --store sqlite:///state/telemetry.db
+
+  [dim]# reachable from the network (no authentication: mind who can reach it)[/dim]
+  iotpipe dashboard --store state/telemetry.db --host 0.0.0.0 --port 8000
+
+  [dim]# the API alone[/dim]
+  curl -s 'http://127.0.0.1:8080/api/v1/devices?site=home'
+"""
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so a port in use is one clear line, not a log dump."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(
+            "--port", port, f"cannot listen on {host}:{port} ({err.strerror})"
+        ) from None
+    return sock
+
+
+def dashboard(
+    *,
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="SQLite store: sqlite:///relative.db, sqlite:////abs.db or a file path. "
+            "\\[default: sqlite:///state/telemetry.db]",
+            show_default=False,
+        ),
+    ] = "sqlite:///state/telemetry.db",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on.", min=0, max=65535)
+    ] = 8080,
+) -> None:
+    """Serve the web dashboard and the query API (docs/api.md) over a SQLite store.
+
+    The page at / shows sites, devices with their completeness, charts of any
+    sensor over any range (hourly/minutely rollups keep months fast) and a live
+    view. Reads the store read-only: safe while iotpipe consume is writing. A
+    store file that does not exist yet is waited for (the API answers 503).
+    InfluxDB stores: use Grafana (configs/grafana/, docs/grafana.md).
+    """
+    location = store_path(store)
+    if isinstance(location, InfluxTarget):
+        raise ConfigError(
+            "--store",
+            store,
+            "the dashboard reads SQLite stores; for InfluxDB use Grafana "
+            "(configs/grafana/, docs/grafana.md)",
+        )
+    if location.exists():
+        from consumers.query import _open_readonly
+
+        _open_readonly(location).close()  # refuse a foreign or newer file now, not per request
+    else:
+        typer.echo(
+            f"iotpipe: store {location} does not exist yet; the dashboard shows it once "
+            "iotpipe consume creates it",
+            err=True,
+        )
+
+    import uvicorn
+
+    from consumers.dashboard.app import create_app
+
+    stopping = threading.Event()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            stopping.set()  # live streams end at their next poll, so shutdown does not wait
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn's own re-raises the signal after its graceful shutdown, so the process
+            # would die of SIGTERM; for iotpipe, SIGTERM and Ctrl-C are a normal stop (exit 0).
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    sock = _listen(host, port)
+    config = uvicorn.Config(
+        create_app(location, store_label=store, stopping=stopping),
+        log_config=None,  # keep iotpipe's logging (--log-level)
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"iotpipe dashboard on http://{shown}:{sock.getsockname()[1]}/ ({store})", err=True)
+    Server(config).run(sockets=[sock])
+
+
+dashboard.__doc__ = inspect.cleandoc(dashboard.__doc__ or "") + _EXAMPLES
