@@ -22,6 +22,7 @@ import typer
 from consumers.query_cli import store_path
 from consumers.settings import InfluxTarget
 from iotpipe.errors import ConfigError
+from iotpipe.options import ConfigOption
 
 __all__ = ["dashboard"]
 
@@ -43,7 +44,10 @@ _EXAMPLES = """
 def _listen(host: str, port: int) -> socket.socket:
     """Bind the listening socket now, so a port in use is one clear line, not a log dump."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for TCP
+    # sockets, and without it every response on a kept-alive connection waits ~40 ms for the
+    # client's delayed ACK (headers and body go out as two writes).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -57,15 +61,16 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def dashboard(
     *,
+    config: ConfigOption = None,
     store: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--store",
             help="SQLite store: sqlite:///relative.db, sqlite:////abs.db or a file path. "
-            "\\[default: sqlite:///state/telemetry.db]",
+            "\\[default: \\[consume] store of --config, else sqlite:///state/telemetry.db]",
             show_default=False,
         ),
-    ] = "sqlite:///state/telemetry.db",
+    ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
         int, typer.Option("--port", help="Port to listen on.", min=0, max=65535)
@@ -79,6 +84,11 @@ def dashboard(
     store file that does not exist yet is waited for (the API answers 503).
     InfluxDB stores: use Grafana (configs/grafana/, docs/grafana.md).
     """
+    if store is None:
+        from consumers.settings import ConsumeSettings
+        from iotpipe.settings import config_path, load
+
+        store = load(ConsumeSettings, "consume", config_file=config_path(config)).store
     location = store_path(store)
     if isinstance(location, InfluxTarget):
         raise ConfigError(
@@ -122,7 +132,7 @@ def dashboard(
                     signal.signal(sig, handler)
 
     sock = _listen(host, port)
-    config = uvicorn.Config(
+    server_config = uvicorn.Config(
         create_app(location, store_label=store, stopping=stopping),
         log_config=None,  # keep iotpipe's logging (--log-level)
         access_log=False,
@@ -130,7 +140,7 @@ def dashboard(
     )
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"iotpipe dashboard on http://{shown}:{sock.getsockname()[1]}/ ({store})", err=True)
-    Server(config).run(sockets=[sock])
+    Server(server_config).run(sockets=[sock])
 
 
 dashboard.__doc__ = inspect.cleandoc(dashboard.__doc__ or "") + _EXAMPLES

@@ -11,15 +11,27 @@ import { absTime, unitLabel, value as formatValue } from "./format.js";
  * @param {number} bucketMs
  * @returns {{data: (number|null)[][], drawn: number}} drawn = points with a value
  */
+/** The spacing above which two neighbouring points are a gap, not just a device reporting less
+ * often than the bucket width: twice the usual (median) spacing, and at least two buckets. */
+function gapThreshold(points, bucketMs) {
+  const steps = [];
+  for (let i = 1; i < points.length; i += 1) steps.push(points[i].t - points[i - 1].t);
+  if (steps.length === 0) return 2 * bucketMs;
+  steps.sort((a, b) => a - b);
+  const median = steps[Math.floor(steps.length / 2)];
+  return Math.max(2 * bucketMs, 2 * median);
+}
+
 export function toColumns(points, bucketMs) {
   const xs = [];
   const maxs = [];
   const means = [];
   const mins = [];
+  const threshold = gapThreshold(points, bucketMs);
   let drawn = 0;
   let prev = null;
   for (const p of points) {
-    if (prev && p.t - prev.t > bucketMs) {
+    if (prev && p.t - prev.t > threshold) {
       xs.push((prev.t + bucketMs) / 1000);
       maxs.push(null);
       means.push(null);
