@@ -80,6 +80,8 @@ class UpSettings(Section):
     rabbitmq_dist_port: int = Field(25673, ge=1, le=65535, description="its Erlang dist port")
     bridge_http_port: int = Field(9181, ge=1, le=65535, description="bridge /metrics, /healthz")
     consumer_http_port: int = Field(9182, ge=1, le=65535, description="consumer /metrics, /healthz")
+    dashboard: bool = Field(True, description="serve the web dashboard on the consumer's store")
+    dashboard_port: int = Field(8080, ge=1, le=65535, description="port of the web dashboard")
     simulator: bool = Field(True, description="run a simulated fleet")
     sites: int = Field(2, ge=1, le=1000, description="simulated sites")
     devices: int = Field(3, ge=1, le=10_000, description="simulated devices per site")
@@ -413,6 +415,8 @@ class Pipeline:
             ("up.bridge_http_port", self.settings.bridge_http_port, "--bridge-port"),
             ("up.consumer_http_port", self.settings.consumer_http_port, "--consumer-port"),
         ]
+        if self.settings.dashboard:
+            ports.append(("up.dashboard_port", self.settings.dashboard_port, "--dashboard-port"))
         if self.edge_started:
             ports.insert(0, ("up.mqtt_port", self.settings.mqtt_port, "--mqtt-port"))
         for name, port, flag in ports:
@@ -462,9 +466,27 @@ class Pipeline:
             assert component.http is not None
             base = component.http
             self._wait_ready(component, lambda base=base: probe(base, metrics=False).healthy)  # type: ignore[misc]
+        if self.settings.dashboard:
+            self._start_dashboard(env)
         if self.settings.simulator:
             self._start_simulator(env)
         self.write_components()
+
+    def _start_dashboard(self, env: dict[str, str]) -> None:
+        """The web page on the consumer's store (which the consumer has created by now)."""
+        port = self.settings.dashboard_port
+        store = self.store or _configured(
+            self.config, "consume", "store", "sqlite:///state/telemetry.db"
+        )
+        dashboard = Component(
+            "dashboard",
+            f"http://127.0.0.1:{port}/",
+            note=f"web page and /api/v1 on {store}",
+            log=self.dir / "dashboard.log",
+        )
+        args = ["--store", store, "--host", "127.0.0.1", "--port", str(port)]
+        self._launch(dashboard, self._iotpipe("dashboard", *args), env)
+        self._wait_ready(dashboard, lambda: accepting("127.0.0.1", port))
 
     def _start_rabbitmq(self) -> None:
         mode = self.settings.rabbitmq
@@ -697,6 +719,8 @@ class Pipeline:
     def stop(self) -> None:
         """Stop everything that runs, in order (see the module docstring)."""
         began = time.monotonic()
+        if (c := self.get("dashboard")) is not None:
+            self._terminate(c, timeout=15)
         if (c := self.get("simulator")) is not None:
             self._terminate(c, timeout=30)
         if (c := self.get("bridge")) is not None and c.running:
@@ -958,6 +982,18 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
             help="Consumer /metrics and /healthz port. \\[default: 9182]", show_default=False
         ),
     ] = None,
+    dashboard_port: Annotated[
+        int | None,
+        typer.Option(help="Port of the web dashboard. \\[default: 8080]", show_default=False),
+    ] = None,
+    dashboard: Annotated[
+        bool | None,
+        typer.Option(
+            "--dashboard/--no-dashboard",
+            help="Serve the web dashboard. \\[default: --dashboard]",
+            show_default=False,
+        ),
+    ] = None,
     sites: Annotated[
         int | None, typer.Option(help="Simulated sites. \\[default: 2]", show_default=False)
     ] = None,
@@ -989,7 +1025,7 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
         ),
     ] = None,
 ) -> None:
-    """Run the whole pipeline here: edge broker, RabbitMQ, bridge, consumer, simulated fleet.
+    """Run the whole pipeline here: edge broker, RabbitMQ, bridge, consumer, dashboard, fleet.
 
     Starts what is missing on loopback (the embedded amqtt broker on 1884; RabbitMQ: the one
     on 127.0.0.1:5672, else a private node with its data in state/up/rabbitmq), prints what runs
@@ -1005,6 +1041,8 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
         "rabbitmq_port": rabbitmq_port,
         "bridge_http_port": bridge_port,
         "consumer_http_port": consumer_port,
+        "dashboard_port": dashboard_port,
+        "dashboard": dashboard,
         "sites": sites,
         "devices": devices,
         "rate": rate,

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ def rig(tmp_path: Path, unique: str, rabbitmq_url: str) -> Iterator[Rig]:
     config.write_text(
         f"[up]\nmqtt_port = {ports[0]}\nbridge_http_port = {ports[1]}\n"
         f'consumer_http_port = {ports[2]}\nrate = "5"\nfaults = {{}}\n'
+        f"dashboard_port = {free_port()}\n"
         f'[bridge]\nclient_id = "bridge-{unique}"\n'
         f'[consume]\nqueue = "{queue}"\nqueue_type = "classic"\n'
         f'bindings = ["iotpipe.v1.{site}-1.#", "iotpipe.v1.{site}-2.#"]\n'
@@ -152,9 +154,12 @@ def test_up_runs_the_pipeline_for_a_duration_and_status_reports_healthy(rig: Rig
     try:
         wait_for(lambda: "simulator" in rig.components() or up.poll() is not None, 30, "start")
         status = wait_for(lambda: _healthy_status(rig), 20, "iotpipe status to report healthy")
-        for name in ("rabbitmq", "broker", "consumer", "bridge", "simulator"):
+        for name in ("rabbitmq", "broker", "consumer", "bridge", "dashboard", "simulator"):
             assert name in status.stdout
         assert "stored readings" in status.stdout
+        page = rig.components()["dashboard"]["url"]
+        with urllib.request.urlopen(page, timeout=5) as resp:
+            assert b"iotpipe" in resp.read()
         assert up.wait(timeout=60) == 0, rig.output()
     finally:
         if up.poll() is None:
@@ -187,7 +192,7 @@ def test_sigint_stops_every_child_in_order_with_exit_0(rig: Rig) -> None:
         )
         assert up.poll() is None, rig.output()
         pids = [c["pid"] for c in rig.components().values() if isinstance(c["pid"], int)]
-        assert len(pids) == 4, rig.components()  # broker, consumer, bridge, simulator
+        assert len(pids) == 5, rig.components()  # broker, consumer, bridge, dashboard, simulator
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0, rig.output()
     finally:
@@ -284,6 +289,7 @@ def test_up_starts_and_stops_a_private_rabbitmq_node(tmp_path: Path, unique: str
         f'[up]\nrabbitmq = "private"\nrabbitmq_port = {free_port()}\n'
         f"rabbitmq_dist_port = {free_port()}\nmqtt_port = {free_port()}\n"
         f"bridge_http_port = {free_port()}\nconsumer_http_port = {free_port()}\n"
+        f"dashboard_port = {free_port()}\n"
         f'[bridge]\nclient_id = "bridge-{unique}"\n'
     )
     result = subprocess.run(
