@@ -16,6 +16,7 @@ check: setup  ## lint and types
 	.venv/bin/mypy
 
 bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
+	.venv/bin/pip install -q -e '.[dev,bench]'  # matplotlib for bench_e2e's plot
 	.venv/bin/python bench/bench_simulator.py
 	.venv/bin/python bench/bench_spool.py
 	.venv/bin/python bench/bench_amqp.py
@@ -23,6 +24,7 @@ bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/python bench/bench_influx.py
 	.venv/bin/python bench/bench_consume.py
 	.venv/bin/python bench/bench_e2e.py
+	.venv/bin/python bench/bench_dashboard.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

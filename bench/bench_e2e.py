@@ -1,0 +1,841 @@
+"""End-to-end throughput and latency of the full chain at fixed offered rates, beside RabbitMQ's
+MQTT plugin feeding a bare consumer, both measured in the same run.
+
+    .venv/bin/python bench/bench_e2e.py [--duration 20] [--warmup 3] [--rates 1000,5000,max]
+        [--window 1000] [--mosquitto-inflight 1000] [--no-save] [--no-plot]
+
+Starts a private Mosquitto and a private RabbitMQ node with the MQTT plugin (the helpers of
+``bench_bridge.py``: free loopback ports, deleted at the end), then for each offered rate runs,
+interleaved so machine noise hits both paths alike:
+
+(a) pipeline: a paho QoS 1 publisher -> Mosquitto -> ``iotpipe bridge`` (subprocess, default
+    settings, own spool and client id) -> ``iotpipe.telemetry`` -> a fresh quorum queue ->
+    ``iotpipe consume`` (subprocess, default settings: batch 1000 / 0.2 s, prefetch 2000,
+    ``durability = "fsync"``) into a fresh SQLite file. A message's latency is the ``stored_ms``
+    of its row in the store's ``messages`` table (the consumer's wall clock, taken inside the
+    batch's transaction just before COMMIT) minus the envelope's ``ts``.
+(b) plugin: the same publisher -> RabbitMQ's MQTT listener -> ``amq.topic`` -> a fresh quorum
+    queue declared like the consumer's -> a bare pika consumer in its own process (prefetch 1000,
+    one multiple-ack per 250 messages or per 50 ms) that records each message's receive time.
+    Latency = receive time - ``ts``: what RabbitMQ alone costs, the baseline.
+
+The publisher is single-threaded paho with inline ``client.loop()`` (at most ``--window``
+unacknowledged). Each message is a valid wire-1.0 envelope with 3 readings from one of 10 devices;
+its ``ts`` is the wall clock (``time.time()``, ms) at the moment it is published. At a fixed rate
+message *i* is due at ``start + i / rate`` (monotonic deadlines: a late publisher catches up in a
+burst, it never lowers the rate); ``max`` publishes as fast as the window allows (saturation).
+Each round publishes ``--warmup`` + ``--duration`` seconds; statistics cover the messages published
+after the warm-up, then the bench waits until every message arrived. All clocks are wall clocks
+of this machine, shared by the processes.
+
+Reported per path and rate: the publisher's achieved rate, the stored (received) rate within the
+measured window (at saturation: the sustained rate of the whole chain), latency p50/p95/p99/max,
+how long the backlog took to drain after the last publish, and CPU microseconds per message of
+each process. On a 2-core machine all processes compete for the same cores, and at saturation the
+publisher alone takes most of one: the figures are for *this* machine, not a capacity plan.
+
+Prints one JSON object and writes it to ``bench/results/e2e.json``, with a plot of latency
+against offered load, ``bench/results/e2e-latency.png`` (needs matplotlib: ``pip install -e
+'.[bench]'``), unless ``--no-save`` / ``--no-plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import uuid
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pika  # type: ignore[import-untyped]
+from paho.mqtt.enums import CallbackAPIVersion
+
+# bench_bridge (its helpers) and tests/ (PrivateRabbit) are not installed packages.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_bridge import (
+    ROOT,
+    BridgeProcess,
+    PrivateMosquitto,
+    cpu_seconds,
+    group_pids,
+)
+
+from iotpipe.amqp import declare_topology
+from iotpipe.amqp_consumer import QueueSpec
+from iotpipe.envelope import Envelope, decode
+from tests.rabbitmq import PrivateRabbit
+
+RESULTS = ROOT / "bench" / "results" / "e2e.json"
+PLOT = ROOT / "bench" / "results" / "e2e-latency.png"
+DEVICES = 10
+READINGS = 3
+PUMP_EVERY = 32
+ACK_EVERY = 250
+ACK_INTERVAL_S = 0.05
+BINDING = "iotpipe.v1.#"
+ID_DIGITS = 8  # ids are <4-character round tag><index, 8 digits>
+ID_SLICE = slice(17, 29)  # the id in every body: after '{"v":"1.0","id":"'
+PATHS = ("pipeline", "plugin")
+IOTPIPE = str(Path(sys.executable).parent / "iotpipe")
+
+BODY = (
+    '{{"v":"1.0","id":"{id}","site":"bench","device":"{device}","seq":{seq},"boot":"{boot}",'
+    '"ts":"{ts}","readings":[{{"sensor":"temperature","value":{t:.2f},"unit":"Cel"}},'
+    '{{"sensor":"humidity","value":{h:.1f},"unit":"%RH"}},'
+    '{{"sensor":"pressure","value":{p:.1f},"unit":"hPa"}}]}}'
+)
+
+
+class BenchError(Exception):
+    """Something the benchmark cannot measure around: one line for the user, exit 1."""
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+class Envelopes:
+    """Builds the envelopes of one round at publish time: ids ``<tag><i:08d>``, ``ts`` = now."""
+
+    def __init__(self, tag: str) -> None:
+        assert len(tag) == 4, tag
+        self.tag = tag
+        self.boot = f"b-{tag}"
+        self._second = -1
+        self._prefix = ""
+
+    def make(self, i: int, ts_ms: int) -> tuple[str, bytes]:
+        second = ts_ms // 1000
+        if second != self._second:  # strftime once per second, not per message
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        device = f"dev-{i % DEVICES:02d}"
+        body = BODY.format(
+            id=f"{self.tag}{i:0{ID_DIGITS}d}",
+            device=device,
+            seq=i // DEVICES,
+            boot=self.boot,
+            ts=f"{self._prefix}.{ts_ms % 1000:03d}Z",
+            t=20 + i % 500 / 100,
+            h=40 + i % 300 / 10,
+            p=1000 + i % 400 / 10,
+        )
+        return f"iotpipe/v1/bench/{device}/telemetry", body.encode()
+
+    def check(self) -> None:
+        """Fail early if the bridge would dead-letter these (so the bench measures the real path)."""
+        now = int(time.time() * 1000)
+        for i in (0, 7, 10**ID_DIGITS - 1):
+            topic, body = self.make(i, now)
+            decoded = decode(topic, body)
+            if not isinstance(decoded, Envelope):
+                raise BenchError(f"bench message breaks the wire contract: {decoded}")
+            if body[ID_SLICE].decode() != decoded.id or decoded.timestamp_ms != now:
+                raise BenchError("ID_SLICE does not cut out the id, or ts does not round-trip")
+
+
+def index_of(message_id: str | bytes) -> int:
+    """The publish index inside an id ``<tag><i:08d>``."""
+    return int(message_id[-ID_DIGITS:])
+
+
+# -- the publisher ------------------------------------------------------------------------------
+
+
+@dataclass
+class Published:
+    """What the publisher did in one round."""
+
+    ts_ms: array[int]  # envelope ts of message i (wall clock at publish, ms)
+    measured_from: int  # index of the first message after the warm-up
+    window: tuple[float, float]  # wall-clock seconds of the measured window
+    cpu_s: float
+
+    @property
+    def count(self) -> int:
+        return len(self.ts_ms)
+
+    @property
+    def measured(self) -> int:
+        return self.count - self.measured_from
+
+    @property
+    def seconds(self) -> float:
+        return self.window[1] - self.window[0]
+
+
+def publish(
+    port: int, envelopes: Envelopes, rate: float | None, warmup: float, duration: float, window: int
+) -> Published:
+    """Publish at ``rate`` msg/s (None: as fast as ``window`` allows) for warmup + duration s."""
+    acked = 0
+    connected = False
+
+    def on_connect(*_args: object) -> None:
+        nonlocal connected
+        connected = True
+
+    def on_publish(*_args: object) -> None:
+        nonlocal acked
+        acked += 1
+
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bench-pub-{uuid.uuid4().hex[:10]}",
+        protocol=paho.MQTTv311,
+    )
+    client.max_inflight_messages_set(window)
+    client.max_queued_messages_set(0)
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port)
+    while not connected:
+        client.loop(0.05)
+    ts_ms: array[int] = array("q")
+    interval = 1.0 / rate if rate else 0.0
+    cpu = time.process_time()
+    start = time.monotonic()
+    warm_end, end = start + warmup, start + warmup + duration
+    measured_from, window_start = -1, 0.0
+    i = 0
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if measured_from < 0 and now >= warm_end:
+            measured_from, window_start = i, time.time()
+        if i - acked >= window:
+            client.loop(0.01)
+            continue
+        if rate:
+            due = start + i * interval
+            if now < due:
+                # Returns early when a PUBACK arrives; at most 2 ms late for the next deadline.
+                client.loop(min(due - now, 0.002))
+                continue
+        sent_ms = int(time.time() * 1000)
+        topic, body = envelopes.make(i, sent_ms)
+        info = client.publish(topic, body, qos=1)  # written to the socket at once (no thread)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise BenchError(f"publish refused: {info.rc}")
+        ts_ms.append(sent_ms)
+        i += 1
+        if i % PUMP_EVERY == 0:
+            client.loop(0)
+    window_end = time.time()
+    while acked < i:
+        client.loop(0.01)
+    cpu = time.process_time() - cpu
+    client.disconnect()
+    client.loop(0.1)
+    if measured_from < 0:
+        raise BenchError("nothing was published after the warm-up")
+    return Published(ts_ms, measured_from, (window_start, window_end), cpu)
+
+
+def forget_session(port: int, client_id: str) -> None:
+    """Drop the persistent session a finished bridge left in Mosquitto (else it queues copies of
+    every later round's messages for nobody)."""
+    done = False
+
+    def on_connect(*_args: object) -> None:
+        nonlocal done
+        done = True
+
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=True,
+        protocol=paho.MQTTv311,
+    )
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port)
+    deadline = time.monotonic() + 10
+    while not done and time.monotonic() < deadline:
+        client.loop(0.05)
+    client.disconnect()
+    client.loop(0.05)
+
+
+# -- the pipeline's consumer ------------------------------------------------------------------
+
+
+class ConsumerProcess:
+    """``iotpipe consume`` as a subprocess into a fresh SQLite file, on its own queue."""
+
+    def __init__(self, amqp_url: str, queue: str, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.db = workdir / "telemetry.db"
+        self.log = workdir / "consumer.log"
+        self.config = workdir / "consume.toml"
+        self.config.write_text(
+            f'[amqp]\nurl = "{amqp_url}"\n'
+            f'[consume]\nstore = "sqlite:///{self.db}"\nqueue = "{queue}"\nhttp_port = 0\n'
+        )
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
+
+    def __enter__(self) -> ConsumerProcess:
+        argv = [IOTPIPE, "--log-level", "info", "consume", "--config", str(self.config)]
+        with self.log.open("wb") as out:
+            # Own session: a Ctrl-C of the bench does not reach it; __exit__ stops it.
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while b"consuming queue=" not in self.log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(
+                    f"consumer did not start (exit {self.proc.poll()}):\n{self.tail()}"
+                )
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if code != 0:
+            print(f"consumer exited {code}:\n{self.tail()}", file=sys.stderr)
+
+    def stored(self) -> int:
+        """Rows in the store's ``messages`` table (0 before it exists)."""
+        if not self.db.exists():
+            return 0
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as c:
+                return int(c.execute("SELECT count(*) FROM messages").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0  # schema not created yet, or busy for a moment
+
+    def stored_ms(self, count: int) -> array[int]:
+        """``stored_ms`` of message 0 .. count-1, from the store."""
+        out: array[int] = array("q", bytes(8 * count))
+        with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as c:
+            for message_id, stored_ms in c.execute("SELECT id, stored_ms FROM messages"):
+                out[index_of(message_id)] = stored_ms
+        return out
+
+
+# -- the baseline's bare consumer -----------------------------------------------------------------
+
+
+def bare_consume(url: str, queue: str, pipe: Connection) -> None:
+    """Child process: record the receive time of each message of ``queue`` until told how many.
+
+    Sends ``("ready",)`` once consuming; then waits for ``("expect", n)`` and, once n distinct
+    messages arrived, sends ``("done", received_ms as bytes of array('q'), deliveries, cpu_s)``.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    received: dict[int, int] = {}
+    deliveries = unacked = 0
+    last_tag = 0
+    expected = -1
+    connection: Any = None
+
+    def on_message(channel: Any, method: Any, _props: Any, body: bytes) -> None:
+        nonlocal deliveries, unacked, last_tag
+        index = int(body[ID_SLICE][-ID_DIGITS:])
+        if index not in received:
+            received[index] = int(time.time() * 1000)
+        deliveries += 1
+        unacked += 1
+        last_tag = method.delivery_tag
+        if unacked >= ACK_EVERY:
+            channel.basic_ack(last_tag, multiple=True)
+            unacked = 0
+
+    def tick(channel: Any) -> None:
+        nonlocal unacked, expected
+        if unacked:
+            channel.basic_ack(last_tag, multiple=True)
+            unacked = 0
+        if expected < 0 and pipe.poll():
+            expected = pipe.recv()[1]
+        if 0 <= expected <= len(received):
+            connection.close()
+            return
+        connection.ioloop.call_later(ACK_INTERVAL_S, lambda: tick(channel))
+
+    def on_channel(channel: Any) -> None:
+        def consuming(_frame: object) -> None:
+            pipe.send(("ready",))
+            tick(channel)
+
+        def go(_frame: object) -> None:
+            channel.basic_consume(queue, on_message, callback=consuming)
+
+        channel.basic_qos(prefetch_count=1000, callback=go)
+
+    connection = pika.SelectConnection(
+        pika.URLParameters(url),
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_close_callback=lambda c, _e: c.ioloop.stop(),
+    )
+    began = time.process_time()
+    connection.ioloop.start()
+    out: array[int] = array("q", bytes(8 * max(expected, 0)))
+    for index, ms in received.items():
+        if index < len(out):
+            out[index] = ms
+    pipe.send(("done", out.tobytes(), deliveries, time.process_time() - began))
+
+
+# -- one round ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    """One measured round of one path at one offered rate."""
+
+    offered: float | None
+    published_msg_s: float
+    stored_msg_s: float  # arrivals within the measured window / its length
+    latency_ms: dict[str, float]
+    measured: int
+    total: int
+    drain_s: float  # last publish -> last arrival
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    latencies: list[int] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "published_msg_s": round(self.published_msg_s),
+            "stored_msg_s": round(self.stored_msg_s),
+            "latency_ms": self.latency_ms,
+            "messages_measured": self.measured,
+            "messages_total": self.total,
+            "drain_s": round(self.drain_s, 2),
+            "cpu_us_per_msg": self.cpu_us,
+        }
+
+
+def percentile(ordered: list[int], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), int(-(-p * len(ordered) // 100))))
+    return float(ordered[rank - 1])
+
+
+def evaluate(
+    offered: float | None, sent: Published, arrived_ms: array[int], cpu_s: dict[str, float]
+) -> Round:
+    """Latency and rates of one round from publish and arrival times (ms), index by index."""
+    missing = sum(1 for ms in arrived_ms if ms == 0)
+    if missing:
+        raise BenchError(f"{missing} of {sent.count} messages never arrived")
+    lat = sorted(arrived_ms[i] - sent.ts_ms[i] for i in range(sent.measured_from, sent.count))
+    lo, hi = sent.window[0] * 1000, sent.window[1] * 1000
+    in_window = sum(1 for ms in arrived_ms if lo <= ms < hi)
+    return Round(
+        offered=offered,
+        published_msg_s=sent.measured / sent.seconds,
+        stored_msg_s=in_window / sent.seconds,
+        latency_ms={
+            "p50": percentile(lat, 50),
+            "p95": percentile(lat, 95),
+            "p99": percentile(lat, 99),
+            "max": float(lat[-1]),
+            "mean": round(sum(lat) / len(lat), 1),
+        },
+        measured=sent.measured,
+        total=sent.count,
+        drain_s=max(0.0, max(arrived_ms) / 1000 - sent.window[1]),
+        cpu_us={k: round(v / sent.count * 1e6, 1) for k, v in cpu_s.items()},
+        latencies=lat,
+    )
+
+
+@dataclass
+class Rig:
+    """The running brokers and what each round needs."""
+
+    mosquitto: PrivateMosquitto
+    rabbit: PrivateRabbit
+    workdir: Path
+    warmup: float
+    duration: float
+    window: int
+    rounds_run: int = 0
+
+    @property
+    def drain_timeout(self) -> float:
+        return max(120.0, 20 * self.duration)
+
+    def fresh(self, path: str) -> tuple[Envelopes, str, Path]:
+        """A round tag's envelopes, a unique queue name and an empty directory for one round."""
+        self.rounds_run += 1
+        tag = f"{path[:2]}{self.rounds_run:02d}"
+        envelopes = Envelopes(tag)
+        envelopes.check()
+        directory = self.workdir / tag
+        directory.mkdir()
+        return envelopes, f"bench.e2e.{tag}", directory
+
+    def accounts(self) -> list[tuple[str, list[int]]]:
+        assert self.mosquitto.proc is not None
+        assert self.rabbit.proc is not None
+        return [
+            ("mosquitto", [self.mosquitto.proc.pid]),
+            ("rabbitmq", group_pids(self.rabbit.proc.pid)),
+        ]
+
+    def delete_queue(self, queue: str) -> None:
+        with (
+            contextlib.suppress(pika.exceptions.AMQPError, OSError),  # cleanup only
+            pika.BlockingConnection(pika.URLParameters(self.rabbit.url)) as admin,
+        ):
+            admin.channel().queue_delete(queue)
+
+    def pipeline(self, rate: float | None) -> Round:
+        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite."""
+        envelopes, queue, directory = self.fresh("pipeline")
+        client_id = ""
+        try:
+            with ConsumerProcess(self.rabbit.url, queue, directory / "consumer") as consumer:
+                bridge = BridgeProcess(self.mosquitto.port, self.rabbit.url, directory / "bridge")
+                config = tomllib.loads((bridge.workdir / "bridge.toml").read_text())
+                client_id = config["bridge"]["client_id"]
+                with bridge:
+                    assert bridge.proc is not None
+                    assert consumer.proc is not None
+                    accounts = [
+                        *self.accounts(),
+                        ("bridge", [bridge.proc.pid]),
+                        ("consumer", [consumer.proc.pid]),
+                    ]
+                    before = {name: cpu_seconds(pids) for name, pids in accounts}
+                    sent = publish(
+                        self.mosquitto.port,
+                        envelopes,
+                        rate,
+                        self.warmup,
+                        self.duration,
+                        self.window,
+                    )
+                    deadline = time.monotonic() + self.drain_timeout
+                    while (n := consumer.stored()) < sent.count:
+                        if consumer.proc.poll() is not None or bridge.proc.poll() is not None:
+                            raise BenchError(f"a process exited; stored {n}/{sent.count}")
+                        if time.monotonic() > deadline:
+                            raise BenchError(
+                                f"pipeline stored {n}/{sent.count}:\n{consumer.tail()}"
+                            )
+                        time.sleep(0.2)
+                    after = {name: cpu_seconds(pids) for name, pids in accounts}
+            arrived = consumer.stored_ms(sent.count)
+        finally:
+            if client_id:
+                with contextlib.suppress(OSError):
+                    forget_session(self.mosquitto.port, client_id)
+            self.delete_queue(queue)
+        cpu = {"publisher": sent.cpu_s} | {k: after[k] - before[k] for k in before}
+        return evaluate(rate, sent, arrived, cpu)
+
+    def plugin(self, rate: float | None) -> Round:
+        """Publisher -> RabbitMQ's MQTT plugin -> amq.topic -> a bare pika consumer."""
+        envelopes, queue, _ = self.fresh("plugin")
+        spec = QueueSpec(name=queue, bindings=(BINDING,))  # declared as iotpipe consume does
+        with pika.BlockingConnection(pika.URLParameters(self.rabbit.url)) as admin:
+            channel = admin.channel()
+            channel.queue_declare(queue, durable=True, arguments=spec.arguments())
+            channel.queue_bind(queue, "amq.topic", BINDING)
+        context = multiprocessing.get_context("fork")
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=bare_consume, args=(self.rabbit.url, queue, child), name="bench-bare-consumer"
+        )
+        try:
+            process.start()
+            if not parent.poll(30) or parent.recv() != ("ready",):
+                raise BenchError("bare consumer did not start")
+            accounts = self.accounts()
+            before = {name: cpu_seconds(pids) for name, pids in accounts}
+            assert self.rabbit.mqtt_port is not None
+            sent = publish(
+                self.rabbit.mqtt_port, envelopes, rate, self.warmup, self.duration, self.window
+            )
+            parent.send(("expect", sent.count))
+            if not parent.poll(self.drain_timeout):
+                raise BenchError("bare consumer did not receive every message in time")
+            _, raw, _deliveries, consumer_cpu = parent.recv()
+            after = {name: cpu_seconds(pids) for name, pids in accounts}
+            process.join(10)
+        finally:
+            if process.is_alive():
+                process.terminate()
+                process.join(10)
+            self.delete_queue(queue)
+        arrived: array[int] = array("q")
+        arrived.frombytes(raw)
+        cpu = {"publisher": sent.cpu_s, "consumer": consumer_cpu}
+        cpu |= {k: after[k] - before[k] for k in before}
+        return evaluate(rate, sent, arrived, cpu)
+
+
+# -- plot -----------------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, dict[str, Round]], path: Path, title: str) -> None:
+    """Latency percentiles and stored rate against offered load, both paths, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, (lat_ax, rate_ax) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    colors = {"pipeline": "tab:blue", "plugin": "tab:orange"}
+    labels = {
+        "pipeline": "iotpipe: Mosquitto -> bridge -> RabbitMQ -> consume -> SQLite",
+        "plugin": "baseline: RabbitMQ MQTT plugin -> bare consumer",
+    }
+    styles = {"p50": "-", "p95": "--", "p99": ":"}
+    ticks: set[float] = set()
+    for name, rounds in results.items():
+        # Saturation is drawn at the rate the publisher reached, with a square marker.
+        xs = [r.offered or r.published_msg_s for r in rounds.values()]
+        markers = ["s" if key == "max" else "o" for key in rounds]
+        ticks.update(r.offered for r in rounds.values() if r.offered)
+        for pct, style in styles.items():
+            ys = [max(r.latency_ms[pct], 0.5) for r in rounds.values()]
+            lat_ax.plot(xs, ys, style, color=colors[name])
+            for x, y, marker in zip(xs, ys, markers, strict=True):
+                lat_ax.plot(x, y, marker, color=colors[name])
+        ys = [r.stored_msg_s for r in rounds.values()]
+        rate_ax.plot(xs, ys, color=colors[name])
+        for x, y, marker in zip(xs, ys, markers, strict=True):
+            rate_ax.plot(x, y, marker, color=colors[name])
+        if "max" in rounds:
+            r = rounds["max"]
+            rate_ax.annotate(
+                f"  {r.stored_msg_s:,.0f}/s sustained", (xs[-1], r.stored_msg_s), fontsize=8
+            )
+    top = max(r.offered or r.published_msg_s for rs in results.values() for r in rs.values())
+    rate_ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+    path_handles = [Line2D([], [], color=colors[n], label=labels[n]) for n in results]
+    lat_ax.legend(
+        handles=[
+            *path_handles,
+            *[Line2D([], [], color="black", linestyle=s, label=p) for p, s in styles.items()],
+            Line2D([], [], color="black", marker="s", linestyle="", label="saturation"),
+        ],
+        fontsize=8,
+        loc="upper left",
+    )
+    rate_ax.legend(
+        handles=[
+            *path_handles,
+            Line2D([], [], color="grey", linewidth=0.8, label="stored = offered"),
+            Line2D([], [], color="black", marker="s", linestyle="", label="saturation"),
+        ],
+        fontsize=8,
+        loc="upper left",
+    )
+    lat_ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="offered load, msg/s (saturation: as reached by the publisher)",
+        ylabel="latency, device ts -> stored / received (ms)",
+        title="Latency percentiles (saturation: queueing, grows with --duration)",
+    )
+    highest = max(r.latency_ms["p99"] for rs in results.values() for r in rs.values())
+    lat_ax.set_ylim(0.5, max(highest, 1.0) * 40)  # headroom for the legend above the lines
+    if ticks:  # the offered rates; saturation points are marked, not ticked (they crowd)
+        lat_ax.set_xticks(sorted(ticks))
+    lat_ax.xaxis.set_major_formatter(ScalarFormatter())
+    lat_ax.xaxis.set_minor_formatter(NullFormatter())
+    lat_ax.yaxis.set_major_formatter(ScalarFormatter())
+    rate_ax.set(
+        xlabel="offered load, msg/s",
+        ylabel="stored / received within the measured window (msg/s)",
+        title="Throughput",
+    )
+    for ax in (lat_ax, rate_ax):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_rates(text: str) -> list[float | None]:
+    """``1000,5000,max`` -> [1000.0, 5000.0, None]."""
+    rates: list[float | None] = []
+    for raw in text.split(","):
+        part = raw.strip().lower()
+        if part in ("max", "saturation"):
+            rates.append(None)
+        else:
+            value = float(part)
+            if value <= 0:
+                raise argparse.ArgumentTypeError(f"rate must be positive: {part}")
+            rates.append(value)
+    return rates
+
+
+def rate_key(rate: float | None) -> str:
+    return "max" if rate is None else f"{rate:g}"
+
+
+def on_sigterm(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # unwind through every cleanup, as Ctrl-C does
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per round")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
+    parser.add_argument(
+        "--rates",
+        type=parse_rates,
+        default=parse_rates("1000,5000,max"),
+        help="offered msg/s, comma-separated; max = saturation (default 1000,5000,max)",
+    )
+    parser.add_argument("--window", type=int, default=1000, help="publisher's unacked QoS 1")
+    parser.add_argument(
+        "--mosquitto-inflight", type=int, default=1000, help="Mosquitto max_inflight_messages"
+    )
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    args = parser.parse_args()
+    if not args.no_plot and not args.no_save:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:  # the figures still count; say how to get the plot
+            print(
+                "matplotlib is missing, no plot: .venv/bin/pip install -e '.[bench]'",
+                file=sys.stderr,
+            )
+            args.no_plot = True
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        run(args)
+    except BenchError as err:
+        sys.exit(f"bench_e2e: {err}")
+    except KeyboardInterrupt:
+        sys.exit("bench_e2e: interrupted; private brokers and processes stopped")
+
+
+def run(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    load_start = os.getloadavg()[0]  # other work on the machine skews every figure
+    results: dict[str, dict[str, Round]] = {name: {} for name in PATHS}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    try:
+        with PrivateMosquitto(args.mosquitto_inflight) as mosquitto:
+            rabbit = PrivateRabbit(tmp / "rabbitmq", mqtt=True)
+            try:
+                rabbit.start()
+                with pika.BlockingConnection(pika.URLParameters(rabbit.url)) as admin:
+                    declare_topology(admin.channel())  # iotpipe.telemetry, iotpipe.dead
+                rig = Rig(mosquitto, rabbit, tmp, args.warmup, args.duration, args.window)
+                runs: dict[str, Callable[[float | None], Round]] = {
+                    "pipeline": rig.pipeline,
+                    "plugin": rig.plugin,
+                }
+                for rate in args.rates:  # interleaved, so machine noise hits both paths alike
+                    for name, run_path in runs.items():
+                        r = run_path(rate)
+                        results[name][rate_key(rate)] = r
+                        print(
+                            f"{name:8} offered {rate_key(rate):>5}: published "
+                            f"{r.published_msg_s:7.0f}/s stored {r.stored_msg_s:7.0f}/s  "
+                            f"p50 {r.latency_ms['p50']:6.0f} p95 {r.latency_ms['p95']:6.0f} "
+                            f"p99 {r.latency_ms['p99']:6.0f} ms  drain {r.drain_s:.1f} s",
+                            file=sys.stderr,
+                        )
+                rabbit_version = rabbit.ctl("version").stdout.strip()
+            finally:
+                rabbit.kill()
+            mosquitto_version = mosquitto.version()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    result: dict[str, Any] = {
+        "benchmark": "e2e",
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "offered_msg_s": [rate_key(r) for r in args.rates],
+        "devices": DEVICES,
+        "readings_per_message": READINGS,
+        "qos": 1,
+        "publisher_window": args.window,
+        "mosquitto_max_inflight_messages": args.mosquitto_inflight,
+        "pipeline": "paho -> Mosquitto -> iotpipe bridge (defaults) -> RabbitMQ quorum queue -> "
+        "iotpipe consume (defaults: batch 1000 / 0.2 s, prefetch 2000, fsync) -> SQLite",
+        "plugin": "paho -> RabbitMQ MQTT plugin -> amq.topic -> quorum queue -> bare pika "
+        "consumer (prefetch 1000, multiple ack per 250 or 50 ms)",
+        "latency": "pipeline: messages.stored_ms (taken just before the batch's COMMIT) - "
+        "envelope ts; plugin: receive time - envelope ts; wall clock, ms",
+        "results": {
+            name: {key: r.summary() for key, r in rounds.items()}
+            for name, rounds in results.items()
+        },
+        "pipeline_vs_plugin_stored_at_max": (
+            round(
+                results["pipeline"]["max"].stored_msg_s / results["plugin"]["max"].stored_msg_s, 3
+            )
+            if "max" in results["pipeline"]
+            else None
+        ),
+        "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "python": platform.python_version(),
+        "paho": version("paho-mqtt"),
+        "pika": version("pika"),
+        "mosquitto": mosquitto_version,
+        "rabbitmq": rabbit_version,
+        "machine": f"{platform.machine()} x{os.cpu_count() or 1}",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bench_seconds": round(time.monotonic() - started),
+    }
+    print(json.dumps(result))
+    if args.no_save:
+        return
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = RESULTS.with_suffix(".json.tmp")
+    tmp_file.write_text(json.dumps(result, indent=2) + "\n")
+    tmp_file.replace(RESULTS)
+    if not args.no_plot:
+        plot(
+            results,
+            PLOT,
+            f"iotpipe end to end vs RabbitMQ MQTT plugin, QoS 1, {args.duration:g} s per rate, "
+            f"{result['machine']}, load {result['loadavg_1m_start_end']}, {result['when']}",
+        )
+
+
+if __name__ == "__main__":
+    main()
