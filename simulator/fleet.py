@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from iotpipe import __version__
+from iotpipe import __version__, signals
 from iotpipe.errors import ConfigError
+from iotpipe.signals import Profiles, SensorName, build_signals
 from iotpipe.topics import Kind, is_valid_name, topic
-from simulator import signals
-from simulator.settings import Profiles, SensorName, SimulateSettings
+from simulator.settings import SimulateSettings
 
 if TYPE_CHECKING:
     from simulator.faults import Outage, Reorderer
@@ -59,69 +59,6 @@ class Stamper:
             date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._prefix = f'"{date}.'.encode()
         return self._prefix + self._MILLIS[t_ms - second * 1000]
-
-
-def build_signals(
-    rng: random.Random, sensors: Sequence[SensorName], profiles: Profiles
-) -> dict[SensorName, signals.Signal]:
-    """One device's signal objects, with per-device offsets drawn from ``rng``.
-
-    Humidity follows a temperature signal even when temperature itself is not reported.
-    """
-    p = profiles
-    built: dict[SensorName, signals.Signal] = {}
-    temperature: signals.Temperature | None = None
-    for name in sensors:  # draw in a fixed order so the seed fully decides the fleet
-        if name in ("temperature", "humidity") and temperature is None:
-            t = p.temperature
-            temperature = signals.Temperature(
-                rng,
-                mean=t.mean + rng.uniform(-t.spread, t.spread),
-                amplitude=t.amplitude,
-                peak_hour=t.peak_hour,
-                noise=t.noise,
-                drift=t.drift,
-                drift_hours=t.drift_hours,
-            )
-        if name == "temperature":
-            assert temperature is not None
-            built[name] = temperature
-        elif name == "humidity":
-            assert temperature is not None
-            h = p.humidity
-            built[name] = signals.Humidity(
-                rng,
-                temperature,
-                mean=min(100.0, max(0.0, h.mean + rng.uniform(-h.spread, h.spread))),
-                per_degree=h.per_degree,
-                noise=h.noise,
-            )
-        elif name == "pressure":
-            pr = p.pressure
-            built[name] = signals.Pressure(
-                rng,
-                start=pr.mean + rng.uniform(-pr.spread, pr.spread),
-                step=pr.step,
-                low=pr.low,
-                high=pr.high,
-            )
-        elif name == "power":
-            pw = p.power
-            built[name] = signals.Power(rng, levels=pw.levels, dwell=pw.dwell, noise=pw.noise)
-        elif name == "battery":
-            b = p.battery
-            built[name] = signals.Battery(
-                rng,
-                start=rng.uniform(b.start_min, b.start_max),
-                drain_per_hour=b.drain_per_hour
-                * (1 + rng.uniform(-b.drain_spread, b.drain_spread)),
-            )
-        else:  # door, motion
-            profile = p.door if name == "door" else p.motion
-            built[name] = signals.Binary(
-                rng, on_seconds=profile.on_seconds, off_seconds=profile.off_seconds
-            )
-    return built
 
 
 def _decimals(name: SensorName, profiles: Profiles) -> int:

@@ -13,8 +13,9 @@ import pytest
 from iotpipe.envelope import Envelope, Status, decode_status, decode_telemetry, reading_time_ms
 from iotpipe.errors import ConfigError
 from iotpipe.settings import MqttSettings, load
+from iotpipe.signals import SENSORS
 from simulator.fleet import Fleet, Stamper, fleet_names
-from simulator.settings import SENSORS, SimulateSettings
+from simulator.settings import SimulateSettings
 
 T0 = 1_795_651_200_000  # 2026-11-26T00:00:00Z in ms
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "simulate.toml"

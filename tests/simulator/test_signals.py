@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.signals import HOUR, Battery, Binary, Humidity, Power, Pressure, Temperature
+from iotpipe.signals import HOUR, Battery, Binary, Humidity, Power, Pressure, Temperature
 
 #: 2026-11-26T00:00:00Z: a UTC midnight, so hour h of the day is DAY0 + h * HOUR.
 DAY0 = 1_795_651_200.0

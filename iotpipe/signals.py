@@ -15,6 +15,10 @@ which is how :class:`Humidity` reads the temperature of the same instant.
     Power         load steps between levels at random (exponential) times      W
     Battery       linear drain, monotone, never below 0                         %
     Binary        two-state events (door open/closed, motion on/off)            1
+
+Also here: the profiles' settings (:class:`Profiles`, the ``[simulate.profiles]`` tables) and
+:func:`build_signals`, which makes one device's signals from them. They live in the shared core
+because two components use them: ``iotpipe simulate`` and the edge agent's ``simulated`` driver.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import math
 import random
 from collections.abc import Sequence
 from statistics import NormalDist
-from typing import Protocol
+from typing import Literal, Protocol
+
+from pydantic import Field, field_validator, model_validator
+
+from iotpipe.settings import Section
 
 DAY = 86_400.0
 HOUR = 3_600.0
@@ -341,3 +349,190 @@ class Binary:
         if next_flip is not None and t < next_flip:  # the common case: no event since
             return _JSON_BOOL[self.state]
         return _JSON_BOOL[self(t)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings of the profiles, and one device's signals built from them.
+
+SensorName = Literal["temperature", "humidity", "pressure", "power", "battery", "door", "motion"]
+
+#: Every sensor a simulated device can have, in the order readings are written.
+SENSORS: tuple[SensorName, ...] = (
+    "temperature",
+    "humidity",
+    "pressure",
+    "power",
+    "battery",
+    "door",
+    "motion",
+)
+
+
+class TemperatureProfile(Section):
+    """Temperature (``Cel``): daily cycle + slow drift + noise."""
+
+    mean: float = Field(21.0, description="fleet mean, degrees Celsius")
+    spread: float = Field(2.0, ge=0, description="each device's mean is offset by up to +-spread")
+    amplitude: float = Field(3.0, ge=0, description="half the day-night swing")
+    peak_hour: float = Field(15.0, ge=0, lt=24, description="UTC hour of the daily maximum")
+    noise: float = Field(0.1, ge=0, description="standard deviation of the white noise")
+    drift: float = Field(0.5, ge=0, description="standard deviation of the slow drift")
+    drift_hours: float = Field(6.0, gt=0, description="how slowly the drift wanders (hours)")
+    decimals: int = Field(2, ge=1, le=6, description="digits after the decimal point")
+
+
+class HumidityProfile(Section):
+    """Relative humidity (``%RH``), anti-correlated with the temperature."""
+
+    mean: float = Field(45.0, ge=0, le=100, description="fleet mean, %RH")
+    spread: float = Field(5.0, ge=0, description="each device's mean is offset by up to +-spread")
+    per_degree: float = Field(
+        2.5, ge=0, description="%RH lost per degree above the mean temperature"
+    )
+    noise: float = Field(0.5, ge=0, description="standard deviation of the white noise")
+    decimals: int = Field(1, ge=1, le=6)
+
+
+class PressureProfile(Section):
+    """Barometric pressure (``Pa``): a random walk bounded to [low, high]."""
+
+    mean: float = Field(101_325.0, description="fleet mean at start, Pa")
+    spread: float = Field(300.0, ge=0, description="each device starts up to +-spread from mean")
+    step: float = Field(2.0, ge=0, description="walk step, Pa per square-root second")
+    low: float = Field(98_000.0, description="lower bound, Pa")
+    high: float = Field(104_000.0, description="upper bound, Pa")
+    decimals: int = Field(1, ge=1, le=6)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PressureProfile:
+        if not self.low < self.high:
+            raise ValueError("low must be below high")
+        return self
+
+
+class PowerProfile(Section):
+    """Electrical power (``W``): load steps between levels at random times."""
+
+    levels: list[float] = Field([8.0, 60.0, 150.0, 900.0], min_length=1, description="loads, W")
+    dwell: float = Field(120.0, gt=0, description="mean seconds a load level is held")
+    noise: float = Field(0.02, ge=0, description="relative noise (0.02 = 2 %)")
+    decimals: int = Field(1, ge=1, le=6)
+
+    @field_validator("levels")
+    @classmethod
+    def _non_negative(cls, levels: list[float]) -> list[float]:
+        if any(level < 0 for level in levels):
+            raise ValueError("power levels must be >= 0")
+        return levels
+
+
+class BatteryProfile(Section):
+    """Battery charge (``%``): drains linearly, never rises."""
+
+    start_min: float = Field(60.0, ge=0, le=100, description="lowest charge at start, %")
+    start_max: float = Field(100.0, ge=0, le=100, description="highest charge at start, %")
+    drain_per_hour: float = Field(0.5, ge=0, description="mean drain, % per hour")
+    drain_spread: float = Field(0.3, ge=0, lt=1, description="each device drains +-this fraction")
+    decimals: int = Field(1, ge=1, le=6)
+
+    @model_validator(mode="after")
+    def _range(self) -> BatteryProfile:
+        if self.start_min > self.start_max:
+            raise ValueError("start_min must not exceed start_max")
+        return self
+
+
+class BinaryProfile(Section):
+    """A two-state event sensor (``1``): true for ~on_seconds, false for ~off_seconds."""
+
+    on_seconds: float = Field(30.0, gt=0, description="mean seconds in the true state")
+    off_seconds: float = Field(600.0, gt=0, description="mean seconds in the false state")
+
+
+class DoorProfile(BinaryProfile):
+    """A door (``1``): open (true) for ~20 s, closed for ~15 min."""
+
+    on_seconds: float = Field(20.0, gt=0, description="mean seconds open")
+    off_seconds: float = Field(900.0, gt=0, description="mean seconds closed")
+
+
+class MotionProfile(BinaryProfile):
+    """A motion detector (``1``): active (true) for ~30 s, idle for ~5 min."""
+
+    on_seconds: float = Field(30.0, gt=0, description="mean seconds active")
+    off_seconds: float = Field(300.0, gt=0, description="mean seconds idle")
+
+
+class Profiles(Section):
+    """Signal profiles, one table per sensor."""
+
+    temperature: TemperatureProfile = TemperatureProfile()
+    humidity: HumidityProfile = HumidityProfile()
+    pressure: PressureProfile = PressureProfile()
+    power: PowerProfile = PowerProfile()
+    battery: BatteryProfile = BatteryProfile()
+    door: DoorProfile = DoorProfile()
+    motion: MotionProfile = MotionProfile()
+
+
+def build_signals(
+    rng: random.Random, sensors: Sequence[SensorName], profiles: Profiles
+) -> dict[SensorName, Signal]:
+    """One device's signal objects, with per-device offsets drawn from ``rng``.
+
+    Humidity follows a temperature signal even when temperature itself is not reported.
+    """
+    p = profiles
+    built: dict[SensorName, Signal] = {}
+    temperature: Temperature | None = None
+    for name in sensors:  # draw in a fixed order so the seed fully decides the fleet
+        if name in ("temperature", "humidity") and temperature is None:
+            t = p.temperature
+            temperature = Temperature(
+                rng,
+                mean=t.mean + rng.uniform(-t.spread, t.spread),
+                amplitude=t.amplitude,
+                peak_hour=t.peak_hour,
+                noise=t.noise,
+                drift=t.drift,
+                drift_hours=t.drift_hours,
+            )
+        if name == "temperature":
+            assert temperature is not None
+            built[name] = temperature
+        elif name == "humidity":
+            assert temperature is not None
+            h = p.humidity
+            built[name] = Humidity(
+                rng,
+                temperature,
+                mean=min(100.0, max(0.0, h.mean + rng.uniform(-h.spread, h.spread))),
+                per_degree=h.per_degree,
+                noise=h.noise,
+            )
+        elif name == "pressure":
+            pr = p.pressure
+            built[name] = Pressure(
+                rng,
+                start=pr.mean + rng.uniform(-pr.spread, pr.spread),
+                step=pr.step,
+                low=pr.low,
+                high=pr.high,
+            )
+        elif name == "power":
+            pw = p.power
+            built[name] = Power(rng, levels=pw.levels, dwell=pw.dwell, noise=pw.noise)
+        elif name == "battery":
+            b = p.battery
+            built[name] = Battery(
+                rng,
+                start=rng.uniform(b.start_min, b.start_max),
+                drain_per_hour=b.drain_per_hour
+                * (1 + rng.uniform(-b.drain_spread, b.drain_spread)),
+            )
+        else:  # door, motion
+            profile = p.door if name == "door" else p.motion
+            built[name] = Binary(
+                rng, on_seconds=profile.on_seconds, off_seconds=profile.off_seconds
+            )
+    return built
