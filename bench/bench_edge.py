@@ -1,0 +1,212 @@
+"""Edge agent footprint: resident memory and CPU per reading at 5 sensors x 1 Hz.
+
+    .venv/bin/python bench/bench_edge.py [--duration 60] [--no-save]
+
+Starts a private Mosquitto on a free port and runs the agent as it runs on a Pi
+(``python -m edge.agent --config ...``, a subprocess) with five ``simulated`` sensors of one
+signal each, every one read once a second, default batching (100 readings or 5 s), fsync
+durability and ``/metrics`` on. A QoS 1 subscriber counts the readings that arrive.
+
+Measured from ``/proc/<pid>``: RSS (``VmRSS``) sampled every second, its peak (``VmHWM``) and
+its steady value (median over the second half of the run); CPU time of all threads
+(``/proc/<pid>/task/*/schedstat``, nanoseconds) from 10 s after start to the end,
+divided by the readings taken in that time. Three runs: with ``/metrics`` on (the default) and off, and through the typer command
+(``python -m edge.cli_run``, what ``iotpipe edge run`` adds: typer and click).
+
+Baselines, measured in the same run and the same way: the bare interpreter (``python -c``
+sleeping), and an interpreter that imported what any Python MQTT agent with validated settings
+imports (``paho.mqtt.client`` and ``pydantic``). Target: <= 40 MB RSS (Python 3.11).
+Prints one JSON object and writes it to ``bench/results/edge.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from iotpipe.testing import Capture
+
+RESULTS = Path(__file__).parent / "results" / "edge.json"
+TARGET_MB = 40.0
+SIGNALS = ("temperature", "humidity", "pressure", "power", "battery")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` (schedstat: nanoseconds, not 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread just ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def idle_rss(code: str) -> float:
+    """RSS (MB) of ``python -c code`` once it has done its imports and sleeps."""
+    proc = subprocess.Popen([sys.executable, "-c", code + "\nimport time; time.sleep(60)"])
+    try:
+        time.sleep(3.0)
+        return status_kb(proc.pid, "VmRSS") / 1024
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def write_config(path: Path, port: int, site: str, state: Path, http_port: int) -> None:
+    sensors = "".join(
+        f'\n[[edge.sensors]]\ntype = "simulated"\nname = "sim{i}"\ninterval = 1.0\n'
+        f'sensors = ["{signal_name}"]\nseed = {i}\n'
+        for i, signal_name in enumerate(SIGNALS)
+    )
+    path.write_text(
+        f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n\n'
+        f'[edge]\nsite = "{site}"\ndevice = "pi1"\nstate_dir = "{state}"\n'
+        f"http_port = {http_port}\nclock_sync_files = []\nstats_interval = 30.0\n" + sensors
+    )
+
+
+def run_agent(port: int, workdir: Path, duration: float, http: bool, entry: str) -> dict[str, Any]:
+    site = f"bench{os.getpid()}{'h' if http else 'n'}{entry.replace('.', '')}"
+    config = workdir / f"edge-{site}.toml"
+    write_config(config, port, site, workdir / site, free_port() if http else 0)
+    url = f"mqtt://127.0.0.1:{port}"
+    with Capture(url, f"iotpipe/v1/{site}/+/telemetry", qos=1) as capture:
+        log = (workdir / f"{site}.log").open("wb")
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", entry, "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        samples: list[tuple[float, float]] = []
+        warm_at = started + 10.0
+        cpu_warm = readings_warm = None
+        try:
+            while (now := time.monotonic()) < started + duration:
+                samples.append((now - started, status_kb(proc.pid, "VmRSS") / 1024))
+                if cpu_warm is None and now >= warm_at:
+                    cpu_warm = cpu_seconds(proc.pid)
+                    readings_warm = readings(capture)
+                    warm_at = now
+                time.sleep(1.0)
+            cpu_end = cpu_seconds(proc.pid)
+            peak = status_kb(proc.pid, "VmHWM") / 1024
+            end = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        time.sleep(0.5)
+        total = readings(capture)
+    assert cpu_warm is not None
+    assert readings_warm is not None
+    steady = [rss for t, rss in samples if t >= duration / 2]
+    # Readings taken after warm-up: those published then, plus what SIGTERM flushed at the end.
+    taken = total - readings_warm
+    return {
+        "entry": f"python -m {entry}",
+        "metrics_http": http,
+        "exit_code": code,
+        "readings_received": total,
+        "rss_mb_peak": round(peak, 1),
+        "rss_mb_steady": round(statistics.median(steady), 1),
+        "cpu_ms_per_reading": round((cpu_end - cpu_warm) * 1000 / max(1, taken), 3),
+        "cpu_percent": round((cpu_end - cpu_warm) * 100 / (end - warm_at), 3),
+    }
+
+
+def readings(capture: Capture) -> int:
+    return sum(len(json.loads(m.payload)["readings"]) for m in list(capture.messages))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("mosquitto") is None:
+        sys.exit("mosquitto is not installed (make setup)")
+    with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        mosq_dir = workdir / "mosquitto"
+        mosq_dir.mkdir()
+        conf = mosq_dir / "mosquitto.conf"
+        as_root = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(
+            f"{as_root}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {mosq_dir}/mosquitto.log\n"
+        )
+        broker = subprocess.Popen(["mosquitto", "-c", str(conf)])
+        try:
+            wait_port(port)
+            baseline_python = idle_rss("pass")
+            baseline_libs = idle_rss("import paho.mqtt.client, pydantic")
+            with_http = run_agent(port, workdir, args.duration, True, "edge.agent")
+            without_http = run_agent(port, workdir, args.duration, False, "edge.agent")
+            typer_entry = run_agent(port, workdir, args.duration, True, "edge.cli_run")
+        finally:
+            broker.terminate()
+            broker.wait(10)
+    result = {
+        "benchmark": "edge agent, 5 simulated sensors x 1 Hz",
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "duration_s": args.duration,
+        "target_rss_mb": TARGET_MB,
+        "baseline_rss_mb": {
+            "python_bare": round(baseline_python, 1),
+            "python_paho_pydantic_imported": round(baseline_libs, 1),
+        },
+        "agent": with_http,
+        "agent_without_metrics": without_http,
+        "agent_via_typer_command": typer_entry,
+        "within_target": with_http["rss_mb_peak"] <= TARGET_MB,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
