@@ -25,6 +25,7 @@ bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/python bench/bench_consume.py
 	.venv/bin/python bench/bench_e2e.py
 	.venv/bin/python bench/bench_dashboard.py
+	.venv/bin/python bench/bench_edge.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

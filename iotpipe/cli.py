@@ -98,6 +98,7 @@ def _mount() -> None:
     from consumers.cli import consume
     from consumers.dashboard.cli import dashboard
     from consumers.query_cli import export, stats
+    from edge.cli import build as edge_commands
     from iotpipe.recording_cli import record, replay
     from iotpipe.status import status
     from iotpipe.up import up
@@ -113,6 +114,7 @@ def _mount() -> None:
     app.command("stats")(stats)
     app.command("dashboard")(dashboard)
     app.command("up")(up)
+    app.add_typer(edge_commands(), name="edge")
     app.command("status")(status)
 
 

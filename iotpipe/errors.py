@@ -8,7 +8,9 @@ traceback. Anything else is a bug and keeps its traceback.
     ├── ConfigError          a setting is invalid (names the field, the value, what is allowed)
     ├── ConnectError         a broker or server cannot be reached or refused us
     ├── RecordingError       a recording file is unreadable or malformed
-    └── DeliveryError        a broker refused or lost acknowledgements
+    ├── DeliveryError        a broker refused or lost acknowledgements
+    ├── edge.image.ImageError      an SD card image is unreadable or not a Pi OS image
+    └── edge.bundle.BundleError    the offline bundle cannot be built
 
 Envelope validation failures are *values*, not exceptions: see ``iotpipe.envelope.Rejection``.
 """
