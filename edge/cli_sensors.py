@@ -82,29 +82,36 @@ def sensors(*, config: ConfigOption = None) -> None:
         console.print(escape(f"no sensors configured: add [[edge.sensors]] tables to {path}"))
         raise typer.Exit(1)
     drivers = build_drivers(configs)
-    # The table shows each failure; the drivers' own warning lines would only repeat it.
-    logging.getLogger("edge.sensors").setLevel(logging.ERROR)
     table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
     table.add_column("sensor", no_wrap=True)
     table.add_column("reading", overflow="fold")
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("unit", no_wrap=True)
     failed: list[str] = []
-    for driver in drivers:
-        try:
-            samples, error = read_safely(driver)
-        finally:
-            driver.close()
-        for sample in samples:
-            table.add_row(
-                escape(driver.name),
-                escape(sample.sensor),
-                escape(_format(sample.value)),
-                escape(sample.unit or ""),
-            )
-        if error is not None:
-            failed.append(driver.name)
-            table.add_row(escape(driver.name), f"[red]error: {escape(str(error))}[/red]", "", "")
+    # The table shows each failure; the drivers' own warning lines would only repeat it.
+    quiet = logging.getLogger("edge.sensors")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        for driver in drivers:
+            try:
+                samples, error = read_safely(driver)
+            finally:
+                driver.close()
+            for sample in samples:
+                table.add_row(
+                    escape(driver.name),
+                    escape(sample.sensor),
+                    escape(_format(sample.value)),
+                    escape(sample.unit or ""),
+                )
+            if error is not None:
+                failed.append(driver.name)
+                table.add_row(
+                    escape(driver.name), f"[red]error: {escape(str(error))}[/red]", "", ""
+                )
+    finally:
+        quiet.setLevel(level)
     console.print(table)
     if failed:
         console.print(
