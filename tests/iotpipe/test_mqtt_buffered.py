@@ -16,7 +16,7 @@ import pytest
 from iotpipe import mqtt
 from iotpipe.mqtt import Message, MqttClient, _BufferedSocket, _install_buffer, pump_until
 from iotpipe.settings import MqttSettings
-from tests.conftest import BrokerInfo
+from tests.conftest import BrokerInfo, wait_for
 
 
 @pytest.fixture
@@ -317,7 +317,7 @@ def test_client_falls_back_to_paho_loop(
 @pytest.mark.mqtt
 @pytest.mark.mosquitto
 def test_acks_held_at_disconnect_still_reach_the_broker(
-    mosquitto_broker: BrokerInfo, unique: str
+    mosquitto_broker: BrokerInfo, unique: str, tmp_path: Path
 ) -> None:
     """PUBACKs corked by ack() and not yet pumped are sent before DISCONNECT: no redelivery."""
     settings = MqttSettings(url=mosquitto_broker.url)
@@ -346,6 +346,14 @@ def test_acks_held_at_disconnect_still_reach_the_broker(
         sub.ack(message.mid, message.qos)  # held until the next pump...
     sub.disconnect()  # ...which never comes: disconnect must send them
     got.clear()
+    # Reconnecting under the same client id before Mosquitto has read the old connection would
+    # make it take the session over and drop that socket's unread bytes (our PUBACKs with it).
+    log = tmp_path / "mosquitto" / "mosquitto.log"
+    wait_for(
+        lambda: f"Client sub-{unique} disconnected" in log.read_text(errors="replace"),
+        20,
+        "Mosquitto to process the disconnect",
+    )
 
     sub = subscriber()
     assert sub.session_present
