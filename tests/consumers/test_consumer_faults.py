@@ -157,24 +157,23 @@ def report(name: str, sent: Sequence[Outgoing], db: Path) -> tuple[int, int]:
     return lost, doubled
 
 
-def test_sigkill_mid_stream_and_between_commit_and_ack_store_every_reading_once(
-    site_queue: SiteQueue, processes: Processes, tmp_path: Path
-) -> None:
-    db = tmp_path / "telemetry.db"
-    config = write_config(tmp_path / "consume.toml", site_queue, db)
-    sent = stream(site_queue.site, devices=20, per_device=550, copies=0.1, seed=11)
-    distinct = len({m.id for m in sent})
-    assert distinct >= 10_000
+def kill_while_streaming(
+    processes: Processes, config: Path, queue: SiteQueue, sent: Sequence[Outgoing], db: Path
+) -> tuple[int, int]:
+    """Stream ``sent`` while consumers are SIGKILLed mid-stream and die after a commit (3x each),
+    then let one consumer finish and stop it with SIGTERM.
 
+    ``db`` is the file whose ``messages`` table counts what was committed (the SQLite store, or
+    an InfluxDB consumer's state file). Returns (kills, crashes).
+    """
+    distinct = len({m.id for m in sent})
     # The first consumer declares the queue; messages published before it exists are unroutable.
     first = processes.consume(config)
     assert wait_for(lambda: "consuming" in processes.log(0), 60), processes.logs()
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     publisher = threading.Thread(
-        target=lambda: [
-            publish(site_queue.url, sent[i : i + 2000]) for i in range(0, len(sent), 2000)
-        ]
+        target=lambda: [publish(queue.url, sent[i : i + 2000]) for i in range(0, len(sent), 2000)]
     )
     publisher.start()
     rng = random.Random(3)
@@ -202,9 +201,22 @@ def test_sigkill_mid_stream_and_between_commit_and_ack_store_every_reading_once(
     assert wait_for(lambda: stored_messages(db) >= distinct, 120), (
         f"{stored_messages(db)}/{distinct}\n{processes.logs()}"
     )
-    assert wait_for(lambda: site_queue.ready() == 0, 30)
+    assert wait_for(lambda: queue.ready() == 0, 30)
     final.send_signal(signal.SIGTERM)
     assert final.wait(30) == 0, processes.logs()
+    return kills, crashes
+
+
+def test_sigkill_mid_stream_and_between_commit_and_ack_store_every_reading_once(
+    site_queue: SiteQueue, processes: Processes, tmp_path: Path
+) -> None:
+    db = tmp_path / "telemetry.db"
+    config = write_config(tmp_path / "consume.toml", site_queue, db)
+    sent = stream(site_queue.site, devices=20, per_device=550, copies=0.1, seed=11)
+    distinct = len({m.id for m in sent})
+    assert distinct >= 10_000
+
+    kills, crashes = kill_while_streaming(processes, config, site_queue, sent, db)
     lost, doubled = report(
         f"consumer SIGKILLed {kills}x, crashed after commit {crashes}x", sent, db
     )

@@ -15,7 +15,6 @@ import random
 import re
 import signal
 import sqlite3
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -27,11 +26,10 @@ from consumers.settings import InfluxSettings
 from consumers.stores import open_store
 from tests.conftest import wait_for
 from tests.consumers.conftest import Outgoing, SiteQueue, publish
-from tests.consumers.crashing_consumer import EXIT_CODE
 from tests.consumers.test_consumer import StartConsumer, fleet, stored_total
 from tests.consumers.test_consumer_faults import (
     Processes,
-    stored_messages,
+    kill_while_streaming,
     stream,
     write_config,
 )
@@ -125,18 +123,6 @@ def metric(port: int | None, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def publishing(url: str, sent: Sequence[Outgoing]) -> threading.Thread:
-    """Publish ``sent`` in chunks of 2000 on a thread, as the SQLite SIGKILL test does."""
-
-    def run() -> None:
-        for start in range(0, len(sent), 2000):
-            publish(url, sent[start : start + 2000])
-
-    thread = threading.Thread(target=run, name="test-publisher")
-    thread.start()
-    return thread
-
-
 def test_every_reading_one_sample_when_all_arrives_twice_and_reordered(
     site_queue: SiteQueue, start_consumer: StartConsumer, victoria: Victoria, tmp_path: Path
 ) -> None:
@@ -176,40 +162,7 @@ def test_sigkill_mid_stream_loses_nothing_and_only_rewrites_identical_points(
     distinct = len({m.id for m in sent})
     assert distinct >= 10_000
 
-    # The first consumer declares the queue; messages published before it exists are unroutable.
-    first = processes.consume(config)
-    assert wait_for(lambda: "consuming" in processes.log(0), 60), processes.logs()
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
-    publisher = publishing(site_queue.url, sent)
-    rng = random.Random(3)
-    kills = crashes = 0
-    for _ in range(3):
-        # Killed from outside at a random point of the stream...
-        proc = processes.consume(config)
-        target = stored_messages(state) + rng.randrange(300, 1500)
-        assert wait_for(
-            lambda p=proc, t=target: stored_messages(state) >= t or p.poll() is not None,  # type: ignore[misc]
-            60,
-        ), processes.logs()
-        assert proc.poll() is None, processes.logs()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        kills += 1
-        # ...and dying on its own right after a commit, before the ack.
-        crash = processes.crashing(config, after_commits=rng.randrange(1, 4))
-        assert crash.wait(60) == EXIT_CODE, processes.logs()
-        crashes += 1
-    publisher.join(120)
-    assert not publisher.is_alive()
-
-    final = processes.consume(config)
-    assert wait_for(lambda: stored_messages(state) >= distinct, 120), (
-        f"{stored_messages(state)}/{distinct}\n{processes.logs()}"
-    )
-    assert wait_for(lambda: site_queue.ready() == 0, 30)
-    final.send_signal(signal.SIGTERM)
-    assert final.wait(30) == 0, processes.logs()
+    kills, crashes = kill_while_streaming(processes, config, site_queue, sent, state)
 
     expected = expected_readings(sent)
     got = samples(victoria, site_queue.site)
