@@ -30,7 +30,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 
-from bridge.spool import DrainRate, Entry, Spool, SpoolWriter
+from bridge.spool import Entry, Spool, SpoolWriter
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
     DEAD_LETTER_QUEUE,
@@ -45,6 +45,7 @@ from iotpipe.envelope import Envelope, Rejection, Status, decode
 from iotpipe.errors import ConnectError
 from iotpipe.health import HealthServer
 from iotpipe.mqtt import Message, MqttClient
+from iotpipe.pacing import TokenBucket
 from iotpipe.settings import AmqpSettings, MqttSettings, Section
 from iotpipe.topics import STATUS_FILTER, TELEMETRY_FILTER, check_filter, to_routing_key
 
@@ -196,7 +197,7 @@ class Bridge:
         self._pending: deque[Inbound] = deque()
         self._generation = 0
         self._stopping = threading.Event()
-        self._drain_rate = DrainRate(settings.drain_rate)
+        self._drain_rate = TokenBucket(settings.drain_rate, setting="bridge.drain_rate")
         self._amqp_reconnects = 0
 
         self.spool = Spool(

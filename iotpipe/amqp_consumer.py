@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -55,6 +54,7 @@ from iotpipe.amqp import (
     vhost_of,
 )
 from iotpipe.errors import ConfigError, ConnectError
+from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 
 __all__ = ["BatchConsumer", "Delivery", "QueueSpec"]
@@ -216,8 +216,8 @@ class BatchConsumer:
         self.heartbeat = heartbeat
         self.reconnects = 0
         self.epoch = 0
-        self._backoff_min = backoff_min
-        self._backoff_max = backoff_max
+        # The first delay falls in [backoff_min, 2 * backoff_min], none beyond backoff_max.
+        self._backoff = Backoff(2 * backoff_min, backoff_max, jitter=(0.5, 1.0))
         self._server_version = ""
 
         self._connection: Any = None
@@ -235,7 +235,6 @@ class BatchConsumer:
         self._acked_through = 0
         self._settled: set[int] = set()
 
-        self._attempt = 0
         self._next_attempt = 0.0
 
     # -- state --------------------------------------------------------------------------------
@@ -284,7 +283,7 @@ class BatchConsumer:
             try:
                 self._open(min(_CONNECT_TIMEOUT, max(remaining, 0.1)))
             except ConnectError as err:
-                delay = self._backoff()
+                delay = self._backoff.next_delay()
                 if deadline is not None and time.monotonic() + delay >= deadline:
                     raise
                 log.warning(
@@ -292,7 +291,7 @@ class BatchConsumer:
                     "retry_in_s=%.2f",
                     self.url,
                     self.queue.name,
-                    self._attempt,
+                    self._backoff.attempts,
                     err.reason,
                     delay,
                 )
@@ -336,7 +335,7 @@ class BatchConsumer:
         self._server_version = version
         self._connection = connection
         self._channel = channel
-        self._attempt = 0
+        self._backoff.reset()
         if first:
             log.info(
                 "amqp consumer connected url=%s queue=%s type=%s server=%s prefetch=%d",
@@ -557,7 +556,7 @@ class BatchConsumer:
         self._cancelled = False
         if connection is not None:
             _close_quietly(connection)
-        delay = self._backoff()
+        delay = self._backoff.next_delay()
         self._next_attempt = time.monotonic() + delay
         log.warning(
             "amqp consumer connection lost url=%s queue=%s epoch=%d reason=%s dropped=%d "
@@ -580,25 +579,19 @@ class BatchConsumer:
         try:
             self._open(_CONNECT_TIMEOUT)
         except ConnectError as err:
-            delay = self._backoff()
+            delay = self._backoff.next_delay()
             self._next_attempt = time.monotonic() + delay
             log.warning(
                 "amqp consumer reconnect failed url=%s queue=%s attempt=%d reason=%s "
                 "retry_in_s=%.2f",
                 self.url,
                 self.queue.name,
-                self._attempt,
+                self._backoff.attempts,
                 err.reason,
                 delay,
             )
             return False
         return True
-
-    def _backoff(self) -> float:
-        """The next reconnect delay: doubling from backoff_min up to backoff_max, jittered."""
-        ceiling = min(self._backoff_max, 2 * self._backoff_min * 2.0**self._attempt)
-        self._attempt = min(self._attempt + 1, 30)
-        return random.uniform(ceiling / 2, ceiling)
 
     def _wait(self, seconds: float) -> None:
         """Sleep without a connection, in slices so that stop() is noticed."""
