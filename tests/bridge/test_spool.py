@@ -341,6 +341,49 @@ def test_another_sqlite_database_is_not_taken_for_a_spool(path: Path) -> None:
         Spool(path)
 
 
+#: A spool file exactly as the bridge before the shared durable queue wrote it.
+OLD_SPOOL = (
+    "PRAGMA journal_mode=WAL",
+    """
+CREATE TABLE spool (
+    id          INTEGER PRIMARY KEY,  -- drain order; never reused while the process runs
+    received_at REAL    NOT NULL,     -- Unix time the bridge received the message
+    size        INTEGER NOT NULL,     -- accounted bytes: payload + ROW_OVERHEAD
+    exchange    TEXT    NOT NULL,
+    routing_key TEXT    NOT NULL,
+    props,                            -- JSON text (a dict), BLOB (opaque bytes) or NULL
+    body        BLOB    NOT NULL      -- last, so scans of the columns above skip overflow pages
+)
+""",
+    "PRAGMA application_id=1768911984",  # 0x696F7470, "iotp"
+    "PRAGMA user_version=1",
+)
+
+
+def test_a_spool_written_by_the_earlier_bridge_opens_and_drains(path: Path) -> None:
+    """A file from before the shared queue keeps its entries, budget accounting and order."""
+    path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(path, isolation_level=None)
+    for statement in OLD_SPOOL:
+        raw.execute(statement)
+    items = [entry(n) for n in range(3)]
+    raw.executemany(
+        "INSERT INTO spool VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (n + 1, item.received_at, cost(item), item.exchange, item.routing_key, props, item.body)
+            for n, (item, props) in enumerate(zip(items, ['{"a":1}', b"raw", None], strict=True))
+        ],
+    )
+    raw.close()
+    with Spool(path, clock=lambda: 1010.0) as spool:
+        assert (spool.depth, spool.bytes) == (3, sum(cost(item) for item in items))
+        assert spool.oldest_age_seconds == 10.0
+        drained = spool.peek_oldest(10)
+        assert bodies(drained) == [item.body for item in items]
+        assert [item.properties for item in drained] == [{"a": 1}, b"raw", None]
+        assert spool.append_many([entry(3)]) == [4]
+
+
 def test_a_spool_from_a_newer_version_is_refused(path: Path) -> None:
     """A spool file with a newer schema version is refused instead of misread."""
     Spool(path).close()
