@@ -510,7 +510,8 @@ class DurableQueue:
         needed = sum(row[size_at] for row in rows)
         with self._lock:
             conn = self._connection()
-            excess = self._bytes + needed - self.max_bytes
+            # An empty batch (only ``also``'s work) never needs room, even over budget.
+            excess = self._bytes + needed - self.max_bytes if rows else 0
             policy = self.policy
             if excess > 0 and isinstance(policy, PushBack):
                 raise self.layout.full_error(needed, self.free_bytes, self.max_bytes, self._depth)
