@@ -19,9 +19,13 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from iotpipe.errors import ConfigError
+from iotpipe.topics import check_filter
 
 ENV_PREFIX = "IOTPIPE_"
 CONFIG_ENV = "IOTPIPE_CONFIG"
+
+DEFAULT_STORE_URL = "sqlite:///state/telemetry.db"
+"""Where ``iotpipe consume`` writes readings, and ``stats``/``dashboard``/``up`` read them, by default."""
 
 _SECRET_FIELDS = frozenset({"password", "token", "url"})
 
@@ -265,3 +269,25 @@ def load(
         return model.model_validate(data)
     except ValidationError as err:
         raise _describe(section, err) from None
+
+
+class RecordSettings(Section):
+    """The ``[record]`` section: what ``iotpipe record`` subscribes to and where it writes."""
+
+    topics: tuple[str, ...] = Field(
+        ("iotpipe/#",), min_length=1, description="MQTT topic filters to record"
+    )
+    qos: int = Field(
+        1, ge=0, le=2, description="subscription QoS (messages keep their own QoS up to it)"
+    )
+    out: Path | None = Field(None, description="the recording file to create")
+    count: int | None = Field(None, ge=1, description="stop after this many messages")
+    duration: float | None = Field(None, gt=0, description="stop after this many seconds")
+    overwrite: bool = Field(False, description="replace an existing output file")
+
+    @field_validator("topics")
+    @classmethod
+    def _valid_filters(cls, topics: tuple[str, ...]) -> tuple[str, ...]:
+        for topic in topics:
+            check_filter(topic)
+        return topics

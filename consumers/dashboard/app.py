@@ -34,9 +34,9 @@ from starlette.exceptions import HTTPException
 
 from consumers.dashboard import queries
 from consumers.dashboard.queries import MAX_POINTS, MIN_POINTS, ParameterError, QueryError
-from consumers.query_cli import parse_time
 from iotpipe import __version__
 from iotpipe.errors import ConfigError
+from iotpipe.timeparse import parse_time
 
 log = logging.getLogger(__name__)
 
