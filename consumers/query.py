@@ -6,6 +6,11 @@ consumer: readers of a WAL file see the last committed batch. Works on a SQLite 
 
 A file that is missing, is not SQLite, or lacks iotpipe's ``meta`` table gives a
 :class:`~iotpipe.errors.ConfigError` naming the path.
+
+``iotpipe export``/``stats`` (:mod:`consumers.query_cli`) use :func:`iter_readings` and
+:func:`store_stats`; the dashboard (:mod:`consumers.dashboard.queries`) builds on the same
+pieces per request: :func:`open_readonly`, :func:`has_table`, :func:`device_stats` and
+:func:`reading_value`.
 """
 
 from __future__ import annotations
