@@ -24,16 +24,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import Field
 
+from bridge.settings import BridgeSettings
 from bridge.spool import DrainRate, Entry, Spool, SpoolWriter
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
-    DEAD_LETTER_QUEUE,
     TELEMETRY_EXCHANGE,
     ConfirmingPublisher,
     MessageProperties,
@@ -45,39 +43,10 @@ from iotpipe.envelope import Envelope, Rejection, Status, decode
 from iotpipe.errors import ConnectError
 from iotpipe.health import HealthServer
 from iotpipe.mqtt import Message, MqttClient
-from iotpipe.settings import AmqpSettings, MqttSettings, Section
-from iotpipe.topics import STATUS_FILTER, TELEMETRY_FILTER, check_filter, to_routing_key
+from iotpipe.settings import AmqpSettings, MqttSettings
+from iotpipe.topics import to_routing_key
 
 log = logging.getLogger(__name__)
-
-
-class BridgeSettings(Section):
-    """The ``[bridge]`` section."""
-
-    topics: tuple[str, ...] = Field(
-        (TELEMETRY_FILTER, STATUS_FILTER), description="MQTT topic filters to forward"
-    )
-    client_id: str = Field("iotpipe-bridge", min_length=1, description="fixed MQTT client id")
-    shared_group: str = Field(
-        "", description="subscribe as $share/<group>/<filter> (Mosquitto; amqtt has no support)"
-    )
-    window: int = Field(1000, ge=1, le=60_000, description="unconfirmed AMQP publishes at most")
-    dead_letter_queue: str = Field(
-        DEAD_LETTER_QUEUE, max_length=255, description="queue keeping iotpipe.dead; '' = none"
-    )
-    spool_path: Path = Field(Path("state/bridge/spool.db"), description="durable spool file")
-    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024, description="spool budget")
-    spool_durability: Literal["fsync", "process"] = Field(
-        "fsync", description="fsync: survives power loss; process: survives a crash only"
-    )
-    drain_rate: float = Field(2000.0, gt=0, description="spooled messages re-sent per second")
-    http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
-    http_port: int = Field(9181, ge=0, le=65535, description="port of /metrics and /healthz")
-
-    def model_post_init(self, _context: Any) -> None:
-        """Check every topic filter."""
-        for topic in self.topics:
-            check_filter(topic)
 
 
 @dataclass(frozen=True, slots=True)

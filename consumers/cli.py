@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from iotpipe.options import ConfigOption
+from iotpipe.settings import DEFAULT_STORE_URL
 
 _EXAMPLES = """
 
@@ -47,7 +48,7 @@ def consume(
             "--store",
             help="sqlite:///path/telemetry.db (relative), sqlite:////abs/path.db, or "
             "influxdb[s]://host:port (org, bucket, token from \\[influxdb]). "
-            "\\[default: sqlite:///state/telemetry.db]",
+            f"\\[default: {DEFAULT_STORE_URL}]",
             show_default=False,
         ),
     ] = None,

@@ -5,6 +5,11 @@ variables ``IOTPIPE_<SECTION>__<FIELD>`` (``IOTPIPE_MQTT__URL=mqtt://pi:1883``),
 flags. Every section is a frozen model that forbids unknown keys, so a typo in a config file fails
 at start-up instead of being ignored. A bad value raises :class:`~iotpipe.errors.ConfigError`
 naming the field, the value and what is allowed.
+
+This module holds the shared sections (``[mqtt]``, ``[amqp]`` and their TLS), the defaults the
+components share (:data:`DEFAULT_STORE_URL`), and the sections of the core's own commands
+(``[record]``, ``[up]``); each component keeps its sections in its own ``settings`` module
+(:mod:`bridge.settings`, :mod:`consumers.settings`, :mod:`simulator.settings`, ...).
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from iotpipe.errors import ConfigError
+from iotpipe.topics import check_filter
 
 ENV_PREFIX = "IOTPIPE_"
 CONFIG_ENV = "IOTPIPE_CONFIG"
+
+DEFAULT_STORE_URL = "sqlite:///state/telemetry.db"
+"""Where ``iotpipe consume`` writes readings, and ``stats``/``dashboard``/``up`` read them, by default."""
 
 _SECRET_FIELDS = frozenset({"password", "token", "url"})
 
@@ -229,6 +238,41 @@ def _redact(value: str) -> str:
     return value.replace(f":{parts.password}@", ":***@", 1)
 
 
+def section_data(
+    section: str,
+    *,
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A section's raw values, file then environment then flags merged, before validation.
+
+    :func:`load` validates this against the section's model. Code that must not import a
+    component's model (``iotpipe up`` reading ``[consume] store``) reads single keys from it,
+    with the same precedence the component will apply.
+
+    Args:
+        section: the TOML table and environment infix, as for :func:`load`.
+        config_file: a TOML file, or None for the environment and flags only.
+        overrides: command-line flag values; ``None`` means "flag not given".
+        environ: the environment (defaults to ``os.environ``).
+
+    Raises:
+        ConfigError: the file cannot be read, or the section is not a table.
+    """
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        table: Any = read_toml(config_file)
+        for part in section.split("."):
+            table = table.get(part, {}) if isinstance(table, dict) else {}
+        if not isinstance(table, dict):
+            raise ConfigError(section, table, "must be a TOML table")
+        data = table
+    env_section = section.replace(".", "__")
+    data = _merge(data, _env_layer(env_section, os.environ if environ is None else environ))
+    return _merge(data, overrides or {})
+
+
 def load(
     model: type[S],
     section: str,
@@ -250,18 +294,75 @@ def load(
     Raises:
         ConfigError: a value is invalid, or the file cannot be read.
     """
-    data: dict[str, Any] = {}
-    if config_file is not None:
-        table: Any = read_toml(config_file)
-        for part in section.split("."):
-            table = table.get(part, {}) if isinstance(table, dict) else {}
-        if not isinstance(table, dict):
-            raise ConfigError(section, table, "must be a TOML table")
-        data = table
-    env_section = section.replace(".", "__")
-    data = _merge(data, _env_layer(env_section, os.environ if environ is None else environ))
-    data = _merge(data, overrides or {})
+    data = section_data(section, config_file=config_file, overrides=overrides, environ=environ)
     try:
         return model.model_validate(data)
     except ValidationError as err:
         raise _describe(section, err) from None
+
+
+# -- the core's commands ---------------------------------------------------------------------
+
+
+class RecordSettings(Section):
+    """The ``[record]`` section: what ``iotpipe record`` subscribes to and where it writes."""
+
+    topics: tuple[str, ...] = Field(
+        ("iotpipe/#",), min_length=1, description="MQTT topic filters to record"
+    )
+    qos: int = Field(
+        1, ge=0, le=2, description="subscription QoS (messages keep their own QoS up to it)"
+    )
+    out: Path | None = Field(None, description="the recording file to create")
+    count: int | None = Field(None, ge=1, description="stop after this many messages")
+    duration: float | None = Field(None, gt=0, description="stop after this many seconds")
+    overwrite: bool = Field(False, description="replace an existing output file")
+
+    @field_validator("topics")
+    @classmethod
+    def _valid_filters(cls, topics: tuple[str, ...]) -> tuple[str, ...]:
+        for topic in topics:
+            check_filter(topic)
+        return topics
+
+
+class UpSettings(Section):
+    """The ``[up]`` section: what ``iotpipe up`` starts, on which ports, and how long it waits."""
+
+    state_dir: Path = Field(Path("state"), description="logs, components.json, private RabbitMQ")
+    edge_broker: Literal["amqtt", "mosquitto"] = Field("amqtt", description="broker to start")
+    mqtt_host: str = Field("127.0.0.1", description="address the started edge broker listens on")
+    mqtt_port: int = Field(1884, ge=1, le=65535, description="port of the started edge broker")
+    rabbitmq: Literal["auto", "private", "external"] = Field(
+        "auto", description="auto: configured or local one, else a private node"
+    )
+    rabbitmq_port: int = Field(5673, ge=1, le=65535, description="AMQP port of a private node")
+    rabbitmq_dist_port: int = Field(25673, ge=1, le=65535, description="its Erlang dist port")
+    bridge_http_port: int = Field(9181, ge=1, le=65535, description="bridge /metrics, /healthz")
+    consumer_http_port: int = Field(9182, ge=1, le=65535, description="consumer /metrics, /healthz")
+    dashboard: bool = Field(True, description="serve the web dashboard on the consumer's store")
+    dashboard_port: int = Field(8080, ge=1, le=65535, description="port of the web dashboard")
+    simulator: bool = Field(True, description="run a simulated fleet")
+    sites: int = Field(2, ge=1, le=1000, description="simulated sites")
+    devices: int = Field(3, ge=1, le=10_000, description="simulated devices per site")
+    rate: str = Field("1", description="samples per second per device (0.1-100) or 'max'")
+    faults: dict[str, float] = Field(
+        {"duplicate": 0.02, "malformed": 0.01, "mismatch": 0.01},
+        description="simulator fault injection (see iotpipe simulate --fault)",
+    )
+    start_timeout: float = Field(60.0, gt=0, description="seconds a component may take to start")
+    drain_timeout: float = Field(10.0, ge=0, description="seconds to wait for the bridge to drain")
+    refresh: float = Field(1.0, ge=0.2, le=60, description="seconds between live view updates")
+
+    @field_validator("rate")
+    @classmethod
+    def _valid_rate(cls, value: str) -> str:
+        if value == "max":
+            return value
+        try:
+            hz = float(value)
+        except ValueError:
+            raise ValueError("expected a number of samples per second or 'max'") from None
+        if not 0.1 <= hz <= 100:
+            raise ValueError("expected 0.1 to 100 samples per second, or 'max'")
+        return value

@@ -28,7 +28,7 @@ from typing import Self
 from iotpipe.errors import ConnectError
 from iotpipe.mqtt import Message, MqttClient
 from iotpipe.recording import RecordedMessage, read_recording
-from iotpipe.recording_cli import replay_messages
+from iotpipe.replay import replay_messages
 from iotpipe.settings import MqttSettings
 
 __all__ = ["Capture", "ReplayResult", "ReplayTimeoutError", "replay_and_wait"]

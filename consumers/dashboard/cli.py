@@ -19,10 +19,10 @@ from typing import Annotated
 
 import typer
 
-from consumers.query_cli import store_path
-from consumers.settings import InfluxTarget
+from consumers.settings import InfluxTarget, store_path
 from iotpipe.errors import ConfigError
 from iotpipe.options import ConfigOption
+from iotpipe.settings import DEFAULT_STORE_URL
 
 __all__ = ["dashboard"]
 
@@ -67,7 +67,7 @@ def dashboard(
         typer.Option(
             "--store",
             help="SQLite store: sqlite:///relative.db, sqlite:////abs.db or a file path. "
-            "\\[default: \\[consume] store of --config, else sqlite:///state/telemetry.db]",
+            f"\\[default: \\[consume] store of --config, else {DEFAULT_STORE_URL}]",
             show_default=False,
         ),
     ] = None,
@@ -98,9 +98,9 @@ def dashboard(
             "(configs/grafana/, docs/grafana.md)",
         )
     if location.exists():
-        from consumers.query import _open_readonly
+        from consumers.query import open_readonly
 
-        _open_readonly(location).close()  # refuse a foreign or newer file now, not per request
+        open_readonly(location).close()  # refuse a foreign or newer file now, not per request
     else:
         typer.echo(
             f"iotpipe: store {location} does not exist yet; the dashboard shows it once "

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from bridge.service import Bridge, BridgeSettings, route
+from bridge.service import Bridge, route
+from bridge.settings import BridgeSettings
 from iotpipe.amqp import DEAD_EXCHANGE, TELEMETRY_EXCHANGE
 from iotpipe.mqtt import Message, MqttClient
 from iotpipe.settings import AmqpSettings, MqttSettings, load
