@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 # pika ships no type information; everything taken from it stays inside this module.
@@ -67,6 +67,8 @@ __all__ = [
     "ConfirmingPublisher",
     "MessageProperties",
     "Outcome",
+    "Publisher",
+    "PublisherFactory",
     "ResultHandler",
     "dead_letter_properties",
     "declare_topology",
@@ -138,6 +140,54 @@ class MessageProperties:
     timestamp: int | None = None
     app_id: str | None = None
     headers: Mapping[str, str] | None = None
+
+
+class Publisher(Protocol):
+    """What the bridge needs of :class:`ConfirmingPublisher`: its seam to RabbitMQ.
+
+    :class:`iotpipe.testing.MemoryPublisher` is the in-memory one. Outcomes reach the
+    ``on_result`` handler the publisher was built with, one per published message.
+    """
+
+    @property
+    def connected(self) -> bool:
+        """Whether messages published now go to the broker (else they wait in the queue)."""
+        ...
+
+    @property
+    def pending(self) -> int:
+        """Messages not yet settled: waiting in the queue plus published and unconfirmed."""
+        ...
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was re-established."""
+        ...
+
+    def start(self, timeout: float | None = ..., *, retry: bool = ...) -> None:
+        """Connect and wait until ready (raises ConnectError; with ``retry`` keeps trying)."""
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: MessageProperties | bytes,
+        token: object,
+    ) -> None:
+        """Queue one message; ``on_result(token, outcome)`` follows exactly once."""
+
+    def withdraw(self) -> list[object]:
+        """Take back the messages still waiting in the queue (never sent); their tokens."""
+        ...
+
+    def close(self, timeout: float = ...) -> bool:
+        """Wait for outstanding confirms, then disconnect; True if everything was settled."""
+        ...
+
+
+#: Builds the publisher that reports each outcome to the given handler.
+PublisherFactory = Callable[[ResultHandler], Publisher]
 
 
 def telemetry_properties(

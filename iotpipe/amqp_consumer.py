@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 # pika ships no type information; everything taken from it stays inside this module.
 import pika  # type: ignore[import-untyped]
@@ -57,7 +57,7 @@ from iotpipe.amqp import (
 from iotpipe.errors import ConfigError, ConnectError
 from iotpipe.settings import AmqpSettings
 
-__all__ = ["BatchConsumer", "Delivery", "QueueSpec"]
+__all__ = ["BatchConsumer", "Delivery", "DeliverySource", "QueueSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,50 @@ class Delivery:
     delivery_count: int
     timestamp: int | None = None
     app_id: str | None = None
+
+
+class DeliverySource(Protocol):
+    """What the store consumer needs of :class:`BatchConsumer`: its seam to RabbitMQ.
+
+    :class:`iotpipe.testing.MemorySource` is the in-memory one. Settling a delivery of an older
+    connection (``epoch``) does nothing: the broker hands it out again.
+    """
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is open and the consumer registered."""
+        ...
+
+    @property
+    def reconnects(self) -> int:
+        """Connections re-established after a loss."""
+        ...
+
+    def connect(self, timeout: float | None = ..., *, retry: bool = ...) -> None:
+        """Connect and start consuming (raises ConnectError; with ``retry`` keeps trying)."""
+
+    def next_batch(self, max_messages: int, max_wait: float) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, or what arrived within ``max_wait`` of the first."""
+        ...
+
+    def ack_through(self, last: Delivery) -> None:
+        """Acknowledge ``last`` and every earlier unsettled delivery of its connection."""
+
+    def requeue(self, d: Delivery) -> None:
+        """Return one delivery to the queue (counts towards the delivery limit)."""
+
+    def dead_letter(self, d: Delivery, reason: str, error: str) -> bool:
+        """Send ``d`` to the dead-letter exchange, then acknowledge it; True once confirmed."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait while keeping the connection alive; returns early after :meth:`stop`."""
+
+    def stop(self) -> None:
+        """Make waiting calls return promptly (safe from any thread or a signal handler)."""
+
+    def close(self) -> None:
+        """Close the connection; what was not acknowledged goes back to the queue."""
 
 
 class BatchConsumer:

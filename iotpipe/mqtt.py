@@ -22,6 +22,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -66,6 +67,43 @@ class Will:
 
 
 MessageHandler = Callable[[Message], object]
+
+
+class Subscriber(Protocol):
+    """What a service that receives with manual acknowledgements needs of :class:`MqttClient`.
+
+    The bridge's seam to its MQTT broker; :class:`iotpipe.testing.MemorySubscriber` is the
+    in-memory one. Messages reach the ``on_message`` handler the client was built with, from
+    inside :meth:`pump`, on the caller's thread.
+    """
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker accepted our CONNECT and the link is up."""
+        ...
+
+    def connect(self, timeout: float = ...) -> None:
+        """Connect and wait for the broker to accept us (raises ConnectError)."""
+
+    def subscribe(self, filters: Iterable[tuple[str, int]], timeout: float = ...) -> list[int]:
+        """Subscribe and wait for the SUBACK; the granted QoS per filter (raises ConnectError)."""
+        ...
+
+    def pump(self, timeout: float = ...) -> None:
+        """Run the network loop once, delivering messages (raises ConnectError when lost)."""
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a received message (PUBACK)."""
+
+    def reconnect(self, deadline: float) -> None:
+        """Re-establish a lost connection before ``deadline`` (monotonic), or raise ConnectError."""
+
+    def disconnect(self) -> None:
+        """Disconnect cleanly."""
+
+
+#: Builds the subscriber that hands each message to the given handler.
+SubscriberFactory = Callable[[MessageHandler], Subscriber]
 
 _READ_SIZE = 65536
 
