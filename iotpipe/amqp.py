@@ -48,6 +48,7 @@ from pika import exceptions as pika_errors
 from pika.adapters.select_connection import IOLoop  # type: ignore[import-untyped]
 from pika.adapters.utils import connection_workflow as pika_workflow  # type: ignore[import-untyped]
 
+from iotpipe import compat
 from iotpipe.errors import ConnectError
 from iotpipe.settings import AmqpSettings
 from iotpipe.topics import Kind
@@ -334,11 +335,10 @@ def _header_table(items: tuple[tuple[str, str], ...]) -> bytes:
     return _PACK_U32(len(table)) + table
 
 
-# pika's private hook: ``Connection._send_message()`` marshals a publish's frames and hands them
-# to ``_output_marshaled_frames(frames)``, which counts them and writes each one to the transport.
-# Verified against pika 1.4.4 (pinned exactly in pyproject.toml). Fallback: without the hook,
-# hold() and release() do nothing and every frame is written the way pika does it.
-_CAN_BATCH = callable(getattr(pika.connection.Connection, "_output_marshaled_frames", None))
+# pika's private hook (see iotpipe.compat): frames go out through
+# ``Connection._output_marshaled_frames``, overridden below. Fallback: without it, hold() and
+# release() do nothing and every frame is written the way pika does it.
+_CAN_BATCH = compat.pika_can_batch()
 
 
 class _BatchingConnection(pika.SelectConnection):  # type: ignore[misc]
@@ -411,9 +411,20 @@ def vhost_of(path: str) -> str:
     return unquote(path[1:])
 
 
-def _connection_parameters(
+def connection_parameters(
     settings: AmqpSettings, *, timeout: float, heartbeat: int | None, name: str
 ) -> Any:
+    """pika's ``ConnectionParameters`` for ``settings`` (credentials, TLS, vhost, one attempt).
+
+    For the two modules that talk to pika (this one and ``iotpipe.amqp_consumer``); it is not
+    in ``__all__``, whose API carries no pika types.
+
+    Args:
+        settings: URL and TLS material.
+        timeout: socket and handshake limit in seconds.
+        heartbeat: AMQP heartbeat in seconds; None accepts the broker's proposal.
+        name: the connection name shown in RabbitMQ's management UI.
+    """
     url = settings.broker
     password = url.password.get_secret_value() if url.password is not None else ""
     credentials = (
@@ -741,7 +752,7 @@ class ConfirmingPublisher:
         self._reconnect_timer = None
         if self._closing:
             return
-        params = _connection_parameters(
+        params = connection_parameters(
             self.settings,
             timeout=self._connect_timeout,
             heartbeat=self._heartbeat,
