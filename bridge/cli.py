@@ -199,7 +199,7 @@ def bridge(
         config_file=path,
         overrides={"spool_path": spool, "http_port": http_port},
     )
-    service = Bridge(mqtt_settings, amqp_settings, settings)
+    service = Bridge.from_settings(mqtt_settings, amqp_settings, settings)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.stop())
     typer.echo(

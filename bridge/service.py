@@ -36,13 +36,15 @@ from iotpipe.amqp import (
     ConfirmingPublisher,
     MessageProperties,
     Outcome,
+    PublisherFactory,
+    ResultHandler,
     dead_letter_properties,
     telemetry_properties,
 )
 from iotpipe.envelope import Envelope, Rejection, Status, decode
 from iotpipe.errors import ConnectError
 from iotpipe.health import HealthServer
-from iotpipe.mqtt import Message, MqttClient
+from iotpipe.mqtt import Message, MessageHandler, MqttClient, SubscriberFactory
 from iotpipe.settings import AmqpSettings, MqttSettings
 from iotpipe.topics import to_routing_key
 
@@ -144,14 +146,30 @@ class BridgeMetrics:
 
 
 class Bridge:
-    """Forward MQTT telemetry and status to RabbitMQ; see the module docstring."""
+    """Forward MQTT telemetry and status to RabbitMQ; see the module docstring.
+
+    The bridge builds neither of its clients: it is handed a factory for each, which it calls
+    with its own handler, and an open spool. :meth:`from_settings` wires the real ones
+    (``MqttClient``, ``ConfirmingPublisher``, the SQLite spool); tests wire the in-memory ones
+    of :mod:`iotpipe.testing`.
+
+    Args:
+        settings: the ``[bridge]`` section.
+        subscriber: builds the MQTT client (fixed client id, persistent session, manual acks)
+            that hands every message to the handler it is given.
+        publisher: builds the AMQP publisher (window ``settings.window``, declaring
+            ``settings.dead_letter_queue``) that reports every outcome to the handler given.
+        spool: the open spool; the bridge closes it when it stops.
+        serve_http: serve ``/metrics`` and ``/healthz`` while running.
+    """
 
     def __init__(
         self,
-        mqtt: MqttSettings,
-        amqp: AmqpSettings,
         settings: BridgeSettings,
         *,
+        subscriber: SubscriberFactory,
+        publisher: PublisherFactory,
+        spool: Spool,
         serve_http: bool = True,
     ) -> None:
         self.settings = settings
@@ -168,31 +186,15 @@ class Bridge:
         self._drain_rate = DrainRate(settings.drain_rate)
         self._amqp_reconnects = 0
 
-        self.spool = Spool(
-            settings.spool_path,
-            max_bytes=settings.spool_max_bytes,
-            durability=settings.spool_durability,
-        )
+        self.spool = spool
         self._spool_writer: SpoolWriter[Inbound] = SpoolWriter(
             self.spool,
             on_committed=self._on_committed,
             on_error=self._on_spool_error,
             name="iotpipe-spool",
         )
-        self.publisher = ConfirmingPublisher(
-            amqp,
-            on_result=self._on_result,
-            window=settings.window,
-            dead_letter_queue=settings.dead_letter_queue,
-        )
-        self.mqtt = MqttClient(
-            mqtt,
-            client_id=settings.client_id,
-            clean_session=False,
-            manual_ack=True,
-            on_message=self._on_message,
-            max_inflight=1000,
-        )
+        self.publisher = publisher(self._on_result)
+        self.mqtt = subscriber(self._on_message)
         self._http = (
             HealthServer(settings.http_host, settings.http_port, self.metrics.registry, self.health)
             if serve_http
@@ -202,6 +204,52 @@ class Bridge:
         self.metrics.spool_depth.set_function(lambda: self.spool.depth)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.metrics.unacked.set_function(lambda: len(self._pending))
+
+    @classmethod
+    def from_settings(
+        cls,
+        mqtt: MqttSettings,
+        amqp: AmqpSettings,
+        settings: BridgeSettings,
+        *,
+        serve_http: bool = True,
+    ) -> Bridge:
+        """A bridge with the real clients: paho to ``mqtt``, pika to ``amqp``, the SQLite spool.
+
+        Raises:
+            SpoolError: the spool file cannot be opened (as :class:`Spool` says).
+        """
+
+        def subscriber(on_message: MessageHandler) -> MqttClient:
+            return MqttClient(
+                mqtt,
+                client_id=settings.client_id,
+                clean_session=False,
+                manual_ack=True,
+                on_message=on_message,
+                max_inflight=1000,
+            )
+
+        def publisher(on_result: ResultHandler) -> ConfirmingPublisher:
+            return ConfirmingPublisher(
+                amqp,
+                on_result=on_result,
+                window=settings.window,
+                dead_letter_queue=settings.dead_letter_queue,
+            )
+
+        spool = Spool(
+            settings.spool_path,
+            max_bytes=settings.spool_max_bytes,
+            durability=settings.spool_durability,
+        )
+        return cls(
+            settings,
+            subscriber=subscriber,
+            publisher=publisher,
+            spool=spool,
+            serve_http=serve_http,
+        )
 
     # -- outcomes from other threads ------------------------------------------------------
 

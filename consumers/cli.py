@@ -86,7 +86,7 @@ def consume(
     flags: dict[str, Any] = {"store": store, "queue": queue, "http_port": http_port}
     settings = load(ConsumeSettings, "consume", config_file=path, overrides=flags)
     influx = load(InfluxSettings, "influxdb", config_file=path)
-    service = Consumer(amqp_settings, settings, open_store(settings, influx))
+    service = Consumer.from_settings(amqp_settings, settings, open_store(settings, influx))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.stop())
     typer.echo(

@@ -9,13 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("iotpipe", "edge", "bridge", "consumers", "simulator")
 
+
 # (importing module, name): private hooks another change is moving behind a public seam.
 # Remove an entry when its import is gone; the stale-entry test below insists on it.
-KNOWN: frozenset[tuple[str, str]] = frozenset(
-    {("iotpipe/amqp_consumer.py", "_connection_parameters")}
-)
-
-
 def _modules() -> Iterator[Path]:
     for package in PACKAGES:
         yield from sorted((ROOT / package).rglob("*.py"))
@@ -60,14 +56,8 @@ def _private_imports() -> set[tuple[str, str]]:
 
 def test_no_private_name_is_imported_from_another_module() -> None:
     """Production modules import only public names from iotpipe and the components."""
-    unexpected = sorted(_private_imports() - KNOWN)
+    unexpected = sorted(_private_imports())
     assert not unexpected, f"private names imported across modules: {unexpected}"
-
-
-def test_known_private_imports_are_still_there() -> None:
-    """Every allowed exception still exists, so the list shrinks as the imports go."""
-    stale = sorted(KNOWN - _private_imports())
-    assert not stale, f"remove from KNOWN, the import is gone: {stale}"
 
 
 def test_only_cli_modules_import_cli_modules() -> None:

@@ -166,7 +166,7 @@ def _running_bridge(
         spool_path=tmp_path / "spool.db",
         http_port=0,
     )
-    bridge = Bridge(
+    bridge = Bridge.from_settings(
         MqttSettings(url=mosquitto_broker.url), AmqpSettings(url=rabbitmq_url), settings
     )
     thread = threading.Thread(target=bridge.run, name="test-bridge")
@@ -422,7 +422,7 @@ def test_two_bridges_split_a_shared_subscription(
                 spool_path=tmp_path / f"spool-{n}.db",
                 http_port=0,
             )
-            bridge = Bridge(
+            bridge = Bridge.from_settings(
                 MqttSettings(url=mosquitto_broker.url), AmqpSettings(url=rabbitmq_url), settings
             )
             thread = threading.Thread(target=bridge.run, name=f"test-bridge-{n}")
