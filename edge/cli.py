@@ -28,8 +28,7 @@ COMMANDS = {
     ),
     "flash": LazyCommand(
         "edge.cli_flash:flash",
-        "Make a ready-to-boot edge image: an official Raspberry Pi OS image plus first-boot "
-        "setup.",
+        "Make a ready-to-boot edge image: an official Raspberry Pi OS image plus first-boot setup.",
     ),
     "seed": LazyCommand(
         "edge.cli_flash:seed",

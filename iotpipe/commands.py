@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
-import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 __all__ = ["LazyCommand", "LazyGroup", "load_command"]
 
@@ -34,7 +33,7 @@ class LazyCommand(NamedTuple):
     summary: str
 
 
-def load_command(name: str, target: str) -> click.Command:
+def load_command(name: str, target: str) -> TyperCommand | TyperGroup:
     """Import ``target`` and turn it into the click command ``name``."""
     module_name, _, attr = target.partition(":")
     obj: Any = getattr(importlib.import_module(module_name), attr)
@@ -46,7 +45,7 @@ def load_command(name: str, target: str) -> click.Command:
         rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False
     )
     single.command(name)(obj)
-    return typer.main.get_command(single)
+    return cast("TyperCommand", typer.main.get_command(single))
 
 
 class LazyGroup(TyperGroup):
@@ -61,15 +60,18 @@ class LazyGroup(TyperGroup):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._loaded: dict[str, click.Command] = {}
+        self._loaded: dict[str, TyperCommand | TyperGroup] = {}
         self._listing = False
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    # typer vendors click (typer._click) without a public name for its Context and
+    # HelpFormatter, hence the Any parameters below.
+
+    def list_commands(self, ctx: Any) -> list[str]:
         """Eager commands, then the lazy table."""
         eager = [name for name in self.commands if name not in self.lazy_commands]
         return eager + list(self.lazy_commands)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
         """The command ``cmd_name``, imported now unless only its summary is wanted."""
         entry = self.lazy_commands.get(cmd_name)
         if entry is None:
@@ -77,11 +79,11 @@ class LazyGroup(TyperGroup):
         if cmd_name in self._loaded:
             return self._loaded[cmd_name]
         if self._listing:
-            return click.Command(cmd_name, help=entry.summary, short_help=entry.summary)
+            return TyperCommand(cmd_name, help=entry.summary, short_help=entry.summary)
         command = self._loaded[cmd_name] = load_command(cmd_name, entry.target)
         return command
 
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help(self, ctx: Any, formatter: Any) -> None:
         """The group's help, listing lazy commands by their summaries (nothing imported)."""
         self._listing = True
         try:

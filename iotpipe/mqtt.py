@@ -27,8 +27,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
+from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
-from iotpipe.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 

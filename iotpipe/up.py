@@ -429,7 +429,7 @@ class Pipeline:
     @property
     def edge_started(self) -> bool:
         """Whether we start the edge broker (no --mqtt / [mqtt] url given)."""
-        return "url" not in self.mqtt.model_fields_set
+        return "url" not in self.mqtt.fields_set
 
     def start(self) -> None:
         """Start every component in order and wait until each is ready."""
