@@ -16,7 +16,6 @@ import pytest
 import smbus2
 from hypothesis import given
 from hypothesis import strategies as st
-from iotpipe.errors import ConfigError
 
 from edge.sensors.base import SensorError
 from edge.sensors.bme280 import (
@@ -33,6 +32,7 @@ from edge.sensors.bme280 import (
     compensate_temperature,
     compensate_temperature_double,
 )
+from iotpipe.errors import ConfigError
 from tests.edge.fixtures import fixed_clock
 
 #: The datasheet's T and P trimming values; H values of a typical chip (no published example).

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from iotpipe.errors import ConfigError
 
 from edge.sensors.base import Sample, SensorError
 from edge.sensors.dht22 import DHT22Config, DHT22Driver
+from iotpipe.errors import ConfigError
 from tests.edge.fixtures import fixed_clock
 
 T0 = fixed_clock()

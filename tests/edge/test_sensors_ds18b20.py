@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from iotpipe.errors import ConfigError
 
 from edge.sensors.base import Sample, SensorError
 from edge.sensors.ds18b20 import DS18B20Config, parse_w1_slave
+from iotpipe.errors import ConfigError
 from tests.edge.fixtures import PROBE_A, PROBE_B, W1_GOOD, copy_tree, fixed_clock
 
 T0 = fixed_clock()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from iotpipe.errors import ConfigError
 
 from edge.sensors.simulated import SimulatedConfig
+from iotpipe.errors import ConfigError
 from tests.edge.fixtures import fixed_clock
 
 T0 = fixed_clock()
