@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from iotpipe.testing import Capture
+from tests.conftest import BrokerInfo, wait_for
+from tests.edge.conftest import Subscriber
 
 #: The installed ``iotpipe`` script of this interpreter: the agent's one entry point.
 IOTPIPE = str(Path(sys.executable).with_name("iotpipe"))
-from tests.conftest import BrokerInfo, wait_for
-from tests.edge.conftest import Subscriber
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.mosquitto, pytest.mark.slow]
 
