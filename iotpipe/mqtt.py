@@ -29,8 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from iotpipe import compat
+from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
-from iotpipe.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 

@@ -45,6 +45,7 @@ from rich.text import Text
 
 from iotpipe.errors import ConfigError, ConnectError, IotpipeError
 from iotpipe.options import ConfigOption
+from iotpipe.schema import layered
 from iotpipe.settings import (
     DEFAULT_STORE_URL,
     AmqpSettings,
@@ -52,7 +53,6 @@ from iotpipe.settings import (
     UpSettings,
     config_path,
     load,
-    section_data,
 )
 from iotpipe.status import COMPONENTS_FILE, Probe, accepting, counters, probe
 
@@ -387,7 +387,7 @@ class Pipeline:
     @property
     def edge_started(self) -> bool:
         """Whether we start the edge broker (no --mqtt / [mqtt] url given)."""
-        return "url" not in self.mqtt.model_fields_set
+        return "url" not in self.mqtt.fields_set
 
     def start(self) -> None:
         """Start every component in order and wait until each is ready."""
@@ -822,7 +822,7 @@ def _mosquitto_binary() -> str:
 
 def _consumer_store(config: Path | None) -> str:
     """The store ``iotpipe consume`` will use without ``--store``: env, else file, else default."""
-    store = section_data("consume", config_file=config).get("store")
+    store = layered("consume", config_file=config).get("store")
     return store if isinstance(store, str) and store else DEFAULT_STORE_URL
 
 
