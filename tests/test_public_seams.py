@@ -43,7 +43,7 @@ def _is_private(name: str) -> bool:
 
 def _is_cli(module: str) -> bool:
     leaf = module.rsplit(".", 1)[-1]
-    return leaf == "cli" or leaf.endswith("_cli")
+    return leaf in {"cli", "__main__"} or leaf.endswith("_cli")
 
 
 def _private_imports() -> set[tuple[str, str]]:
