@@ -360,8 +360,16 @@ class Consumer:
                 reason,
                 error,
             )
-        # Confirmed and acked, or the connection dropped and it will come back: either way it
-        # is not ours to acknowledge any more.
+        else:
+            # Not confirmed (nothing bound to the dead-letter exchange, a nack, or the connection
+            # dropped): requeue it so the batch's multiple ack does not drop it. On a quorum queue
+            # the requeue counts towards the delivery limit, after which RabbitMQ dead-letters it.
+            log.warning(
+                "dead letter of id=%s not confirmed (reason=%s): requeued",
+                delivery.message_id,
+                reason,
+            )
+            self.amqp.requeue(delivery)
         settled.add(delivery.tag)
 
     def _prune(self) -> None:

@@ -123,6 +123,21 @@ def test_contract_breaks_are_dead_lettered_and_the_rest_of_the_batch_stored(
     assert consumer.dead_lettered == 1
 
 
+def test_an_unconfirmed_dead_letter_is_requeued_not_acknowledged(tmp_path: Path) -> None:
+    """A dead letter the broker did not confirm leaves its message requeued, never acked away."""
+    consumer, source, _store = make(tmp_path)
+    source.dead_letters_confirmed = False
+    add(source, 1)
+    source.add(KEY, b"{not json", message_id="broken")
+    add(source, 2)
+    consumer.process(source.next_batch(10, 0))
+    assert source.requeued == [2]
+    assert 2 not in source.acked
+    assert sorted(source.acked) == [1, 3]
+    assert source.unsettled == []
+    assert consumer.dead_lettered == 0
+
+
 def test_a_store_outage_holds_the_batch_unacknowledged_until_the_store_is_back(
     tmp_path: Path,
 ) -> None:
