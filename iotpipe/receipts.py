@@ -22,6 +22,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ALL_RECEIPTS",
+    "CAPABILITY_TOPIC",
+    "EXCHANGE",
     "MAX_BOOTS",
     "MAX_RANGES",
     "BootReceipt",
@@ -30,7 +33,27 @@ __all__ = [
     "SeqSet",
     "decode_receipt",
     "encode_receipt",
+    "receipt_routing_key",
+    "receipt_topic",
 ]
+
+#: AMQP exchange (topic, durable) consumers publish receipts to; routing keys mirror the topic.
+EXCHANGE = "iotpipe.receipts"
+#: Retained MQTT topic where a bridge that carries receipts says so (agents read it).
+CAPABILITY_TOPIC = "iotpipe/v1/pipeline"
+#: Binding that matches every device's receipt routing key.
+ALL_RECEIPTS = "iotpipe.v1.*.*.receipt"
+
+
+def receipt_topic(site: str, device: str) -> str:
+    """``iotpipe/v1/{site}/{device}/receipt``: where a device's receipts are published."""
+    return f"iotpipe/v1/{site}/{device}/receipt"
+
+
+def receipt_routing_key(site: str, device: str) -> str:
+    """``iotpipe.v1.{site}.{device}.receipt``: the receipt topic as an AMQP routing key."""
+    return f"iotpipe.v1.{site}.{device}.receipt"
+
 
 #: Receipt entries (boots) in one receipt at most.
 MAX_BOOTS = 16
