@@ -52,12 +52,11 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_validator,
 )
 
+from bridge.settings import BrokerSettings
 from iotpipe.errors import ConfigError
-from iotpipe.settings import Section
 from iotpipe.topics import check_filter, is_valid_name
 
 if TYPE_CHECKING:
@@ -69,7 +68,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Acl",
     "AclRule",
-    "BrokerSettings",
     "BrokerStats",
     "BrokerThread",
     "EmbeddedBroker",
@@ -83,57 +81,6 @@ __all__ = [
     "load_acl",
     "run",
 ]
-
-
-# -- settings ---------------------------------------------------------------------------------
-
-
-class BrokerSettings(Section):
-    """The ``[broker]`` section: how ``iotpipe broker`` listens and whom it lets in."""
-
-    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 = every interface)")
-    port: int = Field(1883, ge=1, le=65535, description="TCP port for MQTT")
-    password_file: Path | None = Field(
-        None,
-        description="user:argon2-hash file; when set, clients without valid credentials are refused",
-    )
-    acl_file: Path | None = Field(None, description="TOML ACL (needs password_file)")
-    session_expiry: int = Field(
-        0,
-        ge=0,
-        description="forget a disconnected persistent session after this many seconds; 0 = never",
-    )
-    max_queued_messages: int = Field(
-        10_000,
-        ge=0,
-        description="QoS>0 messages kept per disconnected session (oldest dropped); 0 = no limit",
-    )
-
-    @field_validator("host")
-    @classmethod
-    def _plain_host(cls, value: str) -> str:
-        if not value:
-            raise ValueError("must not be empty")
-        if ":" in value:
-            # amqtt 0.12 passes "[::1]" to the socket layer with its brackets and cannot bind it.
-            raise ValueError(
-                "IPv6 addresses are not supported by amqtt 0.12; use an IPv4 address or a name"
-            )
-        return value
-
-    @field_validator("acl_file")
-    @classmethod
-    def _acl_needs_auth(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is not None and info.data.get("password_file") is None:
-            raise ValueError(
-                "needs password_file too: without authentication a username is a claim"
-            )
-        return value
-
-    @property
-    def url(self) -> str:
-        """The ``mqtt://host:port`` URL clients should use."""
-        return f"mqtt://{self.host}:{self.port}"
 
 
 # -- ACL --------------------------------------------------------------------------------------

@@ -89,8 +89,9 @@ def broker(
     MQTT 3.1.1 only; sessions, queued and retained messages live in memory and are lost on restart.
     For production sites use Mosquitto (configs/mosquitto/). SIGTERM or Ctrl-C stops it cleanly.
     """
-    from bridge.broker import BrokerSettings, run
     from bridge.broker import add_user as write_user
+    from bridge.broker import run
+    from bridge.settings import BrokerSettings
 
     flags: dict[str, Any] = {
         "host": host,
@@ -185,7 +186,8 @@ def bridge(
     """
     import signal
 
-    from bridge.service import Bridge, BridgeSettings
+    from bridge.service import Bridge
+    from bridge.settings import BridgeSettings
     from iotpipe.settings import AmqpSettings, MqttSettings
 
     path = config_path(config)
@@ -197,7 +199,7 @@ def bridge(
         config_file=path,
         overrides={"spool_path": spool, "http_port": http_port},
     )
-    service = Bridge(mqtt_settings, amqp_settings, settings)
+    service = Bridge.from_settings(mqtt_settings, amqp_settings, settings)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.stop())
     typer.echo(

@@ -24,61 +24,32 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import Field
 
+from bridge.settings import BridgeSettings
 from bridge.spool import Entry, Spool, SpoolWriter
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
-    DEAD_LETTER_QUEUE,
     TELEMETRY_EXCHANGE,
     ConfirmingPublisher,
     MessageProperties,
     Outcome,
+    PublisherFactory,
+    ResultHandler,
     dead_letter_properties,
     telemetry_properties,
 )
 from iotpipe.envelope import Envelope, Rejection, Status, decode
 from iotpipe.errors import ConnectError
 from iotpipe.health import HealthServer
-from iotpipe.mqtt import Message, MqttClient
+from iotpipe.mqtt import Message, MessageHandler, MqttClient, SubscriberFactory
 from iotpipe.pacing import TokenBucket
-from iotpipe.settings import AmqpSettings, MqttSettings, Section
-from iotpipe.topics import STATUS_FILTER, TELEMETRY_FILTER, check_filter, to_routing_key
+from iotpipe.settings import AmqpSettings, MqttSettings
+from iotpipe.topics import to_routing_key
 
 log = logging.getLogger(__name__)
-
-
-class BridgeSettings(Section):
-    """The ``[bridge]`` section."""
-
-    topics: tuple[str, ...] = Field(
-        (TELEMETRY_FILTER, STATUS_FILTER), description="MQTT topic filters to forward"
-    )
-    client_id: str = Field("iotpipe-bridge", min_length=1, description="fixed MQTT client id")
-    shared_group: str = Field(
-        "", description="subscribe as $share/<group>/<filter> (Mosquitto; amqtt has no support)"
-    )
-    window: int = Field(1000, ge=1, le=60_000, description="unconfirmed AMQP publishes at most")
-    dead_letter_queue: str = Field(
-        DEAD_LETTER_QUEUE, max_length=255, description="queue keeping iotpipe.dead; '' = none"
-    )
-    spool_path: Path = Field(Path("state/bridge/spool.db"), description="durable spool file")
-    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024, description="spool budget")
-    spool_durability: Literal["fsync", "process"] = Field(
-        "fsync", description="fsync: survives power loss; process: survives a crash only"
-    )
-    drain_rate: float = Field(2000.0, gt=0, description="spooled messages re-sent per second")
-    http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
-    http_port: int = Field(9181, ge=0, le=65535, description="port of /metrics and /healthz")
-
-    def model_post_init(self, _context: Any) -> None:
-        """Check every topic filter."""
-        for topic in self.topics:
-            check_filter(topic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,14 +147,30 @@ class BridgeMetrics:
 
 
 class Bridge:
-    """Forward MQTT telemetry and status to RabbitMQ; see the module docstring."""
+    """Forward MQTT telemetry and status to RabbitMQ; see the module docstring.
+
+    The bridge builds neither of its clients: it is handed a factory for each, which it calls
+    with its own handler, and an open spool. :meth:`from_settings` wires the real ones
+    (``MqttClient``, ``ConfirmingPublisher``, the SQLite spool); tests wire the in-memory ones
+    of :mod:`iotpipe.testing`.
+
+    Args:
+        settings: the ``[bridge]`` section.
+        subscriber: builds the MQTT client (fixed client id, persistent session, manual acks)
+            that hands every message to the handler it is given.
+        publisher: builds the AMQP publisher (window ``settings.window``, declaring
+            ``settings.dead_letter_queue``) that reports every outcome to the handler given.
+        spool: the open spool; the bridge closes it when it stops.
+        serve_http: serve ``/metrics`` and ``/healthz`` while running.
+    """
 
     def __init__(
         self,
-        mqtt: MqttSettings,
-        amqp: AmqpSettings,
         settings: BridgeSettings,
         *,
+        subscriber: SubscriberFactory,
+        publisher: PublisherFactory,
+        spool: Spool,
         serve_http: bool = True,
     ) -> None:
         self.settings = settings
@@ -200,31 +187,15 @@ class Bridge:
         self._drain_rate = TokenBucket(settings.drain_rate, setting="bridge.drain_rate")
         self._amqp_reconnects = 0
 
-        self.spool = Spool(
-            settings.spool_path,
-            max_bytes=settings.spool_max_bytes,
-            durability=settings.spool_durability,
-        )
+        self.spool = spool
         self._spool_writer: SpoolWriter[Inbound] = SpoolWriter(
             self.spool,
             on_committed=self._on_committed,
             on_error=self._on_spool_error,
             name="iotpipe-spool",
         )
-        self.publisher = ConfirmingPublisher(
-            amqp,
-            on_result=self._on_result,
-            window=settings.window,
-            dead_letter_queue=settings.dead_letter_queue,
-        )
-        self.mqtt = MqttClient(
-            mqtt,
-            client_id=settings.client_id,
-            clean_session=False,
-            manual_ack=True,
-            on_message=self._on_message,
-            max_inflight=1000,
-        )
+        self.publisher = publisher(self._on_result)
+        self.mqtt = subscriber(self._on_message)
         self._http = (
             HealthServer(settings.http_host, settings.http_port, self.metrics.registry, self.health)
             if serve_http
@@ -234,6 +205,52 @@ class Bridge:
         self.metrics.spool_depth.set_function(lambda: self.spool.depth)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.metrics.unacked.set_function(lambda: len(self._pending))
+
+    @classmethod
+    def from_settings(
+        cls,
+        mqtt: MqttSettings,
+        amqp: AmqpSettings,
+        settings: BridgeSettings,
+        *,
+        serve_http: bool = True,
+    ) -> Bridge:
+        """A bridge with the real clients: paho to ``mqtt``, pika to ``amqp``, the SQLite spool.
+
+        Raises:
+            SpoolError: the spool file cannot be opened (as :class:`Spool` says).
+        """
+
+        def subscriber(on_message: MessageHandler) -> MqttClient:
+            return MqttClient(
+                mqtt,
+                client_id=settings.client_id,
+                clean_session=False,
+                manual_ack=True,
+                on_message=on_message,
+                max_inflight=1000,
+            )
+
+        def publisher(on_result: ResultHandler) -> ConfirmingPublisher:
+            return ConfirmingPublisher(
+                amqp,
+                on_result=on_result,
+                window=settings.window,
+                dead_letter_queue=settings.dead_letter_queue,
+            )
+
+        spool = Spool(
+            settings.spool_path,
+            max_bytes=settings.spool_max_bytes,
+            durability=settings.spool_durability,
+        )
+        return cls(
+            settings,
+            subscriber=subscriber,
+            publisher=publisher,
+            spool=spool,
+            serve_http=serve_http,
+        )
 
     # -- outcomes from other threads ------------------------------------------------------
 

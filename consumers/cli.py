@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from iotpipe.options import ConfigOption
+from iotpipe.settings import DEFAULT_STORE_URL
 
 _EXAMPLES = """
 
@@ -47,7 +48,7 @@ def consume(
             "--store",
             help="sqlite:///path/telemetry.db (relative), sqlite:////abs/path.db, or "
             "influxdb[s]://host:port (org, bucket, token from \\[influxdb]). "
-            "\\[default: sqlite:///state/telemetry.db]",
+            f"\\[default: {DEFAULT_STORE_URL}]",
             show_default=False,
         ),
     ] = None,
@@ -85,7 +86,7 @@ def consume(
     flags: dict[str, Any] = {"store": store, "queue": queue, "http_port": http_port}
     settings = load(ConsumeSettings, "consume", config_file=path, overrides=flags)
     influx = load(InfluxSettings, "influxdb", config_file=path)
-    service = Consumer(amqp_settings, settings, open_store(settings, influx))
+    service = Consumer.from_settings(amqp_settings, settings, open_store(settings, influx))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.stop())
     typer.echo(

@@ -6,6 +6,11 @@ consumer: readers of a WAL file see the last committed batch. Works on a SQLite 
 
 A file that is missing, is not SQLite, or lacks iotpipe's ``meta`` table gives a
 :class:`~iotpipe.errors.ConfigError` naming the path.
+
+``iotpipe export``/``stats`` (:mod:`consumers.query_cli`) use :func:`iter_readings` and
+:func:`store_stats`; the dashboard (:mod:`consumers.dashboard.queries`) builds on the same
+pieces per request: :func:`open_readonly`, :func:`has_table`, :func:`device_stats` and
+:func:`reading_value`.
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ __all__ = [
     "DeviceStats",
     "ExportRow",
     "StoreStats",
+    "device_stats",
     "format_ms",
+    "has_table",
     "iter_readings",
+    "open_readonly",
+    "reading_value",
     "seq_gaps",
     "store_stats",
 ]
@@ -138,8 +147,11 @@ def format_ms(ms: int) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
 
 
-def _open_readonly(path: Path) -> sqlite3.Connection:
-    """Open an iotpipe file read-only and check it is one.
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """Open an iotpipe store or state file read-only and check its schema version.
+
+    Readers of a WAL file see the last committed batch; the connection never blocks or changes
+    the consumer writing it. The caller closes it.
 
     Raises:
         ConfigError: the file is missing, not SQLite, not iotpipe's, or newer than this code.
@@ -173,13 +185,17 @@ def _check_meta(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    """Whether the file has a table called ``name`` (a state file has no ``readings``)."""
     sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
     return conn.execute(sql, (name,)).fetchone() is not None
 
 
-def _export_value(num: float | None, flag: int | None, text: str | None) -> Value:
-    """Rebuild a reading value from its three columns."""
+def reading_value(num: float | None, flag: int | None, text: str | None) -> Value:
+    """Rebuild a reading value from its three columns (``value_num``, ``value_bool``, ``value_str``).
+
+    Booleans and strings come back as such; numbers as ints when whole, else floats.
+    """
     if flag is not None:
         return bool(flag)
     if text is not None:
@@ -221,8 +237,8 @@ def iter_readings(
         ConfigError: the file is missing, not an iotpipe store, or has no readings table (a
             state file of an InfluxDB consumer).
     """
-    conn = _open_readonly(path)
-    if not _has_table(conn, "readings"):
+    conn = open_readonly(path)
+    if not has_table(conn, "readings"):
         conn.close()
         raise ConfigError(
             "store",
@@ -270,7 +286,7 @@ def _rows(conn: sqlite3.Connection, sql: str, params: list[object]) -> Iterator[
                 device=device,
                 sensor=sensor,
                 ts=format_ms(ts_ms),
-                value=_export_value(num, flag, text),
+                value=reading_value(num, flag, text),
                 unit=unit,
                 tags=json.loads(tags) if tags else {},
             )
@@ -296,6 +312,11 @@ ORDER BY d.site, d.device
 """
 
 
+def device_stats(conn: sqlite3.Connection) -> list[DeviceStats]:
+    """Every registered device with its completeness figures, ordered by site and device."""
+    return [DeviceStats(*row) for row in conn.execute(_PER_DEVICE)]
+
+
 def store_stats(path: Path) -> StoreStats:
     """Read totals and per-device completeness from a store or state file.
 
@@ -304,11 +325,11 @@ def store_stats(path: Path) -> StoreStats:
     Raises:
         ConfigError: the file is missing or not an iotpipe store or state file.
     """
-    conn = _open_readonly(path)
+    conn = open_readonly(path)
     try:
-        devices = [DeviceStats(*row) for row in conn.execute(_PER_DEVICE)]
+        devices = device_stats(conn)
         readings = None
-        if _has_table(conn, "readings"):
+        if has_table(conn, "readings"):
             readings = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
         seen_ids = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
         sensors = conn.execute("SELECT count(*) FROM sensors").fetchone()[0]
@@ -337,7 +358,7 @@ def seq_gaps(path: Path) -> int:
     Raises:
         ConfigError: the file is missing or not an iotpipe store or state file.
     """
-    conn = _open_readonly(path)
+    conn = open_readonly(path)
     try:
         return int(conn.execute(_GAPS).fetchone()[0])
     finally:

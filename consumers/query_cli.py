@@ -12,11 +12,9 @@ import csv
 import inspect
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TextIO
@@ -24,20 +22,15 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from consumers.query import DeviceStats, ExportRow, StoreStats, iter_readings, store_stats
-from consumers.settings import InfluxTarget, SqliteTarget, parse_store
+from consumers.settings import DEFAULT_STATE_PATH, InfluxTarget, store_path
 from consumers.store import Value
 from iotpipe.errors import ConfigError
+from iotpipe.settings import DEFAULT_STORE_URL
+from iotpipe.timeparse import TIME_FORMS, parse_time
 
-__all__ = ["ExportFormat", "export", "parse_time", "stats", "store_path"]
-
-#: Where ``iotpipe consume`` keeps an InfluxDB store's state by default ([consume].state_path).
-DEFAULT_STATE_PATH = Path("state/consumer/state.db")
+__all__ = ["ExportFormat", "export", "stats"]
 
 _CSV_HEADER = ("id", "site", "device", "sensor", "ts", "value", "unit", "tags")
-_RELATIVE_RE = re.compile(r"-(\d+)(ms|s|m|h|d|w)")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TIME_HELP = "RFC 3339 (2026-11-26T08:00:00Z; no offset = UTC), epoch ms, or relative (-1h, -7d)"
 
 
 class ExportFormat(StrEnum):
@@ -45,50 +38,6 @@ class ExportFormat(StrEnum):
 
     JSONL = "jsonl"
     CSV = "csv"
-
-
-# -- parsing ----------------------------------------------------------------------------------
-
-
-def store_path(value: str, *, field: str = "--store") -> Path | InfluxTarget:
-    """Resolve a ``--store`` value to a SQLite file path, or an InfluxDB target.
-
-    Accepts what ``iotpipe consume --store`` accepts (``sqlite:///relative.db``,
-    ``sqlite:////absolute.db``, ``sqlite:relative.db``, a plain path, ``influxdb[s]://host:port``).
-
-    Raises:
-        ConfigError: anything else.
-    """
-    target = parse_store(value, field=field)
-    return target.path if isinstance(target, SqliteTarget) else target
-
-
-def parse_time(text: str, *, field: str, now_ms: int | None = None) -> int:
-    """Parse ``--since``/``--until`` into Unix epoch milliseconds.
-
-    Accepts RFC 3339 / ISO 8601 (a date, or a time without offset, is UTC), integer epoch
-    milliseconds, ``now``, or a time relative to now: ``-<n><unit>`` with unit ``ms``, ``s``,
-    ``m``, ``h``, ``d`` or ``w`` (``-90m``, ``-7d``).
-
-    Raises:
-        ConfigError: none of these.
-    """
-    text = text.strip()
-    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-    if text.isdigit():
-        return int(text)
-    if text == "now":
-        return now
-    relative = _RELATIVE_RE.fullmatch(text)
-    if relative:
-        return now - int(relative[1]) * _UNIT_MS[relative[2]]
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(field, text, f"expected {_TIME_HELP}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -185,7 +134,7 @@ def export(
     ] = None,
     since: Annotated[
         str | None,
-        typer.Option("--since", help=f"Readings at or after: {_TIME_HELP}.", show_default=False),
+        typer.Option("--since", help=f"Readings at or after: {TIME_FORMS}.", show_default=False),
     ] = None,
     until: Annotated[
         str | None,
@@ -368,10 +317,10 @@ def stats(
         typer.Option(
             "--store",
             help="sqlite:///relative.db, sqlite:////abs.db, a file path, or influxdb[s]://host "
-            "(then --state is read). \\[default: sqlite:///state/telemetry.db]",
+            f"(then --state is read). \\[default: {DEFAULT_STORE_URL}]",
             show_default=False,
         ),
-    ] = "sqlite:///state/telemetry.db",
+    ] = DEFAULT_STORE_URL,
     state: Annotated[
         Path,
         typer.Option(

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from consumers.query import seq_gaps
 from consumers.settings import ConsumeSettings, SqliteTarget
 from consumers.store import DeviceStatus, Message, Store, StoreUnavailable, WriteResult
-from iotpipe.amqp_consumer import BatchConsumer, Delivery, QueueSpec
+from iotpipe.amqp_consumer import BatchConsumer, Delivery, DeliverySource, QueueSpec
 from iotpipe.envelope import Envelope, Rejection, decode
 from iotpipe.errors import IotpipeError
 from iotpipe.health import HealthServer
@@ -119,18 +119,22 @@ class ConsumerMetrics:
 class Consumer:
     """Consume ``settings.queue`` into ``store`` until :meth:`stop`.
 
+    The consumer builds no client: :meth:`from_settings` wires the real one (``BatchConsumer``
+    on RabbitMQ); tests hand it :class:`iotpipe.testing.MemorySource`.
+
     Args:
-        amqp: how to reach RabbitMQ.
         settings: the ``[consume]`` section.
         store: an open store; the consumer closes it when it stops.
+        source: where deliveries come from and are settled (not yet connected); the consumer
+            connects it in :meth:`run` and closes it when it stops.
         rng: random source of the backoff jitter (tests pass a seeded one).
     """
 
     def __init__(
         self,
-        amqp: AmqpSettings,
         settings: ConsumeSettings,
         store: Store,
+        source: DeliverySource,
         *,
         rng: random.Random | None = None,
     ) -> None:
@@ -139,14 +143,7 @@ class Consumer:
         self.metrics = ConsumerMetrics()
         self._rng = rng or random.Random()
         self._stopping = threading.Event()
-        self._queue = QueueSpec(
-            name=settings.queue,
-            bindings=settings.bindings,
-            queue_type=settings.queue_type,
-            delivery_limit=settings.delivery_limit,
-            dead_letter_queue=settings.dead_letter_queue,
-        )
-        self.amqp = BatchConsumer(amqp, self._queue, prefetch=settings.prefetch)
+        self.amqp = source
         self.metrics.reconnects.set_function(lambda: self.amqp.reconnects)
         self.metrics.seq_gaps.set_function(self._seq_gaps)
         self.totals = WriteResult()
@@ -157,6 +154,26 @@ class Consumer:
         self._last_batch_at: float | None = None
         self._http: HealthServer | None = None
         self.ready = threading.Event()
+
+    @classmethod
+    def from_settings(
+        cls,
+        amqp: AmqpSettings,
+        settings: ConsumeSettings,
+        store: Store,
+        *,
+        rng: random.Random | None = None,
+    ) -> Consumer:
+        """A consumer of RabbitMQ at ``amqp``, declaring the queue ``settings`` describe."""
+        queue = QueueSpec(
+            name=settings.queue,
+            bindings=settings.bindings,
+            queue_type=settings.queue_type,
+            delivery_limit=settings.delivery_limit,
+            dead_letter_queue=settings.dead_letter_queue,
+        )
+        source = BatchConsumer(amqp, queue, prefetch=settings.prefetch)
+        return cls(settings, store, source, rng=rng)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -343,8 +360,16 @@ class Consumer:
                 reason,
                 error,
             )
-        # Confirmed and acked, or the connection dropped and it will come back: either way it
-        # is not ours to acknowledge any more.
+        else:
+            # Not confirmed (nothing bound to the dead-letter exchange, a nack, or the connection
+            # dropped): requeue it so the batch's multiple ack does not drop it. On a quorum queue
+            # the requeue counts towards the delivery limit, after which RabbitMQ dead-letters it.
+            log.warning(
+                "dead letter of id=%s not confirmed (reason=%s): requeued",
+                delivery.message_id,
+                reason,
+            )
+            self.amqp.requeue(delivery)
         settled.add(delivery.tag)
 
     def _prune(self) -> None:

@@ -21,9 +21,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 
 from iotpipe.errors import ConfigError
-from iotpipe.settings import Section
+from iotpipe.settings import DEFAULT_STORE_URL, Section
 
 DAY_S = 86_400.0
+
+DEFAULT_STATE_PATH = Path("state/consumer/state.db")
+"""Where an InfluxDB store's consumer keeps its dedupe and registry state (``[consume].state_path``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +84,23 @@ def parse_store(value: str, *, field: str = "--store") -> SqliteTarget | InfluxT
     raise ConfigError(field, value, f"unknown store type {scheme!r}; expected {allowed}")
 
 
+def store_path(value: str, *, field: str = "--store") -> Path | InfluxTarget:
+    """Resolve a store URL to a SQLite file path, or an InfluxDB target.
+
+    Accepts what :func:`parse_store` accepts: ``sqlite:///relative.db``, ``sqlite:////absolute.db``,
+    ``sqlite:relative.db``, a plain path, ``influxdb[s]://host:port``.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    target = parse_store(value, field=field)
+    return target.path if isinstance(target, SqliteTarget) else target
+
+
 class ConsumeSettings(Section):
     """The ``[consume]`` section."""
 
-    store: str = Field("sqlite:///state/telemetry.db", description="where readings are written")
+    store: str = Field(DEFAULT_STORE_URL, description="where readings are written")
     queue: str = Field("iotpipe.store", min_length=1, max_length=255, description="AMQP queue")
     bindings: tuple[str, ...] = Field(
         ("iotpipe.v1.#",), min_length=1, description="routing keys bound on iotpipe.telemetry"
@@ -108,7 +124,7 @@ class ConsumeSettings(Section):
     )
     busy_timeout: float = Field(30.0, gt=0, description="seconds to wait for a locked SQLite file")
     state_path: Path = Field(
-        Path("state/consumer/state.db"), description="InfluxDB stores: local dedupe/registry file"
+        DEFAULT_STATE_PATH, description="InfluxDB stores: local dedupe/registry file"
     )
     dedupe: str = Field("", description="InfluxDB stores: redis://host:port/db to share seen ids")
     http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")

@@ -47,10 +47,10 @@ from edge.envelopes import (
 from edge.outbox import FillRate, Outbox, OutboxEntry, OutboxError, Pending
 from edge.sensors.base import Driver, Sample, SensorError
 from edge.systemd_notify import Notifier
+from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
 from iotpipe.mqtt import MqttClient, Will
 from iotpipe.pacing import Backoff, TokenBucket
-from iotpipe.settings import MqttSettings
 
 if TYPE_CHECKING:
     from iotpipe.health import HealthServer
@@ -746,7 +746,7 @@ def serve(
 
     from edge.config import mqtt_settings
     from edge.sensors import build_drivers
-    from iotpipe.settings import config_path, load
+    from iotpipe.schema import config_path, load
 
     path = config_path(config)
     settings = load(
@@ -764,38 +764,3 @@ def serve(
         f"{len(drivers)} sensors; outbox {settings.outbox_path}\n"
     )
     agent.run()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m edge.agent --config FILE``: the agent without the ``iotpipe`` command line.
-
-    The same as ``iotpipe edge run`` but without typer and the other components' commands
-    loaded: the smallest footprint, for the systemd unit of a small Pi.
-    """
-    import argparse
-
-    from iotpipe.errors import IotpipeError
-
-    parser = argparse.ArgumentParser(prog="python -m edge.agent", description=main.__doc__)
-    parser.add_argument("--config", "-c", type=Path, help="TOML config (default: $IOTPIPE_CONFIG)")
-    parser.add_argument("--mqtt", help="broker URL (overrides mqtt.url)")
-    parser.add_argument("--site")
-    parser.add_argument("--device")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
-    try:
-        serve(args.config, mqtt_url=args.mqtt, site=args.site, device=args.device)
-    except IotpipeError as err:
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(err.exit_code)
-
-
-if __name__ == "__main__":
-    main()

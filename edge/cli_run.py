@@ -1,8 +1,9 @@
 """``iotpipe edge run``: the Raspberry Pi agent's command.
 
-The ``iotpipe`` root mounts :func:`run` under ``iotpipe edge``. ``python -m edge.cli_run`` runs
-the same command alone; ``python -m edge.agent --config FILE`` is the smallest way in (no typer,
-no other component's commands imported), for the systemd unit of a small Pi.
+The ``iotpipe`` root mounts :func:`run` under ``iotpipe edge``: it gives ``iotpipe edge run
+--help``, and runs the agent under :func:`iotpipe.cli.main`. The installed ``iotpipe`` script
+runs ``iotpipe edge run`` through :mod:`edge.run` instead, without typer (same options, same
+:func:`edge.agent.serve`): the one entry point of the agent, systemd unit included.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import typer
 
 from iotpipe.options import ConfigOption, MqttUrlOption
 
-__all__ = ["main", "run"]
+__all__ = ["run"]
 
 _EXAMPLES = """
 
@@ -58,34 +59,3 @@ def run(
 
 
 run.__doc__ = inspect.cleandoc(run.__doc__ or "") + _EXAMPLES
-
-
-def main() -> None:
-    """``python -m edge.cli_run``: the agent alone, with the root's error handling."""
-    import sys
-
-    from iotpipe.errors import IotpipeError
-    from iotpipe.options import setup_logging
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
-
-    @app.command()
-    def _run(
-        config: ConfigOption = None,
-        mqtt: MqttUrlOption = None,
-        site: Annotated[str | None, typer.Option("--site", show_default=False)] = None,
-        device: Annotated[str | None, typer.Option("--device", show_default=False)] = None,
-        log_level: Annotated[str, typer.Option("--log-level")] = "info",
-    ) -> None:
-        setup_logging(log_level)
-        run(config=config, mqtt=mqtt, site=site, device=device)
-
-    try:
-        app()
-    except IotpipeError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,25 +1,28 @@
 """Settings of the edge agent: the ``[edge]`` section, and the MQTT password from a file.
 
-Loaded like every iotpipe section (:func:`iotpipe.settings.load`): defaults, then the TOML
-file's ``[edge]`` table, then ``IOTPIPE_EDGE__<FIELD>`` variables. ``configs/edge.toml`` is the
+Loaded like every iotpipe section (:func:`iotpipe.schema.load`): defaults, then the TOML
+file's ``[edge]`` table, then ``IOTPIPE_EDGE__<FIELD>`` variables, then flags. A
+:class:`~iotpipe.schema.Schema` rather than a pydantic model, so the agent runs without
+pydantic (its footprint on a small Pi). ``configs/edge.toml`` is the
 commented example of every option.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Any, Literal
 from urllib.parse import quote
-
-from pydantic import AfterValidator, Field
 
 from edge.sensors import SensorConfig
 from iotpipe import __version__
+from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConfigError
-from iotpipe.settings import MqttSettings, Section
+from iotpipe.schema import Schema, setting
 from iotpipe.topics import is_valid_name
 
 __all__ = ["AGENT", "EdgeSettings", "default_device", "default_state_dir", "mqtt_settings"]
@@ -46,78 +49,71 @@ def default_state_dir() -> Path:
     return Path(from_systemd) if from_systemd else Path("/var/lib/iotpipe-edge")
 
 
-def _name(value: str) -> str:
+def _name(value: str) -> None:
     if value and not is_valid_name(value):
         raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ - (wire contract)")
-    return value
 
 
-def _tags(value: dict[str, str]) -> dict[str, str]:
+def _tags(value: dict[str, str]) -> None:
     if len(value) > 15:
         raise ValueError("at most 15 tags (the contract allows 16; the agent may add 'clock')")
     if "clock" in value:
         raise ValueError("'clock' is set by the agent while the clock is not synchronised")
-    return value
 
 
-class EdgeSettings(Section):
+@dataclass(frozen=True, kw_only=True)
+class EdgeSettings(Schema):
     """The ``[edge]`` section."""
 
-    site: Annotated[str, AfterValidator(_name)] = Field(
-        ..., description="site name in the topic (required)"
+    site: str = setting(description="site name in the topic (required)", check=_name)
+    device: str = setting(
+        "", "device name in the topic; empty = the host name, sanitised", check=_name
     )
-    device: Annotated[str, AfterValidator(_name)] = Field(
-        "", description="device name in the topic; empty = the host name, sanitised"
-    )
-    state_dir: Path = Field(
-        default_factory=default_state_dir,
+    state_dir: Path = setting(
         description="directory of outbox.db ($STATE_DIRECTORY, else /var/lib/iotpipe-edge)",
+        factory=default_state_dir,
     )
-    batch_max_readings: int = Field(100, ge=1, le=1000, description="readings per envelope at most")
-    batch_max_delay: float = Field(
-        5.0, gt=0, le=3600, description="seconds a reading may wait for its envelope"
+    batch_max_readings: int = setting(100, "readings per envelope at most", ge=1, le=1000)
+    batch_max_delay: float = setting(
+        5.0, "seconds a reading may wait for its envelope", gt=0, le=3600
     )
-    commit_max_delay: float = Field(
-        1.0, ge=0, le=60, description="seconds a sealed envelope may wait for its group commit"
+    commit_max_delay: float = setting(
+        1.0, "seconds a sealed envelope may wait for its group commit", ge=0, le=60
     )
-    commit_max_envelopes: int = Field(
-        50, ge=1, le=10_000, description="commit at once when this many envelopes wait"
+    commit_max_envelopes: int = setting(
+        50, "commit at once when this many envelopes wait", ge=1, le=10_000
     )
-    durability: Literal["fsync", "process"] = Field(
-        "fsync", description="fsync: commits survive power loss; process: a crash only"
+    durability: Literal["fsync", "process"] = setting(
+        "fsync", "fsync: commits survive power loss; process: a crash only"
     )
-    outbox_max_bytes: int = Field(
-        64 * 1024 * 1024, ge=64 * 1024, description="outbox budget; beyond it old data is thinned"
+    outbox_max_bytes: int = setting(
+        64 * 1024 * 1024, "outbox budget; beyond it old data is thinned", ge=64 * 1024
     )
-    drain_rate: float = Field(50.0, gt=0, description="envelopes published per second at most")
-    window: int = Field(100, ge=1, le=10_000, description="unacknowledged publishes at most")
-    ack_timeout: float = Field(
-        30.0, gt=0, description="seconds without PUBACK before the connection is renewed"
+    drain_rate: float = setting(50.0, "envelopes published per second at most", gt=0)
+    window: int = setting(100, "unacknowledged publishes at most", ge=1, le=10_000)
+    ack_timeout: float = setting(
+        30.0, "seconds without PUBACK before the connection is renewed", gt=0
     )
-    reconnect_min: float = Field(0.5, gt=0, description="first reconnect delay, seconds")
-    reconnect_max: float = Field(60.0, gt=0, description="longest reconnect delay, seconds")
-    stop_timeout: float = Field(
-        5.0, ge=0, le=300, description="seconds SIGTERM waits for the backlog and PUBACKs"
+    reconnect_min: float = setting(0.5, "first reconnect delay, seconds", gt=0)
+    reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", gt=0)
+    stop_timeout: float = setting(
+        5.0, "seconds SIGTERM waits for the backlog and PUBACKs", ge=0, le=300
     )
-    clock_sync_files: list[Path] = Field(
+    clock_sync_files: list[Path] = setting(
         [Path("/run/systemd/timesync/synchronized")],
-        description="the clock counts as synchronised while any exists; [] = always",
+        "the clock counts as synchronised while any exists; [] = always",
     )
-    boot_id_path: Path = Field(
-        Path("/proc/sys/kernel/random/boot_id"), description="the kernel's boot id"
+    boot_id_path: Path = setting(Path("/proc/sys/kernel/random/boot_id"), "the kernel's boot id")
+    tags: dict[str, str] = setting({}, "labels added to every envelope", check=_tags)
+    http_host: str = setting("127.0.0.1", "address of /metrics and /healthz")
+    http_port: int = setting(9183, "port of /metrics; 0 = off", ge=0, le=65535)
+    stats_interval: float = setting(
+        60.0, "seconds between backlog log lines and fill estimates", gt=0
     )
-    tags: Annotated[dict[str, str], AfterValidator(_tags)] = Field(
-        default_factory=dict, description="labels added to every envelope"
+    mqtt_password_file: Path | None = setting(
+        None, "file holding the MQTT password (default: systemd credential)"
     )
-    http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
-    http_port: int = Field(9183, ge=0, le=65535, description="port of /metrics; 0 = off")
-    stats_interval: float = Field(
-        60.0, gt=0, description="seconds between backlog log lines and fill estimates"
-    )
-    mqtt_password_file: Path | None = Field(
-        None, description="file holding the MQTT password (default: systemd credential)"
-    )
-    sensors: list[SensorConfig] = Field(default_factory=list, description="[[edge.sensors]]")
+    sensors: list[SensorConfig] = setting([], "[[edge.sensors]]")
 
     @property
     def device_name(self) -> str:
@@ -142,7 +138,7 @@ def mqtt_settings(
         ConfigError: the password file cannot be read, or the URL has no user name for it.
     """
     env = os.environ if environ is None else environ
-    update: dict[str, str] = {}
+    update: dict[str, Any] = {}
     if not mqtt.client_id:
         update["client_id"] = f"iotpipe-edge-{edge.site}-{edge.device_name}"[:64]
     url = mqtt.broker
@@ -159,11 +155,11 @@ def mqtt_settings(
         if not password:
             # An empty file means "no password": `iotpipe edge flash` always writes the
             # credential, because the systemd unit's LoadCredential= needs the file to exist.
-            return mqtt.model_copy(update=update) if update else mqtt
+            return dataclasses.replace(mqtt, **update) if update else mqtt
         if not url.username:
             raise ConfigError("mqtt.url", url.redacted(), "needs a user name for the password")
         user = quote(url.username, safe="")
         update["url"] = (
             f"{url.scheme}://{user}:{quote(password, safe='')}@{url.host}:{url.port}{url.path}"
         )
-    return mqtt.model_copy(update=update) if update else mqtt
+    return dataclasses.replace(mqtt, **update) if update else mqtt

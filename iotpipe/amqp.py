@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 # pika ships no type information; everything taken from it stays inside this module.
@@ -47,6 +47,7 @@ from pika import exceptions as pika_errors
 from pika.adapters.select_connection import IOLoop  # type: ignore[import-untyped]
 from pika.adapters.utils import connection_workflow as pika_workflow  # type: ignore[import-untyped]
 
+from iotpipe import compat
 from iotpipe.errors import ConnectError
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
@@ -67,6 +68,8 @@ __all__ = [
     "ConfirmingPublisher",
     "MessageProperties",
     "Outcome",
+    "Publisher",
+    "PublisherFactory",
     "ResultHandler",
     "dead_letter_properties",
     "declare_topology",
@@ -138,6 +141,54 @@ class MessageProperties:
     timestamp: int | None = None
     app_id: str | None = None
     headers: Mapping[str, str] | None = None
+
+
+class Publisher(Protocol):
+    """What the bridge needs of :class:`ConfirmingPublisher`: its seam to RabbitMQ.
+
+    :class:`iotpipe.testing.MemoryPublisher` is the in-memory one. Outcomes reach the
+    ``on_result`` handler the publisher was built with, one per published message.
+    """
+
+    @property
+    def connected(self) -> bool:
+        """Whether messages published now go to the broker (else they wait in the queue)."""
+        ...
+
+    @property
+    def pending(self) -> int:
+        """Messages not yet settled: waiting in the queue plus published and unconfirmed."""
+        ...
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was re-established."""
+        ...
+
+    def start(self, timeout: float | None = ..., *, retry: bool = ...) -> None:
+        """Connect and wait until ready (raises ConnectError; with ``retry`` keeps trying)."""
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: MessageProperties | bytes,
+        token: object,
+    ) -> None:
+        """Queue one message; ``on_result(token, outcome)`` follows exactly once."""
+
+    def withdraw(self) -> list[object]:
+        """Take back the messages still waiting in the queue (never sent); their tokens."""
+        ...
+
+    def close(self, timeout: float = ...) -> bool:
+        """Wait for outstanding confirms, then disconnect; True if everything was settled."""
+        ...
+
+
+#: Builds the publisher that reports each outcome to the given handler.
+PublisherFactory = Callable[[ResultHandler], Publisher]
 
 
 def telemetry_properties(
@@ -284,11 +335,10 @@ def _header_table(items: tuple[tuple[str, str], ...]) -> bytes:
     return _PACK_U32(len(table)) + table
 
 
-# pika's private hook: ``Connection._send_message()`` marshals a publish's frames and hands them
-# to ``_output_marshaled_frames(frames)``, which counts them and writes each one to the transport.
-# Verified against pika 1.4.4 (pinned exactly in pyproject.toml). Fallback: without the hook,
-# hold() and release() do nothing and every frame is written the way pika does it.
-_CAN_BATCH = callable(getattr(pika.connection.Connection, "_output_marshaled_frames", None))
+# pika's private hook (see iotpipe.compat): frames go out through
+# ``Connection._output_marshaled_frames``, overridden below. Fallback: without it, hold() and
+# release() do nothing and every frame is written the way pika does it.
+_CAN_BATCH = compat.pika_can_batch()
 
 
 class _BatchingConnection(pika.SelectConnection):  # type: ignore[misc]
@@ -361,9 +411,20 @@ def vhost_of(path: str) -> str:
     return unquote(path[1:])
 
 
-def _connection_parameters(
+def connection_parameters(
     settings: AmqpSettings, *, timeout: float, heartbeat: int | None, name: str
 ) -> Any:
+    """pika's ``ConnectionParameters`` for ``settings`` (credentials, TLS, vhost, one attempt).
+
+    For the two modules that talk to pika (this one and ``iotpipe.amqp_consumer``); it is not
+    in ``__all__``, whose API carries no pika types.
+
+    Args:
+        settings: URL and TLS material.
+        timeout: socket and handshake limit in seconds.
+        heartbeat: AMQP heartbeat in seconds; None accepts the broker's proposal.
+        name: the connection name shown in RabbitMQ's management UI.
+    """
     url = settings.broker
     password = url.password.get_secret_value() if url.password is not None else ""
     credentials = (
@@ -689,7 +750,7 @@ class ConfirmingPublisher:
         self._reconnect_timer = None
         if self._closing:
             return
-        params = _connection_parameters(
+        params = connection_parameters(
             self.settings,
             timeout=self._connect_timeout,
             heartbeat=self._heartbeat,

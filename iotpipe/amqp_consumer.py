@@ -31,24 +31,24 @@ reason in the routing key (``consumer.<reason>``) and the error in ``x-iotpipe-e
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 # pika ships no type information; everything taken from it stays inside this module.
 import pika  # type: ignore[import-untyped]
 from pika import exceptions as pika_errors
 
+from iotpipe import compat
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
     HEADER_ERROR,
     TELEMETRY_EXCHANGE,
-    _connection_parameters,
+    connection_parameters,
     declare_topology,
     describe_error,
     vhost_of,
@@ -57,7 +57,7 @@ from iotpipe.errors import ConfigError, ConnectError
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 
-__all__ = ["BatchConsumer", "Delivery", "QueueSpec"]
+__all__ = ["BatchConsumer", "Delivery", "DeliverySource", "QueueSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,50 @@ class Delivery:
     delivery_count: int
     timestamp: int | None = None
     app_id: str | None = None
+
+
+class DeliverySource(Protocol):
+    """What the store consumer needs of :class:`BatchConsumer`: its seam to RabbitMQ.
+
+    :class:`iotpipe.testing.MemorySource` is the in-memory one. Settling a delivery of an older
+    connection (``epoch``) does nothing: the broker hands it out again.
+    """
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is open and the consumer registered."""
+        ...
+
+    @property
+    def reconnects(self) -> int:
+        """Connections re-established after a loss."""
+        ...
+
+    def connect(self, timeout: float | None = ..., *, retry: bool = ...) -> None:
+        """Connect and start consuming (raises ConnectError; with ``retry`` keeps trying)."""
+
+    def next_batch(self, max_messages: int, max_wait: float) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, or what arrived within ``max_wait`` of the first."""
+        ...
+
+    def ack_through(self, last: Delivery) -> None:
+        """Acknowledge ``last`` and every earlier unsettled delivery of its connection."""
+
+    def requeue(self, d: Delivery) -> None:
+        """Return one delivery to the queue (counts towards the delivery limit)."""
+
+    def dead_letter(self, d: Delivery, reason: str, error: str) -> bool:
+        """Send ``d`` to the dead-letter exchange, then acknowledge it; True once confirmed."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait while keeping the connection alive; returns early after :meth:`stop`."""
+
+    def stop(self) -> None:
+        """Make waiting calls return promptly (safe from any thread or a signal handler)."""
+
+    def close(self) -> None:
+        """Close the connection; what was not acknowledged goes back to the queue."""
 
 
 class BatchConsumer:
@@ -301,7 +345,7 @@ class BatchConsumer:
 
     def _open(self, timeout: float) -> None:
         """One connection attempt; on success the consumer is registered and epoch advanced."""
-        params = _connection_parameters(
+        params = connection_parameters(
             self.settings, timeout=timeout, heartbeat=self.heartbeat, name=self.name
         )
         # A broker under a resource alarm stops reading from connections that publish (ours
@@ -312,11 +356,13 @@ class BatchConsumer:
         except (pika_errors.AMQPError, OSError) as err:
             raise ConnectError(self.url.redacted(), describe_error(err)) from None
         try:
-            version = str(connection._impl.server_properties.get("version", ""))
+            version = compat.pika_server_version(connection)
             self._check_server(version)
             # A node that is still booting may accept the connection and then never answer
             # basic.consume on a quorum queue (seen with RabbitMQ 3.10 after a SIGKILL).
-            with _answer_within(connection, timeout, f"declaring and consuming {self.queue.name}"):
+            with compat.pika_answer_within(
+                connection, timeout, f"declaring and consuming {self.queue.name}"
+            ):
                 channel = connection.channel()
                 self._declare(connection, channel)
                 channel.basic_qos(prefetch_count=self.prefetch)
@@ -724,7 +770,9 @@ class BatchConsumer:
         )
         routing_key = f"consumer.{reason}"
         try:
-            with _answer_within(self._connection, _CONFIRM_TIMEOUT, "confirming a dead letter"):
+            with compat.pika_answer_within(
+                self._connection, _CONFIRM_TIMEOUT, "confirming a dead letter"
+            ):
                 channel = self._confirm_channel
                 if channel is None or not channel.is_open:
                     channel = self._connection.channel()
@@ -810,31 +858,10 @@ class BatchConsumer:
 
 
 def _reason(error: BaseException) -> str:
-    """describe_error(), but keeping what an _answer_within timeout was waiting for."""
+    """describe_error(), but keeping what a pika_answer_within timeout was waiting for."""
     if isinstance(error, TimeoutError) and str(error).startswith("no answer within"):
         return str(error)
     return describe_error(error)
-
-
-@contextlib.contextmanager
-def _answer_within(connection: Any, seconds: float, what: str) -> Iterator[None]:
-    """Tear the connection down if the block has not finished within ``seconds``.
-
-    pika's blocking calls wait for the broker's reply without a limit. The timer runs on the
-    connection's I/O loop, which those calls drive; it breaks the stream the way pika's own
-    heartbeat checker does, so the waiting call raises (a TimeoutError).
-    """
-    impl = connection._impl
-
-    def expire() -> None:
-        if impl.is_open:
-            impl._terminate_stream(TimeoutError(f"no answer within {seconds:g} s ({what})"))
-
-    timer = impl.ioloop.call_later(seconds, expire)
-    try:
-        yield
-    finally:
-        impl.ioloop.remove_timeout(timer)
 
 
 def _close_quietly(connection: Any) -> None:

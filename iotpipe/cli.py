@@ -1,8 +1,13 @@
 """The ``iotpipe`` command: one entry point that mounts each component's subcommands.
 
-Every component keeps its commands in its own ``cli`` module; this root only wires them up,
-handles ``--version`` and logging, and turns an :class:`~iotpipe.errors.IotpipeError` into one
-clear line on stderr and a non-zero exit code (never a traceback for a user mistake).
+Every component keeps its commands in its own ``cli`` module; this root names them in a lazy
+table (:data:`COMMANDS`), so a command's module is imported only when that command runs and
+``iotpipe --version`` or ``--help`` imports no component. The root handles ``--version`` and
+logging, and turns an :class:`~iotpipe.errors.IotpipeError` into one clear line on stderr and a
+non-zero exit code (never a traceback for a user mistake).
+
+The installed ``iotpipe`` script enters through :mod:`iotpipe.__main__`, which runs the edge
+agent (``iotpipe edge run``) without importing typer; everything else, help included, comes here.
 """
 
 from __future__ import annotations
@@ -14,10 +19,71 @@ from typing import Annotated
 import typer
 
 from iotpipe import __version__
+from iotpipe.commands import LazyCommand, LazyGroup
 from iotpipe.errors import IotpipeError
 from iotpipe.options import ConfigOption, MqttUrlOption, setup_logging
 
+#: Every component's command, in help order: name -> ("module:attr", one-line summary).
+COMMANDS = {
+    "broker": LazyCommand(
+        "bridge.cli:broker",
+        "Run the embedded MQTT broker (amqtt): zero-install, for an edge box or a laptop.",
+    ),
+    "bridge": LazyCommand(
+        "bridge.cli:bridge",
+        "Forward MQTT telemetry to RabbitMQ: nothing lost, nothing dropped silently.",
+    ),
+    "simulate": LazyCommand(
+        "simulator.cli:simulate",
+        "Publish a simulated sensor fleet: realistic signals, faults on demand, every ack counted.",
+    ),
+    "record": LazyCommand(
+        "iotpipe.recording_cli:record",
+        "Record MQTT traffic to a file (JSON Lines, see docs/recording.md).",
+    ),
+    "replay": LazyCommand(
+        "iotpipe.recording_cli:replay",
+        "Publish a recording to an MQTT broker, in order and with its original timing.",
+    ),
+    "consume": LazyCommand(
+        "consumers.cli:consume", "Store telemetry from RabbitMQ, each reading exactly once."
+    ),
+    "export": LazyCommand(
+        "consumers.query_cli:export",
+        "Export stored readings as JSON lines or CSV, ordered by site, device, sensor and time.",
+    ),
+    "stats": LazyCommand(
+        "consumers.query_cli:stats",
+        "Show what a store holds: totals and per-device completeness.",
+    ),
+    "dashboard": LazyCommand(
+        "consumers.dashboard.cli:dashboard",
+        "Serve the web dashboard and the query API (docs/api.md) over a SQLite store.",
+    ),
+    "up": LazyCommand(
+        "iotpipe.up:up",
+        "Run the whole pipeline here: edge broker, RabbitMQ, bridge, consumer, dashboard, fleet.",
+    ),
+    "status": LazyCommand(
+        "iotpipe.status:status",
+        "Show each pipeline component's health (/healthz) and main counters.",
+    ),
+    "edge": LazyCommand(
+        "edge.cli:app",
+        "The Raspberry Pi edge agent: run it, check the wiring, build an offline bundle, and "
+        "provision an SD card image.",
+    ),
+}
+
+
+class RootGroup(LazyGroup):
+    """The ``iotpipe`` group: ``watch`` defined here, every other command in :data:`COMMANDS`."""
+
+    lazy_commands = COMMANDS
+
+
 app = typer.Typer(
+    cls=RootGroup,
     name="iotpipe",
     help="IoT telemetry pipeline: MQTT edge -> RabbitMQ -> exactly-once time-series stores.\n\n"
     "Start with [bold]iotpipe broker[/bold] and [bold]iotpipe simulate[/bold]; "
@@ -93,34 +159,8 @@ def watch_command(
     typer.echo(view.summary(), err=True)
 
 
-def _mount() -> None:
-    from bridge.cli import bridge, broker
-    from consumers.cli import consume
-    from consumers.dashboard.cli import dashboard
-    from consumers.query_cli import export, stats
-    from edge.cli import build as edge_commands
-    from iotpipe.recording_cli import record, replay
-    from iotpipe.status import status
-    from iotpipe.up import up
-    from simulator.cli import simulate
-
-    app.command("broker")(broker)
-    app.command("bridge")(bridge)
-    app.command("simulate")(simulate)
-    app.command("record")(record)
-    app.command("replay")(replay)
-    app.command("consume")(consume)
-    app.command("export")(export)
-    app.command("stats")(stats)
-    app.command("dashboard")(dashboard)
-    app.command("up")(up)
-    app.add_typer(edge_commands(), name="edge")
-    app.command("status")(status)
-
-
 def main() -> None:
     """Run the ``iotpipe`` command line."""
-    _mount()
     try:
         app(prog_name="iotpipe")
     except IotpipeError as err:

@@ -8,8 +8,8 @@ exhausted, and every ``publish()`` result is checked: nothing is dropped silentl
 
 Under paho sits a buffered socket (one ``recv()`` for every packet the kernel holds; the PUBACKs
 of one pass of the bridge's loop sent in one ``send()``). It replaces a private attribute of
-paho, verified against paho-mqtt 2.2.0 only (pinned exactly); where it cannot be installed the
-client falls back to paho's own loop.
+paho (see :mod:`iotpipe.compat`), verified against paho-mqtt 2.2.0 only (pinned exactly); where
+it cannot be installed the client falls back to paho's own loop.
 """
 
 from __future__ import annotations
@@ -21,16 +21,20 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
+from iotpipe import compat
+from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
 from iotpipe.pacing import Backoff
-from iotpipe.settings import MqttSettings
 
 log = logging.getLogger(__name__)
+
+compat.check_version("paho-mqtt")  # one warning now if the hooks meet an unverified release
 
 #: paho refuses publishes past this many unacknowledged QoS>0 messages.
 PAHO_MAX_UNACKED = 65_535
@@ -66,6 +70,43 @@ class Will:
 
 
 MessageHandler = Callable[[Message], object]
+
+
+class Subscriber(Protocol):
+    """What a service that receives with manual acknowledgements needs of :class:`MqttClient`.
+
+    The bridge's seam to its MQTT broker; :class:`iotpipe.testing.MemorySubscriber` is the
+    in-memory one. Messages reach the ``on_message`` handler the client was built with, from
+    inside :meth:`pump`, on the caller's thread.
+    """
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker accepted our CONNECT and the link is up."""
+        ...
+
+    def connect(self, timeout: float = ...) -> None:
+        """Connect and wait for the broker to accept us (raises ConnectError)."""
+
+    def subscribe(self, filters: Iterable[tuple[str, int]], timeout: float = ...) -> list[int]:
+        """Subscribe and wait for the SUBACK; the granted QoS per filter (raises ConnectError)."""
+        ...
+
+    def pump(self, timeout: float = ...) -> None:
+        """Run the network loop once, delivering messages (raises ConnectError when lost)."""
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a received message (PUBACK)."""
+
+    def reconnect(self, deadline: float) -> None:
+        """Re-establish a lost connection before ``deadline`` (monotonic), or raise ConnectError."""
+
+    def disconnect(self) -> None:
+        """Disconnect cleanly."""
+
+
+#: Builds the subscriber that hands each message to the given handler.
+SubscriberFactory = Callable[[MessageHandler], Subscriber]
 
 _READ_SIZE = 65536
 
@@ -163,25 +204,15 @@ class _BufferedSocket:
 def _install_buffer(client: paho.Client) -> _BufferedSocket | None:
     """Put a :class:`_BufferedSocket` under paho's freshly connected socket; None if we cannot.
 
-    paho has no socket factory, so this replaces its private ``_sock`` attribute. Verified
-    against paho-mqtt 2.2.0 (pinned exactly in pyproject.toml), where every read and write
-    goes through ``self._sock.recv()`` / ``self._sock.send()`` and ``socket()`` returns
-    ``self._sock``. Fallback: if a paho release lays this out differently, the socket stays
-    as paho made it and :meth:`MqttClient._loop` uses plain ``client.loop()``; slower, same
-    behaviour.
+    paho has no socket factory: this goes through paho's private ``_sock``
+    (:func:`iotpipe.compat.replace_paho_socket`, verified against paho-mqtt 2.2.0). Fallback: the
+    socket stays as paho made it and :meth:`MqttClient._loop` uses plain ``client.loop()``;
+    slower, same behaviour.
     """
     raw = client.socket()
     if raw is None or isinstance(raw, _BufferedSocket):
         return raw
-    if getattr(client, "_sock", None) is not raw or not isinstance(raw, socket.socket):
-        return None  # not paho's layout, or websockets (a wrapper of paho's own)
-    wrapped = _BufferedSocket(raw)
-    client._sock = wrapped  # type: ignore[assignment]  # private; see the docstring
-    installed: object = client.socket()
-    if installed is not wrapped:  # a paho we have not verified
-        client._sock = raw
-        return None
-    return wrapped
+    return compat.replace_paho_socket(client, _BufferedSocket)
 
 
 class MqttClient:

@@ -1,17 +1,19 @@
 """Command-line options shared by every ``iotpipe`` command, and logging set-up.
 
 Components declare their typer options with these aliases so that ``--config`` and ``--mqtt``
-mean the same thing everywhere.
+mean the same thing everywhere. Logging set-up lives in :mod:`iotpipe.logs` (re-exported here).
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from iotpipe.logs import KeyValueFormatter, setup_logging
+
+__all__ = ["ConfigOption", "KeyValueFormatter", "MqttUrlOption", "setup_logging"]
 
 ConfigOption = Annotated[
     Path | None,
@@ -34,25 +36,3 @@ MqttUrlOption = Annotated[
         show_default=False,
     ),
 ]
-
-
-class KeyValueFormatter(logging.Formatter):
-    """One line per event: ``time level logger message`` (messages carry their own key=value)."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-
-
-def setup_logging(level: str) -> None:
-    """Send structured log lines to stderr at ``level`` (debug, info, warning, error)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # Third-party libraries are chatty at INFO; they only speak up for warnings.
-    for noisy in ("amqtt", "transitions", "websockets"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    # pika logs several ERROR lines per failed connection attempt; iotpipe.amqp logs one line
-    # per event (lost, retrying, reconnected) instead.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)

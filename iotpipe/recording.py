@@ -32,14 +32,18 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
 from iotpipe.errors import RecordingError
+
+if TYPE_CHECKING:
+    from iotpipe.mqtt import Message
 
 __all__ = [
     "FORMAT",
@@ -47,6 +51,7 @@ __all__ = [
     "VERSION",
     "Header",
     "RecordedMessage",
+    "Recorder",
     "RecordingReader",
     "RecordingWriter",
     "decode_message",
@@ -521,6 +526,48 @@ class RecordingReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class Recorder:
+    """Writes each received message to a recording, up to an optional count.
+
+    Pass :meth:`on_message` as the MQTT client's message handler. Offsets come from ``clock``
+    (monotonic seconds) relative to the first message.
+
+    Attributes:
+        writer: the open recording.
+        count: stop accepting messages after this many (``None``: no limit).
+    """
+
+    def __init__(
+        self,
+        writer: RecordingWriter,
+        *,
+        count: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.writer = writer
+        self.count = count
+        self._clock = clock
+        self._first: float | None = None
+
+    @property
+    def full(self) -> bool:
+        """Whether ``count`` messages have been recorded."""
+        return self.count is not None and self.writer.messages >= self.count
+
+    def on_message(self, message: Message) -> None:
+        """Record one message (ignored once the recording is full)."""
+        if self.full:
+            return
+        now = self._clock()
+        if self._first is None:
+            self._first = now
+        self.writer.write(
+            RecordedMessage(
+                now - self._first, message.topic, message.payload, message.qos, message.retain
+            )
+        )
 
 
 def read_recording(

@@ -1,9 +1,10 @@
 """``iotpipe record`` and ``iotpipe replay``: capture MQTT traffic to a file and play it back.
 
-The commands are thin: :class:`Recorder` turns received messages into recording lines, and
-:func:`replay_messages` publishes a recording with its original pacing (scaled by a speed
-factor). Both run on the caller's thread and pump the MQTT client while they wait, so one thread
-owns the connection. SIGINT and SIGTERM end a run cleanly (the recording is closed, a summary
+The commands are thin: :class:`~iotpipe.recording.Recorder` turns received messages into
+recording lines, and :func:`~iotpipe.replay.replay_messages` publishes a recording with its
+original pacing (scaled by a speed factor); the commands add settings, progress on stderr and
+signal handling. Both run on the caller's thread and pump the MQTT client while they wait, so
+one thread owns the connection. SIGINT and SIGTERM end a run cleanly (the recording is closed, a summary
 printed); a second signal interrupts at once.
 
 The file format lives in :mod:`iotpipe.recording`; ``docs/recording.md`` describes both.
@@ -16,82 +17,25 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Protocol, TextIO
+from typing import Annotated, TextIO
 
 import typer
-from pydantic import Field, field_validator
 
-from iotpipe.errors import ConfigError, ConnectError, DeliveryError, RecordingError
+from iotpipe.errors import ConfigError, ConnectError, RecordingError
 from iotpipe.mqtt import Message, MqttClient
 from iotpipe.options import ConfigOption, MqttUrlOption
-from iotpipe.recording import Header, RecordedMessage, RecordingReader, RecordingWriter
-from iotpipe.settings import BrokerUrl, MqttSettings, Section, load
-from iotpipe.topics import check_filter
+from iotpipe.recording import Header, Recorder, RecordingReader, RecordingWriter
+from iotpipe.replay import check_delivered, parse_speed, replay_messages
+from iotpipe.settings import BrokerUrl, MqttSettings, RecordSettings, load
 
-__all__ = [
-    "PacedPublisher",
-    "RecordSettings",
-    "Recorder",
-    "ReplayStats",
-    "check_delivered",
-    "parse_speed",
-    "record",
-    "replay",
-    "replay_messages",
-]
+__all__ = ["record", "replay"]
 
 _RECONNECT_WINDOW = 30.0  # seconds a recorder keeps trying to get a lost connection back
-
-
-# -- settings ---------------------------------------------------------------------------------
-
-
-class RecordSettings(Section):
-    """The ``[record]`` section: what ``iotpipe record`` subscribes to and where it writes."""
-
-    topics: tuple[str, ...] = Field(
-        ("iotpipe/#",), min_length=1, description="MQTT topic filters to record"
-    )
-    qos: int = Field(
-        1, ge=0, le=2, description="subscription QoS (messages keep their own QoS up to it)"
-    )
-    out: Path | None = Field(None, description="the recording file to create")
-    count: int | None = Field(None, ge=1, description="stop after this many messages")
-    duration: float | None = Field(None, gt=0, description="stop after this many seconds")
-    overwrite: bool = Field(False, description="replace an existing output file")
-
-    @field_validator("topics")
-    @classmethod
-    def _valid_filters(cls, topics: tuple[str, ...]) -> tuple[str, ...]:
-        for topic in topics:
-            check_filter(topic)
-        return topics
-
-
-def parse_speed(text: str) -> float | None:
-    """Parse ``--speed``: a factor > 0 (``1`` = real time, ``10`` = ten times faster) or ``max``.
-
-    Returns:
-        The factor, or ``None`` for ``max`` (no pacing: as fast as the publish window allows).
-
-    Raises:
-        ValueError: anything else.
-    """
-    if text.strip().lower() == "max":
-        return None
-    try:
-        speed = float(text)
-    except ValueError:
-        speed = math.nan
-    if not math.isfinite(speed) or speed <= 0:
-        raise ValueError(f"must be a number > 0 or 'max', not {text!r}")
-    return speed
 
 
 def _source(url: BrokerUrl) -> str:
@@ -179,48 +123,6 @@ class _StopSignals:
 
 
 # -- record -----------------------------------------------------------------------------------
-
-
-class Recorder:
-    """Writes each received message to a recording, up to an optional count.
-
-    Pass :meth:`on_message` as the MQTT client's message handler. Offsets come from ``clock``
-    (monotonic seconds) relative to the first message.
-
-    Attributes:
-        writer: the open recording.
-        count: stop accepting messages after this many (``None``: no limit).
-    """
-
-    def __init__(
-        self,
-        writer: RecordingWriter,
-        *,
-        count: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.writer = writer
-        self.count = count
-        self._clock = clock
-        self._first: float | None = None
-
-    @property
-    def full(self) -> bool:
-        """Whether ``count`` messages have been recorded."""
-        return self.count is not None and self.writer.messages >= self.count
-
-    def on_message(self, message: Message) -> None:
-        """Record one message (ignored once the recording is full)."""
-        if self.full:
-            return
-        now = self._clock()
-        if self._first is None:
-            self._first = now
-        self.writer.write(
-            RecordedMessage(
-                now - self._first, message.topic, message.payload, message.qos, message.retain
-            )
-        )
 
 
 def record(
@@ -359,124 +261,6 @@ def record(
 
 
 # -- replay -----------------------------------------------------------------------------------
-
-
-class PacedPublisher(Protocol):
-    """What :func:`replay_messages` needs from an MQTT client (:class:`~iotpipe.mqtt.MqttClient`)."""
-
-    @property
-    def acknowledged(self) -> int:
-        """Messages the broker acknowledged so far (QoS 0 counts when sent)."""
-        ...
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        """Publish one message (waiting while the in-flight window is full)."""
-        ...
-
-    def pump(self, timeout: float = 0.0) -> None:
-        """Run the network loop once, waiting at most ``timeout`` seconds for traffic."""
-        ...
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything published is acknowledged; False if time ran out."""
-        ...
-
-
-@dataclass
-class ReplayStats:
-    """What a replay did.
-
-    Attributes:
-        published: messages handed to the broker.
-        acknowledged: of those, how many the broker acknowledged.
-        payload_bytes: payload bytes published.
-        elapsed: seconds from the first publish until the acknowledgements were in.
-        interrupted: a stop was requested before the end of the recording.
-    """
-
-    published: int = 0
-    acknowledged: int = 0
-    payload_bytes: int = 0
-    elapsed: float = 0.0
-    interrupted: bool = False
-
-    @property
-    def unacknowledged(self) -> int:
-        """Published messages the broker did not acknowledge."""
-        return self.published - self.acknowledged
-
-
-def replay_messages(
-    client: PacedPublisher,
-    messages: Iterable[RecordedMessage],
-    *,
-    speed: float | None = 1.0,
-    topic_prefix: str = "",
-    ack_timeout: float = 30.0,
-    clock: Callable[[], float] = time.monotonic,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_progress: Callable[[ReplayStats], None] | None = None,
-) -> ReplayStats:
-    """Publish recorded messages in order, paced like the recording.
-
-    Each message is due at ``start + (offset - first offset) / speed`` on the monotonic
-    ``clock``: deadlines come from the start, so waiting never accumulates drift, and a replay
-    that falls behind (a full publish window) catches up by publishing at once. While waiting it
-    pumps the client, so acknowledgements and keep-alives are handled.
-
-    Args:
-        client: a connected client.
-        messages: the recording's messages.
-        speed: time scale (``2.0`` = twice as fast); ``None`` publishes without pacing.
-        topic_prefix: prepended to every topic (e.g. ``"replay/"``).
-        ack_timeout: how long to wait for outstanding acknowledgements at the end.
-        clock: monotonic seconds (injected by tests).
-        should_stop: polled between messages; when true, publishing stops early.
-        on_progress: called after every publish (rate-limit it yourself).
-
-    Returns:
-        Counts; ``acknowledged < published`` means the broker did not confirm everything.
-
-    Raises:
-        ConnectError: the connection was lost.
-        DeliveryError: the client refused a publish.
-    """
-    stats = ReplayStats()
-    acked_before = client.acknowledged
-    start = clock()
-    first: float | None = None
-    for message in messages:
-        if first is None:
-            first = message.offset
-        if speed is not None:
-            due = start + (message.offset - first) / speed
-            while not should_stop() and (now := clock()) < due:
-                client.pump(timeout=min(due - now, 0.1))
-        elif stats.published % 256 == 0:
-            # Unpaced, publish() only pumps when the window is full; read acks now and then.
-            client.pump(timeout=0.0)
-        if should_stop():
-            stats.interrupted = True
-            break
-        client.publish(topic_prefix + message.topic, message.payload, message.qos, message.retain)
-        stats.published += 1
-        stats.payload_bytes += len(message.payload)
-        if on_progress is not None:
-            stats.acknowledged = client.acknowledged - acked_before
-            on_progress(stats)
-    client.flush(ack_timeout)
-    stats.acknowledged = client.acknowledged - acked_before
-    stats.elapsed = clock() - start
-    return stats
-
-
-def check_delivered(stats: ReplayStats, target: str) -> None:
-    """Raise :class:`~iotpipe.errors.DeliveryError` unless every published message was acknowledged."""
-    if stats.unacknowledged:
-        raise DeliveryError(
-            f"{target} did not acknowledge {stats.unacknowledged:,} of "
-            f"{stats.published:,} replayed messages"
-        )
 
 
 def replay(

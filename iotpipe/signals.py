@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal, Protocol
 
-from pydantic import Field, field_validator, model_validator
-
-from iotpipe.settings import Section
+from iotpipe.errors import ConfigError
+from iotpipe.schema import Schema, setting
 
 DAY = 86_400.0
 HOUR = 3_600.0
@@ -368,111 +368,118 @@ SENSORS: tuple[SensorName, ...] = (
 )
 
 
-class TemperatureProfile(Section):
+@dataclass(frozen=True, kw_only=True)
+class TemperatureProfile(Schema):
     """Temperature (``Cel``): daily cycle + slow drift + noise."""
 
-    mean: float = Field(21.0, description="fleet mean, degrees Celsius")
-    spread: float = Field(2.0, ge=0, description="each device's mean is offset by up to +-spread")
-    amplitude: float = Field(3.0, ge=0, description="half the day-night swing")
-    peak_hour: float = Field(15.0, ge=0, lt=24, description="UTC hour of the daily maximum")
-    noise: float = Field(0.1, ge=0, description="standard deviation of the white noise")
-    drift: float = Field(0.5, ge=0, description="standard deviation of the slow drift")
-    drift_hours: float = Field(6.0, gt=0, description="how slowly the drift wanders (hours)")
-    decimals: int = Field(2, ge=1, le=6, description="digits after the decimal point")
+    mean: float = setting(21.0, "fleet mean, degrees Celsius")
+    spread: float = setting(2.0, "each device's mean is offset by up to +-spread", ge=0)
+    amplitude: float = setting(3.0, "half the day-night swing", ge=0)
+    peak_hour: float = setting(15.0, "UTC hour of the daily maximum", ge=0, lt=24)
+    noise: float = setting(0.1, "standard deviation of the white noise", ge=0)
+    drift: float = setting(0.5, "standard deviation of the slow drift", ge=0)
+    drift_hours: float = setting(6.0, "how slowly the drift wanders (hours)", gt=0)
+    decimals: int = setting(2, "digits after the decimal point", ge=1, le=6)
 
 
-class HumidityProfile(Section):
+@dataclass(frozen=True, kw_only=True)
+class HumidityProfile(Schema):
     """Relative humidity (``%RH``), anti-correlated with the temperature."""
 
-    mean: float = Field(45.0, ge=0, le=100, description="fleet mean, %RH")
-    spread: float = Field(5.0, ge=0, description="each device's mean is offset by up to +-spread")
-    per_degree: float = Field(
-        2.5, ge=0, description="%RH lost per degree above the mean temperature"
-    )
-    noise: float = Field(0.5, ge=0, description="standard deviation of the white noise")
-    decimals: int = Field(1, ge=1, le=6)
+    mean: float = setting(45.0, "fleet mean, %RH", ge=0, le=100)
+    spread: float = setting(5.0, "each device's mean is offset by up to +-spread", ge=0)
+    per_degree: float = setting(2.5, "%RH lost per degree above the mean temperature", ge=0)
+    noise: float = setting(0.5, "standard deviation of the white noise", ge=0)
+    decimals: int = setting(1, "digits after the decimal point", ge=1, le=6)
 
 
-class PressureProfile(Section):
+@dataclass(frozen=True, kw_only=True)
+class PressureProfile(Schema):
     """Barometric pressure (``Pa``): a random walk bounded to [low, high]."""
 
-    mean: float = Field(101_325.0, description="fleet mean at start, Pa")
-    spread: float = Field(300.0, ge=0, description="each device starts up to +-spread from mean")
-    step: float = Field(2.0, ge=0, description="walk step, Pa per square-root second")
-    low: float = Field(98_000.0, description="lower bound, Pa")
-    high: float = Field(104_000.0, description="upper bound, Pa")
-    decimals: int = Field(1, ge=1, le=6)
+    mean: float = setting(101_325.0, "fleet mean at start, Pa")
+    spread: float = setting(300.0, "each device starts up to +-spread from mean", ge=0)
+    step: float = setting(2.0, "walk step, Pa per square-root second", ge=0)
+    low: float = setting(98_000.0, "lower bound, Pa")
+    high: float = setting(104_000.0, "upper bound, Pa")
+    decimals: int = setting(1, "digits after the decimal point", ge=1, le=6)
 
-    @model_validator(mode="after")
-    def _bounds(self) -> PressureProfile:
+    def check(self) -> None:
+        """``low`` < ``high``."""
         if not self.low < self.high:
-            raise ValueError("low must be below high")
-        return self
+            raise ConfigError("low", self.low, "low must be below high")
 
 
-class PowerProfile(Section):
+def _non_negative(levels: list[float]) -> None:
+    if any(level < 0 for level in levels):
+        raise ValueError("power levels must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PowerProfile(Schema):
     """Electrical power (``W``): load steps between levels at random times."""
 
-    levels: list[float] = Field([8.0, 60.0, 150.0, 900.0], min_length=1, description="loads, W")
-    dwell: float = Field(120.0, gt=0, description="mean seconds a load level is held")
-    noise: float = Field(0.02, ge=0, description="relative noise (0.02 = 2 %)")
-    decimals: int = Field(1, ge=1, le=6)
-
-    @field_validator("levels")
-    @classmethod
-    def _non_negative(cls, levels: list[float]) -> list[float]:
-        if any(level < 0 for level in levels):
-            raise ValueError("power levels must be >= 0")
-        return levels
+    levels: list[float] = setting(
+        [8.0, 60.0, 150.0, 900.0], "loads, W", min_length=1, check=_non_negative
+    )
+    dwell: float = setting(120.0, "mean seconds a load level is held", gt=0)
+    noise: float = setting(0.02, "relative noise (0.02 = 2 %)", ge=0)
+    decimals: int = setting(1, "digits after the decimal point", ge=1, le=6)
 
 
-class BatteryProfile(Section):
+@dataclass(frozen=True, kw_only=True)
+class BatteryProfile(Schema):
     """Battery charge (``%``): drains linearly, never rises."""
 
-    start_min: float = Field(60.0, ge=0, le=100, description="lowest charge at start, %")
-    start_max: float = Field(100.0, ge=0, le=100, description="highest charge at start, %")
-    drain_per_hour: float = Field(0.5, ge=0, description="mean drain, % per hour")
-    drain_spread: float = Field(0.3, ge=0, lt=1, description="each device drains +-this fraction")
-    decimals: int = Field(1, ge=1, le=6)
+    start_min: float = setting(60.0, "lowest charge at start, %", ge=0, le=100)
+    start_max: float = setting(100.0, "highest charge at start, %", ge=0, le=100)
+    drain_per_hour: float = setting(0.5, "mean drain, % per hour", ge=0)
+    drain_spread: float = setting(0.3, "each device drains +-this fraction", ge=0, lt=1)
+    decimals: int = setting(1, "digits after the decimal point", ge=1, le=6)
 
-    @model_validator(mode="after")
-    def _range(self) -> BatteryProfile:
+    def check(self) -> None:
+        """``start_min`` <= ``start_max``."""
         if self.start_min > self.start_max:
-            raise ValueError("start_min must not exceed start_max")
-        return self
+            raise ConfigError("start_min", self.start_min, "start_min must not exceed start_max")
 
 
-class BinaryProfile(Section):
+@dataclass(frozen=True, kw_only=True)
+class BinaryProfile(Schema):
     """A two-state event sensor (``1``): true for ~on_seconds, false for ~off_seconds."""
 
-    on_seconds: float = Field(30.0, gt=0, description="mean seconds in the true state")
-    off_seconds: float = Field(600.0, gt=0, description="mean seconds in the false state")
+    on_seconds: float = setting(30.0, "mean seconds in the true state", gt=0)
+    off_seconds: float = setting(600.0, "mean seconds in the false state", gt=0)
 
 
+@dataclass(frozen=True, kw_only=True)
 class DoorProfile(BinaryProfile):
     """A door (``1``): open (true) for ~20 s, closed for ~15 min."""
 
-    on_seconds: float = Field(20.0, gt=0, description="mean seconds open")
-    off_seconds: float = Field(900.0, gt=0, description="mean seconds closed")
+    on_seconds: float = setting(20.0, "mean seconds open", gt=0)
+    off_seconds: float = setting(900.0, "mean seconds closed", gt=0)
 
 
+@dataclass(frozen=True, kw_only=True)
 class MotionProfile(BinaryProfile):
     """A motion detector (``1``): active (true) for ~30 s, idle for ~5 min."""
 
-    on_seconds: float = Field(30.0, gt=0, description="mean seconds active")
-    off_seconds: float = Field(300.0, gt=0, description="mean seconds idle")
+    on_seconds: float = setting(30.0, "mean seconds active", gt=0)
+    off_seconds: float = setting(300.0, "mean seconds idle", gt=0)
 
 
-class Profiles(Section):
+@dataclass(frozen=True, kw_only=True)
+class Profiles(Schema):
     """Signal profiles, one table per sensor."""
 
-    temperature: TemperatureProfile = TemperatureProfile()
-    humidity: HumidityProfile = HumidityProfile()
-    pressure: PressureProfile = PressureProfile()
-    power: PowerProfile = PowerProfile()
-    battery: BatteryProfile = BatteryProfile()
-    door: DoorProfile = DoorProfile()
-    motion: MotionProfile = MotionProfile()
+    temperature: TemperatureProfile = setting(
+        TemperatureProfile(), "[simulate.profiles.temperature]"
+    )
+    humidity: HumidityProfile = setting(HumidityProfile(), "[simulate.profiles.humidity]")
+    pressure: PressureProfile = setting(PressureProfile(), "[simulate.profiles.pressure]")
+    power: PowerProfile = setting(PowerProfile(), "[simulate.profiles.power]")
+    battery: BatteryProfile = setting(BatteryProfile(), "[simulate.profiles.battery]")
+    door: DoorProfile = setting(DoorProfile(), "[simulate.profiles.door]")
+    motion: MotionProfile = setting(MotionProfile(), "[simulate.profiles.motion]")
 
 
 def build_signals(

@@ -35,10 +35,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
-from pydantic import Field, field_validator
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -46,13 +45,14 @@ from rich.text import Text
 
 from iotpipe.errors import ConfigError, ConnectError, IotpipeError
 from iotpipe.options import ConfigOption
+from iotpipe.schema import layered
 from iotpipe.settings import (
+    DEFAULT_STORE_URL,
     AmqpSettings,
     MqttSettings,
-    Section,
+    UpSettings,
     config_path,
     load,
-    read_toml,
 )
 from iotpipe.status import COMPONENTS_FILE, Probe, accepting, counters, probe
 
@@ -64,48 +64,6 @@ IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 _DEBIAN_RABBITMQ = Path("/usr/lib/rabbitmq/bin")
 
 _LOCAL_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-class UpSettings(Section):
-    """The ``[up]`` section."""
-
-    state_dir: Path = Field(Path("state"), description="logs, components.json, private RabbitMQ")
-    edge_broker: Literal["amqtt", "mosquitto"] = Field("amqtt", description="broker to start")
-    mqtt_host: str = Field("127.0.0.1", description="address the started edge broker listens on")
-    mqtt_port: int = Field(1884, ge=1, le=65535, description="port of the started edge broker")
-    rabbitmq: Literal["auto", "private", "external"] = Field(
-        "auto", description="auto: configured or local one, else a private node"
-    )
-    rabbitmq_port: int = Field(5673, ge=1, le=65535, description="AMQP port of a private node")
-    rabbitmq_dist_port: int = Field(25673, ge=1, le=65535, description="its Erlang dist port")
-    bridge_http_port: int = Field(9181, ge=1, le=65535, description="bridge /metrics, /healthz")
-    consumer_http_port: int = Field(9182, ge=1, le=65535, description="consumer /metrics, /healthz")
-    dashboard: bool = Field(True, description="serve the web dashboard on the consumer's store")
-    dashboard_port: int = Field(8080, ge=1, le=65535, description="port of the web dashboard")
-    simulator: bool = Field(True, description="run a simulated fleet")
-    sites: int = Field(2, ge=1, le=1000, description="simulated sites")
-    devices: int = Field(3, ge=1, le=10_000, description="simulated devices per site")
-    rate: str = Field("1", description="samples per second per device (0.1-100) or 'max'")
-    faults: dict[str, float] = Field(
-        {"duplicate": 0.02, "malformed": 0.01, "mismatch": 0.01},
-        description="simulator fault injection (see iotpipe simulate --fault)",
-    )
-    start_timeout: float = Field(60.0, gt=0, description="seconds a component may take to start")
-    drain_timeout: float = Field(10.0, ge=0, description="seconds to wait for the bridge to drain")
-    refresh: float = Field(1.0, ge=0.2, le=60, description="seconds between live view updates")
-
-    @field_validator("rate")
-    @classmethod
-    def _valid_rate(cls, value: str) -> str:
-        if value == "max":
-            return value
-        try:
-            hz = float(value)
-        except ValueError:
-            raise ValueError("expected a number of samples per second or 'max'") from None
-        if not 0.1 <= hz <= 100:
-            raise ValueError("expected 0.1 to 100 samples per second, or 'max'")
-        return value
 
 
 # -- the components ---------------------------------------------------------------------------
@@ -429,7 +387,7 @@ class Pipeline:
     @property
     def edge_started(self) -> bool:
         """Whether we start the edge broker (no --mqtt / [mqtt] url given)."""
-        return "url" not in self.mqtt.model_fields_set
+        return "url" not in self.mqtt.fields_set
 
     def start(self) -> None:
         """Start every component in order and wait until each is ready."""
@@ -441,7 +399,7 @@ class Pipeline:
         consumer = Component(
             "consumer",
             f"http://127.0.0.1:{self.settings.consumer_http_port}",
-            note=f"-> {self.store or _configured(self.config, 'consume', 'store', 'sqlite:///state/telemetry.db')}",
+            note=f"-> {self.store or _consumer_store(self.config)}",
             http=f"http://127.0.0.1:{self.settings.consumer_http_port}",
             log=self.dir / "consumer.log",
         )
@@ -475,9 +433,7 @@ class Pipeline:
     def _start_dashboard(self, env: dict[str, str]) -> None:
         """The web page on the consumer's store (which the consumer has created by now)."""
         port = self.settings.dashboard_port
-        store = self.store or _configured(
-            self.config, "consume", "store", "sqlite:///state/telemetry.db"
-        )
+        store = self.store or _consumer_store(self.config)
         dashboard = Component(
             "dashboard",
             f"http://127.0.0.1:{port}/",
@@ -864,16 +820,10 @@ def _mosquitto_binary() -> str:
     return found
 
 
-def _configured(config: Path | None, section: str, key: str, default: str) -> str:
-    """A component's own setting as it will see it: environment, else file, else default."""
-    from_env = os.environ.get(f"IOTPIPE_{section.upper()}__{key.upper()}")
-    if from_env:
-        return from_env
-    if config is not None:
-        value = read_toml(config).get(section, {}).get(key)
-        if isinstance(value, str):
-            return value
-    return default
+def _consumer_store(config: Path | None) -> str:
+    """The store ``iotpipe consume`` will use without ``--store``: env, else file, else default."""
+    store = layered("consume", config_file=config).get("store")
+    return store if isinstance(store, str) and store else DEFAULT_STORE_URL
 
 
 def _already_running(state_dir: Path) -> int | None:
@@ -967,7 +917,7 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
     store: Annotated[
         str | None,
         typer.Option(
-            help="Consumer store URL. \\[default: sqlite:///state/telemetry.db]", show_default=False
+            help=f"Consumer store URL. \\[default: {DEFAULT_STORE_URL}]", show_default=False
         ),
     ] = None,
     bridge_port: Annotated[

@@ -1,24 +1,21 @@
-"""``iotpipe simulate``: publish a simulated sensor fleet to an MQTT broker."""
+"""``iotpipe simulate``: publish a simulated sensor fleet to an MQTT broker.
+
+The command maps its flags onto :class:`~simulator.settings.SimulateSettings` and ``[mqtt]``,
+then runs :func:`~simulator.run.simulate_fleet` and prints its summary.
+"""
 
 from __future__ import annotations
 
 import json
-import signal
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
 
-from iotpipe.errors import ConfigError, DeliveryError
-from iotpipe.mqtt import MqttClient, Will
+from iotpipe.errors import ConfigError
 from iotpipe.options import ConfigOption, MqttUrlOption
 from iotpipe.settings import MqttSettings, config_path, load
 from simulator import progress
-from simulator.link import Link
-from simulator.run import Simulation, summary_lines
+from simulator.run import check_acknowledged, simulate_fleet, summary_lines
 from simulator.settings import SimulateSettings
 
 _FAULTS = "Fault injection"
@@ -44,182 +41,126 @@ def _sensors(value: str | None) -> list[str] | None:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
-@contextmanager
-def _graceful_stop(sim: Simulation) -> Iterator[None]:
-    """First SIGINT/SIGTERM: stop generating, drain, flush, summarise. Second SIGINT: abort."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+def _option(help_text: str, *names: str, panel: str | None = None) -> Any:
+    """A flag left unset by default, so the settings (file, environment, model) decide.
 
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        sim.stop()
-        # A second Ctrl-C interrupts at once (e.g. while waiting for acknowledgements).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    installed = False
-    try:
-        for sig in previous:
-            signal.signal(sig, handler)
-        installed = True
-    except ValueError:  # not the main thread (e.g. run from a test's worker thread)
-        pass
-    try:
-        yield
-    finally:
-        if installed:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+    ``help_text`` states the default, which typer cannot show: the flag's own default is None.
+    """
+    return typer.Option(*names, help=help_text, show_default=False, rich_help_panel=panel)
 
 
 def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
     config: ConfigOption = None,
     mqtt: MqttUrlOption = None,
-    sites: Annotated[
-        int | None,
-        typer.Option(
-            help="Number of sites. \\[default: 1]", show_default=False, rich_help_panel=_FLEET
-        ),
-    ] = None,
+    sites: Annotated[int | None, _option("Number of sites. \\[default: 1]", panel=_FLEET)] = None,
     devices: Annotated[
         int | None,
-        typer.Option(
-            help="Devices per site (the fleet is sites x devices, at most 10,000). \\[default: 10]",
-            show_default=False,
-            rich_help_panel=_FLEET,
+        _option(
+            "Devices per site (the fleet is sites x devices, at most 10,000). \\[default: 10]",
+            panel=_FLEET,
         ),
     ] = None,
     site_pattern: Annotated[
         str | None,
-        typer.Option(
-            help="Site names; {n} counts from 1. \\[default: site-{n:02d}]",
-            show_default=False,
-            rich_help_panel=_FLEET,
-        ),
+        _option("Site names; {n} counts from 1. \\[default: site-{n:02d}]", panel=_FLEET),
     ] = None,
     device_pattern: Annotated[
         str | None,
-        typer.Option(
-            help="Device names; {n} counts across the fleet, {i} within the site, {site} is the "
+        _option(
+            "Device names; {n} counts across the fleet, {i} within the site, {site} is the "
             "site. \\[default: dev-{n:04d}]",
-            show_default=False,
-            rich_help_panel=_FLEET,
+            panel=_FLEET,
         ),
     ] = None,
     sensors: Annotated[
         str | None,
-        typer.Option(
-            help="Comma-separated sensors per device. "
+        _option(
+            "Comma-separated sensors per device. "
             "\\[default: temperature,humidity,pressure,power,battery,door,motion]",
-            show_default=False,
-            rich_help_panel=_FLEET,
+            panel=_FLEET,
         ),
     ] = None,
     tag: Annotated[
         list[str] | None,
-        typer.Option(
+        _option(
+            "KEY=VALUE tag on every envelope (repeatable; replaces the configured tags).",
             "--tag",
-            help="KEY=VALUE tag on every envelope (repeatable; replaces the configured tags).",
-            show_default=False,
-            rich_help_panel=_FLEET,
+            panel=_FLEET,
         ),
     ] = None,
     connections: Annotated[
         int | None,
-        typer.Option(
-            help="MQTT connections to spread the devices over. A connection with one device "
+        _option(
+            "MQTT connections to spread the devices over. A connection with one device "
             "carries that device's last will. \\[default: one per device up to 10 devices, else 1]",
-            show_default=False,
-            rich_help_panel=_FLEET,
+            panel=_FLEET,
         ),
     ] = None,
     status: Annotated[
         bool | None,
-        typer.Option(
+        _option(
+            "Publish retained online/offline status messages. \\[default: --status]",
             "--status/--no-status",
-            help="Publish retained online/offline status messages. \\[default: --status]",
-            show_default=False,
-            rich_help_panel=_FLEET,
+            panel=_FLEET,
         ),
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option(
-            help="Random seed: the same seed (and --start) gives the same ids and values. "
+        _option(
+            "Random seed: the same seed (and --start) gives the same ids and values. "
             "\\[default: random, printed in the summary]",
-            show_default=False,
-            rich_help_panel=_FLEET,
+            panel=_FLEET,
         ),
     ] = None,
     rate: Annotated[
         str | None,
-        typer.Option(
-            help="Samples per second per device (0.1-100), or 'max' to publish as fast as the "
+        _option(
+            "Samples per second per device (0.1-100), or 'max' to publish as fast as the "
             "broker acknowledges. \\[default: 1]",
-            show_default=False,
-            rich_help_panel=_TIMING,
+            panel=_TIMING,
         ),
     ] = None,
     count: Annotated[
-        int | None,
-        typer.Option(
-            "--count",
-            "-n",
-            help="Stop after N envelopes.",
-            show_default=False,
-            rich_help_panel=_TIMING,
-        ),
+        int | None, _option("Stop after N envelopes.", "--count", "-n", panel=_TIMING)
     ] = None,
     duration: Annotated[
-        float | None,
-        typer.Option(
-            help="Stop after S seconds of simulated time.",
-            show_default=False,
-            rich_help_panel=_TIMING,
-        ),
+        float | None, _option("Stop after S seconds of simulated time.", panel=_TIMING)
     ] = None,
     batch: Annotated[
         int | None,
-        typer.Option(
-            help="Samples per sensor in one envelope, each with its own ts. \\[default: 1]",
-            show_default=False,
-            rich_help_panel=_TIMING,
+        _option(
+            "Samples per sensor in one envelope, each with its own ts. \\[default: 1]",
+            panel=_TIMING,
         ),
     ] = None,
     speed: Annotated[
         float | None,
-        typer.Option(
-            help="Simulated seconds per real second (e.g. 60 to replay an hour in a minute). "
+        _option(
+            "Simulated seconds per real second (e.g. 60 to replay an hour in a minute). "
             "\\[default: 1]",
-            show_default=False,
-            rich_help_panel=_TIMING,
+            panel=_TIMING,
         ),
     ] = None,
     start: Annotated[
         str | None,
-        typer.Option(
-            help="Simulated start time, RFC 3339 (e.g. 2026-11-01T00:00:00Z) for backfills. "
+        _option(
+            "Simulated start time, RFC 3339 (e.g. 2026-11-01T00:00:00Z) for backfills. "
             "\\[default: now]",
-            show_default=False,
-            rich_help_panel=_TIMING,
+            panel=_TIMING,
         ),
     ] = None,
-    qos: Annotated[
-        int | None,
-        typer.Option(help="MQTT QoS of telemetry (0, 1, 2). \\[default: 1]", show_default=False),
-    ] = None,
+    qos: Annotated[int | None, _option("MQTT QoS of telemetry (0, 1, 2). \\[default: 1]")] = None,
     ts_format: Annotated[
-        str | None,
-        typer.Option(
-            help="How ts is written: rfc3339 or epoch_ms. \\[default: rfc3339]", show_default=False
-        ),
+        str | None, _option("How ts is written: rfc3339 or epoch_ms. \\[default: rfc3339]")
     ] = None,
     fault: Annotated[
         list[str] | None,
-        typer.Option(
-            "--fault",
-            help="KIND=RATE to inject a fault into that fraction of messages (repeatable): "
+        _option(
+            "KIND=RATE to inject a fault into that fraction of messages (repeatable): "
             "duplicate, reorder, malformed, schema, oversize, mismatch, skew, offline; also "
             "reorder_window=N, skew_seconds=S, offline_messages=N.",
-            show_default=False,
-            rich_help_panel=_FAULTS,
+            "--fault",
+            panel=_FAULTS,
         ),
     ] = None,
     as_json: Annotated[
@@ -254,7 +195,6 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
       iotpipe simulate -c configs/simulate.toml --seed 42
     """
     path = config_path(config)
-    faults_overrides = _key_values("--fault", fault)
     overrides: dict[str, Any] = {
         "sites": sites,
         "devices": devices,
@@ -273,34 +213,14 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
         "start": start,
         "qos": qos,
         "ts_format": ts_format,
-        "faults": faults_overrides,
+        "faults": _key_values("--fault", fault),
     }
     settings = load(SimulateSettings, "simulate", config_file=path, overrides=overrides)
     mqtt_settings = load(MqttSettings, "mqtt", config_file=path, overrides={"url": mqtt})
-    # MQTT 3.1.1 only promises client ids of up to 23 characters: "iotsim-1a2b3c-9999" fits.
-    prefix = mqtt_settings.client_id or "iotsim"
-    run_id = uuid.uuid4().hex[:6]
-
-    def connect(index: int, will: Will | None) -> Link:
-        return MqttClient(
-            mqtt_settings,
-            client_id=f"{prefix}-{run_id}-{index}",
-            will=will,
-            max_inflight=settings.max_inflight,
-        )
-
-    sim = Simulation(settings, connect)  # builds the fleet: may still raise ConfigError
-    sim.progress = progress.choose(show_progress)
-    with _graceful_stop(sim):
-        summary = sim.run()
+    summary = simulate_fleet(settings, mqtt_settings, progress=progress.choose(show_progress))
     if as_json:
         typer.echo(json.dumps(summary.to_dict()))
     else:
         for line in summary_lines(summary):
             typer.echo(line)
-    if not summary.ok:
-        total = summary.acknowledged + summary.unacknowledged
-        raise DeliveryError(
-            f"{summary.unacknowledged} of {total} publishes were not acknowledged by "
-            f"{mqtt_settings.broker} within {settings.flush_timeout:g} s"
-        )
+    check_acknowledged(summary, settings, mqtt_settings.broker)

@@ -27,14 +27,19 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from types import FrameType
 from typing import Any
 
 from iotpipe.errors import ConnectError, DeliveryError
-from iotpipe.mqtt import Will
+from iotpipe.mqtt import MqttClient, Will
+from iotpipe.settings import MqttSettings
 from simulator import faults
 from simulator.faults import REJECTED, Fault, FaultPlan, Outage, Reorderer
 from simulator.fleet import Device, Fleet, Outgoing
@@ -577,3 +582,81 @@ def summary_lines(summary: Summary) -> Iterable[str]:
         yield "faults " + ", ".join(f"{kind}={count}" for kind, count in s.faults.items())
     else:
         yield "faults none"
+
+
+# -- running a fleet against a broker ---------------------------------------------------------
+
+
+def mqtt_links(mqtt: MqttSettings, *, max_inflight: int) -> LinkFactory:
+    """Open each of a simulation's connections as an :class:`~iotpipe.mqtt.MqttClient`.
+
+    Client ids are ``<client_id or "iotsim">-<run>-<index>``, with a random run part so two
+    simulators on one broker never take over each other's sessions.
+    """
+    # MQTT 3.1.1 only promises client ids of up to 23 characters: "iotsim-1a2b3c-9999" fits.
+    prefix = mqtt.client_id or "iotsim"
+    run_id = uuid.uuid4().hex[:6]
+
+    def connect(index: int, will: Will | None) -> Link:
+        return MqttClient(
+            mqtt, client_id=f"{prefix}-{run_id}-{index}", will=will, max_inflight=max_inflight
+        )
+
+    return connect
+
+
+@contextmanager
+def stop_on_signals(sim: Simulation) -> Iterator[None]:
+    """First SIGINT/SIGTERM: stop generating, drain, flush, summarise. Second SIGINT: abort.
+
+    Off the main thread (where Python installs no handlers) the run is simply not stoppable
+    by signals.
+    """
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        sim.stop()
+        # A second Ctrl-C interrupts at once (e.g. while waiting for acknowledgements).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    installed = False
+    try:
+        for sig in previous:
+            signal.signal(sig, handler)
+        installed = True
+    except ValueError:  # not the main thread (e.g. run from a test's worker thread)
+        pass
+    try:
+        yield
+    finally:
+        if installed:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def simulate_fleet(
+    settings: SimulateSettings, mqtt: MqttSettings, *, progress: Progress | None = None
+) -> Summary:
+    """Publish the fleet ``settings`` describe to the broker ``mqtt`` names, until it is done.
+
+    Signals stop the run gracefully (:func:`stop_on_signals`). Every publish is accounted for;
+    call :func:`check_acknowledged` on the result to fail on lost ones.
+
+    Raises:
+        ConfigError: the fleet cannot be built from the settings.
+        ConnectError: the broker cannot be reached.
+    """
+    links = mqtt_links(mqtt, max_inflight=settings.max_inflight)
+    sim = Simulation(settings, links, progress=progress)
+    with stop_on_signals(sim):
+        return sim.run()
+
+
+def check_acknowledged(summary: Summary, settings: SimulateSettings, broker: object) -> None:
+    """Raise :class:`~iotpipe.errors.DeliveryError` unless the broker acknowledged every publish."""
+    if not summary.ok:
+        total = summary.acknowledged + summary.unacknowledged
+        raise DeliveryError(
+            f"{summary.unacknowledged} of {total} publishes were not acknowledged by "
+            f"{broker} within {settings.flush_timeout:g} s"
+        )

@@ -156,7 +156,8 @@ def running_broker(kind: str, workdir: Path) -> Iterator[BrokerInfo]:
     """
     port = free_port()
     if kind == "amqtt":
-        from bridge.broker import BrokerSettings, BrokerThread
+        from bridge.broker import BrokerThread
+        from bridge.settings import BrokerSettings
 
         runner = BrokerThread(BrokerSettings(port=port)).start()
         try:

@@ -8,21 +8,17 @@ shows "no store yet" (the API answers 503) until ``iotpipe consume`` creates it.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import signal
 import socket
 import threading
-from collections.abc import Iterator
-from types import FrameType
 from typing import Annotated
 
 import typer
 
-from consumers.query_cli import store_path
-from consumers.settings import InfluxTarget
+from consumers.settings import InfluxTarget, store_path
 from iotpipe.errors import ConfigError
 from iotpipe.options import ConfigOption
+from iotpipe.settings import DEFAULT_STORE_URL
 
 __all__ = ["dashboard"]
 
@@ -67,7 +63,7 @@ def dashboard(
         typer.Option(
             "--store",
             help="SQLite store: sqlite:///relative.db, sqlite:////abs.db or a file path. "
-            "\\[default: \\[consume] store of --config, else sqlite:///state/telemetry.db]",
+            f"\\[default: \\[consume] store of --config, else {DEFAULT_STORE_URL}]",
             show_default=False,
         ),
     ] = None,
@@ -98,9 +94,9 @@ def dashboard(
             "(configs/grafana/, docs/grafana.md)",
         )
     if location.exists():
-        from consumers.query import _open_readonly
+        from consumers.query import open_readonly
 
-        _open_readonly(location).close()  # refuse a foreign or newer file now, not per request
+        open_readonly(location).close()  # refuse a foreign or newer file now, not per request
     else:
         typer.echo(
             f"iotpipe: store {location} does not exist yet; the dashboard shows it once "
@@ -111,25 +107,12 @@ def dashboard(
     import uvicorn
 
     from consumers.dashboard.app import create_app
+    from iotpipe.compat import uvicorn_server
 
     stopping = threading.Event()
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            stopping.set()  # live streams end at their next poll, so shutdown does not wait
-            super().handle_exit(sig, frame)
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # uvicorn's own re-raises the signal after its graceful shutdown, so the process
-            # would die of SIGTERM; for iotpipe, SIGTERM and Ctrl-C are a normal stop (exit 0).
-            handled = (signal.SIGINT, signal.SIGTERM)
-            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in original.items():
-                    signal.signal(sig, handler)
+    # live streams end at their next poll, so shutdown does not wait; SIGTERM and Ctrl-C are a
+    # normal stop (exit 0) for iotpipe, not the signal's death uvicorn would re-raise
+    server_class = uvicorn_server(on_exit=stopping.set)
 
     sock = _listen(host, port)
     server_config = uvicorn.Config(
@@ -140,7 +123,7 @@ def dashboard(
     )
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"iotpipe dashboard on http://{shown}:{sock.getsockname()[1]}/ ({store})", err=True)
-    Server(server_config).run(sockets=[sock])
+    server_class(server_config).run(sockets=[sock])
 
 
 dashboard.__doc__ = inspect.cleandoc(dashboard.__doc__ or "") + _EXAMPLES

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from consumers.query import _PER_DEVICE, DeviceStats, _export_value, _open_readonly
+from consumers.query import DeviceStats, device_stats, has_table, open_readonly, reading_value
 from consumers.sqlite_store import ROLLUPS
 from iotpipe.errors import ConfigError, IotpipeError
 
@@ -93,11 +93,11 @@ def open_store(path: Path) -> Iterator[sqlite3.Connection]:
             f"store {path} does not exist (yet): is iotpipe consume writing to it?"
         )
     try:
-        conn = _open_readonly(path)
+        conn = open_readonly(path)
     except ConfigError as err:
         raise StoreUnreadableError(f"store {path}: {err.allowed}") from None
     try:
-        if not _has_table(conn, "readings"):
+        if not has_table(conn, "readings"):
             raise StoreUnreadableError(
                 f"store {path} has no readings (an InfluxDB consumer's state file?): "
                 "the dashboard reads SQLite stores"
@@ -108,11 +108,6 @@ def open_store(path: Path) -> Iterator[sqlite3.Connection]:
         raise StoreUnreadableError(f"store {path}: {err}") from err
     finally:
         conn.close()
-
-
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-    return conn.execute(sql, (name,)).fetchone() is not None
 
 
 # -- sites and devices --------------------------------------------------------------------------
@@ -145,7 +140,7 @@ def _all_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     }
     return [
         _device_dict(stats, counts.get((stats.site, stats.device), 0))
-        for stats in (DeviceStats(*row) for row in conn.execute(_PER_DEVICE))
+        for stats in device_stats(conn)
     ]
 
 
@@ -272,7 +267,7 @@ ORDER BY ts_ms DESC LIMIT ?
 def series_source(conn: sqlite3.Connection, width: int) -> str:
     """The table a series of buckets ``width`` wide reads: a rollup when one divides it."""
     for table, size in sorted(ROLLUPS.items(), key=lambda item: -item[1]):
-        if width % size == 0 and _has_table(conn, table):
+        if width % size == 0 and has_table(conn, table):
             return table
     return "readings"
 
@@ -339,7 +334,7 @@ def feed_head(conn: sqlite3.Connection) -> int:
     Raises:
         StoreUnreadableError: the store has no feed yet (schema version 1, not yet migrated).
     """
-    if not _has_table(conn, "readings_feed"):
+    if not has_table(conn, "readings_feed"):
         raise StoreUnreadableError(
             "the store has no live feed yet (schema version 1): it is added when "
             "iotpipe consume of this version opens it"
@@ -393,7 +388,7 @@ def feed_since(
             "device": r_device,
             "sensor": sensor,
             "t": ts_ms,
-            "value": _export_value(num, flag, text),
+            "value": reading_value(num, flag, text),
         }
         for _seq, r_site, r_device, sensor, ts_ms, num, flag, text in rows
     ]

@@ -8,7 +8,8 @@
     simulated   the simulator's signal profiles                                 as profiled
 
 The agent validates ``[[edge.sensors]]`` tables as :data:`SensorConfig` and calls
-:func:`build_drivers`. Driver modules import only the standard library and pydantic; hardware
+:func:`build_drivers`. Driver modules import only the standard library and :mod:`iotpipe.schema`
+(no pydantic: the agent's footprint); hardware
 libraries (smbus2) are imported when a driver first touches its hardware, so a box without them
 still runs every other driver.
 """
@@ -16,10 +17,8 @@ still runs every other driver.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Annotated
-
-from pydantic import Field
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from edge.sensors.base import Driver, Sample, SensorError
 from edge.sensors.bme280 import BME280Config
@@ -29,6 +28,7 @@ from edge.sensors.simulated import SimulatedConfig
 from edge.sensors.system import SystemConfig
 from edge.sensors.thermal import ThermalConfig
 from iotpipe.errors import ConfigError
+from iotpipe.schema import convert
 
 __all__ = [
     "BME280Config",
@@ -43,16 +43,31 @@ __all__ = [
     "ThermalConfig",
     "build_driver",
     "build_drivers",
+    "parse_sensors",
     "read_safely",
 ]
 
 log = logging.getLogger(__name__)
 
 #: One ``[[edge.sensors]]`` table, told apart by its ``type``.
-SensorConfig = Annotated[
-    ThermalConfig | DS18B20Config | BME280Config | DHT22Config | SystemConfig | SimulatedConfig,
-    Field(discriminator="type"),
-]
+SensorConfig = (
+    ThermalConfig | DS18B20Config | BME280Config | DHT22Config | SystemConfig | SimulatedConfig
+)
+
+
+def parse_sensors(tables: Sequence[Mapping[str, Any]]) -> list[SensorConfig]:
+    """Validate ``[[edge.sensors]]`` tables as the agent does, each by its ``type``.
+
+    Raises:
+        ConfigError: a table is invalid (the field is named from ``edge.sensors`` on).
+    """
+    try:
+        parsed: list[SensorConfig] = convert(list[SensorConfig], tables)
+    except ConfigError as err:
+        raise ConfigError(f"edge.sensors.{err.field}", err.value, err.allowed) from None
+    except ValueError as err:
+        raise ConfigError("edge.sensors", tables, str(err)) from None
+    return parsed
 
 
 def build_driver(config: SensorConfig) -> Driver:

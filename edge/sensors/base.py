@@ -13,11 +13,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Protocol
 
-from pydantic import AfterValidator, Field
-
-from iotpipe.settings import Section
+from iotpipe.schema import Schema, setting
 
 #: A reading's value, as the wire contract allows: a finite number, a boolean or a string.
 Value = float | int | bool | str
@@ -82,33 +80,41 @@ WallClock = Callable[[], int]
 _READING_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def _reading_name(value: str) -> str:
+def check_reading_name(value: str) -> None:
+    """A sensor or reading name as the wire contract allows it: 1-64 of ``A-Z a-z 0-9 _ - .``.
+
+    Raises:
+        ValueError: it is not.
+    """
     if not _READING_RE.fullmatch(value):
         raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ - . (wire contract)")
-    return value
 
 
-#: A sensor or reading name as the wire contract allows it: 1-64 of ``A-Z a-z 0-9 _ - .``.
-ReadingName = Annotated[str, AfterValidator(_reading_name)]
+def _sensor_name(value: str) -> None:
+    if value:
+        check_reading_name(value)
 
 
-class DriverConfig(Section):
+@dataclass(frozen=True, kw_only=True)
+class DriverConfig(Schema):
     """Settings every driver has; each driver's model adds a ``type`` tag and its own fields.
 
     Subclasses narrow ``interval`` with their own default and bounds (a DS18B20 conversion takes
     750 ms, a DHT22 must rest 2 s between reads).
     """
 
-    name: ReadingName = Field(
-        "", description="unique name of this sensor in logs and metrics; default: its type"
-    )
-    prefix: str = Field(
+    name: str = setting(
         "",
-        pattern=r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,31})?$",
-        description="prepended to every reading name as '<prefix>.' (two BME280s: "
-        "'indoor', 'outdoor'); empty = none",
+        "unique name of this sensor in logs and metrics; default: its type",
+        check=_sensor_name,
     )
-    interval: float = Field(30.0, ge=1.0, le=86_400.0, description="seconds between reads")
+    prefix: str = setting(
+        "",
+        "prepended to every reading name as '<prefix>.' (two BME280s: "
+        "'indoor', 'outdoor'); empty = none",
+        pattern=r"^([A-Za-z0-9_-][A-Za-z0-9_.-]{0,31})?$",
+    )
+    interval: float = setting(30.0, "seconds between reads", ge=1.0, le=86_400.0)
 
     @property
     def sensor_name(self) -> str:

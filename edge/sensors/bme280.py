@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pydantic import Field, field_validator
-
 from edge.sensors.base import DriverConfig, Sample, SensorError, WallClock, wall_ms
+from iotpipe.schema import setting
 
 CHIP_ID = 0x60
 #: Other Bosch chips answering at 0x76/0x77, to name what was found instead.
@@ -235,23 +234,24 @@ def measurement_time(t_os: int, p_os: int, h_os: int) -> float:
 # -- driver -----------------------------------------------------------------------------------
 
 
+def _check_address(address: int) -> None:
+    if address not in (0x76, 0x77):
+        raise ValueError("must be 0x76 (118) or 0x77 (119)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class BME280Config(DriverConfig):
     """``type = "bme280"``: temperature, humidity and pressure over I²C."""
 
     type: Literal["bme280"] = "bme280"
-    interval: float = Field(30.0, ge=1.0, le=86_400.0, description="seconds between reads")
-    bus: int = Field(1, ge=0, le=255, description="I2C bus number (/dev/i2c-<bus>)")
-    address: int = Field(0x76, description="I2C address: 0x76 (SDO to GND) or 0x77 (SDO to VCC)")
-    oversampling: Literal[1, 2, 4, 8, 16] = Field(
-        1, description="samples averaged per reading, for all three quantities"
+    interval: float = setting(30.0, "seconds between reads", ge=1.0, le=86_400.0)
+    bus: int = setting(1, "I2C bus number (/dev/i2c-<bus>)", ge=0, le=255)
+    address: int = setting(
+        0x76, "I2C address: 0x76 (SDO to GND) or 0x77 (SDO to VCC)", check=_check_address
     )
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, address: int) -> int:
-        if address not in (0x76, 0x77):
-            raise ValueError("must be 0x76 (118) or 0x77 (119)")
-        return address
+    oversampling: Literal[1, 2, 4, 8, 16] = setting(
+        1, "samples averaged per reading, for all three quantities"
+    )
 
     def reading_names(self) -> list[str]:
         """temperature, humidity, pressure (with the prefix)."""

@@ -20,12 +20,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
-
 from edge.sensors.base import DriverConfig, Sample, SensorError, WallClock, wall_ms
+from iotpipe.errors import ConfigError
+from iotpipe.schema import setting
 
 TEMPERATURE_FILE = "in_temp_input"
 HUMIDITY_FILE = "in_humidityrelative_input"
@@ -36,32 +37,34 @@ _RANGE_RH = (0.0, 100.0)
 _TRANSIENT = frozenset({errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY})
 
 
+@dataclass(frozen=True, kw_only=True)
 class DHT22Config(DriverConfig):
     """``type = "dht22"``: temperature and humidity of a DHT22 on the IIO dht11 driver."""
 
     type: Literal["dht22"] = "dht22"
-    interval: float = Field(
-        30.0, ge=2.0, le=86_400.0, description="seconds between reads (the sensor needs 2 s)"
+    interval: float = setting(
+        30.0, "seconds between reads (the sensor needs 2 s)", ge=2.0, le=86_400.0
     )
-    root: Path = Field(Path("/sys"), description="sysfs mount point")
-    device: str = Field(
+    root: Path = setting(Path("/sys"), "sysfs mount point")
+    device: str = setting(
         "iio:device0",
+        "IIO device of the sensor, under <root>/bus/iio/devices",
         pattern=r"^iio:device\d+$",
-        description="IIO device of the sensor, under <root>/bus/iio/devices",
     )
-    attempts: int = Field(3, ge=1, le=10, description="measurements tried per read")
-    retry_spacing: float = Field(
-        2.0, ge=2.0, le=60.0, description="seconds between attempts (sensor minimum: 2)"
+    attempts: int = setting(3, "measurements tried per read", ge=1, le=10)
+    retry_spacing: float = setting(
+        2.0, "seconds between attempts (sensor minimum: 2)", ge=2.0, le=60.0
     )
-    timeout: float = Field(
-        6.0, gt=0.0, le=120.0, description="longest a read may take, attempts included, seconds"
+    timeout: float = setting(
+        6.0, "longest a read may take, attempts included, seconds", gt=0.0, le=120.0
     )
 
-    @model_validator(mode="after")
-    def _fits(self) -> DHT22Config:
+    def check(self) -> None:
+        """A read, attempts included, must end before the next one is due."""
         if self.timeout >= self.interval:
-            raise ValueError(f"timeout ({self.timeout:g} s) must be below interval")
-        return self
+            raise ConfigError(
+                "timeout", self.timeout, f"timeout ({self.timeout:g} s) must be below interval"
+            )
 
     def reading_names(self) -> list[str]:
         """temperature, humidity (with the prefix)."""

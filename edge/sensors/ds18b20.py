@@ -14,20 +14,20 @@ which means no conversion happened (usually a parasite-power supply too weak for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
-
 from edge.sensors.base import (
     DriverConfig,
-    ReadingName,
     Sample,
     SensorError,
     WallClock,
+    check_reading_name,
     read_text,
     wall_ms,
 )
+from iotpipe.schema import setting
 
 #: Millidegrees of the power-on reset scratchpad: no conversion took place.
 POWER_ON_MILLIDEGREES = 85_000
@@ -36,28 +36,32 @@ _RANGE_CEL = (-55.0, 125.0)
 _FAMILY = "28-"
 
 
+def _check_devices(devices: dict[str, str]) -> None:
+    for device, reading in devices.items():
+        if not device.startswith(_FAMILY) or "/" in device or len(device) > 64:
+            raise ValueError(f"{device!r} is not a DS18B20 id (28-xxxxxxxxxxxx)")
+        try:
+            check_reading_name(reading)
+        except ValueError as err:
+            raise ValueError(f"{device}: {err}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class DS18B20Config(DriverConfig):
     """``type = "ds18b20"``: every DS18B20 on the 1-Wire bus, or the listed ones."""
 
     type: Literal["ds18b20"] = "ds18b20"
-    interval: float = Field(
-        30.0, ge=2.0, le=86_400.0, description="seconds between reads (a conversion takes 0.75 s)"
+    interval: float = setting(
+        30.0, "seconds between reads (a conversion takes 0.75 s)", ge=2.0, le=86_400.0
     )
-    root: Path = Field(Path("/sys"), description="sysfs mount point")
-    devices: dict[str, ReadingName] = Field(
+    root: Path = setting(Path("/sys"), "sysfs mount point")
+    devices: dict[str, str] = setting(
         {},
-        description="probe id (28-xxxxxxxxxxxx) -> reading name; listed probes must answer, "
+        "probe id (28-xxxxxxxxxxxx) -> reading name; listed probes must answer, "
         "others found on the bus are read as temperature.<id>",
+        check=_check_devices,
     )
-    only_listed: bool = Field(False, description="read only the probes listed in devices")
-
-    @field_validator("devices")
-    @classmethod
-    def _ids(cls, devices: dict[str, str]) -> dict[str, str]:
-        for device in devices:
-            if not device.startswith(_FAMILY) or "/" in device or len(device) > 64:
-                raise ValueError(f"{device!r} is not a DS18B20 id (28-xxxxxxxxxxxx)")
-        return devices
+    only_listed: bool = setting(False, "read only the probes listed in devices")
 
     def reading_names(self) -> list[str]:
         """Reading names of the listed probes."""

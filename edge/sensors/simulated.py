@@ -9,31 +9,30 @@ evaluated at the wall-clock time of each read.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
-
 from edge.sensors.base import DriverConfig, Sample, WallClock, wall_ms
+from iotpipe.schema import setting
 from iotpipe.signals import SENSORS, Profiles, SensorName
 
 if TYPE_CHECKING:
     from iotpipe.signals import Signal
 
 
+@dataclass(frozen=True, kw_only=True)
 class SimulatedConfig(DriverConfig):
     """``type = "simulated"``: simulated signals, named like the simulator's sensors."""
 
     type: Literal["simulated"] = "simulated"
-    interval: float = Field(10.0, ge=0.1, le=86_400.0, description="seconds between reads")
-    sensors: list[SensorName] = Field(
+    interval: float = setting(10.0, "seconds between reads", ge=0.1, le=86_400.0)
+    sensors: list[SensorName] = setting(
         ["temperature", "humidity", "pressure"],
+        f"signals to report, of: {', '.join(SENSORS)}",
         min_length=1,
-        description=f"signals to report, of: {', '.join(SENSORS)}",
     )
-    seed: int | None = Field(
-        None, description="random seed (same seed, same signals); none = random"
-    )
-    profiles: Profiles = Field(Profiles(), description="signal shapes, as [simulate.profiles]")
+    seed: int | None = setting(None, "random seed (same seed, same signals); none = random")
+    profiles: Profiles = setting(Profiles(), "signal shapes, as [simulate.profiles]")
 
     def reading_names(self) -> list[str]:
         """The configured signals (with the prefix)."""

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-
 from edge.sensors.base import DriverConfig, Sample, SensorError, WallClock, read_text, wall_ms
+from iotpipe.schema import setting
 
 READINGS = (
     "cpu.load1",
@@ -28,13 +28,14 @@ READINGS = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
 class SystemConfig(DriverConfig):
     """``type = "system"``: load averages, memory and disk usage of this machine."""
 
     type: Literal["system"] = "system"
-    interval: float = Field(60.0, ge=1.0, le=86_400.0, description="seconds between reads")
-    proc: Path = Field(Path("/proc"), description="procfs mount point")
-    disk_path: Path = Field(Path("/"), description="a path on the file system to report")
+    interval: float = setting(60.0, "seconds between reads", ge=1.0, le=86_400.0)
+    proc: Path = setting(Path("/proc"), "procfs mount point")
+    disk_path: Path = setting(Path("/"), "a path on the file system to report")
 
     def reading_names(self) -> list[str]:
         """Every reading (with the prefix)."""

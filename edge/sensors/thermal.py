@@ -8,26 +8,27 @@ reported as ``cpu.temperature`` and any other zone as ``thermal.zone<N>``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-
 from edge.sensors.base import DriverConfig, Sample, SensorError, WallClock, read_text, wall_ms
+from iotpipe.schema import setting
 
 _ZONE_RE = re.compile(r"^thermal_zone(\d+)$")
 #: Below or above these a zone is broken, not hot or cold (millidegrees are signed).
 _PLAUSIBLE_CEL = (-60.0, 150.0)
 
 
+@dataclass(frozen=True, kw_only=True)
 class ThermalConfig(DriverConfig):
     """``type = "thermal"``: the SoC temperature, and any other thermal zone."""
 
     type: Literal["thermal"] = "thermal"
-    interval: float = Field(10.0, ge=1.0, le=86_400.0, description="seconds between reads")
-    root: Path = Field(Path("/sys"), description="sysfs mount point")
-    zones: list[int] | None = Field(
-        None, description="zone numbers to read (thermal_zone<N>); default: every zone found"
+    interval: float = setting(10.0, "seconds between reads", ge=1.0, le=86_400.0)
+    root: Path = setting(Path("/sys"), "sysfs mount point")
+    zones: list[int] | None = setting(
+        None, "zone numbers to read (thermal_zone<N>); default: every zone found"
     )
 
     def reading_names(self) -> list[str]:

@@ -10,7 +10,8 @@ from urllib.parse import quote
 
 import pytest
 
-from bridge.broker import BrokerSettings, BrokerThread, add_user
+from bridge.broker import BrokerThread, add_user
+from bridge.settings import BrokerSettings
 from iotpipe.mqtt import MqttClient
 from iotpipe.settings import MqttSettings
 from tests.conftest import free_port

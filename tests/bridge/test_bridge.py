@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from bridge.service import Bridge, BridgeSettings, route
+from bridge.service import Bridge, route
+from bridge.settings import BridgeSettings
 from iotpipe.amqp import DEAD_EXCHANGE, TELEMETRY_EXCHANGE
 from iotpipe.mqtt import Message, MqttClient
 from iotpipe.settings import AmqpSettings, MqttSettings, load
@@ -165,7 +166,7 @@ def _running_bridge(
         spool_path=tmp_path / "spool.db",
         http_port=0,
     )
-    bridge = Bridge(
+    bridge = Bridge.from_settings(
         MqttSettings(url=mosquitto_broker.url), AmqpSettings(url=rabbitmq_url), settings
     )
     thread = threading.Thread(target=bridge.run, name="test-bridge")
@@ -421,7 +422,7 @@ def test_two_bridges_split_a_shared_subscription(
                 spool_path=tmp_path / f"spool-{n}.db",
                 http_port=0,
             )
-            bridge = Bridge(
+            bridge = Bridge.from_settings(
                 MqttSettings(url=mosquitto_broker.url), AmqpSettings(url=rabbitmq_url), settings
             )
             thread = threading.Thread(target=bridge.run, name=f"test-bridge-{n}")

@@ -11,7 +11,6 @@ import pytest
 
 from bridge.broker import (
     Acl,
-    BrokerSettings,
     BrokerThread,
     EmbeddedBroker,
     PasswordFile,
@@ -19,6 +18,7 @@ from bridge.broker import (
     filter_covers,
     load_acl,
 )
+from bridge.settings import BrokerSettings
 from iotpipe.errors import ConfigError, ConnectError
 from iotpipe.mqtt import Message, Will, pump_until
 from iotpipe.settings import load

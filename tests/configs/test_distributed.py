@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.service import BridgeSettings
+from bridge.settings import BridgeSettings
 from consumers.settings import ConsumeSettings, InfluxSettings
 from iotpipe.settings import AmqpSettings, MqttSettings, Section, load
 

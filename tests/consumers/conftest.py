@@ -224,7 +224,7 @@ def start_consumer() -> Iterator[Callable[[str, ConsumeSettings, Store], Running
     running: list[Running] = []
 
     def start(url: str, settings: ConsumeSettings, store: Store) -> Running:
-        consumer = Consumer(AmqpSettings(url=url), settings, store)
+        consumer = Consumer.from_settings(AmqpSettings(url=url), settings, store)
         thread = threading.Thread(target=consumer.run, name="test-consumer", daemon=True)
         thread.start()
         assert wait_for(consumer.ready.is_set, 30), "consumer did not connect"

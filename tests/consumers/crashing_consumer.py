@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     settings = load(ConsumeSettings, "consume", config_file=config, environ={})
     influx = load(InfluxSettings, "influxdb", config_file=config, environ={})
     store = CrashAfterCommits(open_store(settings, influx), n)
-    Consumer(amqp, settings, store).run()
+    Consumer.from_settings(amqp, settings, store).run()
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def fleet(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     settings = queue.settings(
         f"sqlite:///{path}", bindings=tuple(f"iotpipe.v1.{site}.#" for site in sites)
     )
-    consumer = Consumer(AmqpSettings(url=rabbitmq_url), settings, SQLiteStore(path))
+    consumer = Consumer.from_settings(AmqpSettings(url=rabbitmq_url), settings, SQLiteStore(path))
     thread = threading.Thread(target=consumer.run, name="test-consumer", daemon=True)
     thread.start()
     running = Running(consumer, thread)

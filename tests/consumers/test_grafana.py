@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml  # PyYAML: installed with amqtt, a runtime dependency
 
-from bridge.service import BridgeMetrics, BridgeSettings
+from bridge.service import BridgeMetrics
+from bridge.settings import BridgeSettings
 from consumers.influx_store import RESERVED_TAGS, message_lines
 from consumers.service import ConsumerMetrics
 from consumers.settings import ConsumeSettings, InfluxSettings

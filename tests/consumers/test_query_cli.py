@@ -11,7 +11,8 @@ import typer
 from typer.testing import CliRunner, Result
 
 from consumers.query import iter_readings
-from consumers.query_cli import export, parse_time, stats, store_path
+from consumers.query_cli import export, stats
+from consumers.settings import store_path
 from consumers.sqlite_store import SQLiteStore
 from consumers.state import StateDB
 from consumers.store import DeviceStatus, Value
@@ -105,19 +106,6 @@ def test_store_url_forms(
     url = form.format(rel=store_file.name, abs=store_file)
     assert Path(store_path(url)).resolve() == store_file.resolve()  # type: ignore[arg-type]
     assert run("export", "--store", url, "--sensor", "door").stdout.count("\n") == 1
-
-
-def test_parse_time_forms() -> None:
-    """RFC 3339, dates, epoch ms and relative times all become epoch ms."""
-    now = T0 + 10_000
-    assert parse_time("2025-11-26T08:00:00.250Z", field="--since") == T0 + 250
-    assert parse_time("2025-11-26T09:00:00+01:00", field="--since") == T0
-    assert parse_time("2025-11-26T08:00", field="--since") == T0
-    assert parse_time(str(T0), field="--since") == T0
-    assert parse_time("-10s", field="--since", now_ms=now) == T0
-    assert parse_time("-2h", field="--since", now_ms=now) == now - 7_200_000
-    assert parse_time("-7d", field="--since", now_ms=now) == now - 7 * 86_400_000
-    assert parse_time("now", field="--until", now_ms=now) == now
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The agent as a real process (``python -m edge.cli_run``): SIGKILL loses nothing committed,
+"""The agent as a real process (``iotpipe edge run``, the installed entry point): SIGKILL loses nothing committed,
 SIGTERM goes offline and exits 0."""
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import pytest
 from iotpipe.testing import Capture
 from tests.conftest import BrokerInfo, wait_for
 from tests.edge.conftest import Subscriber
+
+#: The installed ``iotpipe`` script of this interpreter: the agent's one entry point.
+IOTPIPE = str(Path(sys.executable).with_name("iotpipe"))
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.mosquitto, pytest.mark.slow]
 
@@ -52,7 +55,7 @@ seed = 1
 def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "edge.cli_run", "--config", str(config), "--log-level", "info"],
+            [IOTPIPE, "--log-level", "info", "edge", "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

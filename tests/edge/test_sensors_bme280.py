@@ -16,7 +16,6 @@ import pytest
 import smbus2
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
 from edge.sensors.base import SensorError
 from edge.sensors.bme280 import (
@@ -33,6 +32,7 @@ from edge.sensors.bme280 import (
     compensate_temperature,
     compensate_temperature_double,
 )
+from iotpipe.errors import ConfigError
 from tests.edge.fixtures import fixed_clock
 
 #: The datasheet's T and P trimming values; H values of a typical chip (no published example).
@@ -260,7 +260,7 @@ def test_skipped_measurement() -> None:
 
 def test_address_must_be_a_bme280_address() -> None:
     """Only 0x76 and 0x77 are accepted."""
-    with pytest.raises(ValidationError, match="0x76"):
+    with pytest.raises(ConfigError, match="0x76"):
         BME280Config(address=0x40)
 
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from edge.sensors.base import Sample, SensorError
 from edge.sensors.dht22 import DHT22Config, DHT22Driver
+from iotpipe.errors import ConfigError
 from tests.edge.fixtures import fixed_clock
 
 T0 = fixed_clock()
@@ -61,7 +61,7 @@ def make(
     fake = FakeTime()
     extra = {"read_file": reader} if reader else {}
     driver = DHT22Driver(
-        DHT22Config.model_validate({"root": root, **config}),
+        DHT22Config.from_mapping({"root": root, **config}),
         clock=fixed_clock,
         monotonic=fake.monotonic,
         sleep=fake.sleep,
@@ -160,11 +160,11 @@ def test_missing_device_points_at_the_overlay(tmp_path: Path) -> None:
 
 def test_config_bounds() -> None:
     """The sensor's 2 s rest is enforced, and a read must end before the next is due."""
-    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+    with pytest.raises(ConfigError, match="greater than or equal to 2"):
         DHT22Config(interval=1.0)
-    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+    with pytest.raises(ConfigError, match="greater than or equal to 2"):
         DHT22Config(retry_spacing=0.5)
-    with pytest.raises(ValidationError, match="must be below interval"):
+    with pytest.raises(ConfigError, match="must be below interval"):
         DHT22Config(interval=5.0, timeout=6.0)
-    with pytest.raises(ValidationError, match="String should match pattern"):
+    with pytest.raises(ConfigError, match="String should match pattern"):
         DHT22Config(device="../../etc")

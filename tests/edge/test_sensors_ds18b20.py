@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from edge.sensors.base import Sample, SensorError
 from edge.sensors.ds18b20 import DS18B20Config, parse_w1_slave
+from iotpipe.errors import ConfigError
 from tests.edge.fixtures import PROBE_A, PROBE_B, W1_GOOD, copy_tree, fixed_clock
 
 T0 = fixed_clock()
@@ -97,9 +97,9 @@ def test_no_probes_points_at_the_overlay(tmp_path: Path) -> None:
 
 def test_config_bounds() -> None:
     """The interval cannot be shorter than a conversion allows; device ids are checked."""
-    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+    with pytest.raises(ConfigError, match="greater than or equal to 2"):
         DS18B20Config(interval=1.0)
-    with pytest.raises(ValidationError, match="not a DS18B20 id"):
+    with pytest.raises(ConfigError, match="not a DS18B20 id"):
         DS18B20Config(devices={"10-000802b4": "old"})
-    with pytest.raises(ValidationError, match="1-64 characters"):
+    with pytest.raises(ConfigError, match="1-64 characters"):
         DS18B20Config(devices={PROBE_A: "bad name"})

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 
 from edge.sensors.simulated import SimulatedConfig
+from iotpipe.errors import ConfigError
 from tests.edge.fixtures import fixed_clock
 
 T0 = fixed_clock()
@@ -46,5 +46,5 @@ def test_values_change_over_time() -> None:
 
 def test_unknown_signal_is_rejected() -> None:
     """Only the simulator's sensor names are accepted."""
-    with pytest.raises(ValidationError, match="temperature"):
+    with pytest.raises(ConfigError, match="temperature"):
         SimulatedConfig(sensors=["voltage"])  # type: ignore[list-item]

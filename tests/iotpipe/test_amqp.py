@@ -21,8 +21,8 @@ from iotpipe.amqp import (
     ConfirmingPublisher,
     MessageProperties,
     Outcome,
-    _connection_parameters,
     _pika_properties,
+    connection_parameters,
     dead_letter_properties,
     declare_topology,
     encode_properties,
@@ -175,13 +175,13 @@ def test_connection_parameters_come_from_the_settings() -> None:
         url="amqps://bridge:p%40ss@rabbit.example:5671/iot%2Fprod",
         tls=TlsSettings(insecure=True),
     )
-    params = _connection_parameters(settings, timeout=3, heartbeat=15, name="test")
+    params = connection_parameters(settings, timeout=3, heartbeat=15, name="test")
     assert (params.host, params.port, params.virtual_host) == ("rabbit.example", 5671, "iot/prod")
     assert (params.credentials.username, params.credentials.password) == ("bridge", "p@ss")
     assert params.heartbeat == 15
     assert params.ssl_options.server_hostname == "rabbit.example"
     assert params.ssl_options.context.verify_mode == ssl.CERT_NONE
-    plain = _connection_parameters(AmqpSettings(), timeout=3, heartbeat=None, name="test")
+    plain = connection_parameters(AmqpSettings(), timeout=3, heartbeat=None, name="test")
     assert plain.ssl_options is None
     assert plain.virtual_host == "/"
 

@@ -13,7 +13,7 @@ import pytest
 
 from iotpipe.mqtt import Message, MqttClient
 from iotpipe.recording import RecordedMessage, read_recording
-from iotpipe.recording_cli import replay_messages
+from iotpipe.replay import replay_messages
 from iotpipe.settings import MqttSettings
 from iotpipe.testing import Capture, ReplayTimeoutError, replay_and_wait
 from tests.conftest import BrokerInfo, running_broker, wait_for

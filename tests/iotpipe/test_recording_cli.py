@@ -9,16 +9,15 @@ import pytest
 
 from iotpipe.errors import ConfigError, DeliveryError
 from iotpipe.mqtt import Message
-from iotpipe.recording import RecordedMessage, RecordingWriter, read_recording, write_recording
-from iotpipe.recording_cli import (
+from iotpipe.recording import (
+    RecordedMessage,
     Recorder,
-    RecordSettings,
-    ReplayStats,
-    check_delivered,
-    parse_speed,
-    replay_messages,
+    RecordingWriter,
+    read_recording,
+    write_recording,
 )
-from iotpipe.settings import load
+from iotpipe.replay import ReplayStats, check_delivered, parse_speed, replay_messages
+from iotpipe.settings import RecordSettings, load
 from tests.conftest import free_port
 from tests.fixtures_replay import iotpipe_argv
 

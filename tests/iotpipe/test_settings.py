@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from iotpipe.errors import ConfigError
+from iotpipe.schema import layered
 from iotpipe.settings import AmqpSettings, MqttSettings, load, parse_url
 
 
@@ -35,6 +36,15 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert settings.url == "mqtt://flag:3"
     assert settings.keepalive == 50
     assert settings.client_id == "from-file"
+
+
+def test_layered_has_the_precedence_of_load(tmp_path: Path) -> None:
+    """Raw values of a section without a model merge file, environment and flags as load does."""
+    path = write(tmp_path, '[consume]\nstore = "file.db"\nqueue = "q-file"\nprefetch = 5\n')
+    env = {"IOTPIPE_CONSUME__STORE": "env.db", "IOTPIPE_OTHER__STORE": "other.db"}
+    data = layered("consume", config_file=path, environ=env, overrides={"prefetch": 7})
+    assert data == {"store": "env.db", "queue": "q-file", "prefetch": 7}
+    assert layered("consume", environ={}) == {}
 
 
 def test_flag_left_unset_does_not_override(tmp_path: Path) -> None:

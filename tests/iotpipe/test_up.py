@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from iotpipe.settings import load
+from iotpipe.settings import UpSettings, load
 from iotpipe.status import probe
-from iotpipe.up import UpSettings
 from tests.conftest import free_port, wait_for
 from tests.rabbitmq import blocking_channel, rabbitmq_bin
 

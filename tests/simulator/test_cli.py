@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from iotpipe.errors import ConfigError, DeliveryError
 from iotpipe.mqtt import Will
-from simulator import cli
+from simulator import run
 from simulator.cli import simulate
 from simulator.link import MemoryLink
 from tests.conftest import BrokerInfo, free_port
@@ -41,14 +41,14 @@ def iotpipe(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def memory_links(monkeypatch: pytest.MonkeyPatch) -> list[MemoryLink]:
-    """Replace the command's MQTT client with MemoryLinks (collected in the returned list)."""
+    """Replace the MQTT client the run opens with MemoryLinks (collected in the returned list)."""
     links: list[MemoryLink] = []
 
     def fake_client(_settings: object, *, will: Will | None = None, **_kw: object) -> MemoryLink:
         links.append(MemoryLink(will))
         return links[-1]
 
-    monkeypatch.setattr(cli, "MqttClient", fake_client)
+    monkeypatch.setattr(run, "MqttClient", fake_client)
     return links
 
 
@@ -99,7 +99,7 @@ def test_lost_acknowledgements_fail_after_the_summary(
     ) -> MemoryLink:
         return MemoryLink(will, acknowledge=False)
 
-    monkeypatch.setattr(cli, "MqttClient", unacknowledging)
+    monkeypatch.setattr(run, "MqttClient", unacknowledging)
     result = CliRunner().invoke(app, ["simulate", "-n", "3", "--rate", "max", "--json"])
     assert isinstance(result.exception, DeliveryError)
     assert "not acknowledged" in str(result.exception)

@@ -1,0 +1,96 @@
+"""Settings of the bridge's commands: ``[bridge]`` (``iotpipe bridge``) and ``[broker]`` (``iotpipe broker``).
+
+Each section is a frozen model filled by :func:`iotpipe.settings.load` from defaults, the TOML
+file, ``IOTPIPE_BRIDGE__*`` / ``IOTPIPE_BROKER__*`` variables and flags; ``configs/bridge.toml``
+and ``configs/broker.toml`` are the commented samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from iotpipe.amqp import DEAD_LETTER_QUEUE
+from iotpipe.settings import Section
+from iotpipe.topics import STATUS_FILTER, TELEMETRY_FILTER, check_filter
+
+__all__ = ["BridgeSettings", "BrokerSettings"]
+
+
+class BridgeSettings(Section):
+    """The ``[bridge]`` section."""
+
+    topics: tuple[str, ...] = Field(
+        (TELEMETRY_FILTER, STATUS_FILTER), description="MQTT topic filters to forward"
+    )
+    client_id: str = Field("iotpipe-bridge", min_length=1, description="fixed MQTT client id")
+    shared_group: str = Field(
+        "", description="subscribe as $share/<group>/<filter> (Mosquitto; amqtt has no support)"
+    )
+    window: int = Field(1000, ge=1, le=60_000, description="unconfirmed AMQP publishes at most")
+    dead_letter_queue: str = Field(
+        DEAD_LETTER_QUEUE, max_length=255, description="queue keeping iotpipe.dead; '' = none"
+    )
+    spool_path: Path = Field(Path("state/bridge/spool.db"), description="durable spool file")
+    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024, description="spool budget")
+    spool_durability: Literal["fsync", "process"] = Field(
+        "fsync", description="fsync: survives power loss; process: survives a crash only"
+    )
+    drain_rate: float = Field(2000.0, gt=0, description="spooled messages re-sent per second")
+    http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
+    http_port: int = Field(9181, ge=0, le=65535, description="port of /metrics and /healthz")
+
+    def model_post_init(self, _context: Any) -> None:
+        """Check every topic filter."""
+        for topic in self.topics:
+            check_filter(topic)
+
+
+class BrokerSettings(Section):
+    """The ``[broker]`` section: how ``iotpipe broker`` listens and whom it lets in."""
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 = every interface)")
+    port: int = Field(1883, ge=1, le=65535, description="TCP port for MQTT")
+    password_file: Path | None = Field(
+        None,
+        description="user:argon2-hash file; when set, clients without valid credentials are refused",
+    )
+    acl_file: Path | None = Field(None, description="TOML ACL (needs password_file)")
+    session_expiry: int = Field(
+        0,
+        ge=0,
+        description="forget a disconnected persistent session after this many seconds; 0 = never",
+    )
+    max_queued_messages: int = Field(
+        10_000,
+        ge=0,
+        description="QoS>0 messages kept per disconnected session (oldest dropped); 0 = no limit",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        if ":" in value:
+            # amqtt 0.12 passes "[::1]" to the socket layer with its brackets and cannot bind it.
+            raise ValueError(
+                "IPv6 addresses are not supported by amqtt 0.12; use an IPv4 address or a name"
+            )
+        return value
+
+    @field_validator("acl_file")
+    @classmethod
+    def _acl_needs_auth(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("password_file") is None:
+            raise ValueError(
+                "needs password_file too: without authentication a username is a claim"
+            )
+        return value
+
+    @property
+    def url(self) -> str:
+        """The ``mqtt://host:port`` URL clients should use."""
+        return f"mqtt://{self.host}:{self.port}"

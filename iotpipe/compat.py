@@ -1,0 +1,219 @@
+"""Every private hook iotpipe takes into paho-mqtt, pika and uvicorn, and what happens without it.
+
+These libraries offer no public way to do what the hooks do, so iotpipe reaches into their
+internals, here and nowhere else. Each hook was verified against one release; with another
+release installed, a warning says so once, the hook is probed before use, and where it is
+missing the fallback runs: slower or less strict, never different in what is delivered.
+
+The hooks (library and verified release: the private name, who uses it, for what; fallback):
+
+- paho-mqtt 2.2.0: ``Client._sock``, replaced by :func:`replace_paho_socket` for
+  ``iotpipe.mqtt``'s buffered socket (one ``recv()`` per burst of packets, the PUBACKs of one
+  pass in one ``send()``). Fallback: paho's own socket and ``loop()``; slower, same behaviour.
+- pika 1.4.4: ``Connection._output_marshaled_frames``, overridden by ``iotpipe.amqp`` where
+  :func:`pika_can_batch` says so, to write the frames of many publishes at once. Fallback: a
+  write per frame, as pika does it.
+- pika 1.4.4: ``BlockingConnection._impl.server_properties``, read by
+  :func:`pika_server_version` for ``iotpipe.amqp_consumer``'s quorum-queue check. Fallback:
+  version unknown, the check is left to the broker.
+- pika 1.4.4: ``BlockingConnection._impl.ioloop`` and ``._terminate_stream``, used by
+  :func:`pika_answer_within` to put a deadline on ``iotpipe.amqp_consumer``'s blocking calls
+  (declaring, confirming a dead letter). Fallback: no deadline; a broker that accepts the
+  connection and never answers is waited for (heartbeats still end a dead connection).
+- uvicorn 0.29 to before 1: ``Server.capture_signals``, overridden by :func:`uvicorn_server`
+  so that SIGTERM and Ctrl-C stop ``iotpipe dashboard`` with exit status 0. Fallback: uvicorn's
+  own handling, a graceful stop after which the process dies of the signal.
+
+The version of each library is checked (:func:`check_version`) when the module that hooks it
+is imported (``iotpipe.mqtt``, ``iotpipe.amqp``) or, for uvicorn, when the dashboard starts.
+This module imports none of the three at its own import: the edge agent, which needs paho only,
+must not pay for pika.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = [
+    "VERIFIED",
+    "check_version",
+    "pika_answer_within",
+    "pika_can_batch",
+    "pika_server_version",
+    "replace_paho_socket",
+    "uvicorn_server",
+]
+
+log = logging.getLogger(__name__)
+
+#: distribution -> (first verified release, first release not verified), as in pyproject.toml.
+VERIFIED: dict[str, tuple[str, str]] = {
+    "paho-mqtt": ("2.2.0", "2.2.1"),
+    "pika": ("1.4.4", "1.4.5"),
+    "uvicorn": ("0.29", "1"),
+}
+
+#: distribution -> the module whose ``__version__`` names the installed release.
+_MODULES = {"paho-mqtt": "paho.mqtt", "pika": "pika", "uvicorn": "uvicorn"}
+
+S = TypeVar("S")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"2.2.0rc1"`` -> ``(2, 2, 0)``: the numeric release, enough to compare with a pin."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+", maxsplit=1)[0])[:3])
+
+
+@functools.cache
+def check_version(distribution: str) -> bool:
+    """Whether the installed ``distribution`` is a release its hooks were verified against.
+
+    Logs one warning (per process) when it is not: the hooks are then probed before use and
+    their fallbacks run where they are missing.
+    """
+    module = importlib.import_module(_MODULES[distribution])
+    installed = str(getattr(module, "__version__", "unknown"))
+    low, high = VERIFIED[distribution]
+    verified = installed != "unknown" and _release(low) <= _release(installed) < _release(high)
+    if not verified:
+        log.warning(
+            "%s %s is not the verified release (%s to before %s): iotpipe's private hooks into "
+            "it are probed and their fallbacks used where missing (see iotpipe/compat.py)",
+            distribution,
+            installed,
+            low,
+            high,
+        )
+    return verified
+
+
+# -- paho-mqtt -----------------------------------------------------------------------------------
+
+
+def replace_paho_socket(client: Any, wrap: Callable[[socket.socket], S]) -> S | None:
+    """Put ``wrap(socket)`` under a freshly connected paho client; None (nothing changed) if not.
+
+    paho has no socket factory, so this replaces its private ``_sock`` attribute. In paho-mqtt
+    2.2.0 every read and write goes through ``self._sock.recv()`` / ``self._sock.send()`` and
+    ``socket()`` returns ``self._sock``; where a release lays this out differently (or the
+    socket is not a plain one, e.g. websockets), the socket stays as paho made it.
+    """
+    check_version("paho-mqtt")
+    raw = client.socket()
+    if getattr(client, "_sock", None) is not raw or not isinstance(raw, socket.socket):
+        return None
+    wrapped = wrap(raw)
+    client._sock = wrapped
+    if client.socket() is not wrapped:  # a layout we have not verified
+        client._sock = raw
+        return None
+    return wrapped
+
+
+# -- pika ----------------------------------------------------------------------------------------
+
+
+def pika_can_batch() -> bool:
+    """Whether pika's connections write frames through ``_output_marshaled_frames``.
+
+    In pika 1.4.4 ``Connection._send_message()`` marshals a publish's frames and hands them to
+    ``_output_marshaled_frames(frames)``, which counts them and writes each to the transport; a
+    subclass that overrides it can join the frames of many publishes into one write.
+    """
+    check_version("pika")
+    import pika.connection  # type: ignore[import-untyped]
+
+    return callable(getattr(pika.connection.Connection, "_output_marshaled_frames", None))
+
+
+def pika_server_version(connection: Any) -> str:
+    """The broker's version a ``BlockingConnection`` was told at the handshake; "" if unknown.
+
+    pika 1.4.4 keeps the server properties on the private ``_impl`` (the underlying connection).
+    """
+    impl = getattr(connection, "_impl", None)
+    properties = getattr(impl, "server_properties", None)
+    if not isinstance(properties, dict):
+        return ""
+    version = properties.get("version", "")
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+@contextlib.contextmanager
+def pika_answer_within(connection: Any, seconds: float, what: str) -> Iterator[None]:
+    """Tear a ``BlockingConnection`` down if the block has not finished within ``seconds``.
+
+    pika's blocking calls wait for the broker's reply without a limit. The timer runs on the
+    connection's I/O loop (``_impl.ioloop``), which those calls drive; it breaks the stream the
+    way pika's own heartbeat checker does (``_impl._terminate_stream``), so the waiting call
+    raises (a TimeoutError). Without those internals the block runs without a deadline.
+    """
+    impl: Any = getattr(connection, "_impl", None)
+    ioloop = getattr(impl, "ioloop", None)
+    terminate = getattr(impl, "_terminate_stream", None)
+    if ioloop is None or not callable(terminate):
+        yield
+        return
+
+    def expire() -> None:
+        if impl.is_open:
+            terminate(TimeoutError(f"no answer within {seconds:g} s ({what})"))
+
+    timer = ioloop.call_later(seconds, expire)
+    try:
+        yield
+    finally:
+        ioloop.remove_timeout(timer)
+
+
+# -- uvicorn -------------------------------------------------------------------------------------
+
+
+def uvicorn_server(on_exit: Callable[[], object]) -> type[uvicorn.Server]:
+    """A ``uvicorn.Server`` subclass for which SIGTERM and Ctrl-C are a normal stop (exit 0).
+
+    ``on_exit()`` runs first when either signal arrives. uvicorn's own ``capture_signals``
+    re-raises the signal after its graceful shutdown, so the process would die of SIGTERM; the
+    override here installs the same handlers and restores the previous ones, without re-raising.
+    Where ``capture_signals`` is missing, uvicorn's own handling stays (graceful, but the exit
+    status is the signal's).
+    """
+    import signal
+
+    import uvicorn
+
+    check_version("uvicorn")
+    hooked = callable(getattr(uvicorn.Server, "capture_signals", None))
+    if not hooked:
+        log.warning("uvicorn has no Server.capture_signals: SIGTERM ends the dashboard uncleanly")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
+    if hooked:
+
+        @contextlib.contextmanager
+        def capture_signals(self: Any) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        setattr(Server, "capture_signals", capture_signals)  # noqa: B010 - mypy: no method assignment
+    return Server

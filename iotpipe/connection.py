@@ -1,0 +1,140 @@
+"""Where a broker is: connection URLs, TLS files, and the ``[mqtt]`` section.
+
+Free of pydantic (:mod:`iotpipe.schema`), so the edge agent and :mod:`iotpipe.mqtt` load it on a
+small Pi without pydantic; :mod:`iotpipe.settings` re-exports every name, and pydantic sections
+(``[amqp]``) nest :class:`TlsSettings` as they would a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from iotpipe.schema import Schema, setting
+
+__all__ = ["BrokerUrl", "MqttSettings", "Secret", "TlsSettings", "parse_url"]
+
+
+class Secret:
+    """A password that never shows in logs, reprs or errors (``get_secret_value()`` reveals it)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        """The secret itself."""
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********"
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """A parsed ``scheme://user:pass@host:port/vhost`` connection URL."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: Secret | None = None
+    path: str = ""
+
+    @property
+    def tls(self) -> bool:
+        """Whether the scheme asks for TLS (``mqtts``, ``amqps``)."""
+        return self.scheme.endswith("s")
+
+    def redacted(self) -> str:
+        """The URL without the password, safe to log."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{self.scheme}://{user}{self.host}:{self.port}{self.path}"
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "amqp": 5672, "amqps": 5671}
+
+
+def parse_url(value: str, schemes: tuple[str, ...]) -> BrokerUrl:
+    """Parse a connection URL whose scheme must be one of ``schemes``.
+
+    Raises:
+        ValueError: the URL is malformed or uses another scheme (the message says what is allowed).
+    """
+    allowed = " or ".join(f"{s}://[user:pass@]host[:port]" for s in schemes)
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as err:
+        raise ValueError(f"{err}; expected {allowed}") from None
+    if parts.scheme not in schemes:
+        raise ValueError(f"scheme must be {' or '.join(schemes)}; expected {allowed}")
+    if not parts.hostname:
+        raise ValueError(f"missing host; expected {allowed}")
+    return BrokerUrl(
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port or _DEFAULT_PORTS[parts.scheme],
+        username=unquote(parts.username) if parts.username else None,
+        password=Secret(unquote(parts.password)) if parts.password is not None else None,
+        path=parts.path,
+    )
+
+
+def _existing_file(path: Path | None) -> None:
+    if path is not None and not path.is_file():
+        raise ValueError("file does not exist")
+
+
+def _mqtt_url(value: str) -> None:
+    parse_url(value, ("mqtt", "mqtts"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsSettings(Schema):
+    """TLS material for ``mqtts://`` and ``amqps://`` connections."""
+
+    ca_file: Path | None = setting(
+        None, "CA bundle to verify the server (PEM)", check=_existing_file
+    )
+    cert_file: Path | None = setting(
+        None, "client certificate (PEM) for mutual TLS", check=_existing_file
+    )
+    key_file: Path | None = setting(
+        None, "client private key (PEM) for mutual TLS", check=_existing_file
+    )
+    insecure: bool = setting(False, "skip server certificate verification (testing only)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttSettings(Schema):
+    """How to reach an MQTT broker (the ``[mqtt]`` section)."""
+
+    url: str = setting(
+        "mqtt://127.0.0.1:1883",
+        "mqtt://[user:pass@]host[:port] or mqtts://",
+        check=_mqtt_url,
+        secret=True,
+    )
+    client_id: str = setting("", "MQTT client id; empty picks a random one")
+    keepalive: int = setting(30, "keep-alive interval, seconds", ge=5, le=3600)
+    tls: TlsSettings = setting(TlsSettings(), "TLS files for mqtts://")
+
+    @property
+    def broker(self) -> BrokerUrl:
+        """The parsed URL."""
+        return parse_url(self.url, ("mqtt", "mqtts"))

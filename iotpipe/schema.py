@@ -1,0 +1,512 @@
+"""Typed settings sections without pydantic: frozen dataclasses checked when they are built.
+
+The edge agent runs on a small Pi, where importing pydantic alone costs ~7 MB of resident
+memory; its settings (``[edge]``, ``[[edge.sensors]]``, ``[mqtt]``, the simulated sensor's
+profiles) are :class:`Schema` dataclasses instead, checked here with the standard library. The
+other components keep their pydantic sections (:mod:`iotpipe.settings`), and may nest a Schema
+in them: pydantic validates it through :meth:`Schema.__get_pydantic_core_schema__`.
+
+A section is declared once::
+
+    @dataclass(frozen=True, kw_only=True)
+    class Batch(Schema):
+        size: int = setting(100, "readings per envelope at most", ge=1, le=1000)
+        mode: Literal["fsync", "process"] = setting("fsync", "how commits are made durable")
+
+Building one (``Batch(size=5)`` or :meth:`Schema.from_mapping`) converts values as pydantic's
+lax mode does for config files and environment variables (``"5"`` -> 5, ``"true"`` -> True,
+``"/x"`` -> Path), checks the bounds, then calls :meth:`Schema.check` for rules spanning fields.
+Any mistake raises one :class:`~iotpipe.errors.ConfigError` naming the dotted field, the value
+and what is allowed, in pydantic's words ("Input should be greater than or equal to 1").
+
+Also here, shared with :mod:`iotpipe.settings`: reading TOML, the ``IOTPIPE_<SECTION>__<FIELD>``
+environment layer and :func:`load` (defaults < TOML < environment < flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
+from urllib.parse import urlsplit
+
+from iotpipe.errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "NestedConfigError",
+    "Schema",
+    "config_path",
+    "env_layer",
+    "load",
+    "merge",
+    "read_toml",
+    "redact_url",
+    "setting",
+]
+
+ENV_PREFIX = "IOTPIPE_"
+CONFIG_ENV = "IOTPIPE_CONFIG"
+
+T = TypeVar("T", bound="Schema")
+
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    description: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    min_length: int | None = None,
+    pattern: str | None = None,
+    check: Callable[[Any], object] | None = None,
+    secret: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A field of a :class:`Schema`: its default, what it means, and what it accepts.
+
+    Args:
+        default: the default (lists, dicts and Schema values are copied per instance); leave
+            it out for a required field.
+        description: one line for humans (``configs/*.toml`` say the same).
+        ge: ``value >= ge`` (gt, le, lt alike).
+        min_length: a list needs at least this many items.
+        pattern: a string must match this regular expression.
+        check: called with the converted value; a ``ValueError`` it raises is the message.
+        secret: the value is a URL whose password must not appear in errors.
+        factory: builds the default when it depends on the environment.
+    """
+    metadata = {
+        "description": description,
+        "bounds": tuple(
+            (op, limit)
+            for op, limit in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+            if limit is not None
+        ),
+        "min_length": min_length,
+        "pattern": re.compile(pattern) if pattern is not None else None,
+        "check": check,
+        "secret": secret,
+    }
+    if factory is None and isinstance(default, list | dict):
+        factory = default.copy
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+class NestedConfigError(ValueError):
+    """A Schema nested in a pydantic model was refused; pydantic carries this in its error.
+
+    Attributes:
+        error: the ConfigError, its field relative to the Schema.
+    """
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Schema:
+    """Base of every pydantic-free settings section (subclasses are frozen kw-only dataclasses).
+
+    Attributes:
+        fields_set: the fields given explicitly: the keys of the mapping it was loaded from, or,
+            when built directly, the fields that differ from their defaults.
+    """
+
+    _hints: ClassVar[dict[str, Any]]
+    fields_set: frozenset[str]
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        if "_hints" not in cls.__dict__:
+            cls._hints = typing.get_type_hints(cls)
+        given: set[str] = set()
+        for spec in dataclasses.fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
+            raw = getattr(self, spec.name)
+            value = _field_value(cls._hints[spec.name], spec, raw)
+            object.__setattr__(self, spec.name, value)
+            if value != _default(spec):
+                given.add(spec.name)
+        object.__setattr__(self, "fields_set", frozenset(given))
+        self.check()
+
+    def check(self) -> None:
+        """Rules spanning several fields; raise :class:`ConfigError` naming one of them."""
+
+    @classmethod
+    def from_mapping(cls: type[T], data: Mapping[str, Any]) -> T:
+        """Build from a TOML table (unknown keys and missing required fields are errors).
+
+        Raises:
+            ConfigError: a value is invalid (the field is relative to this section).
+        """
+        known = {spec.name: spec for spec in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key in data:
+            if key not in known:
+                raise ConfigError(str(key), data[key], "unknown setting (check the spelling)")
+        for name, spec in known.items():
+            if (
+                name not in data
+                and spec.default is dataclasses.MISSING
+                and spec.default_factory is dataclasses.MISSING
+            ):
+                raise ConfigError(name, None, "required")
+        built = cls(**data)
+        object.__setattr__(built, "fields_set", frozenset(data))
+        return built
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as plain values (nested sections as dicts)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        """Let a pydantic model hold this section as a field (validated here, not by pydantic)."""
+        from pydantic_core import core_schema
+
+        def validate(value: Any) -> Schema:
+            if isinstance(value, cls):
+                return value
+            if not isinstance(value, Mapping):
+                raise ValueError("Input should be a table")
+            try:
+                return cls.from_mapping(value)
+            except ConfigError as err:
+                raise NestedConfigError(err) from None
+
+        return core_schema.no_info_plain_validator_function(
+            validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(Schema.to_dict),
+        )
+
+
+def _default(spec: dataclasses.Field[Any]) -> Any:
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return dataclasses.MISSING
+
+
+def _field_value(hint: Any, spec: dataclasses.Field[Any], raw: Any) -> Any:
+    meta = spec.metadata
+    try:
+        value = convert(hint, raw)
+        for op, limit in meta.get("bounds", ()):
+            _bound(value, op, limit)
+        min_length = meta.get("min_length")
+        if min_length is not None and len(value) < min_length:
+            noun = "item" if min_length == 1 else "items"
+            raise ValueError(f"List should have at least {min_length} {noun} after validation")
+        pattern = meta.get("pattern")
+        if pattern is not None and not pattern.search(value):
+            raise ValueError(f"String should match pattern '{pattern.pattern}'")
+        check = meta.get("check")
+        if check is not None:
+            check(value)
+    except ConfigError as err:
+        raise ConfigError(_join(spec.name, err.field), err.value, err.allowed) from None
+    except ValueError as err:
+        shown = redact_url(raw) if meta.get("secret") and isinstance(raw, str) else raw
+        raise ConfigError(spec.name, shown, str(err)) from None
+    return value
+
+
+def _join(outer: str, inner: str) -> str:
+    return f"{outer}.{inner}" if inner else outer
+
+
+_BOUND_WORDS: dict[str, tuple[str, Callable[[Any, float], bool]]] = {
+    "ge": ("greater than or equal to", lambda v, x: bool(v >= x)),
+    "gt": ("greater than", lambda v, x: bool(v > x)),
+    "le": ("less than or equal to", lambda v, x: bool(v <= x)),
+    "lt": ("less than", lambda v, x: bool(v < x)),
+}
+
+
+def _bound(value: Any, op: str, limit: float) -> None:
+    words, holds = _BOUND_WORDS[op]
+    if value is not None and not holds(value, limit):
+        shown = int(limit) if float(limit).is_integer() else limit
+        raise ValueError(f"Input should be {words} {shown}")
+
+
+def convert(hint: Any, value: Any) -> Any:
+    """``value`` as type ``hint`` (lax, like pydantic for config input).
+
+    Raises:
+        ValueError: it cannot be one (the message says what would be).
+        ConfigError: a nested section refused it (field relative to ``value``).
+    """
+    origin = get_origin(hint)
+    if origin is types.UnionType or origin is typing.Union:
+        return _convert_union(get_args(hint), value)
+    if origin is Literal:
+        return _convert_literal(get_args(hint), value)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ValueError("Input should be a valid list")
+        (item,) = get_args(hint)
+        return [_nested(str(i), item, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError("Input should be a valid dictionary")
+        key_type, item = get_args(hint)
+        return {convert(key_type, k): _nested(str(k), item, v) for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, Schema):
+        return _convert_tagged([hint], value)
+    return _convert_scalar(hint, value)
+
+
+def _nested(where: str, hint: Any, value: Any) -> Any:
+    try:
+        return convert(hint, value)
+    except ConfigError as err:
+        raise ConfigError(_join(where, err.field), err.value, err.allowed) from None
+    except ValueError as err:
+        raise ConfigError(where, value, str(err)) from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in {0, 1}:
+        return bool(value)
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError("Input should be a valid boolean")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return int(value.strip()) if isinstance(value, str) else _fail()
+    except ValueError:
+        raise ValueError("Input should be a valid integer") from None
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(value.strip()) if isinstance(value, str) else _fail()
+    except ValueError:
+        raise ValueError("Input should be a valid number") from None
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("Input should be a valid string")
+
+
+def _to_path(value: Any) -> Path:
+    if isinstance(value, str | Path):
+        return Path(value)
+    raise ValueError("Input should be a valid path")
+
+
+def _fail() -> Any:
+    raise ValueError
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    Path: _to_path,
+    Any: lambda value: value,
+}
+
+
+def _convert_scalar(hint: Any, value: Any) -> Any:
+    try:
+        to_type = _SCALARS[hint]
+    except KeyError:
+        raise TypeError(f"settings of type {hint!r} are not supported") from None
+    return to_type(value)
+
+
+def _convert_literal(choices: tuple[Any, ...], value: Any) -> Any:
+    for choice in choices:
+        if value == choice and type(value) is type(choice):
+            return choice
+        if isinstance(value, str) and isinstance(choice, int) and value.strip() == str(choice):
+            return choice
+    shown = [repr(choice) for choice in choices]
+    listed = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+    raise ValueError(f"Input should be {listed}")
+
+
+def _convert_union(members: tuple[Any, ...], value: Any) -> Any:
+    if value is None and type(None) in members:
+        return None
+    options = [m for m in members if m is not type(None)]
+    if all(isinstance(m, type) and issubclass(m, Schema) for m in options):
+        return _convert_tagged(options, value)
+    first: Exception | None = None
+    for member in options:
+        try:
+            return convert(member, value)
+        except (ValueError, ConfigError) as err:
+            first = first or err
+    assert first is not None
+    raise first
+
+
+def _convert_tagged(options: list[type[Schema]], value: Any) -> Schema:
+    """One of several sections, told apart by their ``type`` field's Literal default."""
+    if isinstance(value, Schema) and isinstance(value, tuple(options)):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError("Input should be a table")
+    if len(options) == 1:
+        return options[0].from_mapping(value)
+    tags = {typing.get_type_hints(m)["type"].__args__[0]: m for m in options}
+    expected = ", ".join(repr(tag) for tag in tags)
+    if "type" not in value:
+        raise ConfigError("type", None, f"required, one of: {expected}")
+    tag = value["type"]
+    if tag not in tags:
+        raise ConfigError(
+            "type",
+            tag,
+            f"Input tag {tag!r} found using 'type' does not match any of the expected tags: "
+            f"{expected}",
+        )
+    return tags[tag].from_mapping(value)
+
+
+# -- files, environment and precedence --------------------------------------------------------
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not valid TOML.
+    """
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("--config", str(path), "no such file") from None
+    except OSError as err:
+        raise ConfigError("--config", str(path), f"cannot read it ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("--config", str(path), f"not valid TOML ({err})") from None
+
+
+def config_path(flag: Path | None) -> Path | None:
+    """The config file to use: the ``--config`` flag, else ``$IOTPIPE_CONFIG``, else none."""
+    if flag is not None:
+        return flag
+    from_env = os.environ.get(CONFIG_ENV)
+    return Path(from_env) if from_env else None
+
+
+def env_layer(section: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested dict of ``IOTPIPE_<SECTION>__A__B=value`` variables (values stay strings)."""
+    prefix = f"{ENV_PREFIX}{section.upper()}__"
+    layer: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(prefix):
+            continue
+        path = [part.lower() for part in key[len(prefix) :].split("__") if part]
+        if not path:
+            continue
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return layer
+
+
+def merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s values over it, tables merged key by key; None values skipped."""
+    merged = dict(base)
+    for key, value in top.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def layered(
+    section: str,
+    *,
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The raw values of ``section``: the TOML table, then the environment, then the flags.
+
+    Raises:
+        ConfigError: the file cannot be read, or the section is not a table.
+    """
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        table: Any = read_toml(config_file)
+        for part in section.split("."):
+            table = table.get(part, {}) if isinstance(table, dict) else {}
+        if not isinstance(table, dict):
+            raise ConfigError(section, table, "must be a TOML table")
+        data = table
+    env_section = section.replace(".", "__")
+    data = merge(data, env_layer(env_section, os.environ if environ is None else environ))
+    return merge(data, overrides or {})
+
+
+def load(
+    model: type[T],
+    section: str,
+    *,
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Build a :class:`Schema` section from defaults, the TOML file, the environment and flags.
+
+    The same contract as :func:`iotpipe.settings.load` (which calls this for Schema sections).
+
+    Raises:
+        ConfigError: a value is invalid (the field is named from the section on).
+    """
+    data = layered(section, config_file=config_file, overrides=overrides, environ=environ)
+    try:
+        return model.from_mapping(data)
+    except ConfigError as err:
+        raise ConfigError(_join(section, err.field), err.value, err.allowed) from None
+
+
+def redact_url(value: str) -> str:
+    """Hide the password part of a URL-looking value."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return value
+    return value.replace(f":{parts.password}@", ":***@", 1)
