@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bridge.settings import BridgeSettings
-from bridge.spool import DrainRate, Entry, Spool, SpoolWriter
+from bridge.spool import Entry, Spool, SpoolWriter
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
     TELEMETRY_EXCHANGE,
@@ -45,6 +45,7 @@ from iotpipe.envelope import Envelope, Rejection, Status, decode
 from iotpipe.errors import ConnectError
 from iotpipe.health import HealthServer
 from iotpipe.mqtt import Message, MessageHandler, MqttClient, SubscriberFactory
+from iotpipe.pacing import TokenBucket
 from iotpipe.settings import AmqpSettings, MqttSettings
 from iotpipe.topics import to_routing_key
 
@@ -183,7 +184,7 @@ class Bridge:
         self._pending: deque[Inbound] = deque()
         self._generation = 0
         self._stopping = threading.Event()
-        self._drain_rate = DrainRate(settings.drain_rate)
+        self._drain_rate = TokenBucket(settings.drain_rate, setting="bridge.drain_rate")
         self._amqp_reconnects = 0
 
         self.spool = spool

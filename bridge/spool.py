@@ -5,6 +5,11 @@ here. When RabbitMQ is back, the spool drains oldest-first into it, and an entry
 after its publisher confirm. This module knows nothing about MQTT or AMQP: an entry is an
 exchange, a routing key, a body, optional properties and the time it was received.
 
+The file, its PRAGMAs, the in-flight bookkeeping, the budget and the error messages are
+:class:`iotpipe.durable_queue.DurableQueue`'s, with the policy
+:class:`~iotpipe.durable_queue.PushBack`; this module adds the entry columns and their
+encoding, and :class:`SpoolWriter`.
+
 Durability (``durability=``):
 
 * ``"fsync"`` (default): SQLite WAL with ``synchronous=FULL``. The WAL is fsynced at every
@@ -27,14 +32,16 @@ restart nothing is in flight: an entry confirmed but not yet deleted before a cr
 with the same id (at-least-once; the consumers deduplicate on the envelope id).
 
 Ids increase in append order and are the drain order. They are never reused while a spool is
-open; after a restart with an *empty* spool they start again at 1 (no ``AUTOINCREMENT``: its
-bookkeeping page would be one more page written per commit). Do not keep ids across restarts.
+open; after a restart they continue from the largest id left, so with an *empty* spool they
+start again at 1 (no ``AUTOINCREMENT``: its bookkeeping page would be one more page written per
+commit). Do not keep ids across restarts.
 
 Budget: ``max_bytes`` bounds the *accounted* size (payload bytes plus :data:`ROW_OVERHEAD` per
 entry, which tracks SQLite's real use within a few percent for bodies of a few hundred bytes).
 A batch that would not fit raises :class:`SpoolFull` and nothing is written; the spool never
-deletes data to make room. The file itself can exceed ``max_bytes`` by the WAL (about 4 MiB,
-trimmed to ``journal_size_limit``) and partly filled pages, so leave that much headroom on disk.
+deletes data to make room. The file itself can exceed ``max_bytes`` by the WAL (it grows with
+the largest transaction and is trimmed back to 8 MiB, ``journal_size_limit``, after a
+checkpoint) and partly filled pages, so leave that much headroom on disk.
 
 Space and SD-card wear: no ``auto_vacuum`` (its pointer-map pages add a write to most commits);
 pages freed by draining go to SQLite's free list and are reused by the next appends, so the file
@@ -43,41 +50,40 @@ stays at its high-water mark while in use. When a drain leaves the spool *empty*
 pages and truncates the file, instead of copying the whole database.
 
 Only one process may open a spool: the connection uses ``locking_mode=EXCLUSIVE`` (which also
-keeps the WAL index in memory, no ``-shm`` file), and a second opener gets :class:`SpoolError`.
+keeps the WAL index in memory, no ``-shm`` file), and a second opener gets :class:`SpoolError`,
+as does a file that is not a spool or was written by a newer iotpipe.
 
 Errors::
 
     IotpipeError (iotpipe.errors)
-    ├── SpoolError   the spool file cannot be opened or used (corrupt, unwritable, locked, I/O)
-    └── SpoolFull    a batch does not fit in the budget (or the disk is full): back-pressure
+    ├── QueueError (iotpipe.durable_queue)
+    │   └── SpoolError   the spool file cannot be opened or used (corrupt, unwritable, locked, I/O)
+    └── QueueFull (iotpipe.durable_queue)
+        └── SpoolFull    a batch does not fit in the budget (or the disk is full): back-pressure
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import math
-import os
-import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, NamedTuple, Self, TypeVar
+from typing import Any, Generic, NamedTuple, Self, TypeVar
 
-from iotpipe.errors import ConfigError, IotpipeError
+from iotpipe.durable_queue import Durability, DurableQueue, Layout, PushBack, QueueError, QueueFull
+from iotpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "ROW_OVERHEAD",
-    "DrainRate",
     "Durability",
     "Entry",
     "Properties",
@@ -87,8 +93,6 @@ __all__ = [
     "SpoolFull",
     "SpoolWriter",
 ]
-
-Durability = Literal["fsync", "process"]
 
 #: Message properties as stored: a JSON-able dict (returned parsed), opaque bytes, or nothing.
 Properties = Mapping[str, Any] | bytes | None
@@ -115,23 +119,10 @@ CREATE TABLE spool (
     body        BLOB    NOT NULL      -- last, so scans of the columns above skip overflow pages
 )
 """
-_INSERT = (
-    "INSERT INTO spool (id, received_at, size, exchange, routing_key, props, body)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-_PEEK = (
-    "SELECT id, exchange, routing_key, body, props, received_at, size FROM spool"
-    " WHERE id >= ? ORDER BY id LIMIT ?"
-)
-_DELETE_RANGE = "DELETE FROM spool WHERE id BETWEEN ? AND ?"
-_MEASURE_RANGE = "SELECT count(*), coalesce(sum(size), 0) FROM spool WHERE id BETWEEN ? AND ?"
 
 # Built once: json.dumps/loads with arguments build a new encoder on every call.
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _JSON_DECODER = json.JSONDecoder()
-
-#: The WAL is trimmed back to this size after a checkpoint if a large transaction grew it.
-_JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
 
 # (received_at, size, exchange, routing_key, props, body): an entry encoded for its INSERT.
 _Row = tuple[float, int, str, str, str | bytes | None, bytes]
@@ -140,7 +131,7 @@ _Row = tuple[float, int, str, str, str | bytes | None, bytes]
 # -- errors -----------------------------------------------------------------------------------
 
 
-class SpoolError(IotpipeError):
+class SpoolError(QueueError):
     """The spool file cannot be opened or used: corrupt, not a spool, unwritable, locked, I/O.
 
     Attributes:
@@ -148,16 +139,11 @@ class SpoolError(IotpipeError):
         reason: what is wrong, and what to do about it where that is known.
     """
 
-    exit_code = 2
-
-    def __init__(self, path: Path | str, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"spool {self.path}: {reason}")
+    noun = "spool"
 
 
 # The name the bridge checks for; "Full" reads better than "FullError" here.
-class SpoolFull(IotpipeError):  # noqa: N818
+class SpoolFull(QueueFull):
     """A batch does not fit: nothing of it was written. Retry after draining; do not acknowledge.
 
     Attributes:
@@ -168,22 +154,24 @@ class SpoolFull(IotpipeError):  # noqa: N818
         disk: True if the file system, not the budget, ran out of space.
     """
 
-    def __init__(
-        self, needed: int, free: int, max_bytes: int, depth: int, *, disk: bool = False
-    ) -> None:
-        self.needed = needed
-        self.free = free
-        self.max_bytes = max_bytes
-        self.depth = depth
-        self.disk = disk
-        if disk:
-            what = f"the disk is full ({needed} bytes to write, {depth} entries spooled)"
-        else:
-            what = (
-                f"{needed} bytes do not fit in the {free} bytes left of max_bytes={max_bytes}"
-                f" ({depth} entries spooled)"
-            )
-        super().__init__(f"spool full: {what}")
+    noun = "spool"
+
+
+LAYOUT = Layout(
+    noun="spool",
+    owner="bridge",
+    table="spool",
+    columns=("received_at", "size", "exchange", "routing_key", "props", "body"),
+    peek_columns=("exchange", "routing_key", "body", "props", "received_at"),
+    schema=(_SCHEMA,),
+    application_id=APPLICATION_ID,
+    schema_version=SCHEMA_VERSION,
+    error=SpoolError,
+    full_error=SpoolFull,
+    oldest_column="received_at",
+    journal_size_limit=8 * 1024 * 1024,
+    logger=log,
+)
 
 
 # -- entries ----------------------------------------------------------------------------------
@@ -267,23 +255,6 @@ def _decode(row: tuple[Any, ...]) -> SpoolEntry:
     return SpoolEntry(entry_id, exchange, routing_key, body, properties, received_at)
 
 
-def _ranges(ids: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted ids as inclusive runs of consecutive ids: a drain deletes a few long runs."""
-    runs: list[tuple[int, int]] = []
-    first = last = ids[0]
-    for entry_id in ids[1:]:
-        if entry_id != last + 1:
-            runs.append((first, last))
-            first = entry_id
-        last = entry_id
-    runs.append((first, last))
-    return runs
-
-
-def _error_name(err: sqlite3.Error) -> str:
-    return str(getattr(err, "sqlite_errorname", "") or "")
-
-
 # -- the spool --------------------------------------------------------------------------------
 
 
@@ -300,9 +271,10 @@ class Spool:
         clock: Unix time, for ``oldest_age_seconds``.
 
     Raises:
-        SpoolError: the file cannot be created or opened, is corrupt, is not a spool, or is
-            held by another process.
-        ConfigError: a bad argument.
+        SpoolError: the file cannot be created or opened, is corrupt, is not a spool, was
+            written by a newer iotpipe, or is held by another process.
+        ConfigError: a bad ``durability`` or ``max_bytes`` (named as the ``[bridge]`` setting).
+        ValueError: a bad ``reclaim_above``.
     """
 
     def __init__(
@@ -316,168 +288,56 @@ class Spool:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if durability not in ("fsync", "process"):
-            raise ConfigError("spool.durability", durability, '"fsync" or "process"')
+            raise ConfigError("bridge.spool_durability", durability, '"fsync" or "process"')
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
-            raise ConfigError("spool.max_bytes", max_bytes, "a positive number of bytes")
-        if reclaim_above is not None and reclaim_above < 0:
-            raise ConfigError("spool.reclaim_above", reclaim_above, "bytes >= 0, or None")
-        self.path = Path(path)
+            raise ConfigError("bridge.spool_max_bytes", max_bytes, "a positive number of bytes")
+        self._queue = DurableQueue(
+            path,
+            LAYOUT,
+            max_bytes=max_bytes,
+            durability=durability,
+            policy=PushBack(),
+            reclaim_above=reclaim_above,
+            lock_timeout=lock_timeout,
+        )
+        self.path = self._queue.path
         self.max_bytes = max_bytes
         self.durability: Durability = durability
         self.reclaim_above = reclaim_above
         self._clock = clock
-        self._lock = threading.Lock()
-        self._in_flight: dict[int, int] = {}  # id -> accounted size
-        # Every row with an id below this is in flight: peeks start here instead of skipping
-        # the whole in-flight prefix again.
-        self._scan_from = 0
-        self._oldest: float | None = None  # received_at of the oldest row, if known
-        self._conn: sqlite3.Connection | None
-        self._conn, (depth, total, last_id) = self._open(lock_timeout)
-        self._depth: int = depth
-        self._bytes: int = total
-        self._next_id: int = last_id + 1
-        log.info(
-            "spool opened path=%s durability=%s depth=%d bytes=%d max_bytes=%d",
-            self.path,
-            durability,
-            depth,
-            total,
-            max_bytes,
-        )
-
-    def _open(self, lock_timeout: float) -> tuple[sqlite3.Connection, tuple[int, int, int]]:
-        """Open (or create) the file; return the connection and (depth, bytes, last id)."""
-        parent = self.path.parent
-        if parent.exists() and not parent.is_dir():
-            raise SpoolError(self.path, f"{parent} is not a directory")
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise SpoolError(self.path, f"cannot create {parent}: {err.strerror}") from err
-        if self.path.is_dir():
-            raise SpoolError(self.path, "is a directory; expected a spool file path")
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=lock_timeout, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as err:
-            raise self._open_error(err) from err
-        try:
-            # Exclusive: one owner per spool, and the WAL index lives in memory (no -shm file).
-            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise SpoolError(self.path, f"cannot use WAL journaling (got {mode!r})")
-            sync = "FULL" if self.durability == "fsync" else "NORMAL"
-            conn.execute(f"PRAGMA synchronous={sync}")
-            conn.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._check_schema(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            # Reads every table page once: this is also where a damaged file shows up.
-            totals = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0), coalesce(max(id), 0) FROM spool"
-            ).fetchone()
-        except sqlite3.Error as err:
-            conn.close()
-            raise self._open_error(err) from err
-        except BaseException:
-            conn.close()
-            raise
-        return conn, (int(totals[0]), int(totals[1]), int(totals[2]))
-
-    def _check_schema(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if app_id == 0 and version == 0 and tables == 0:
-            conn.execute(_SCHEMA)
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif app_id != APPLICATION_ID:
-            raise SpoolError(
-                self.path, "is an SQLite database but not an iotpipe spool; choose another path"
-            )
-        elif version > SCHEMA_VERSION:
-            raise SpoolError(
-                self.path,
-                f"was written by a newer iotpipe (spool schema {version}, this one reads"
-                f" {SCHEMA_VERSION}); upgrade, or drain it with the newer version first",
-            )
-
-    def _open_error(self, err: sqlite3.Error) -> SpoolError:
-        name = _error_name(err)
-        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            reason = "is in use by another process (only one bridge may own a spool)"
-        elif name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
-            reason = (
-                f"is corrupt or not an SQLite file ({err}); move it aside to start an empty"
-                " spool (`sqlite3 FILE .recover` may salvage its entries)"
-            )
-        elif name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-            reason = (
-                f"is not writable ({err}); the bridge needs to write the file and its directory"
-            )
-        elif name.startswith("SQLITE_CANTOPEN"):
-            reason = f"cannot be opened ({err}); check that its directory exists and is writable"
-        elif name.startswith("SQLITE_FULL"):
-            reason = "cannot be opened: the disk is full"
-        else:
-            reason = f"cannot be opened: {err}"
-        return SpoolError(self.path, reason)
 
     # -- metrics --------------------------------------------------------------------------------
 
     @property
     def depth(self) -> int:
-        """Entries in the spool, in flight or not (gauge ``iotpipe_bridge_spool_entries``)."""
-        return self._depth
+        """Entries in the spool, in flight or not (the bridge's gauge ``iotpipe_bridge_spool_depth``)."""
+        return self._queue.depth
 
     @property
     def bytes(self) -> int:
         """Accounted bytes of the entries in the spool (compared with ``max_bytes``)."""
-        return self._bytes
+        return self._queue.bytes
 
     @property
     def free_bytes(self) -> int:
         """Accounted bytes that still fit in the budget."""
-        return max(0, self.max_bytes - self._bytes)
+        return self._queue.free_bytes
 
     @property
     def in_flight(self) -> int:
         """Entries handed out by :meth:`peek_oldest` and neither deleted nor released yet."""
-        return len(self._in_flight)
+        return self._queue.in_flight
 
     @property
     def oldest_age_seconds(self) -> float:
         """Seconds since the oldest entry was received; 0.0 when the spool is empty."""
-        with self._lock:
-            if self._depth == 0:
-                return 0.0
-            if self._oldest is None:
-                row = (
-                    self._connection()
-                    .execute("SELECT received_at FROM spool ORDER BY id LIMIT 1")
-                    .fetchone()
-                )
-                if row is None:
-                    return 0.0
-                self._oldest = float(row[0])
-            return max(0.0, self._clock() - self._oldest)
+        oldest = self._queue.oldest()
+        return 0.0 if oldest is None else max(0.0, self._clock() - float(oldest))
 
     @property
     def file_bytes(self) -> int:
         """Bytes the spool's files take on disk now (database + WAL)."""
-        total = 0
-        for name in (self.path, self.path.with_name(self.path.name + "-wal")):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(name).st_size
-        return total
+        return self._queue.file_bytes
 
     # -- appending ------------------------------------------------------------------------------
 
@@ -500,26 +360,7 @@ class Spool:
     def _append_rows(self, rows: Sequence[_Row]) -> list[int]:
         if not rows:
             return []
-        needed = sum(row[1] for row in rows)
-        with self._lock:
-            conn = self._connection()
-            if self._bytes + needed > self.max_bytes:
-                raise SpoolFull(needed, self.free_bytes, self.max_bytes, self._depth)
-            first = self._next_id
-            params = [(first + index, *row) for index, row in enumerate(rows)]
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(_INSERT, params)
-                conn.execute("COMMIT")
-            except sqlite3.Error as err:
-                self._rollback(conn)
-                raise self._operation_error("append", err, needed) from err
-            if self._depth == 0:
-                self._oldest = rows[0][0]
-            self._next_id = first + len(rows)
-            self._depth += len(rows)
-            self._bytes += needed
-        return list(range(first, first + len(rows)))
+        return self._queue.append(rows).ids
 
     # -- draining -------------------------------------------------------------------------------
 
@@ -531,48 +372,15 @@ class Spool:
             exclude_in_flight: skip entries already in flight (the normal case). False returns
                 the oldest ``n`` whether in flight or not (e.g. to resend after a reconnect).
         """
-        if n <= 0:
-            return []
-        found: list[SpoolEntry] = []
-        with self._lock:
-            conn = self._connection()
-            start = self._scan_from if exclude_in_flight else 0
-            last = start - 1
-            try:
-                while len(found) < n:
-                    limit = n - len(found)
-                    rows = conn.execute(_PEEK, (start, limit)).fetchall()
-                    for row in rows:
-                        last = row[0]
-                        if exclude_in_flight and last in self._in_flight:
-                            continue
-                        found.append(_decode(row))
-                        self._in_flight[last] = row[6]
-                    if len(rows) < limit:
-                        break  # no more rows
-                    start = last + 1
-            except sqlite3.Error as err:
-                raise self._operation_error("peek", err) from err
-            if exclude_in_flight:
-                # Everything up to the last row looked at is now in flight.
-                self._scan_from = last + 1
-        return found
+        return [_decode(row) for row in self._queue.peek_oldest(n, exclude_in_flight)]
 
     def release(self, ids: Iterable[int]) -> None:
         """Make in-flight entries eligible again (their publish failed or was not confirmed)."""
-        with self._lock:
-            released = [entry_id for entry_id in ids if entry_id in self._in_flight]
-            if released:
-                for entry_id in released:
-                    del self._in_flight[entry_id]
-                self._scan_from = min(self._scan_from, *released)
+        self._queue.release(ids)
 
     def release_all(self) -> None:
         """Make every in-flight entry eligible again (e.g. the AMQP connection was lost)."""
-        with self._lock:
-            if self._in_flight:
-                self._scan_from = min(self._scan_from, *self._in_flight)
-                self._in_flight.clear()
+        self._queue.release_all()
 
     def delete(self, ids: Iterable[int]) -> int:
         """Delete entries (after their publisher confirms) in one transaction.
@@ -583,64 +391,13 @@ class Spool:
         Returns:
             How many entries were deleted.
         """
-        wanted = sorted(set(ids))
-        if not wanted:
-            return 0
-        with self._lock:
-            conn = self._connection()
-            # In-flight entries are in the table and their sizes are known; only ids never
-            # peeked (or already deleted) have to be looked up.
-            known = [entry_id for entry_id in wanted if entry_id in self._in_flight]
-            unknown = [entry_id for entry_id in wanted if entry_id not in self._in_flight]
-            count = len(known)
-            freed = sum(self._in_flight[entry_id] for entry_id in known)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                if unknown:
-                    for run in _ranges(unknown):
-                        found, size = conn.execute(_MEASURE_RANGE, run).fetchone()
-                        count += found
-                        freed += size
-                conn.executemany(_DELETE_RANGE, _ranges(wanted))
-                conn.execute("COMMIT")
-            except sqlite3.Error as err:
-                self._rollback(conn)
-                raise self._operation_error("delete", err) from err
-            for entry_id in known:
-                del self._in_flight[entry_id]
-            self._depth -= count
-            self._bytes -= freed
-            self._oldest = None
-            if self._depth == 0:
-                self._reclaim(conn)
-        return count
-
-    def _reclaim(self, conn: sqlite3.Connection) -> None:
-        """VACUUM an empty spool whose file holds many free pages (a few page writes)."""
-        if self.reclaim_above is None:
-            return
-        try:
-            free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            if free_pages * page_size <= self.reclaim_above:
-                return
-            conn.execute("VACUUM")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as err:
-            # The data is safe either way; only the file stays larger.
-            log.warning("spool not vacuumed path=%s error=%s", self.path, err)
-            return
-        log.info("spool vacuumed path=%s freed_bytes=%d", self.path, free_pages * page_size)
+        return self._queue.delete(ids)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the file (checkpoints and removes the WAL). Idempotent."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-                self._in_flight.clear()
+        self._queue.close()
 
     def __enter__(self) -> Self:
         return self
@@ -655,29 +412,9 @@ class Spool:
 
     def __repr__(self) -> str:
         return (
-            f"Spool({str(self.path)!r}, depth={self._depth}, bytes={self._bytes},"
+            f"Spool({str(self.path)!r}, depth={self.depth}, bytes={self.bytes},"
             f" max_bytes={self.max_bytes}, durability={self.durability!r})"
         )
-
-    # -- internals ------------------------------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise SpoolError(self.path, "is closed")
-        return self._conn
-
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.exception("spool rollback failed")
-
-    def _operation_error(self, what: str, err: sqlite3.Error, needed: int = 0) -> IotpipeError:
-        if _error_name(err).startswith("SQLITE_FULL"):
-            return SpoolFull(needed, self.free_bytes, self.max_bytes, self._depth, disk=True)
-        return SpoolError(self.path, f"{what} failed: {err}")
 
 
 # -- group commits ------------------------------------------------------------------------------
@@ -724,9 +461,9 @@ class SpoolWriter(Generic[T]):
         name: str = "spool-writer",
     ) -> None:
         if max_batch < 1:
-            raise ConfigError("spool.max_batch", max_batch, "at least 1")
+            raise ValueError(f"max_batch must be at least 1, not {max_batch!r}")
         if not 0 <= max_delay_ms < math.inf:
-            raise ConfigError("spool.max_delay_ms", max_delay_ms, "milliseconds >= 0")
+            raise ValueError(f"max_delay_ms must be milliseconds >= 0, not {max_delay_ms!r}")
         self.spool = spool
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
@@ -913,77 +650,3 @@ class SpoolWriter(Generic[T]):
             # Submits notify this condition too; only closing cuts the pause short.
             self._cond.wait_for(lambda: self._closing, self.retry_interval)
             return True
-
-
-# -- drain rate ---------------------------------------------------------------------------------
-
-
-class DrainRate:
-    """A token bucket bounding how fast the spool drains (pure: no sleeping, injectable clock).
-
-    The bucket holds up to ``burst`` tokens (default: one second's worth) and refills at
-    ``per_second``; it starts full. ``math.inf`` means unbounded. Typical use::
-
-        allowed = rate.take(1000)
-        if allowed:
-            entries = spool.peek_oldest(allowed)
-            rate.give_back(allowed - len(entries))
-        else:
-            time.sleep(rate.wait_time())
-    """
-
-    def __init__(
-        self,
-        per_second: float,
-        *,
-        burst: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if not per_second > 0:
-            raise ConfigError("spool.drain_rate", per_second, "messages per second > 0")
-        self.per_second = float(per_second)
-        self.burst = float(burst) if burst is not None else max(1.0, self.per_second)
-        if not self.burst >= 1:
-            raise ConfigError("spool.drain_burst", burst, "at least 1")
-        self._clock = clock
-        self._tokens = self.burst
-        self._stamp = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        elapsed = max(0.0, now - self._stamp)
-        self._stamp = now
-        if math.isinf(self.per_second):
-            self._tokens = self.burst
-        else:
-            self._tokens = min(self.burst, self._tokens + elapsed * self.per_second)
-
-    @property
-    def available(self) -> int:
-        """Whole tokens available now."""
-        self._refill()
-        return sys.maxsize if math.isinf(self._tokens) else int(self._tokens)
-
-    def take(self, n: int) -> int:
-        """Take up to ``n`` tokens; return how many were taken (0 if none are available)."""
-        if n <= 0:
-            return 0
-        self._refill()
-        if math.isinf(self._tokens):
-            return n
-        taken = min(n, int(self._tokens))
-        self._tokens -= taken
-        return taken
-
-    def give_back(self, n: int) -> None:
-        """Return unused tokens (e.g. fewer entries were peeked than were allowed)."""
-        if n > 0:
-            self._tokens = min(self.burst, self._tokens + n)
-
-    def wait_time(self, n: int = 1) -> float:
-        """Seconds until ``n`` tokens (at most ``burst``) will be available; 0.0 if now."""
-        self._refill()
-        want = min(float(n), self.burst)
-        if self._tokens >= want or math.isinf(self.per_second):
-            return 0.0
-        return (want - self._tokens) / self.per_second

@@ -39,6 +39,7 @@ from iotpipe.amqp_consumer import BatchConsumer, Delivery, DeliverySource, Queue
 from iotpipe.envelope import Envelope, Rejection, decode
 from iotpipe.errors import IotpipeError
 from iotpipe.health import HealthServer
+from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ class Consumer:
         self, messages: Sequence[Message], statuses: Sequence[DeviceStatus]
     ) -> WriteResult | None:
         """Write until the store takes the batch; None when stopped first."""
-        delay = _BACKOFF_MIN_S
+        backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S, jitter=(0.5, 1.0), rng=self._rng)
         while True:
             started = time.perf_counter()
             try:
@@ -302,12 +303,11 @@ class Consumer:
                 if not self._store_error:
                     log.warning("store unavailable, holding the batch: %s", err)
                 self._store_error = str(err) or type(err).__name__
-                wait = self._rng.uniform(delay / 2, delay)
+                wait = backoff.next_delay()
                 log.info("store write retry in %.1fs", wait)
                 self.amqp.sleep(wait)
                 if self._stopping.is_set():
                     return None
-                delay = min(delay * 2, _BACKOFF_MAX_S)
                 continue
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.store_up.set(1)

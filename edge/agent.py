@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import sys
 import threading
 import time
@@ -51,13 +50,14 @@ from edge.systemd_notify import Notifier
 from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
 from iotpipe.mqtt import MqttClient, Will
+from iotpipe.pacing import Backoff, TokenBucket
 
 if TYPE_CHECKING:
     from iotpipe.health import HealthServer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Agent", "AgentStats", "ClientFactory", "Publisher", "TokenBucket"]
+__all__ = ["Agent", "AgentStats", "ClientFactory", "Publisher"]
 
 #: The wire contract's payload limit; a bigger batch is split in two.
 MAX_PAYLOAD = 256 * 1024
@@ -97,36 +97,6 @@ class AgentStats:
     clock_synced: bool = True
     sensor_errors: dict[str, int] = field(default_factory=dict)
     full_in_seconds: float = math.inf
-
-
-class TokenBucket:
-    """At most ``rate`` per second on average, bursts of up to ``burst`` (pure; clock injected)."""
-
-    def __init__(
-        self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate = rate
-        self.burst = burst if burst is not None else max(1.0, rate)
-        self._clock = clock
-        self._tokens = self.burst
-        self._stamp = clock()
-
-    def take(self, n: int) -> int:
-        """Take up to ``n`` whole tokens; return how many were taken."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        taken = max(0, min(n, int(self._tokens)))
-        self._tokens -= taken
-        return taken
-
-    def give_back(self, n: int) -> None:
-        """Return unused tokens."""
-        self._tokens = min(self.burst, self._tokens + max(0, n))
-
-    def wait_time(self) -> float:
-        """Seconds until one token is available."""
-        return max(0.0, (1.0 - self._tokens) / self.rate)
 
 
 class Publisher:
@@ -169,7 +139,7 @@ class Publisher:
         self._last_status_ms = 0
         self._round: list[OutboxEntry] = []
         self._round_started = 0.0
-        self._delay = settings.reconnect_min
+        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._next_attempt = 0.0
         self._attempts = 0
         self._ever_connected = False
@@ -218,7 +188,7 @@ class Publisher:
             with contextlib.suppress(Exception):
                 client.disconnect()
             self._attempts += 1
-            wait = self._delay * random.uniform(0.5, 1.5)
+            wait = self._backoff.next_delay()
             self._next_attempt = time.monotonic() + wait
             if self._attempts == 1 or self._attempts % 10 == 0:
                 log.warning(
@@ -228,7 +198,6 @@ class Publisher:
                     wait,
                     err,
                 )
-            self._delay = min(self._delay * 2, self.settings.reconnect_max)
             return None
         self._last_status_ms = birth_ms + 1
         log.info(
@@ -242,7 +211,7 @@ class Publisher:
             self.stats.reconnects += 1
         self._ever_connected = True
         self._attempts = 0
-        self._delay = self.settings.reconnect_min
+        self._backoff.reset()
         self.stats.connected = True
         self._round_started = time.monotonic()
         return client
@@ -258,10 +227,10 @@ class Publisher:
         with contextlib.suppress(Exception):
             client.disconnect()
         self.stats.connected = False
-        self._next_attempt = time.monotonic() + self._delay * random.uniform(0.5, 1.5)
+        self._next_attempt = time.monotonic() + self._backoff.next_delay()
 
     def _run(self) -> None:
-        bucket = TokenBucket(self.settings.drain_rate)
+        bucket = TokenBucket(self.settings.drain_rate, setting="edge.drain_rate")
         client: MqttClient | None = None
         try:
             while True:

@@ -25,33 +25,41 @@ is *thinned* in the same transaction, before the new envelopes are written:
 3. repeat until the new envelopes fit.
 
 Old data loses resolution (repeated passes thin the oldest part most), the newest envelopes are
-never dropped, and the start of an outage stays visible. Every pass is counted
-(``dropped_envelopes``, ``dropped_readings``, persisted in ``meta``) and logged at WARNING with
-the seq range and reading times it thinned. Envelopes in flight are never thinned, so the
+never dropped, and the start of an outage stays visible. What a commit thins is counted
+(``dropped_envelopes``, ``dropped_readings``, persisted in ``meta`` in the same transaction)
+and logged once at WARNING with the seq range and reading times it thinned. Envelopes in flight are never thinned, so the
 outbox may exceed ``max_bytes`` by at most the publish window. The file itself can exceed
-``max_bytes`` by the WAL (trimmed to 4 MiB) and partly used pages.
+``max_bytes`` by the WAL (trimmed back to 4 MiB after a checkpoint) and partly used pages.
 
-Only one process may open an outbox (``locking_mode=EXCLUSIVE``); a second gets
-:class:`OutboxError`.
+The file, its PRAGMAs, the in-flight bookkeeping, the thinning and the error messages are
+:class:`iotpipe.durable_queue.DurableQueue`'s (policy :class:`~iotpipe.durable_queue.ThinOldest`);
+this module adds the envelope columns, the counter and the drop counts. Only one process may
+open an outbox (``locking_mode=EXCLUSIVE``); a second gets :class:`OutboxError`, and so does a
+file that is not an outbox or was written by a newer iotpipe (``user_version`` above
+:data:`SCHEMA_VERSION`).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
-import os
 import secrets
 import sqlite3
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, NamedTuple, Self
+from typing import NamedTuple, Self
 
-from iotpipe.errors import IotpipeError
+from iotpipe.durable_queue import (
+    Durability,
+    DurableQueue,
+    Layout,
+    QueueError,
+    Row,
+    ThinOldest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +73,6 @@ __all__ = [
     "OutboxError",
     "Pending",
 ]
-
-Durability = Literal["fsync", "process"]
 
 #: Bytes accounted per envelope on top of its payload and topic (record header, the integer
 #: columns, cell pointer and B-tree slack).
@@ -92,28 +98,35 @@ _SCHEMA = (
     )""",
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
 )
-_INSERT = (
-    "INSERT INTO outbox (id, created_ms, seq, readings, size, topic, payload)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
-_JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 
-class OutboxError(IotpipeError):
+class OutboxError(QueueError):
     """The outbox file cannot be opened or written (corrupt, unwritable, locked, disk full).
 
     Attributes:
         path: the outbox file.
-        reason: what is wrong.
+        reason: what is wrong, and what to do about it where that is known.
     """
 
-    exit_code = 2
+    noun = "outbox"
 
-    def __init__(self, path: Path | str, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"outbox {self.path}: {reason}")
+
+LAYOUT = Layout(
+    noun="outbox",
+    owner="agent",
+    table="outbox",
+    columns=("created_ms", "seq", "readings", "size", "topic", "payload"),
+    peek_columns=("topic", "payload", "seq", "created_ms"),
+    schema=_SCHEMA,
+    application_id=APPLICATION_ID,
+    schema_version=SCHEMA_VERSION,
+    error=OutboxError,
+    thin_columns=("readings", "seq", "created_ms"),
+    oldest_column="created_ms",
+    journal_size_limit=4 * 1024 * 1024,
+    logger=log,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +168,8 @@ class Outbox:
         lock_timeout: seconds to wait for another process to let go of the file.
 
     Raises:
-        OutboxError: the file cannot be opened, is not an outbox, or is in use.
+        OutboxError: the file cannot be opened, is not an outbox, is from a newer iotpipe, or
+            is in use.
     """
 
     def __init__(
@@ -168,78 +182,20 @@ class Outbox:
     ) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        self.path = Path(path)
+        self._queue = DurableQueue(
+            path,
+            LAYOUT,
+            max_bytes=max_bytes,
+            durability=durability,
+            policy=ThinOldest(THIN_FRACTION, THIN_MIN),
+            lock_timeout=lock_timeout,
+        )
+        self.path = self._queue.path
         self.max_bytes = max_bytes
         self.durability: Durability = durability
-        self.commits = 0
-        self._lock = threading.Lock()
-        self._in_flight: dict[int, int] = {}  # id -> accounted size
-        self._scan_from = 0
-        self._conn: sqlite3.Connection | None = self._open(lock_timeout)
-        conn = self._conn
-        depth, total, last_id, oldest = conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0), coalesce(max(id), 0), min(created_ms)"
-            " FROM outbox"
-        ).fetchone()
-        self._depth = int(depth)
-        self._bytes = int(total)
-        self._next_id = int(last_id) + 1
-        self._oldest_ms: int | None = None if oldest is None else int(oldest)
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        meta = self._queue.read("open", _read_meta)
         self.dropped_envelopes = int(meta.get("dropped_envelopes", 0))
         self.dropped_readings = int(meta.get("dropped_readings", 0))
-        log.info(
-            "outbox opened path=%s durability=%s depth=%d bytes=%d max_bytes=%d",
-            self.path,
-            durability,
-            self._depth,
-            self._bytes,
-            max_bytes,
-        )
-
-    def _open(self, lock_timeout: float) -> sqlite3.Connection:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, timeout=lock_timeout, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as err:
-            raise OutboxError(self.path, f"cannot be opened: {err}") from err
-        try:
-            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise OutboxError(self.path, f"cannot use WAL journaling (got {mode!r})")
-            sync = "FULL" if self.durability == "fsync" else "NORMAL"
-            conn.execute(f"PRAGMA synchronous={sync}")
-            conn.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                if app_id == 0 and tables == 0:
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif app_id != APPLICATION_ID:
-                    raise OutboxError(self.path, "is an SQLite file but not an iotpipe outbox")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as err:
-            conn.close()
-            name = str(getattr(err, "sqlite_errorname", ""))
-            if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-                reason = "is in use by another process (only one agent may own an outbox)"
-            else:
-                reason = f"cannot be opened: {err}"
-            raise OutboxError(self.path, reason) from err
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     # -- the counter ------------------------------------------------------------------------------
 
@@ -249,65 +205,60 @@ class Outbox:
         A new kernel boot (or a new file) mints a new ``boot`` label and starts ``seq`` at 0;
         that is committed at once, so the label is stable across restarts of the agent.
         """
-        with self._lock:
-            conn = self._connection()
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+
+        def work(conn: sqlite3.Connection) -> tuple[Counter, bool]:
+            meta = _read_meta(conn)
             if meta.get("kernel_boot") == kernel_boot and "boot" in meta:
-                return Counter(meta["boot"], int(meta.get("next_seq", 0)))
+                return Counter(meta["boot"], int(meta.get("next_seq", 0))), False
             hexdigits = "".join(c for c in kernel_boot.lower() if c in "0123456789abcdef")
             boot = f"{(hexdigits or secrets.token_hex(8))[:16]}-{secrets.token_hex(4)}"
-            self._write(
-                conn,
-                "counter",
-                lambda: conn.executemany(
-                    _SET_META,
-                    [("kernel_boot", kernel_boot), ("boot", boot), ("next_seq", "0")],
-                ),
+            conn.executemany(
+                _SET_META, [("kernel_boot", kernel_boot), ("boot", boot), ("next_seq", "0")]
             )
-            log.info("outbox counter restarts boot=%s kernel_boot=%s", boot, kernel_boot)
-            return Counter(boot, 0)
+            return Counter(boot, 0), True
+
+        counter, new = self._queue.transaction("counter", work)
+        if new:
+            log.info("outbox counter restarts boot=%s kernel_boot=%s", counter.boot, kernel_boot)
+        return counter
 
     # -- metrics ----------------------------------------------------------------------------------
 
     @property
+    def commits(self) -> int:
+        """Write transactions committed since the outbox was opened."""
+        return self._queue.commits
+
+    @property
     def depth(self) -> int:
         """Envelopes in the outbox, being published or not."""
-        return self._depth
+        return self._queue.depth
 
     @property
     def bytes(self) -> int:
         """Accounted bytes of the envelopes in the outbox."""
-        return self._bytes
+        return self._queue.bytes
 
     @property
     def free_bytes(self) -> int:
         """Accounted bytes left before thinning starts."""
-        return max(0, self.max_bytes - self._bytes)
+        return self._queue.free_bytes
 
     @property
     def in_flight(self) -> int:
         """Envelopes handed out by :meth:`peek_oldest`, not yet deleted or released."""
-        return len(self._in_flight)
+        return self._queue.in_flight
 
     @property
     def oldest_created_ms(self) -> int | None:
         """Reading time of the oldest envelope (epoch ms), None when empty."""
-        with self._lock:
-            if self._depth == 0:
-                return None
-            if self._oldest_ms is None:
-                row = self._connection().execute("SELECT min(created_ms) FROM outbox").fetchone()
-                self._oldest_ms = None if row[0] is None else int(row[0])
-            return self._oldest_ms
+        oldest = self._queue.oldest()
+        return None if oldest is None else int(oldest)
 
     @property
     def file_bytes(self) -> int:
         """Bytes the outbox files take on disk (database + WAL)."""
-        total = 0
-        for name in (self.path, self.path.with_name(self.path.name + "-wal")):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(name).st_size
-        return total
+        return self._queue.file_bytes
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -335,79 +286,26 @@ class Outbox:
             )
             for item in items
         ]
-        needed = sum(row[3] for row in rows)
-        with self._lock:
-            conn = self._connection()
-            first = self._next_id
-            thinned: list[tuple[int, int, int, int, int]] = []
+        next_seq = str(items[-1].seq + 1)
 
-            def work() -> None:
-                if self._bytes + needed > self.max_bytes:
-                    thinned.extend(self._thin(conn, self._bytes + needed - self.max_bytes))
-                conn.executemany(_INSERT, [(first + i, *row) for i, row in enumerate(rows)])
-                meta = [("next_seq", str(items[-1].seq + 1))]
-                if thinned:
-                    meta.append(("dropped_envelopes", str(self.dropped_envelopes + len(thinned))))
-                    meta.append(
-                        (
-                            "dropped_readings",
-                            str(self.dropped_readings + sum(t[2] for t in thinned)),
-                        )
-                    )
-                conn.executemany(_SET_META, meta)
-
-            self._write(conn, "append", work)
-            self._next_id = first + len(rows)
-            if self._depth == 0:
-                self._oldest_ms = None
-            self._depth += len(rows)
-            self._bytes += needed
+        def also(conn: sqlite3.Connection, thinned: list[Row]) -> None:
+            meta = [("next_seq", next_seq)]
             if thinned:
-                self._account_thinned(thinned)
-        return list(range(first, first + len(rows)))
-
-    def _thin(self, conn: sqlite3.Connection, excess: int) -> list[tuple[int, int, int, int, int]]:
-        """Delete every second of the oldest 10 % until ``excess`` bytes are freed."""
-        victims: list[tuple[int, int, int, int, int]] = []
-        freed = 0
-        depth = self._depth
-        after = 0
-        while freed < excess:
-            candidates_wanted = max(THIN_MIN, math.ceil((depth - self.in_flight) * THIN_FRACTION))
-            candidates: list[tuple[int, int, int, int, int]] = []
-            for row in conn.execute(
-                "SELECT id, size, readings, seq, created_ms FROM outbox WHERE id > ?"
-                " ORDER BY id LIMIT ?",
-                (after, candidates_wanted + len(self._in_flight)),
-            ):
-                if row[0] not in self._in_flight:
-                    candidates.append(row)
-                    if len(candidates) == candidates_wanted:
-                        break
-            if not candidates:
-                log.warning(
-                    "outbox over budget: only envelopes being published are left"
-                    " path=%s bytes=%d max_bytes=%d",
-                    self.path,
-                    self._bytes,
-                    self.max_bytes,
+                meta.append(("dropped_envelopes", str(self.dropped_envelopes + len(thinned))))
+                meta.append(
+                    ("dropped_readings", str(self.dropped_readings + sum(t[2] for t in thinned)))
                 )
-                break
-            chosen = candidates[1::2] if len(candidates) > 1 else candidates
-            conn.executemany("DELETE FROM outbox WHERE id = ?", [(row[0],) for row in chosen])
-            victims.extend(chosen)
-            freed += sum(row[1] for row in chosen)
-            depth -= len(chosen)
-            # The next pass starts over from the oldest: the already thinned part is thinned
-            # again, so the older the data the sparser it gets.
-        return victims
+            conn.executemany(_SET_META, meta)
 
-    def _account_thinned(self, thinned: list[tuple[int, int, int, int, int]]) -> None:
+        appended = self._queue.append(rows, also)
+        if appended.thinned:
+            self._account_thinned(appended.thinned)
+        return appended.ids
+
+    def _account_thinned(self, thinned: list[Row]) -> None:
+        """Count and log what a commit thinned: rows ``(id, size, readings, seq, created_ms)``."""
         freed = sum(row[1] for row in thinned)
         readings = sum(row[2] for row in thinned)
-        self._depth -= len(thinned)
-        self._bytes -= freed
-        self._oldest_ms = None
         self.dropped_envelopes += len(thinned)
         self.dropped_readings += readings
         log.warning(
@@ -428,35 +326,11 @@ class Outbox:
 
     def peek_oldest(self, n: int) -> list[OutboxEntry]:
         """Hand out up to ``n`` envelopes not yet handed out, oldest first (marks them in flight)."""
-        if n <= 0:
-            return []
-        with self._lock:
-            conn = self._connection()
-            found: list[OutboxEntry] = []
-            try:
-                for row in conn.execute(
-                    "SELECT id, topic, payload, seq, created_ms, size FROM outbox"
-                    " WHERE id >= ? ORDER BY id LIMIT ?",
-                    (self._scan_from, n + len(self._in_flight)),
-                ):
-                    if row[0] in self._in_flight:
-                        continue
-                    found.append(OutboxEntry(row[0], row[1], row[2], row[3], row[4]))
-                    self._in_flight[row[0]] = row[5]
-                    if len(found) == n:
-                        break
-            except sqlite3.Error as err:
-                raise OutboxError(self.path, f"read failed: {err}") from err
-            if found:
-                self._scan_from = found[-1].id + 1
-        return found
+        return [OutboxEntry(*row[:5]) for row in self._queue.peek_oldest(n)]
 
     def release_all(self) -> None:
         """Make every in-flight envelope eligible for :meth:`peek_oldest` again."""
-        with self._lock:
-            if self._in_flight:
-                self._scan_from = min(self._scan_from, *self._in_flight)
-                self._in_flight.clear()
+        self._queue.release_all()
 
     def delete(self, ids: Iterable[int]) -> int:
         """Delete acknowledged envelopes in one transaction; unknown ids are ignored.
@@ -464,46 +338,13 @@ class Outbox:
         Returns:
             How many were deleted.
         """
-        wanted = sorted(set(ids))
-        if not wanted:
-            return 0
-        with self._lock:
-            conn = self._connection()
-            counted: list[tuple[int, int]] = []
-
-            def work() -> None:
-                for start in range(0, len(wanted), 500):
-                    chunk = wanted[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    counted.append(
-                        conn.execute(
-                            f"SELECT count(*), coalesce(sum(size), 0) FROM outbox"  # noqa: S608
-                            f" WHERE id IN ({marks})",
-                            chunk,
-                        ).fetchone()
-                    )
-                    conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
-
-            self._write(conn, "delete", work)
-            for entry_id in wanted:
-                self._in_flight.pop(entry_id, None)
-            count = sum(c[0] for c in counted)
-            self._depth -= count
-            self._bytes -= sum(c[1] for c in counted)
-            self._oldest_ms = None
-            if self._depth == 0:
-                self._scan_from = 0
-        return count
+        return self._queue.delete(ids)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the file (checkpoints the WAL). Idempotent."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-                self._in_flight.clear()
+        self._queue.close()
 
     def __enter__(self) -> Self:
         return self
@@ -516,29 +357,9 @@ class Outbox:
     ) -> None:
         self.close()
 
-    # -- internals --------------------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise OutboxError(self.path, "is closed")
-        return self._conn
-
-    def _write(self, conn: sqlite3.Connection, what: str, work: Callable[[], object]) -> None:
-        """Run ``work()`` in one write transaction; roll back and raise on any error."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            work()
-            conn.execute("COMMIT")
-        except sqlite3.Error as err:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    log.exception("outbox rollback failed")
-            name = str(getattr(err, "sqlite_errorname", ""))
-            reason = "the disk is full" if name.startswith("SQLITE_FULL") else str(err)
-            raise OutboxError(self.path, f"{what} failed: {reason}") from err
-        self.commits += 1
+def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT key, value FROM meta").fetchall())
 
 
 class FillRate:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import random
 import re
 import socket
 import ssl
@@ -50,6 +49,7 @@ from pika.adapters.utils import connection_workflow as pika_workflow  # type: ig
 
 from iotpipe import compat
 from iotpipe.errors import ConnectError
+from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 from iotpipe.topics import Kind
 
@@ -539,8 +539,7 @@ class ConfirmingPublisher:
         self._on_result = on_result
         self._heartbeat = heartbeat
         self._connect_timeout = connect_timeout
-        self._backoff_base = backoff_base
-        self._backoff_max = backoff_max
+        self._backoff = Backoff(backoff_base, backoff_max)
         self._connection_name = connection_name
         self._dead_letter_queue = dead_letter_queue
 
@@ -563,7 +562,6 @@ class ConfirmingPublisher:
         self._channel: Any = None
         self._tag = 0
         self._unconfirmed: collections.OrderedDict[int, _Delivery] = collections.OrderedDict()
-        self._attempt = 0
         self._closing = False
         self._reconnect_timer: Any = None
 
@@ -832,7 +830,7 @@ class ConfirmingPublisher:
     def _on_channel_ready(self, channel: Any) -> None:
         self._channel = channel
         self._tag = 0
-        self._attempt = 0
+        self._backoff.reset()
         self._ready = True
         if self._started.is_set():
             self.reconnects += 1
@@ -884,9 +882,7 @@ class ConfirmingPublisher:
 
     def _schedule_reconnect(self) -> float:
         """Arrange the next connection attempt (jittered exponential backoff); returns the delay."""
-        delay = min(self._backoff_max, self._backoff_base * 2.0**self._attempt)
-        delay *= random.uniform(0.5, 1.5)
-        self._attempt = min(self._attempt + 1, 30)
+        delay = self._backoff.next_delay()
         self._reconnect_timer = self._ioloop.call_later(delay, self._connect)
         return delay
 

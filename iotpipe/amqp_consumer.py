@@ -32,7 +32,6 @@ reason in the routing key (``consumer.<reason>``) and the error in ``x-iotpipe-e
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from collections.abc import Mapping
@@ -55,6 +54,7 @@ from iotpipe.amqp import (
     vhost_of,
 )
 from iotpipe.errors import ConfigError, ConnectError
+from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 
 __all__ = ["BatchConsumer", "Delivery", "DeliverySource", "QueueSpec"]
@@ -260,8 +260,8 @@ class BatchConsumer:
         self.heartbeat = heartbeat
         self.reconnects = 0
         self.epoch = 0
-        self._backoff_min = backoff_min
-        self._backoff_max = backoff_max
+        # The first delay falls in [backoff_min, 2 * backoff_min], none beyond backoff_max.
+        self._backoff = Backoff(2 * backoff_min, backoff_max, jitter=(0.5, 1.0))
         self._server_version = ""
 
         self._connection: Any = None
@@ -279,7 +279,6 @@ class BatchConsumer:
         self._acked_through = 0
         self._settled: set[int] = set()
 
-        self._attempt = 0
         self._next_attempt = 0.0
 
     # -- state --------------------------------------------------------------------------------
@@ -328,7 +327,7 @@ class BatchConsumer:
             try:
                 self._open(min(_CONNECT_TIMEOUT, max(remaining, 0.1)))
             except ConnectError as err:
-                delay = self._backoff()
+                delay = self._backoff.next_delay()
                 if deadline is not None and time.monotonic() + delay >= deadline:
                     raise
                 log.warning(
@@ -336,7 +335,7 @@ class BatchConsumer:
                     "retry_in_s=%.2f",
                     self.url,
                     self.queue.name,
-                    self._attempt,
+                    self._backoff.attempts,
                     err.reason,
                     delay,
                 )
@@ -382,7 +381,7 @@ class BatchConsumer:
         self._server_version = version
         self._connection = connection
         self._channel = channel
-        self._attempt = 0
+        self._backoff.reset()
         if first:
             log.info(
                 "amqp consumer connected url=%s queue=%s type=%s server=%s prefetch=%d",
@@ -603,7 +602,7 @@ class BatchConsumer:
         self._cancelled = False
         if connection is not None:
             _close_quietly(connection)
-        delay = self._backoff()
+        delay = self._backoff.next_delay()
         self._next_attempt = time.monotonic() + delay
         log.warning(
             "amqp consumer connection lost url=%s queue=%s epoch=%d reason=%s dropped=%d "
@@ -626,25 +625,19 @@ class BatchConsumer:
         try:
             self._open(_CONNECT_TIMEOUT)
         except ConnectError as err:
-            delay = self._backoff()
+            delay = self._backoff.next_delay()
             self._next_attempt = time.monotonic() + delay
             log.warning(
                 "amqp consumer reconnect failed url=%s queue=%s attempt=%d reason=%s "
                 "retry_in_s=%.2f",
                 self.url,
                 self.queue.name,
-                self._attempt,
+                self._backoff.attempts,
                 err.reason,
                 delay,
             )
             return False
         return True
-
-    def _backoff(self) -> float:
-        """The next reconnect delay: doubling from backoff_min up to backoff_max, jittered."""
-        ceiling = min(self._backoff_max, 2 * self._backoff_min * 2.0**self._attempt)
-        self._attempt = min(self._attempt + 1, 30)
-        return random.uniform(ceiling / 2, ceiling)
 
     def _wait(self, seconds: float) -> None:
         """Sleep without a connection, in slices so that stop() is noticed."""

@@ -15,7 +15,6 @@ it cannot be installed the client falls back to paho's own loop.
 from __future__ import annotations
 
 import logging
-import random
 import select
 import socket
 import ssl
@@ -31,6 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from iotpipe import compat
 from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
+from iotpipe.pacing import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ class MqttClient:
         Raises:
             ConnectError: still disconnected at ``deadline`` (a ``time.monotonic()`` value).
         """
-        delay = base_delay
+        backoff = Backoff(base_delay, max_delay)
         last = "not attempted"
         while time.monotonic() < deadline:
             try:
@@ -410,8 +410,7 @@ class MqttClient:
                 if self._subscriptions:
                     self._resubscribe()
                 return
-            time.sleep(min(delay * random.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, max_delay)
+            time.sleep(min(backoff.next_delay(), max(0.0, deadline - time.monotonic())))
         raise ConnectError(
             self.url.redacted(), f"lost the connection and could not reconnect: {last}"
         )

@@ -14,7 +14,6 @@ import pytest
 
 from bridge.spool import (
     ROW_OVERHEAD,
-    DrainRate,
     Durability,
     Entry,
     Spool,
@@ -234,10 +233,10 @@ def test_a_batch_over_budget_is_refused_and_nothing_is_deleted(path: Path) -> No
 def test_a_full_disk_raises_spool_full_and_writes_nothing(spool: Spool) -> None:
     """When SQLite reports the disk full, the batch is rolled back and SpoolFull(disk=True) raised."""
     ids = spool.append_many([entry(0)])
-    connection = spool._conn
-    assert connection is not None
-    pages = connection.execute("PRAGMA page_count").fetchone()[0]
-    connection.execute(f"PRAGMA max_page_count={pages}")  # the file may not grow: "disk full"
+    queue = spool._queue
+    pages = queue.read("test", lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+    # The file may not grow: SQLite reports "database or disk is full".
+    queue.read("test", lambda conn: conn.execute(f"PRAGMA max_page_count={pages}"))
     depth, used = spool.depth, spool.bytes
     with pytest.raises(SpoolFull) as refused:
         spool.append_many([entry(n, size=2000) for n in range(1, 50)])
@@ -342,6 +341,49 @@ def test_another_sqlite_database_is_not_taken_for_a_spool(path: Path) -> None:
         Spool(path)
 
 
+#: A spool file exactly as the bridge before the shared durable queue wrote it.
+OLD_SPOOL = (
+    "PRAGMA journal_mode=WAL",
+    """
+CREATE TABLE spool (
+    id          INTEGER PRIMARY KEY,  -- drain order; never reused while the process runs
+    received_at REAL    NOT NULL,     -- Unix time the bridge received the message
+    size        INTEGER NOT NULL,     -- accounted bytes: payload + ROW_OVERHEAD
+    exchange    TEXT    NOT NULL,
+    routing_key TEXT    NOT NULL,
+    props,                            -- JSON text (a dict), BLOB (opaque bytes) or NULL
+    body        BLOB    NOT NULL      -- last, so scans of the columns above skip overflow pages
+)
+""",
+    "PRAGMA application_id=1768911984",  # 0x696F7470, "iotp"
+    "PRAGMA user_version=1",
+)
+
+
+def test_a_spool_written_by_the_earlier_bridge_opens_and_drains(path: Path) -> None:
+    """A file from before the shared queue keeps its entries, budget accounting and order."""
+    path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(path, isolation_level=None)
+    for statement in OLD_SPOOL:
+        raw.execute(statement)
+    items = [entry(n) for n in range(3)]
+    raw.executemany(
+        "INSERT INTO spool VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (n + 1, item.received_at, cost(item), item.exchange, item.routing_key, props, item.body)
+            for n, (item, props) in enumerate(zip(items, ['{"a":1}', b"raw", None], strict=True))
+        ],
+    )
+    raw.close()
+    with Spool(path, clock=lambda: 1010.0) as spool:
+        assert (spool.depth, spool.bytes) == (3, sum(cost(item) for item in items))
+        assert spool.oldest_age_seconds == 10.0
+        drained = spool.peek_oldest(10)
+        assert bodies(drained) == [item.body for item in items]
+        assert [item.properties for item in drained] == [{"a": 1}, b"raw", None]
+        assert spool.append_many([entry(3)]) == [4]
+
+
 def test_a_spool_from_a_newer_version_is_refused(path: Path) -> None:
     """A spool file with a newer schema version is refused instead of misread."""
     Spool(path).close()
@@ -370,18 +412,23 @@ def test_an_unusable_path_raises_spool_error(tmp_path: Path, where: str) -> None
 @pytest.mark.parametrize(
     ("field", "kwargs"),
     [
-        ("spool.durability", {"durability": "sometimes"}),
-        ("spool.max_bytes", {"max_bytes": 0}),
-        ("spool.reclaim_above", {"reclaim_above": -1}),
+        ("bridge.spool_durability", {"durability": "sometimes"}),
+        ("bridge.spool_max_bytes", {"max_bytes": 0}),
     ],
 )
-def test_bad_arguments_raise_config_error(
-    path: Path, field: str, kwargs: dict[str, object]
-) -> None:
-    """Bad settings raise ConfigError naming the setting."""
+def test_bad_settings_raise_config_error(path: Path, field: str, kwargs: dict[str, object]) -> None:
+    """Bad settings raise ConfigError naming the [bridge] setting they come from."""
     with pytest.raises(ConfigError) as refused:
         Spool(path, **kwargs)  # type: ignore[arg-type]
     assert refused.value.field == field
+
+
+def test_bad_arguments_that_are_no_setting_raise_value_error(path: Path) -> None:
+    """A negative reclaim_above, or a writer batch below 1, is a programming error: ValueError."""
+    with pytest.raises(ValueError, match="reclaim_above"):
+        Spool(path, reclaim_above=-1)
+    with Spool(path) as spool, pytest.raises(ValueError, match="max_batch"):
+        SpoolWriter(spool, print, max_batch=0)
 
 
 def test_a_closed_spool_refuses_work(path: Path) -> None:
@@ -540,46 +587,6 @@ def test_writer_checks_entries_in_the_callers_thread(spool: Spool) -> None:
         with pytest.raises(SpoolFull):
             writer.submit(Entry(EXCHANGE, KEY, bytes(spool.max_bytes)), 1)
         assert writer.pending == 0
-
-
-# -- drain rate ---------------------------------------------------------------------------------
-
-
-def test_drain_rate_starts_full_and_refills_at_its_rate() -> None:
-    """The bucket hands out its burst at once, then per_second tokens per second, never more than burst."""
-    clock = FakeClock(0.0)
-    rate = DrainRate(100, clock=clock)
-    assert rate.take(1000) == 100
-    assert rate.take(1) == 0
-    assert rate.wait_time(10) == pytest.approx(0.1)
-    clock.advance(0.25)
-    assert rate.take(1000) == 25
-    clock.advance(60)
-    assert rate.available == 100
-    rate.take(30)
-    rate.give_back(10)
-    assert rate.available == 80
-    assert rate.wait_time(80) == 0.0
-
-
-def test_drain_rate_with_a_small_burst_spreads_sends_evenly() -> None:
-    """burst=1 allows one message per 1/per_second seconds."""
-    clock = FakeClock(0.0)
-    rate = DrainRate(10, burst=1, clock=clock)
-    assert rate.take(5) == 1
-    assert rate.wait_time() == pytest.approx(0.1)
-    clock.advance(0.1)
-    assert rate.take(5) == 1
-
-
-def test_drain_rate_can_be_unbounded_and_refuses_nonsense() -> None:
-    """per_second=inf never limits; zero or negative rates raise ConfigError."""
-    rate = DrainRate(float("inf"), clock=FakeClock())
-    assert rate.take(10**6) == 10**6
-    assert rate.wait_time(10**6) == 0.0
-    for bad in (0, -1.0, float("nan")):
-        with pytest.raises(ConfigError):
-            DrainRate(bad)
 
 
 # -- SIGKILL ------------------------------------------------------------------------------------

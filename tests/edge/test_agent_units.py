@@ -1,4 +1,4 @@
-"""The agent's pure parts: envelopes against the core codec, sd_notify, settings, the bucket."""
+"""The agent's pure parts: envelopes against the core codec, sd_notify, settings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from edge.agent import TokenBucket
 from edge.config import EdgeSettings, default_device, mqtt_settings
 from edge.envelopes import build_envelope, sample_problem, status_payload
 from edge.sensors.base import Sample
@@ -152,14 +151,3 @@ def test_the_example_config_loads() -> None:
     load(MqttSettings, "mqtt", config_file=path, environ={})
     assert settings.site
     assert settings.sensors
-
-
-def test_token_bucket_bounds_the_rate() -> None:
-    """A burst of one second, then the rate."""
-    now = [0.0]
-    bucket = TokenBucket(10.0, clock=lambda: now[0])
-    assert bucket.take(100) == 10
-    assert bucket.take(1) == 0
-    assert bucket.wait_time() == pytest.approx(0.1)
-    now[0] = 0.5
-    assert bucket.take(100) == 5

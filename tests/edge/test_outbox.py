@@ -138,3 +138,62 @@ def test_fill_rate_estimates_time_until_full() -> None:
     assert rate.seconds_until_full(5000) == pytest.approx(200.0)
     rate.observe(200.0, 0)
     assert rate.seconds_until_full(5000) == math.inf
+
+
+#: An outbox file exactly as the agent before the shared durable queue wrote it.
+OLD_OUTBOX = (
+    "PRAGMA journal_mode=WAL",
+    """CREATE TABLE outbox (
+        id         INTEGER PRIMARY KEY,  -- publish order
+        created_ms INTEGER NOT NULL,     -- time of the envelope's first reading
+        seq        INTEGER NOT NULL,
+        readings   INTEGER NOT NULL,
+        size       INTEGER NOT NULL,     -- accounted bytes
+        topic      TEXT    NOT NULL,
+        payload    BLOB    NOT NULL      -- last: scans of the columns above skip overflow pages
+    )""",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    "PRAGMA application_id=1768911973",  # 0x696F7465, "iote"
+    "PRAGMA user_version=1",
+)
+
+
+def test_an_outbox_written_by_the_earlier_agent_opens_and_continues(tmp_path: Path) -> None:
+    """A file from before the shared queue keeps its envelopes, counter and drop counts."""
+    path = tmp_path / "outbox.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    for statement in OLD_OUTBOX:
+        raw.execute(statement)
+    raw.executemany(
+        "INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(n + 1, 1_000_000 + n, n, 3, accounted(), TOPIC, b"x" * 100) for n in range(5)],
+    )
+    raw.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [
+            ("kernel_boot", "k1"),
+            ("boot", "abcd-0001"),
+            ("next_seq", "5"),
+            ("dropped_envelopes", "7"),
+            ("dropped_readings", "21"),
+        ],
+    )
+    raw.close()
+    with Outbox(path) as outbox:
+        assert (outbox.depth, outbox.bytes) == (5, 5 * accounted())
+        assert (outbox.dropped_envelopes, outbox.dropped_readings) == (7, 21)
+        assert outbox.counter("k1") == type(outbox.counter("k1"))("abcd-0001", 5)
+        assert outbox.oldest_created_ms == 1_000_000
+        assert [entry.seq for entry in outbox.peek_oldest(10)] == [0, 1, 2, 3, 4]
+        assert outbox.append([pending(5)]) == [6]
+
+
+def test_an_outbox_from_a_newer_agent_is_refused(tmp_path: Path) -> None:
+    """A file with a newer schema version is refused instead of misread."""
+    path = tmp_path / "outbox.db"
+    Outbox(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA user_version=2")
+    raw.close()
+    with pytest.raises(OutboxError, match="newer iotpipe"):
+        Outbox(path)
