@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-from edge.envelopes import build_envelope, status_payload
+from edge.envelopes import build_envelope
 from edge.sensors.base import Sample
+from iotpipe.wire import encode_status
 
 #: sha256 of the edge agent's payloads for ``_edge_payloads()``, captured before the encoders
 #: moved into ``iotpipe.wire``: a change here means the edge agent's bytes changed.
@@ -27,12 +28,8 @@ def _edge_payloads() -> list[bytes]:
             site="home", device="pi-k", boot="b00t", seq=42, samples=samples, tags={"room": "küche"}
         ),
         build_envelope(site="home", device="pi-k", boot="b00t", seq=43, samples=samples[:1]),
-        status_payload(
-            site="home", device="pi-k", state="online", ts_ms=1795680902125, agent=agent
-        ),
-        status_payload(
-            site="home", device="pi-k", state="offline", ts_ms=1795680902126, agent=agent
-        ),
+        encode_status(site="home", device="pi-k", state="online", ts=1795680902125, agent=agent),
+        encode_status(site="home", device="pi-k", state="offline", ts=1795680902126, agent=agent),
     ]
 
 
