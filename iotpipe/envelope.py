@@ -55,6 +55,7 @@ from iotpipe.wire import (
     MIN_INT,
     NAME_PATTERN,
     NAME_RULE,
+    PREFIX,
     SENSOR_PATTERN,
     SENSOR_RULE,
     SUPPORTED_MAJOR,
@@ -556,7 +557,7 @@ def encode(msg: Envelope | Status) -> bytes:
 
 
 def _bad_topic(topic: str, kind: Kind | None) -> Rejection:
-    expected = f"iotpipe/v1/{{site}}/{{device}}/{kind.value if kind else '{telemetry|status}'}"
+    expected = f"{PREFIX}/{{site}}/{{device}}/{kind.value if kind else '{telemetry|status}'}"
     return Rejection(Reason.BAD_TOPIC, f"topic {_short(topic, 80)} is not {expected}")
 
 
