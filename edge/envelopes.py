@@ -14,12 +14,9 @@ so a retransmission keeps it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
+from edge.sensors.base import Sample
 from iotpipe.wire import MAX_READINGS, encode_envelope, message_id, reading_problem
-
-if TYPE_CHECKING:  # the drivers' module loads pydantic for their settings; this one needs none
-    from edge.sensors.base import Sample
 
 __all__ = ["build_envelope", "sample_problem"]
 

@@ -377,9 +377,9 @@ def test_the_decoder_enforces_the_wire_limits(limit: str) -> None:
 
 
 def test_wire_loads_neither_pydantic_nor_the_codec() -> None:
-    """Importing iotpipe.wire (and the edge agent's envelope module) loads no pydantic."""
+    """Importing iotpipe.wire, or the edge agent that encodes with it, loads no pydantic."""
     code = (
-        "import sys, iotpipe.wire, edge.envelopes; "
+        "import sys, iotpipe.wire, edge.agent; "
         "print(','.join(m for m in ('pydantic', 'iotpipe.settings', 'iotpipe.envelope') "
         "if m in sys.modules))"
     )
