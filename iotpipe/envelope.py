@@ -65,13 +65,9 @@ from iotpipe.wire import (
 from iotpipe.wire import Timestamp as WireTimestamp
 from iotpipe.wire import Value as WireValue
 
+# The contract's limits and patterns (MAX_PAYLOAD, SENSOR_PATTERN, ...) are iotpipe.wire's; they
+# stay importable from here, where older code looks for them.
 __all__ = [
-    "MAX_PAYLOAD",
-    "MAX_READINGS",
-    "MAX_TAGS",
-    "MAX_TS_MS",
-    "MAX_UNIT_LENGTH",
-    "MAX_VALUE_LENGTH",
     "Envelope",
     "Reading",
     "Reason",
