@@ -242,14 +242,13 @@ def _value_problem(value: object) -> str | None:
 
 # -- encoders -----------------------------------------------------------------------------------
 
-# The string escapers json.JSONEncoder itself calls (C, when available): exactly its output,
-# without a method call per string. UTF-8 by default; the ASCII one only for templates whose
-# caller asks for \\u escapes.
+# The string escapers json.JSONEncoder itself calls (C when available; undocumented but public
+# names of json.encoder since Python 2.6): exactly its output, without a method call per string.
+# UTF-8 by default; the ASCII one only for templates whose caller asks for \u escapes.
 _STRING: Callable[[str], str] = json.encoder.encode_basestring
 _STRING_ASCII: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-
-
+# Bound once: encode_envelope's loop calls them per reading.
 _isfinite = math.isfinite
 _float_repr = float.__repr__
 _int_repr = int.__repr__
