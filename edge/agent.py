@@ -37,13 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge.config import AGENT, EdgeSettings
-from edge.envelopes import (
-    build_envelope,
-    sample_problem,
-    status_payload,
-    status_topic,
-    telemetry_topic,
-)
+from edge.envelopes import build_envelope, sample_problem
 from edge.outbox import FillRate, Outbox, OutboxEntry, OutboxError, Pending
 from edge.sensors.base import Driver, Sample, SensorError
 from edge.systemd_notify import Notifier
@@ -51,6 +45,7 @@ from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
 from iotpipe.mqtt import MqttClient, Will
 from iotpipe.pacing import Backoff, TokenBucket
+from iotpipe.wire import MAX_PAYLOAD, Kind, State, encode_status, topic
 
 if TYPE_CHECKING:
     from iotpipe.health import HealthServer
@@ -59,8 +54,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Agent", "AgentStats", "ClientFactory", "Publisher"]
 
-#: The wire contract's payload limit; a bigger batch is split in two.
-MAX_PAYLOAD = 256 * 1024
 #: Seconds between samples of the outbox size for the "full in" estimate.
 _FILL_SAMPLE_INTERVAL = 10.0
 #: A thread that has not looped for this long is unhealthy (the watchdog stops pinging).
@@ -131,7 +124,7 @@ class Publisher:
         self.stats = stats
         self.site = site
         self.device = device
-        self.status_topic = status_topic(site, device)
+        self.status_topic = topic(site, device, Kind.STATUS)
         self._client_factory = client_factory
         self._wall = wall
         self._stop = threading.Event()
@@ -168,10 +161,8 @@ class Publisher:
 
     # -- the thread -------------------------------------------------------------------------------
 
-    def _status(self, state: str, ts_ms: int) -> bytes:
-        return status_payload(
-            site=self.site, device=self.device, state=state, ts_ms=ts_ms, agent=AGENT
-        )
+    def _status(self, state: State, ts_ms: int) -> bytes:
+        return encode_status(site=self.site, device=self.device, state=state, ts=ts_ms, agent=AGENT)
 
     def _connect(self) -> MqttClient | None:
         """One connection attempt: a new client whose will is newer than its birth."""
@@ -364,7 +355,7 @@ class Agent:
         self.mqtt = mqtt
         self.site = settings.site
         self.device = settings.device_name
-        self.topic = telemetry_topic(self.site, self.device)
+        self.topic = topic(self.site, self.device)
         self.stats = AgentStats()
         self.notifier = notifier if notifier is not None else Notifier()
         self._drivers = list(drivers)

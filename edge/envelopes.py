@@ -1,59 +1,24 @@
-"""Telemetry envelopes and status messages of wire contract 1.0, built without pydantic.
+"""The edge agent's envelopes: its samples, checked and encoded with :mod:`iotpipe.wire`.
 
-The agent builds a few envelopes a minute on a small computer, so this module writes the JSON
-with the standard library and checks each sample against the contract's rules as it is added
-(:func:`sample_problem`): one bad sample is dropped and counted, never allowed to make the
-bridge dead-letter the whole envelope. ``tests/edge`` decodes what it builds with the core codec
-(``iotpipe.envelope``) to prove the two agree.
+The rules and the JSON writing are the core's (``iotpipe.wire``, free of pydantic, so the agent
+never loads the validating codec); this module only says how a batch of :class:`Sample` values
+becomes one envelope. ``tests/edge`` decodes what it builds with ``iotpipe.envelope`` to prove
+the two agree.
 
 Envelope layout: ``ts`` is the time of the batch's first reading (integer epoch milliseconds);
-a reading carries its own ``ts`` only when it differs from that. ``id`` is ``{boot}-{seq}``,
-minted once and stored with the payload, so a retransmission keeps it.
+a reading carries its own ``ts`` only when it differs from that. ``id`` is
+:func:`iotpipe.wire.message_id` of ``boot`` and ``seq``, minted once and stored with the payload,
+so a retransmission keeps it.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from collections.abc import Mapping, Sequence
 
 from edge.sensors.base import Sample
+from iotpipe.wire import MAX_READINGS, encode_envelope, message_id, reading_problem
 
-__all__ = [
-    "CONTRACT_VERSION",
-    "MAX_READINGS",
-    "build_envelope",
-    "message_id",
-    "sample_problem",
-    "status_payload",
-    "status_topic",
-    "telemetry_topic",
-]
-
-CONTRACT_VERSION = "1.0"
-MAX_READINGS = 1000
-_MAX_VALUE_LENGTH = 256
-_MAX_UNIT_LENGTH = 16
-_SENSOR_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-_INT64 = 2**63
-_MAX_TS_MS = 253_402_300_799_999
-
-
-def telemetry_topic(site: str, device: str) -> str:
-    """``iotpipe/v1/{site}/{device}/telemetry``."""
-    return f"iotpipe/v1/{site}/{device}/telemetry"
-
-
-def status_topic(site: str, device: str) -> str:
-    """``iotpipe/v1/{site}/{device}/status``."""
-    return f"iotpipe/v1/{site}/{device}/status"
-
-
-def message_id(boot: str, seq: int) -> str:
-    """The envelope id: ``{boot}-{seq}``, unique because ``boot`` is (see ``edge.outbox``)."""
-    return f"{boot}-{seq}"
+__all__ = ["build_envelope", "sample_problem"]
 
 
 def sample_problem(sample: Sample, known_names: set[str]) -> str | None:
@@ -63,38 +28,9 @@ def sample_problem(sample: Sample, known_names: set[str]) -> str | None:
         sample: a driver's reading.
         known_names: sensor names already checked (grown here, so each name is matched once).
     """
-    name = sample.sensor
-    if name not in known_names:
-        if not isinstance(name, str) or _SENSOR_RE.fullmatch(name) is None:
-            return f"sensor name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ - ."
-        known_names.add(name)
-    problem = _value_problem(sample.value)
-    unit = sample.unit
-    if (
-        problem is None
-        and unit is not None
-        and (not isinstance(unit, str) or len(unit) > _MAX_UNIT_LENGTH)
-    ):
-        problem = f"unit {unit!r} must be a string of at most {_MAX_UNIT_LENGTH} characters"
-    if problem is None and (
-        not isinstance(sample.ts_ms, int) or not 0 <= sample.ts_ms <= _MAX_TS_MS
-    ):
-        problem = f"reading time {sample.ts_ms!r} is not epoch milliseconds"
-    return problem
-
-
-def _value_problem(value: object) -> str | None:
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"value {value!r} is not a finite number"
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return None if -_INT64 <= value < _INT64 else "integer value does not fit in 64 bits"
-    if isinstance(value, str):
-        if len(value) > _MAX_VALUE_LENGTH:
-            return f"string value is {len(value)} characters, the limit is {_MAX_VALUE_LENGTH}"
-        return None
-    return f"value of type {type(value).__name__} is not a number, boolean or string"
+    return reading_problem(
+        sample.sensor, sample.value, sample.unit, sample.ts_ms, known_sensors=known_names
+    )
 
 
 def build_envelope(
@@ -119,38 +55,13 @@ def build_envelope(
     if not 1 <= len(samples) <= MAX_READINGS:
         raise ValueError(f"an envelope carries 1-{MAX_READINGS} readings, got {len(samples)}")
     ts = samples[0].ts_ms
-    readings: list[dict[str, object]] = []
-    for sample in samples:
-        reading: dict[str, object] = {"sensor": sample.sensor, "value": sample.value}
-        if sample.unit is not None:
-            reading["unit"] = sample.unit
-        if sample.ts_ms != ts:
-            reading["ts"] = sample.ts_ms
-        readings.append(reading)
-    doc: dict[str, object] = {
-        "v": CONTRACT_VERSION,
-        "id": message_id(boot, seq),
-        "site": site,
-        "device": device,
-        "seq": seq,
-        "boot": boot,
-        "ts": ts,
-        "readings": readings,
-    }
-    if tags:
-        doc["tags"] = dict(tags)
-    return _ENCODER.encode(doc).encode()
-
-
-def status_payload(*, site: str, device: str, state: str, ts_ms: int, agent: str) -> bytes:
-    """Encode a retained status message (``online`` birth or ``offline`` will)."""
-    return _ENCODER.encode(
-        {
-            "v": CONTRACT_VERSION,
-            "site": site,
-            "device": device,
-            "state": state,
-            "ts": ts_ms,
-            "agent": agent,
-        }
-    ).encode()
+    return encode_envelope(
+        id=message_id(boot, seq),
+        site=site,
+        device=device,
+        seq=seq,
+        boot=boot,
+        ts=ts,
+        readings=[(s.sensor, s.value, s.unit, None if s.ts_ms == ts else s.ts_ms) for s in samples],
+        tags=tags,
+    )

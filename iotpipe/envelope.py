@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any, Literal, TypeAlias, TypeVar
+from typing import Annotated, Any, TypeAlias, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -41,15 +41,33 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError, from_json
 from pydantic_core import core_schema as cs
 
-from iotpipe.topics import NAME_PATTERN, Kind, Topic, parse_topic
+from iotpipe.topics import Kind, Topic, parse_topic
+from iotpipe.wire import (
+    ID_PATTERN,
+    ID_RULE,
+    MAX_INT,
+    MAX_PAYLOAD,
+    MAX_READINGS,
+    MAX_TAGS,
+    MAX_TS_MS,
+    MAX_UNIT_LENGTH,
+    MAX_VALUE_LENGTH,
+    MIN_INT,
+    NAME_PATTERN,
+    NAME_RULE,
+    PREFIX,
+    SENSOR_PATTERN,
+    SENSOR_RULE,
+    SUPPORTED_MAJOR,
+    VERSION_PATTERN,
+    State,
+)
+from iotpipe.wire import Timestamp as WireTimestamp
+from iotpipe.wire import Value as WireValue
 
+# The contract's limits and patterns (MAX_PAYLOAD, SENSOR_PATTERN, ...) are iotpipe.wire's; they
+# stay importable from here, where older code looks for them.
 __all__ = [
-    "MAX_PAYLOAD",
-    "MAX_READINGS",
-    "MAX_TAGS",
-    "MAX_TS_MS",
-    "MAX_UNIT_LENGTH",
-    "MAX_VALUE_LENGTH",
     "Envelope",
     "Reading",
     "Reason",
@@ -63,32 +81,6 @@ __all__ = [
     "encode",
     "reading_time_ms",
 ]
-
-MAX_PAYLOAD = 256 * 1024
-"""Largest accepted payload, in bytes (256 KiB)."""
-MAX_READINGS = 1000
-"""Most readings one envelope may carry."""
-MAX_TAGS = 16
-"""Most entries ``tags`` may have."""
-MAX_VALUE_LENGTH = 256
-"""Longest string reading value, in characters (Unicode code points)."""
-MAX_UNIT_LENGTH = 16
-"""Longest unit, in characters."""
-MAX_TS_MS = 253_402_300_799_999
-"""Latest accepted timestamp: 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can write."""
-
-SUPPORTED_MAJOR = 1
-"""The contract major version this reader implements."""
-
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
-
-ID_PATTERN = r"^[A-Za-z0-9_:.-]{1,64}$"
-"""Message ids: 1-64 of ``A-Z a-z 0-9 _ - : .``."""
-SENSOR_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-"""Sensor names: 1-64 of ``A-Z a-z 0-9 _ - .``."""
-VERSION_PATTERN = r"^1\.(0|[1-9][0-9]{0,8})$"
-"""Versions this reader accepts: ``1.<minor>``, minor a decimal integer without leading zeros."""
 
 # Any well-formed "<major>.<minor>", to tell another major (unsupported) from garbage (schema).
 _ANY_VERSION_RE = re.compile(r"(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})")
@@ -333,7 +325,7 @@ _TS_SCHEMA = cs.union_schema(
 _VALUE_SCHEMA = cs.union_schema(
     [
         cs.bool_schema(strict=True),
-        cs.int_schema(strict=True, ge=_INT64_MIN, le=_INT64_MAX),
+        cs.int_schema(strict=True, ge=MIN_INT, le=MAX_INT),
         # Also takes the integers the int choice refused (beyond 64 bits) and reads them as the
         # nearest float, as JavaScript and most JSON readers do; no sink stores such integers.
         cs.float_schema(strict=True, allow_inf_nan=False),
@@ -356,9 +348,9 @@ _TAGS_SCHEMA = cs.dict_schema(
     serialization=_BY_TYPE,
 )
 
-Timestamp: TypeAlias = Annotated[str | int, _rule(_TS_SCHEMA)]
+Timestamp: TypeAlias = Annotated[WireTimestamp, _rule(_TS_SCHEMA)]
 """An RFC 3339 UTC string or integer epoch milliseconds, kept in the form it was given."""
-Value: TypeAlias = Annotated[bool | int | float | str, _rule(_VALUE_SCHEMA)]
+Value: TypeAlias = Annotated[WireValue, _rule(_VALUE_SCHEMA)]
 """A reading value: boolean, finite number (64-bit integer or float) or string (<= 256 chars)."""
 _Extra: TypeAlias = Annotated[Any, AfterValidator(_check_extra)]
 
@@ -391,7 +383,7 @@ class Reading(BaseModel):
     sensor: Annotated[str, Field(pattern=SENSOR_PATTERN)]
     value: Value
     unit: Annotated[str | None, _rule(_UNIT_SCHEMA)] = None
-    ts: Annotated[str | int | None, _rule(_TS_SCHEMA)] = None
+    ts: Annotated[WireTimestamp | None, _rule(_TS_SCHEMA)] = None
 
     def time_ms(self, envelope: Envelope) -> int:
         """Return when this reading was taken, in epoch milliseconds.
@@ -427,7 +419,7 @@ class Envelope(BaseModel):
     id: Annotated[str, Field(pattern=ID_PATTERN)]
     site: Annotated[str, Field(pattern=NAME_PATTERN)]
     device: Annotated[str, Field(pattern=NAME_PATTERN)]
-    seq: Annotated[int, Field(ge=0, le=_INT64_MAX)]
+    seq: Annotated[int, Field(ge=0, le=MAX_INT)]
     boot: Annotated[str | None, _rule(_BOOT_SCHEMA)] = None
     ts: Timestamp
     readings: Annotated[list[Reading], Field(min_length=1, max_length=MAX_READINGS)]
@@ -457,7 +449,7 @@ class Status(BaseModel):
     v: Annotated[str, Field(pattern=VERSION_PATTERN)]
     site: Annotated[str, Field(pattern=NAME_PATTERN)]
     device: Annotated[str, Field(pattern=NAME_PATTERN)]
-    state: Literal["online", "offline"]
+    state: State
     ts: Timestamp
     agent: str
 
@@ -561,7 +553,7 @@ def encode(msg: Envelope | Status) -> bytes:
 
 
 def _bad_topic(topic: str, kind: Kind | None) -> Rejection:
-    expected = f"iotpipe/v1/{{site}}/{{device}}/{kind.value if kind else '{telemetry|status}'}"
+    expected = f"{PREFIX}/{{site}}/{{device}}/{kind.value if kind else '{telemetry|status}'}"
     return Rejection(Reason.BAD_TOPIC, f"topic {_short(topic, 80)} is not {expected}")
 
 
@@ -638,9 +630,9 @@ def _syntax_rejection(payload: bytes, detail: str) -> Rejection:
 
 _PATTERN_RULES = {
     VERSION_PATTERN: 'must be "1.<minor>" (e.g. "1.0")',
-    ID_PATTERN: "must be 1-64 characters of A-Z a-z 0-9 _ - : .",
-    NAME_PATTERN: "must be 1-64 characters of A-Z a-z 0-9 _ -",
-    SENSOR_PATTERN: "must be 1-64 characters of A-Z a-z 0-9 _ - .",
+    ID_PATTERN: f"must be {ID_RULE}",
+    NAME_PATTERN: f"must be {NAME_RULE}",
+    SENSOR_PATTERN: f"must be {SENSOR_RULE}",
 }
 
 _Problem = Callable[[dict[str, Any], object], str]

@@ -10,10 +10,12 @@ maps it, so a binding such as ``iotpipe.v1.#`` works whichever way the data came
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from enum import StrEnum
 from functools import lru_cache
+
+# The names, the prefix and the topic layout are the contract's: they live in iotpipe.wire and
+# are re-exported here, where topics have always been imported from.
+from iotpipe.wire import NAME_PATTERN, PREFIX, Kind, check_name, is_valid_name, topic
 
 __all__ = [
     "NAME_PATTERN",
@@ -31,51 +33,17 @@ __all__ = [
     "topic",
 ]
 
-PREFIX = "iotpipe/v1"
-"""The first two levels of every contract-1.x MQTT topic."""
-
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-"""Regular expression a site or device name must match as a whole (1-64 of ``A-Z a-z 0-9 _ -``).
-
-Anchored and free of look-arounds so pydantic can run it with its Rust engine, where ``$`` is
-the end of the text (use ``re.fullmatch`` in Python so a trailing newline never slips through).
-"""
-
 TELEMETRY_FILTER = f"{PREFIX}/+/+/telemetry"
 """MQTT subscription filter matching every device's telemetry."""
 
 STATUS_FILTER = f"{PREFIX}/+/+/status"
 """MQTT subscription filter matching every device's status messages."""
 
-_NAME_RE = re.compile(NAME_PATTERN)
 _PREFIX_LEVELS = PREFIX.split("/")
 # Topics repeat per device, so memoising the parse removes it from the per-message cost; the
 # bound keeps a flood of distinct (hostile) topics from growing memory.
 _TOPIC_CACHE_SIZE = 4096
-
-
-class Kind(StrEnum):
-    """What a topic carries: its last level."""
-
-    TELEMETRY = "telemetry"
-    """Telemetry envelopes (QoS 1, not retained)."""
-    STATUS = "status"
-    """Retained status messages (birth ``online``, last will ``offline``)."""
-
-
 _KINDS = {kind.value: kind for kind in Kind}
-
-
-def is_valid_name(name: str) -> bool:
-    """Tell whether ``name`` is a valid site or device name.
-
-    Args:
-        name: the candidate name.
-
-    Returns:
-        True when ``name`` is 1-64 characters of ``A-Z a-z 0-9 _ -``.
-    """
-    return _NAME_RE.fullmatch(name) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +66,15 @@ class Topic:
 
     def __post_init__(self) -> None:
         """Reject names that would produce a topic outside the contract."""
-        _check_name("site", self.site)
-        _check_name("device", self.device)
+        check_name("site", self.site)
+        check_name("device", self.device)
         # Accept the plain string "telemetry" too, but store the enum member.
         object.__setattr__(self, "kind", Kind(self.kind))
 
     @property
     def mqtt(self) -> str:
         """The MQTT topic, e.g. ``iotpipe/v1/home/pi-kitchen/telemetry``."""
-        return f"{PREFIX}/{self.site}/{self.device}/{self.kind.value}"
+        return topic(self.site, self.device, self.kind)
 
     @property
     def routing_key(self) -> str:
@@ -116,28 +84,6 @@ class Topic:
     def __str__(self) -> str:
         """Return the MQTT topic."""
         return self.mqtt
-
-
-def _check_name(field: str, value: str) -> None:
-    if not isinstance(value, str) or not is_valid_name(value):
-        raise ValueError(f"invalid {field} {value!r}: must be 1-64 characters of A-Z a-z 0-9 _ -")
-
-
-def topic(site: str, device: str, kind: Kind = Kind.TELEMETRY) -> str:
-    """Build the MQTT topic a device publishes on.
-
-    Args:
-        site: the site name.
-        device: the device name.
-        kind: telemetry (default) or status.
-
-    Returns:
-        ``iotpipe/v1/{site}/{device}/{kind}``.
-
-    Raises:
-        ValueError: when ``site`` or ``device`` is not a valid name or ``kind`` is unknown.
-    """
-    return Topic(site, device, kind).mqtt
 
 
 def parse_topic(topic: str) -> Topic | None:

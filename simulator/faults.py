@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
-#: Contract payload limit (``iotpipe.envelope.MAX_PAYLOAD``), repeated here so the hot path
-#: does not import the codec; a test checks the two agree.
-MAX_PAYLOAD = 256 * 1024
+from iotpipe.wire import MAX_PAYLOAD
 
 T = TypeVar("T")
 

@@ -1,10 +1,11 @@
 """The simulated fleet: named devices with their sensors, counters and payload templates.
 
 Encoding is the simulator's hot path, so each device renders its envelope from a bytes ``%``
-template built once at start-up (constant fields pre-escaped, one ``%.Nf`` per numeric reading):
-one format call per message instead of building and serialising a dict, about 0.6 us instead of
-6 (``json.dumps``) or 1.1 (``orjson`` plus building the dict). The output is ordinary compact
-JSON; the tests decode it with ``iotpipe.envelope``.
+template built once at start-up by :func:`iotpipe.wire.envelope_template` (constant fields
+pre-escaped, one ``%.Nf`` per numeric reading): one format call per message instead of building
+and serialising a dict, about 0.6 us instead of 6 (``json.dumps``) or 1.1 (``orjson`` plus
+building the dict). The output is ordinary compact JSON; the tests decode it with
+``iotpipe.envelope``.
 
 Every random choice comes from a per-device :class:`random.Random` seeded with
 ``"{seed}/{site}/{device}"``, so a device's ids and readings depend only on the seed and its
@@ -22,14 +23,22 @@ from typing import TYPE_CHECKING
 from iotpipe import __version__, signals
 from iotpipe.errors import ConfigError
 from iotpipe.signals import Profiles, SensorName, build_signals
-from iotpipe.topics import Kind, is_valid_name, topic
+from iotpipe.wire import (
+    NAME_RULE,
+    Kind,
+    State,
+    encode_status,
+    envelope_template,
+    is_valid_name,
+    message_id,
+    topic,
+)
 from simulator.settings import SimulateSettings
 
 if TYPE_CHECKING:
     from simulator.faults import Outage, Reorderer
 
 AGENT = f"iotpipe-simulator/{__version__}"
-VERSION = "1.0"
 
 #: A message on its way: (topic, payload, whether the bridge must reject it).
 Outgoing = tuple[str, bytes, bool]
@@ -111,30 +120,28 @@ class Device:
         ]
         self._stamp = stamper
         self.batch = settings.batch
-        self.template = self._template(settings).encode()
+        self.template = self._template(settings)
 
-    def _template(self, settings: SimulateSettings) -> str:
-        def text(value: object) -> str:
-            # Compact JSON, with "%" doubled so the text survives %-formatting.
-            return json.dumps(value, separators=(",", ":")).replace("%", "%%")
-
-        readings = []
-        for name, signal in self.signals.items():
-            fmt = (
+    def _template(self, settings: SimulateSettings) -> bytes:
+        readings = [
+            (
+                name,
                 "%s"
                 if isinstance(signal, signals.Binary)
-                else f"%.{_decimals(name, settings.profiles)}f"
+                else f"%.{_decimals(name, settings.profiles)}f",
+                signal.unit,
             )
-            own_ts = ',"ts":%s' if self.batch > 1 else ""
-            readings.append(
-                f'{{"sensor":{text(name)},"value":{fmt},"unit":{text(signal.unit)}{own_ts}}}'
-            )
-        sample = ",".join(readings)
-        tags = f',"tags":{text(settings.tags)}' if settings.tags else ""
-        return (
-            f'{{"v":"{VERSION}","id":{text(self.boot)[:-1]}-%d","site":{text(self.site)},'
-            f'"device":{text(self.name)},"seq":%d,"boot":{text(self.boot)},"ts":%s,'
-            f'"readings":[{",".join([sample] * self.batch)}]{tags}}}'
+            for name, signal in self.signals.items()
+        ]
+        return envelope_template(
+            site=self.site,
+            device=self.name,
+            boot=self.boot,
+            readings=readings * self.batch,
+            reading_ts=self.batch > 1,
+            tags=settings.tags,
+            # \u escapes, as the simulator has always written them: its bytes stay the same.
+            ensure_ascii=True,
         )
 
     def message(self, t_ms: int, skew_ms: int = 0, step_ms: Sequence[int] = ()) -> bytes:
@@ -168,22 +175,18 @@ class Device:
         return self.template % tuple(args)
 
     def message_id(self, seq: int) -> str:
-        """The id of this device's message number ``seq`` (``{boot}-{seq}``)."""
-        return f"{self.boot}-{seq}"
+        """The id of this device's message number ``seq``."""
+        return message_id(self.boot, seq)
 
-    def status(self, state: str, t_ms: int) -> bytes:
+    def status(self, state: State, t_ms: int) -> bytes:
         """A retained status message (``online`` birth or ``offline`` will) at ``t_ms``."""
-        return json.dumps(
-            {
-                "v": VERSION,
-                "site": self.site,
-                "device": self.name,
-                "state": state,
-                "ts": json.loads(self._stamp(t_ms)),
-                "agent": AGENT,
-            },
-            separators=(",", ":"),
-        ).encode()
+        return encode_status(
+            site=self.site,
+            device=self.name,
+            state=state,
+            ts=json.loads(self._stamp(t_ms)),
+            agent=AGENT,
+        )
 
 
 def fleet_names(settings: SimulateSettings) -> list[tuple[str, str]]:
@@ -228,7 +231,7 @@ def _format(field: str, pattern: str, **values: object) -> str:
             field, pattern, f"bad pattern ({err}); placeholders: {{n}}, {{i}}, {{site}}"
         ) from None
     if not is_valid_name(name):
-        raise ConfigError(field, pattern, f"gives {name!r}; names are 1-64 of A-Z a-z 0-9 _ -")
+        raise ConfigError(field, pattern, f"gives {name!r}; names are {NAME_RULE}")
     return name
 
 

@@ -40,6 +40,7 @@ from typing import Any
 from iotpipe.errors import ConnectError, DeliveryError
 from iotpipe.mqtt import MqttClient, Will
 from iotpipe.settings import MqttSettings
+from iotpipe.wire import State
 from simulator import faults
 from simulator.faults import REJECTED, Fault, FaultPlan, Outage, Reorderer
 from simulator.fleet import Device, Fleet, Outgoing
@@ -448,7 +449,7 @@ class Simulation:
             self._counts.rejected += 1
         dev.last = out
 
-    def _publish_status(self, dev: Device, state: str, t_ms: int) -> None:
+    def _publish_status(self, dev: Device, state: State, t_ms: int) -> None:
         # Each status of a device is strictly newer than its last one, so a reader that keeps
         # the newest status per device (the consumers' registry) always ends on the last one,
         # even when an outage ends and the run ends in the same millisecond.

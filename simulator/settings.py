@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from iotpipe.settings import Section
 from iotpipe.signals import SENSORS, Profiles, SensorName
+from iotpipe.wire import MAX_TAGS
 from simulator.faults import Fault
 
 MAX_DEVICES = 10_000
@@ -116,8 +117,8 @@ class SimulateSettings(Section):
     @field_validator("tags")
     @classmethod
     def _tags(cls, tags: dict[str, str]) -> dict[str, str]:
-        if len(tags) > 16:
-            raise ValueError("at most 16 tags (wire contract)")
+        if len(tags) > MAX_TAGS:
+            raise ValueError(f"at most {MAX_TAGS} tags (wire contract)")
         for key, value in tags.items():
             if not _TAG_RE.fullmatch(key) or len(value) > 256:
                 raise ValueError(f"tag {key!r}: keys are 1-64 of A-Z a-z 0-9 _ - ., values <= 256")

@@ -8,7 +8,6 @@ are imported inside the driver that needs them, only when it is configured.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from iotpipe.schema import Schema, setting
+from iotpipe.wire import SENSOR_RULE, is_valid_sensor
 
 #: A reading's value, as the wire contract allows: a finite number, a boolean or a string.
 Value = float | int | bool | str
@@ -77,8 +77,6 @@ def wall_ms() -> int:
 #: A clock returning Unix epoch milliseconds (injected into drivers so tests fix the time).
 WallClock = Callable[[], int]
 
-_READING_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
 
 def check_reading_name(value: str) -> None:
     """A sensor or reading name as the wire contract allows it: 1-64 of ``A-Z a-z 0-9 _ - .``.
@@ -86,8 +84,8 @@ def check_reading_name(value: str) -> None:
     Raises:
         ValueError: it is not.
     """
-    if not _READING_RE.fullmatch(value):
-        raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ - . (wire contract)")
+    if not is_valid_sensor(value):
+        raise ValueError(f"must be {SENSOR_RULE} (wire contract)")
 
 
 def _sensor_name(value: str) -> None:

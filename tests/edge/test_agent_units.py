@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from edge.config import EdgeSettings, default_device, mqtt_settings
-from edge.envelopes import build_envelope, sample_problem, status_payload
+from edge.envelopes import build_envelope, sample_problem
 from edge.sensors.base import Sample
 from edge.systemd_notify import Notifier
 from iotpipe.envelope import Envelope, Status, decode_status, decode_telemetry
 from iotpipe.errors import ConfigError
 from iotpipe.settings import MqttSettings, load
+from iotpipe.wire import encode_status
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -39,7 +40,7 @@ def test_envelopes_satisfy_the_wire_contract() -> None:
     assert [r.value for r in env.readings] == [21.5, True, 3, "ok"]
     assert env.tags == {"clock": "unsynced"}
     status = decode_status(
-        status_payload(site="s1", device="pi-1", state="offline", ts_ms=5, agent="a/1"),
+        encode_status(site="s1", device="pi-1", state="offline", ts=5, agent="a/1"),
         "iotpipe/v1/s1/pi-1/status",
     )
     assert isinstance(status, Status)

@@ -14,9 +14,6 @@ from pydantic import ValidationError
 
 from iotpipe import envelope as envelope_module
 from iotpipe.envelope import (
-    MAX_PAYLOAD,
-    MAX_READINGS,
-    MAX_TS_MS,
     Envelope,
     Reading,
     Reason,
@@ -29,6 +26,7 @@ from iotpipe.envelope import (
     reading_time_ms,
 )
 from iotpipe.topics import Kind, topic
+from iotpipe.wire import MAX_PAYLOAD, MAX_READINGS, MAX_TS_MS
 
 TOPIC = "iotpipe/v1/home/pi-kitchen/telemetry"
 STATUS_TOPIC = "iotpipe/v1/home/pi-kitchen/status"

@@ -12,8 +12,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from iotpipe.envelope import (
-    MAX_PAYLOAD,
-    MAX_TS_MS,
     Envelope,
     Reason,
     Rejection,
@@ -25,6 +23,7 @@ from iotpipe.envelope import (
     reading_time_ms,
 )
 from iotpipe.topics import Kind, topic
+from iotpipe.wire import MAX_PAYLOAD, MAX_TS_MS
 from tests.strategies import (
     envelope_dicts,
     envelopes,

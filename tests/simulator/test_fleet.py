@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tomllib
+from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +15,13 @@ import pytest
 
 from iotpipe.envelope import Envelope, Status, decode_status, decode_telemetry, reading_time_ms
 from iotpipe.errors import ConfigError
+from iotpipe.mqtt import Message, Will
+from iotpipe.recording import read_recording
 from iotpipe.settings import MqttSettings, load
 from iotpipe.signals import SENSORS
 from simulator.fleet import Fleet, Stamper, fleet_names
+from simulator.link import MemoryLink
+from simulator.run import Simulation
 from simulator.settings import SimulateSettings
 
 T0 = 1_795_651_200_000  # 2026-11-26T00:00:00Z in ms
@@ -223,3 +230,128 @@ def test_environment_overrides_reach_nested_tables() -> None:
     assert settings.unpaced
     assert settings.faults.schema_ == 0.25
     assert settings.profiles.temperature.mean == 5.0
+
+
+# -- the wire did not move ---------------------------------------------------------------------
+
+#: The settings ``tests/data/make_recording.py`` passes to ``iotpipe simulate``.
+RECORDING_SETTINGS: dict[str, Any] = {
+    "seed": 7,
+    "sites": 2,
+    "devices": 3,
+    "start": datetime(2026, 11, 1, tzinfo=UTC),
+    "rate": 5,
+    "count": 200,
+    "faults": {
+        "duplicate": 0.04,
+        "reorder": 0.04,
+        "malformed": 0.04,
+        "schema": 0.04,
+        "oversize": 0.01,
+        "mismatch": 0.03,
+        "skew": 0.03,
+        "offline": 0.02,
+    },
+}
+
+#: sha256 of every (topic, payload) the simulator publishes for the settings, captured before the
+#: encoders moved into ``iotpipe.wire``: a change here means the simulator's bytes changed.
+SIMULATOR_DIGESTS = {
+    "recording-seed7": "a73ab90eddacbce7d40a067c5e16d128804a3ed0db3500956223b781ed467063",
+    "seed11-faults": "49f1a174ad3f6084bf9e694c1336a30c4c849c10e59496fc3525f48ae69efa65",
+    "seed3-batch-epoch-tags": "ea312b50d68b0586dfd0bbd255e54f4c5d17b819bf6526c962b8437a4fa470f9",
+}
+DIGEST_SETTINGS: dict[str, dict[str, Any]] = {
+    "recording-seed7": RECORDING_SETTINGS,
+    "seed11-faults": {
+        "seed": 11,
+        "devices": 3,
+        "start": datetime(2026, 11, 26, tzinfo=UTC),
+        "rate": "max",
+        "count": 200,
+        "faults": {"duplicate": 0.1, "malformed": 0.1, "reorder": 0.1, "offline": 0.05},
+    },
+    "seed3-batch-epoch-tags": {
+        "seed": 3,
+        "devices": 2,
+        "start": datetime(2026, 11, 26, tzinfo=UTC),
+        "rate": "max",
+        "count": 120,
+        "batch": 4,
+        "ts_format": "epoch_ms",
+        "tags": {"room": "k\u00fcche", "pct": "50%"},
+    },
+}
+
+
+class _FakeClock:
+    """Monotonic time that only moves when the simulation sleeps, so pacing is instant."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _published(settings: dict[str, Any]) -> list[Message]:
+    """Every message a simulation with ``settings`` publishes, on in-memory links."""
+    clock = _FakeClock()
+    links: list[MemoryLink] = []
+
+    def factory(index: int, will: Will | None) -> MemoryLink:
+        del index
+        links.append(MemoryLink(will))
+        return links[-1]
+
+    simulation = Simulation(
+        SimulateSettings(**settings),
+        factory,
+        clock=clock,
+        wall=lambda: 1.8e9,
+        sleep=clock.sleep,
+    )
+    simulation.run()
+    return [m for link in links for m in link.messages]
+
+
+def _digest(messages: list[Message]) -> str:
+    h = hashlib.sha256()
+    for m in messages:
+        h.update(m.topic.encode() + b"\0" + m.payload + b"\0")
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(SIMULATOR_DIGESTS))
+def test_simulator_bytes_for_a_seed_are_pinned(name: str) -> None:
+    """A seeded simulation publishes exactly the bytes it published before the wire module."""
+    assert _digest(_published(DIGEST_SETTINGS[name])) == SIMULATOR_DIGESTS[name]
+
+
+def test_shipped_recording_is_what_the_simulator_publishes(shipped_recording: Path) -> None:
+    """The recording's telemetry is byte for byte what its settings make, statuses but for end times.
+
+    Only the final ``offline`` statuses' ``ts`` depends on how the recorded run was paced.
+    """
+    _header, recorded = read_recording(shipped_recording, allow_truncated=False)
+    produced = _published(RECORDING_SETTINGS)
+
+    def telemetry(messages: list[Message]) -> Counter[tuple[str, bytes]]:
+        return Counter((m.topic, m.payload) for m in messages if m.topic.endswith("/telemetry"))
+
+    def statuses(messages: list[Message]) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for m in messages:
+            if m.topic.endswith("/status"):
+                doc = json.loads(m.payload)
+                out[
+                    (m.topic, f"{doc.pop('state')}:{doc.pop('ts')[:19]}:{sorted(doc.items())}")
+                ] += 1
+        return out
+
+    assert len(produced) == len(recorded)
+    assert telemetry(produced) == telemetry(recorded)
+    assert statuses(produced) == statuses(recorded)
