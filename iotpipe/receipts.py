@@ -21,6 +21,8 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from iotpipe.wire import PREFIX
+
 __all__ = [
     "ALL_RECEIPTS",
     "CAPABILITY_TOPIC",
@@ -40,19 +42,19 @@ __all__ = [
 #: AMQP exchange (topic, durable) consumers publish receipts to; routing keys mirror the topic.
 EXCHANGE = "iotpipe.receipts"
 #: Retained MQTT topic where a bridge that carries receipts says so (agents read it).
-CAPABILITY_TOPIC = "iotpipe/v1/pipeline"
+CAPABILITY_TOPIC = f"{PREFIX}/pipeline"
 #: Binding that matches every device's receipt routing key.
 ALL_RECEIPTS = "iotpipe.v1.*.*.receipt"
 
 
 def receipt_topic(site: str, device: str) -> str:
     """``iotpipe/v1/{site}/{device}/receipt``: where a device's receipts are published."""
-    return f"iotpipe/v1/{site}/{device}/receipt"
+    return f"{PREFIX}/{site}/{device}/receipt"
 
 
 def receipt_routing_key(site: str, device: str) -> str:
     """``iotpipe.v1.{site}.{device}.receipt``: the receipt topic as an AMQP routing key."""
-    return f"iotpipe.v1.{site}.{device}.receipt"
+    return f"{PREFIX.replace('/', '.')}.{site}.{device}.receipt"
 
 
 #: Receipt entries (boots) in one receipt at most.
