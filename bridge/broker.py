@@ -79,6 +79,7 @@ __all__ = [
     "amqtt_config",
     "filter_covers",
     "load_acl",
+    "report_loop_error",
     "run",
 ]
 
@@ -650,6 +651,26 @@ class _QuietAmqttErrors(logging.Filter):
         return True
 
 
+def report_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The broker loop's exception handler: one line, the traceback only when we log at DEBUG.
+
+    amqtt leaves tasks and futures whose exception nobody reads; asyncio reports each from its
+    finalizer, so the report is made inside whichever garbage collection frees it, which may
+    fire in the middle of another thread's ``ast.parse`` (pytest parses source to show a
+    failure). On CPython 3.11 formatting a traceback calls ``ast.parse``, and one nested in
+    another fails the outer with ``SystemError: AST constructor recursion depth mismatch``:
+    the AST builder's recursion counter is one per interpreter (python/cpython#106905).
+    """
+    if log.isEnabledFor(logging.DEBUG):
+        loop.default_exception_handler(context)
+        return
+    log.error(
+        "broker loop error message=%s error=%r",
+        context.get("message", "unhandled exception"),
+        context.get("exception"),
+    )
+
+
 _VERIFIED = "iotpipe.verified"
 
 
@@ -854,6 +875,7 @@ async def serve(settings: BrokerSettings, *, echo: Callable[[str], None] = print
         ConfigError: a file is invalid or the address cannot be bound.
     """
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(report_loop_error)
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
@@ -903,6 +925,7 @@ class BrokerThread:
         self.settings = settings
         self.broker = EmbeddedBroker(settings)
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(report_loop_error)
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="iotpipe-broker", daemon=True
         )

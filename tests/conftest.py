@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,28 @@ from typing import Any
 import pytest
 
 pytest_plugins = ["tests.fixtures_replay", "tests.rabbitmq", "tests.victoria"]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Show a failure with the garbage collector paused, so no finalizer runs inside pytest's parse.
+
+    pytest calls ``ast.parse`` on the test's source to show where it failed. A garbage collection
+    inside it runs whatever finalizers are due; when one of them formats a traceback (asyncio
+    reporting an exception nobody read, pytest's own unraisable-exception hook), that calls
+    ``ast.parse`` again, and CPython 3.11 then fails the outer parse with ``SystemError: AST
+    constructor recursion depth mismatch``, an INTERNALERROR that ends the run. With collection
+    paused, building the AST runs no Python code, so nothing can nest in it or interleave with it.
+    """
+    if call.excinfo is None or not gc.isenabled():
+        return (yield)
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.enable()
 
 
 def free_port() -> int:
@@ -72,7 +95,11 @@ class AmqttThread:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
+        from bridge.broker import report_loop_error
+
         self.loop = asyncio.new_event_loop()
+        # Plain amqtt, but its loop reports errors like iotpipe's broker (see report_loop_error).
+        self.loop.set_exception_handler(report_loop_error)
         self.broker: Any = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="amqtt", daemon=True)
 
