@@ -199,6 +199,21 @@ def drain(url: str, queue: str) -> list[tuple[str, dict[str, Any], bytes]]:
             out.append((method.routing_key, dict(props.headers or {}), body))
 
 
+def assert_receipt_properties(props: Any, site: str, device: str) -> None:
+    """``props`` (ours or pika's) are a receipt's, as wire contract 1.1 specifies them."""
+    assert (props.content_type, props.type, props.delivery_mode, props.app_id) == (
+        "application/json",
+        "iotpipe.receipt",
+        2,
+        "iotpipe-consumer",
+    )
+    assert props.headers == {
+        "x-iotpipe-version": "1.1",
+        "x-iotpipe-site": site,
+        "x-iotpipe-device": device,
+    }
+
+
 def take(url: str, queue: str) -> list[tuple[str, Any, bytes]]:
     """Take (and ack) every message currently in ``queue``: (routing key, properties, body)."""
     out: list[tuple[str, Any, bytes]] = []

@@ -27,6 +27,7 @@ from tests.consumers.conftest import (
     Outgoing,
     Running,
     SiteQueue,
+    assert_receipt_properties,
     drain,
     publish,
     raw,
@@ -383,17 +384,7 @@ def test_receipts_cover_exactly_what_the_consumer_stored(
     for key, props, _body in messages:
         device = key.split(".")[3]
         assert key == f"iotpipe.v1.{site}.{device}.receipt"
-        assert (props.content_type, props.type, props.delivery_mode, props.app_id) == (
-            "application/json",
-            "iotpipe.receipt",
-            2,
-            "iotpipe-consumer",
-        )
-        assert props.headers == {
-            "x-iotpipe-version": "1.1",
-            "x-iotpipe-site": site,
-            "x-iotpipe-device": device,
-        }
+        assert_receipt_properties(props, site, device)
     registry = running.consumer.metrics.registry
     counter = "iotpipe_consumer_receipts_published_total"
     assert wait_for(lambda: registry.get_sample_value(counter) == len(messages), 5)

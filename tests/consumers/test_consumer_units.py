@@ -21,6 +21,7 @@ from iotpipe import receipts
 from iotpipe.testing import MemorySource, Published
 from tests.bridge.test_bridge import envelope
 from tests.conftest import wait_for
+from tests.consumers.conftest import assert_receipt_properties
 
 KEY = "iotpipe.v1.s1.d1.telemetry"
 
@@ -243,17 +244,7 @@ def test_receipts_are_published_only_after_the_store_committed(tmp_path: Path) -
     )
     props = message.properties
     assert not isinstance(props, bytes)
-    assert (props.content_type, props.type, props.delivery_mode, props.app_id) == (
-        "application/json",
-        "iotpipe.receipt",
-        2,
-        "iotpipe-consumer",
-    )
-    assert props.headers == {
-        "x-iotpipe-version": "1.1",
-        "x-iotpipe-site": "s1",
-        "x-iotpipe-device": "d1",
-    }
+    assert_receipt_properties(props, "s1", "d1")
     registry = consumer.metrics.registry
     assert registry.get_sample_value("iotpipe_consumer_receipts_published_total") == 1
     assert registry.get_sample_value("iotpipe_consumer_receipts_pending") == 0
