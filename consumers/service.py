@@ -7,7 +7,15 @@ One thread does everything, in a loop (the HTTP endpoint has its own):
 2. decode each with the core codec; a message that breaks the wire contract can never succeed,
    so it is dead-lettered at once (``consumer.<reason>``, with ``x-iotpipe-error``);
 3. write the rest to the store in one call, which deduplicates by message id and commits;
-4. only then acknowledge the batch (``basic.ack`` with ``multiple``).
+4. only then acknowledge the batch (``basic.ack`` with ``multiple``);
+5. record every telemetry message the store now holds (stored or duplicate; not the dead-lettered
+   or refused ones) in a :class:`~iotpipe.receipts.ReceiptBook` and publish the receipts that are
+   due to ``iotpipe.receipts``, with publisher confirms (``[consume].receipts``).
+
+Receipts go out at most once per device per ``receipt_interval``; the loop also sends due ones
+when idle, and all of them on stop. A receipt RabbitMQ did not confirm is put back in the book
+and sent again later; one lost with a crash costs nothing, because the devices resend what no
+receipt covered and the store receipts the duplicates.
 
 A store that is down (server unreachable, disk full, file locked) raises
 :class:`~consumers.store.StoreUnavailable`: the batch stays unacknowledged and is retried with
@@ -27,7 +35,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -35,6 +43,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from consumers.query import seq_gaps
 from consumers.settings import ConsumeSettings, SqliteTarget
 from consumers.store import DeviceStatus, Message, Store, StoreUnavailable, WriteResult
+from iotpipe import receipts
+from iotpipe.amqp import CONTENT_TYPE, HEADER_DEVICE, HEADER_SITE, HEADER_VERSION, MessageProperties
 from iotpipe.amqp_consumer import BatchConsumer, Delivery, DeliverySource, QueueSpec
 from iotpipe.envelope import Envelope, Rejection, decode
 from iotpipe.errors import IotpipeError
@@ -46,6 +56,9 @@ log = logging.getLogger(__name__)
 
 #: Dead-letter reason of a message the store refused on its last allowed delivery.
 STORE_REJECTED = "store_rejected"
+#: ``type`` and ``app_id`` of the receipts the consumer publishes.
+RECEIPT_TYPE = "iotpipe.receipt"
+RECEIPT_APP_ID = "iotpipe-consumer"
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0
 
@@ -109,6 +122,19 @@ class ConsumerMetrics:
         self.store_up = Gauge(
             "iotpipe_consumer_store_up", "1 while the last store write succeeded", registry=r
         )
+        self.receipts_published = Counter(
+            "iotpipe_consumer_receipts_published", "receipts RabbitMQ confirmed", registry=r
+        )
+        self.receipt_failures = Counter(
+            "iotpipe_consumer_receipt_failures",
+            "receipt publishes not confirmed (kept and retried)",
+            registry=r,
+        )
+        self.receipts_pending = Gauge(
+            "iotpipe_consumer_receipts_pending",
+            "devices with stored envelopes not yet receipted",
+            registry=r,
+        )
         self.seq_gaps = Gauge(
             "iotpipe_consumer_seq_gaps",
             "seq values missing between the lowest and highest stored, over every device and boot",
@@ -128,6 +154,8 @@ class Consumer:
         source: where deliveries come from and are settled (not yet connected); the consumer
             connects it in :meth:`run` and closes it when it stops.
         rng: random source of the backoff jitter (tests pass a seeded one).
+        clock: monotonic seconds, for pacing receipts (tests pass a fake one).
+        wall_clock: Unix seconds, for the receipts' ``ts``.
     """
 
     def __init__(
@@ -137,6 +165,8 @@ class Consumer:
         source: DeliverySource,
         *,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -153,6 +183,11 @@ class Consumer:
         self._store_error = ""
         self._last_batch_at: float | None = None
         self._http: HealthServer | None = None
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._receipts = (
+            receipts.ReceiptBook(settings.receipt_interval) if settings.receipts else None
+        )
         self.ready = threading.Event()
 
     @classmethod
@@ -172,7 +207,12 @@ class Consumer:
             delivery_limit=settings.delivery_limit,
             dead_letter_queue=settings.dead_letter_queue,
         )
-        source = BatchConsumer(amqp, queue, prefetch=settings.prefetch)
+        source = BatchConsumer(
+            amqp,
+            queue,
+            prefetch=settings.prefetch,
+            publish_exchanges=(receipts.EXCHANGE,) if settings.receipts else (),
+        )
         return cls(settings, store, source, rng=rng)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -198,10 +238,13 @@ class Consumer:
                 batch = self.amqp.next_batch(s.batch_size, s.batch_latency)
                 if batch:
                     self.process(batch)
+                else:
+                    self.send_receipts()  # what waited for its interval, while no batch comes
                 if time.monotonic() >= next_prune:
                     self._prune()
                     next_prune = time.monotonic() + s.prune_interval
         finally:
+            self.send_receipts(flush=True)
             self.amqp.close()
             self.store.close()
             self._http.stop()
@@ -287,6 +330,48 @@ class Consumer:
         if unsettled:
             self.amqp.ack_through(unsettled[-1])
         self._last_batch_at = time.monotonic()
+        book = self._receipts
+        if book is not None:
+            # Stored now or before (duplicates): the store holds them, whatever became of the ack.
+            for index, message in enumerate(messages):
+                if index not in result.rejected:
+                    book.record(message.site, message.device, message.boot or None, message.seq)
+            self.send_receipts()
+
+    # -- receipts --------------------------------------------------------------------------
+
+    def send_receipts(self, *, flush: bool = False) -> None:
+        """Publish the receipts that are due (all pending ones if ``flush``).
+
+        One RabbitMQ did not confirm goes back into the book and is sent again with the next
+        receipt of its device.
+        """
+        book = self._receipts
+        if book is None:
+            return
+        due = book.due(self._clock(), int(self._wall_clock() * 1000), flush=flush)
+        failed = 0
+        for receipt in due:
+            if self.amqp.publish(
+                receipts.EXCHANGE,
+                receipts.receipt_routing_key(receipt.site, receipt.device),
+                receipts.encode_receipt(receipt),
+                _receipt_properties(receipt),
+            ):
+                continue
+            failed += 1
+            for entry in receipt.stored:
+                for first, last in entry.ranges:
+                    for seq in range(first, last + 1):
+                        book.record(receipt.site, receipt.device, entry.boot, seq)
+        m = self.metrics
+        m.receipts_published.inc(len(due) - failed)
+        if failed:
+            m.receipt_failures.inc(failed)
+            log.warning(
+                "%d of %d receipts not confirmed: kept for the next attempt", failed, len(due)
+            )
+        m.receipts_pending.set(len(book))
 
     def _write(
         self, messages: Sequence[Message], statuses: Sequence[DeviceStatus]
@@ -382,6 +467,20 @@ class Consumer:
             log.info(
                 "pruned %d message ids older than %g days", dropped, self.settings.retention_days
             )
+
+
+def _receipt_properties(receipt: receipts.Receipt) -> MessageProperties:
+    """The AMQP properties of a receipt (wire contract 1.1)."""
+    return MessageProperties(
+        content_type=CONTENT_TYPE,
+        type=RECEIPT_TYPE,
+        app_id=RECEIPT_APP_ID,
+        headers={
+            HEADER_VERSION: receipt.v,
+            HEADER_SITE: receipt.site,
+            HEADER_DEVICE: receipt.device,
+        },
+    )
 
 
 def _topic_of(routing_key: str) -> str:

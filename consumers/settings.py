@@ -127,6 +127,14 @@ class ConsumeSettings(Section):
         DEFAULT_STATE_PATH, description="InfluxDB stores: local dedupe/registry file"
     )
     dedupe: str = Field("", description="InfluxDB stores: redis://host:port/db to share seen ids")
+    receipts: bool = Field(
+        True,
+        description="publish receipts to iotpipe.receipts after each commit; turn off on a "
+        "consumer that is not the store of record",
+    )
+    receipt_interval: float = Field(
+        1.0, ge=0.1, le=60, description="seconds between two receipts of one device"
+    )
     http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
     http_port: int = Field(9182, ge=0, le=65535, description="port of /metrics and /healthz")
 

@@ -27,10 +27,14 @@ Poison messages: the queue is declared with a delivery limit (quorum queues) and
 :data:`~iotpipe.amqp.DEAD_EXCHANGE` with routing key ``consumer.delivery_limit`` once a message
 has been requeued too often; :meth:`~BatchConsumer.dead_letter` sends one there at once, with the
 reason in the routing key (``consumer.<reason>``) and the error in ``x-iotpipe-error``.
+
+:meth:`~BatchConsumer.publish` sends the consumer's own messages (receipts) on the same channel in
+confirm mode, to exchanges named in ``publish_exchanges`` (declared on every connect).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -48,6 +52,7 @@ from iotpipe.amqp import (
     DEAD_EXCHANGE,
     HEADER_ERROR,
     TELEMETRY_EXCHANGE,
+    MessageProperties,
     connection_parameters,
     declare_topology,
     describe_error,
@@ -208,6 +213,18 @@ class DeliverySource(Protocol):
         """Send ``d`` to the dead-letter exchange, then acknowledge it; True once confirmed."""
         ...
 
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: MessageProperties,
+        *,
+        mandatory: bool = ...,
+    ) -> bool:
+        """Publish one message and wait for the broker's confirm; True once confirmed."""
+        ...
+
     def sleep(self, seconds: float) -> None:
         """Wait while keeping the connection alive; returns early after :meth:`stop`."""
 
@@ -233,6 +250,8 @@ class BatchConsumer:
         heartbeat: AMQP heartbeat in seconds.
         backoff_min: first reconnect delay in seconds (before jitter); doubles per attempt.
         backoff_max: the longest reconnect delay.
+        publish_exchanges: topic exchanges (durable) this consumer publishes to with
+            :meth:`publish`, declared on every connect (e.g. :data:`~iotpipe.receipts.EXCHANGE`).
 
     Attributes:
         reconnects: connections re-established after a loss.
@@ -249,6 +268,7 @@ class BatchConsumer:
         heartbeat: int = 30,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
+        publish_exchanges: tuple[str, ...] = (),
     ) -> None:
         if prefetch < 1 or prefetch > 65535:
             raise ConfigError("prefetch", prefetch, "1 to 65535")
@@ -258,6 +278,7 @@ class BatchConsumer:
         self.prefetch = prefetch
         self.name = name
         self.heartbeat = heartbeat
+        self.publish_exchanges = publish_exchanges
         self.reconnects = 0
         self.epoch = 0
         # The first delay falls in [backoff_min, 2 * backoff_min], none beyond backoff_max.
@@ -417,12 +438,14 @@ class BatchConsumer:
         spec = self.queue
         try:
             declare_topology(channel, spec.dead_letter_queue)
+            for name in self.publish_exchanges:
+                channel.exchange_declare(exchange=name, exchange_type="topic", durable=True)
         except pika_errors.ChannelClosedByBroker as err:
             if err.reply_code != 406:
                 raise
             raise ConfigError(
                 "amqp exchanges",
-                f"{TELEMETRY_EXCHANGE}, {DEAD_EXCHANGE}",
+                ", ".join((TELEMETRY_EXCHANGE, DEAD_EXCHANGE, *self.publish_exchanges)),
                 f"an exchange exists with another type or durability ({err.reply_text}); "
                 "they must be durable topic exchanges: delete the wrong one",
             ) from None
@@ -769,34 +792,94 @@ class BatchConsumer:
             headers=headers,
         )
         routing_key = f"consumer.{reason}"
+        if not self._publish_confirmed(
+            "dead letter", DEAD_EXCHANGE, routing_key, d.body, properties, mandatory=True
+        ):
+            return False
+        self._settle_one(d, "ack")
+        return True
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: MessageProperties,
+        *,
+        mandatory: bool = False,
+    ) -> bool:
+        """Publish one message on the confirm channel and wait for the broker's confirm.
+
+        The channel is the one :meth:`dead_letter` uses, on this consumer's connection (the
+        consumer's own publishes, such as receipts, need no second connection).
+
+        Args:
+            exchange: the exchange, e.g. :data:`~iotpipe.receipts.EXCHANGE` (declare it with
+                ``publish_exchanges``).
+            routing_key: its routing key.
+            body: the payload.
+            properties: its AMQP properties.
+            mandatory: an unroutable message is not confirmed (False: RabbitMQ confirms it).
+
+        Returns:
+            True once the broker confirmed it. False when it was not: the connection is down,
+            the broker nacked it, or (``mandatory``) it was unroutable; the caller keeps it.
+        """
+        if not self.connected:
+            return False
+        return self._publish_confirmed(
+            "publish",
+            exchange,
+            routing_key,
+            body,
+            pika.BasicProperties(**dataclasses.asdict(properties)),
+            mandatory=mandatory,
+        )
+
+    def _publish_confirmed(
+        self,
+        what: str,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Any,
+        *,
+        mandatory: bool,
+    ) -> bool:
+        """Publish on the confirm channel (opened on first use) and wait for the confirm.
+
+        Failures are logged (``what`` names the message in the log line) and answered False; a
+        connection found broken is given up (:meth:`next_batch` reconnects).
+        """
         try:
             with compat.pika_answer_within(
-                self._connection, _CONFIRM_TIMEOUT, "confirming a dead letter"
+                self._connection, _CONFIRM_TIMEOUT, f"confirming a {what}"
             ):
                 channel = self._confirm_channel
                 if channel is None or not channel.is_open:
                     channel = self._connection.channel()
                     channel.confirm_delivery()
                     self._confirm_channel = channel
-                channel.basic_publish(
-                    DEAD_EXCHANGE, routing_key, d.body, properties, mandatory=True
-                )
+                channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         except (pika_errors.UnroutableError, pika_errors.NackError) as err:
-            what = "unroutable" if isinstance(err, pika_errors.UnroutableError) else "nacked"
+            how = "unroutable" if isinstance(err, pika_errors.UnroutableError) else "nacked"
             log.warning(
-                "amqp consumer dead letter %s exchange=%s routing_key=%s message_id=%s "
+                "amqp consumer %s %s exchange=%s routing_key=%s message_id=%s "
                 "(is a queue bound to %s?)",
                 what,
-                DEAD_EXCHANGE,
+                how,
+                exchange,
                 routing_key,
-                d.message_id,
-                DEAD_EXCHANGE,
+                properties.message_id,
+                exchange,
             )
             return False
         except pika_errors.AMQPChannelError as err:
             self._confirm_channel = None
             log.warning(
-                "amqp consumer dead letter failed routing_key=%s reason=%s",
+                "amqp consumer %s failed exchange=%s routing_key=%s reason=%s",
+                what,
+                exchange,
                 routing_key,
                 describe_error(err),
             )
@@ -806,7 +889,6 @@ class BatchConsumer:
         except (pika_errors.AMQPError, OSError) as err:
             self._lost(_reason(err))
             return False
-        self._settle_one(d, "ack")
         return True
 
     # -- waiting and stopping -----------------------------------------------------------------

@@ -22,7 +22,7 @@ logic testable without a broker, each driven by the test and recording what the 
 - :class:`MemoryPublisher` (a :class:`~iotpipe.amqp.Publisher`): records publishes; the test
   confirms, nacks or returns them, or takes the broker down and back up.
 - :class:`MemorySource` (a :class:`~iotpipe.amqp_consumer.DeliverySource`): the test adds
-  deliveries; acks, requeues and dead letters are recorded.
+  deliveries; acks, requeues, dead letters and confirmed publishes (receipts) are recorded.
 
 Each is safe to drive from the test's thread while the service runs on its own; the
 ``wait_*`` methods wait on a condition with a deadline (never a sleep)::
@@ -635,18 +635,27 @@ class MemorySource:
     Args:
         dead_letters_confirmed: False makes :meth:`dead_letter` fail (nothing bound to the
             dead-letter exchange), leaving the delivery unsettled.
+        publishes_confirmed: False makes :meth:`publish` fail (not confirmed); the test may
+            flip it at any time.
 
     Attributes:
         acked: delivery tags acknowledged (dead-lettered ones included), in order.
         requeued: delivery tags requeued, in order.
         dead_letters: what was dead-lettered, in order.
+        published: what :meth:`publish` had confirmed, in order (``token`` is None).
+        unconfirmed: publishes that failed, in order.
         slept: the seconds of every ``sleep``.
         epoch: the connection generation (1 once connected).
         reconnects: connections re-established by :meth:`drop`.
     """
 
-    def __init__(self, *, dead_letters_confirmed: bool = True) -> None:
+    def __init__(
+        self, *, dead_letters_confirmed: bool = True, publishes_confirmed: bool = True
+    ) -> None:
         self.dead_letters_confirmed = dead_letters_confirmed
+        self.publishes_confirmed = publishes_confirmed
+        self.published: list[Published] = []
+        self.unconfirmed: list[Published] = []
         self.acked: list[int] = []
         self.requeued: list[int] = []
         self.dead_letters: list[DeadLetter] = []
@@ -774,6 +783,30 @@ class MemorySource:
             self.acked.append(d.tag)
             self._changed.notify_all()
             return True
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: MessageProperties,
+        *,
+        mandatory: bool = False,
+    ) -> bool:
+        """Record the message; True (confirmed) while connected and ``publishes_confirmed``."""
+        del mandatory
+        message = Published(exchange, routing_key, body, properties, None)
+        with self._changed:
+            confirmed = self.publishes_confirmed and self.connected
+            (self.published if confirmed else self.unconfirmed).append(message)
+            self._changed.notify_all()
+            return confirmed
+
+    def wait_published(self, count: int, timeout: float = 5.0) -> list[Published]:
+        """Wait until ``count`` publishes were confirmed; returns a copy of :attr:`published`."""
+        with self._changed:
+            _wait_count(self._changed, lambda: len(self.published), count, timeout, "publishes")
+            return list(self.published)
 
     def sleep(self, seconds: float) -> None:
         """Record the wait and return at once."""

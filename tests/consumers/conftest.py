@@ -26,6 +26,7 @@ from iotpipe.amqp import (
     Outcome,
     telemetry_properties,
 )
+from iotpipe.receipts import EXCHANGE as RECEIPTS_EXCHANGE
 from iotpipe.settings import AmqpSettings
 from tests.conftest import wait_for
 
@@ -160,6 +161,16 @@ class SiteQueue:
         """
         return [m for m in drain(self.url, self.dead_queue) if self.site.encode() in m[2]]
 
+    def bind_receipts(self) -> str:
+        """A queue (deleted afterwards) bound to the receipts exchange for this site's devices."""
+        queue = f"{self.name}.receipts"
+        self.extra.append(queue)
+        with _channel(self.url) as ch:
+            ch.exchange_declare(RECEIPTS_EXCHANGE, "topic", durable=True)
+            ch.queue_declare(queue, durable=False, auto_delete=False)
+            ch.queue_bind(queue, RECEIPTS_EXCHANGE, f"iotpipe.v1.{self.site}.#")
+        return queue
+
     def ready(self) -> int:
         """Messages of the store queue ready for delivery (not counting unacknowledged ones)."""
         with _channel(self.url) as ch:
@@ -186,6 +197,32 @@ def drain(url: str, queue: str) -> list[tuple[str, dict[str, Any], bytes]]:
             if method is None:
                 return out
             out.append((method.routing_key, dict(props.headers or {}), body))
+
+
+def assert_receipt_properties(props: Any, site: str, device: str) -> None:
+    """``props`` (ours or pika's) are a receipt's, as wire contract 1.1 specifies them."""
+    assert (props.content_type, props.type, props.delivery_mode, props.app_id) == (
+        "application/json",
+        "iotpipe.receipt",
+        2,
+        "iotpipe-consumer",
+    )
+    assert props.headers == {
+        "x-iotpipe-version": "1.1",
+        "x-iotpipe-site": site,
+        "x-iotpipe-device": device,
+    }
+
+
+def take(url: str, queue: str) -> list[tuple[str, Any, bytes]]:
+    """Take (and ack) every message currently in ``queue``: (routing key, properties, body)."""
+    out: list[tuple[str, Any, bytes]] = []
+    with _channel(url) as ch:
+        while True:
+            method, props, body = ch.basic_get(queue, auto_ack=True)
+            if method is None:
+                return out
+            out.append((method.routing_key, props, body))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from consumers.sqlite_store import SQLiteStore
 from consumers.store import DeviceStatus, Message, StoreUnavailable, WriteResult
 from iotpipe.amqp import HEADER_ERROR
 from iotpipe.envelope import MAX_PAYLOAD
+from iotpipe.receipts import Receipt, SeqSet, decode_receipt
 from iotpipe.settings import AmqpSettings, load
 from tests.conftest import wait_for
 from tests.consumers.conftest import (
@@ -26,10 +27,12 @@ from tests.consumers.conftest import (
     Outgoing,
     Running,
     SiteQueue,
+    assert_receipt_properties,
     drain,
     publish,
     raw,
     status,
+    take,
     telemetry,
 )
 
@@ -349,3 +352,39 @@ def test_the_consumer_declares_a_queue_that_keeps_dead_letters(
     assert wait_for(lambda: running.consumer.dead_lettered >= 1, 30)
     kept = [m for m in drain(site_queue.url, dlq) if m[2] == poison.body]
     assert [key for key, _, _ in kept] == ["consumer.bad_json"]
+
+
+def test_receipts_cover_exactly_what_the_consumer_stored(
+    site_queue: SiteQueue, start_consumer: StartConsumer, tmp_path: Path
+) -> None:
+    """Receipts on iotpipe.receipts name every stored seq of each device, and nothing else."""
+    db = tmp_path / "telemetry.db"
+    settings = site_queue.settings(f"sqlite:///{db}", receipt_interval=0.2)
+    running = start_consumer(site_queue.url, settings, SQLiteStore(db))
+    queue = site_queue.bind_receipts()
+    site = site_queue.site
+    stored = {"d0": list(range(0, 40)), "d1": [*range(3, 10), *range(20, 31)]}
+    publish(site_queue.url, [telemetry(site, d, seq) for d, seqs in stored.items() for seq in seqs])
+    assert wait_for(lambda: running.consumer.totals.messages >= 58, 30)
+
+    covered: dict[str, SeqSet] = {"d0": SeqSet(), "d1": SeqSet()}
+    messages: list[tuple[str, Any, bytes]] = []
+
+    def all_receipted() -> bool:
+        for message in take(site_queue.url, queue):
+            messages.append(message)
+            receipt = decode_receipt(message[2])
+            assert isinstance(receipt, Receipt), receipt
+            assert (receipt.site, [e.boot for e in receipt.stored]) == (site, ["b1"])
+            for lo, hi in receipt.stored[0].ranges:
+                covered[receipt.device].add_range(lo, hi)
+        return all(list(covered[d]) == seqs for d, seqs in stored.items())
+
+    assert wait_for(all_receipted, 30), {d: s.ranges() for d, s in covered.items()}
+    for key, props, _body in messages:
+        device = key.split(".")[3]
+        assert key == f"iotpipe.v1.{site}.{device}.receipt"
+        assert_receipt_properties(props, site, device)
+    registry = running.consumer.metrics.registry
+    counter = "iotpipe_consumer_receipts_published_total"
+    assert wait_for(lambda: registry.get_sample_value(counter) == len(messages), 5)

@@ -13,9 +13,10 @@ from typing import Any
 import pika
 import pytest
 
-from iotpipe.amqp import DEAD_EXCHANGE, HEADER_ERROR, TELEMETRY_EXCHANGE
+from iotpipe.amqp import DEAD_EXCHANGE, HEADER_ERROR, TELEMETRY_EXCHANGE, MessageProperties
 from iotpipe.amqp_consumer import BatchConsumer, Delivery, QueueSpec
 from iotpipe.errors import ConfigError, ConnectError
+from iotpipe.receipts import EXCHANGE as RECEIPTS_EXCHANGE
 from iotpipe.settings import AmqpSettings
 from tests.conftest import free_port, wait_for
 from tests.rabbitmq import PrivateRabbit, blocking_channel
@@ -518,3 +519,33 @@ def test_unroutable_dead_letter_is_not_acked(
     assert consumer.connected
     consumer.close()
     assert site.ready() == 1
+
+
+def test_publish_is_true_once_confirmed_false_when_the_channel_failed(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """publish() is True once confirmed, False (still connected) when the channel failed."""
+    consumer = make_consumer(site.url, site.spec, publish_exchanges=(RECEIPTS_EXCHANGE,))
+    props = MessageProperties(content_type="application/json", headers={"x-test": "1"})
+    key = f"iotpipe.v1.{site.site}.d1.receipt"
+    assert not consumer.publish(RECEIPTS_EXCHANGE, key, b"{}", props)  # not connected yet
+    consumer.connect()
+    queue = f"iotpipe-test.receipts.{site.site}"
+    site.queues.append(queue)
+    with blocking_channel(site.url) as channel:
+        channel.queue_declare(queue, durable=False, auto_delete=False)
+        channel.queue_bind(queue, RECEIPTS_EXCHANGE, key)
+    assert consumer.publish(RECEIPTS_EXCHANGE, key, b'{"n":1}', props)
+    missing = f"iotpipe-test.missing.{site.site}"
+    assert not consumer.publish(missing, key, b"{}", props)  # the broker closes the channel
+    assert consumer.connected
+    assert consumer.publish(RECEIPTS_EXCHANGE, key, b'{"n":2}', props)  # on a new channel
+    with blocking_channel(site.url) as channel:
+        _method, got, body = channel.basic_get(queue, auto_ack=True)
+        assert (body, got.content_type, got.delivery_mode, got.headers) == (
+            b'{"n":1}',
+            "application/json",
+            2,
+            {"x-test": "1"},
+        )
+        assert channel.basic_get(queue, auto_ack=True)[2] == b'{"n":2}'
