@@ -22,6 +22,7 @@ from iotpipe import __version__
 from iotpipe.commands import LazyCommand, LazyGroup
 from iotpipe.errors import IotpipeError
 from iotpipe.options import ConfigOption, MqttUrlOption, setup_logging
+from iotpipe.wire import CONTRACT
 
 #: Every component's command, in help order: name -> ("module:attr", one-line summary).
 COMMANDS = {
@@ -106,7 +107,7 @@ class LogLevel(StrEnum):
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"iotpipe {__version__} (wire contract 1.0)")
+        typer.echo(f"iotpipe {__version__} (wire contract {CONTRACT})")
         raise typer.Exit
 
 

@@ -32,6 +32,7 @@ from enum import StrEnum
 from typing import Literal, TypeAlias
 
 __all__ = [
+    "CONTRACT",
     "ID_PATTERN",
     "ID_RULE",
     "MAX_INT",
@@ -69,7 +70,10 @@ __all__ = [
 # -- contract constants -------------------------------------------------------------------------
 
 VERSION = "1.0"
-"""The contract version iotpipe's producers write in ``v``."""
+"""The contract version iotpipe's producers write in ``v`` of envelopes and statuses (unchanged in
+1.1, which only added receipts)."""
+CONTRACT = "1.1"
+"""The newest contract version iotpipe implements (``docs/wire.md``)."""
 SUPPORTED_MAJOR = 1
 """The contract major version iotpipe's readers accept (any ``1.<minor>``)."""
 VERSION_PATTERN = r"^1\.(0|[1-9][0-9]{0,8})$"
