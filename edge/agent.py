@@ -41,6 +41,7 @@ from edge.envelopes import build_envelope, sample_problem
 from edge.outbox import FillRate, Outbox, OutboxEntry, OutboxError, Pending
 from edge.sensors.base import Driver, Sample, SensorError
 from edge.systemd_notify import Notifier
+from iotpipe import metrics
 from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
 from iotpipe.mqtt import MqttClient, Will
@@ -650,74 +651,68 @@ class Agent:
             "clock_synced": self.stats.clock_synced,
         }
 
-    def _start_http(self) -> HealthServer:
-        # prometheus_client is only imported when /metrics is wanted (footprint).
-        from prometheus_client import CollectorRegistry
-
-        from iotpipe.health import HealthServer
-
-        registry = CollectorRegistry()
-        registry.register(_Collector(self))
-        return HealthServer(
-            self.settings.http_host, self.settings.http_port, registry, self.health
-        ).start()
-
-
-class _Collector:
-    """Exposes :class:`AgentStats` and the outbox as Prometheus metrics at scrape time."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> list[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        a, s, o = self.agent, self.agent.stats, self.agent.outbox
+    def metric_families(self) -> list[metrics.Family]:
+        """``/metrics``: :class:`AgentStats` and the outbox, read at scrape time."""
+        s, o = self.stats, self.outbox
         oldest = o.oldest_created_ms
-        families: list[Any] = []
-
-        def counter(name: str, doc: str, value: float) -> None:
-            families.append(CounterMetricFamily(name, doc, value=value))
-
-        def gauge(name: str, doc: str, value: float) -> None:
-            families.append(GaugeMetricFamily(name, doc, value=value))
-
-        counter("iotpipe_edge_readings", "readings taken", s.readings)
-        counter("iotpipe_edge_readings_invalid", "readings refused (contract)", s.readings_invalid)
-        errors = CounterMetricFamily(
-            "iotpipe_edge_sensor_errors", "failed sensor reads", labels=["sensor"]
+        errors = metrics.Family(
+            "iotpipe_edge_sensor_errors", "counter", "failed sensor reads", ["sensor"]
         )
         for name, count in s.sensor_errors.items():
-            errors.add_metric([name], count)
-        families.append(errors)
-        counter("iotpipe_edge_envelopes_committed", "envelopes committed", s.envelopes_committed)
-        counter("iotpipe_edge_envelopes_published", "envelopes acknowledged", s.envelopes_published)
-        counter("iotpipe_edge_outbox_dropped", "envelopes thinned (budget)", o.dropped_envelopes)
-        counter(
-            "iotpipe_edge_outbox_dropped_readings", "readings thinned (budget)", o.dropped_readings
-        )
-        counter("iotpipe_edge_reconnects", "MQTT reconnections", s.reconnects)
-        gauge("iotpipe_edge_outbox_envelopes", "envelopes waiting (backlog)", o.depth)
-        gauge("iotpipe_edge_outbox_bytes", "accounted bytes in the outbox", o.bytes)
-        gauge("iotpipe_edge_outbox_max_bytes", "outbox budget", o.max_bytes)
-        gauge("iotpipe_edge_outbox_file_bytes", "outbox files on disk", o.file_bytes)
-        gauge(
-            "iotpipe_edge_outbox_full_in_seconds",
-            "time until the budget is full at the recent growth (+Inf: not growing)",
-            s.full_in_seconds,
-        )
-        gauge(
-            "iotpipe_edge_outbox_oldest_age_seconds",
-            "age of the oldest waiting reading",
-            0.0 if oldest is None else max(0.0, (wall_ms() - oldest) / 1000),
-        )
-        gauge("iotpipe_edge_connected", "1 while connected to the broker", float(s.connected))
-        gauge("iotpipe_edge_clock_synced", "1 while the clock is synchronised", s.clock_synced)
-        gauge("iotpipe_edge_next_seq", "sequence number of the next envelope", a._next_seq)
-        return families
+            errors.add(count, name)
+        return [
+            metrics.counter("iotpipe_edge_readings", "readings taken", s.readings),
+            metrics.counter(
+                "iotpipe_edge_readings_invalid", "readings refused (contract)", s.readings_invalid
+            ),
+            errors,
+            metrics.counter(
+                "iotpipe_edge_envelopes_committed", "envelopes committed", s.envelopes_committed
+            ),
+            metrics.counter(
+                "iotpipe_edge_envelopes_published", "envelopes acknowledged", s.envelopes_published
+            ),
+            metrics.counter(
+                "iotpipe_edge_outbox_dropped", "envelopes thinned (budget)", o.dropped_envelopes
+            ),
+            metrics.counter(
+                "iotpipe_edge_outbox_dropped_readings",
+                "readings thinned (budget)",
+                o.dropped_readings,
+            ),
+            metrics.counter("iotpipe_edge_reconnects", "MQTT reconnections", s.reconnects),
+            metrics.gauge("iotpipe_edge_outbox_envelopes", "envelopes waiting (backlog)", o.depth),
+            metrics.gauge("iotpipe_edge_outbox_bytes", "accounted bytes in the outbox", o.bytes),
+            metrics.gauge("iotpipe_edge_outbox_max_bytes", "outbox budget", o.max_bytes),
+            metrics.gauge("iotpipe_edge_outbox_file_bytes", "outbox files on disk", o.file_bytes),
+            metrics.gauge(
+                "iotpipe_edge_outbox_full_in_seconds",
+                "time until the budget is full at the recent growth (+Inf: not growing)",
+                s.full_in_seconds,
+            ),
+            metrics.gauge(
+                "iotpipe_edge_outbox_oldest_age_seconds",
+                "age of the oldest waiting reading",
+                0.0 if oldest is None else max(0.0, (wall_ms() - oldest) / 1000),
+            ),
+            metrics.gauge("iotpipe_edge_connected", "1 while connected to the broker", s.connected),
+            metrics.gauge(
+                "iotpipe_edge_clock_synced", "1 while the clock is synchronised", s.clock_synced
+            ),
+            metrics.gauge(
+                "iotpipe_edge_next_seq", "sequence number of the next envelope", self._next_seq
+            ),
+        ]
+
+    def _start_http(self) -> HealthServer:
+        from iotpipe.health import HealthServer
+
+        return HealthServer(
+            self.settings.http_host,
+            self.settings.http_port,
+            lambda: (metrics.CONTENT_TYPE, metrics.render(self.metric_families())),
+            self.health,
+        ).start()
 
 
 def serve(
