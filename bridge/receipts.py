@@ -104,6 +104,7 @@ class RelayMetrics:
     """The relay's metrics, registered on the bridge's registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.forwarded = Counter(
             "iotpipe_bridge_receipts_forwarded",
             "receipts the MQTT broker acknowledged (then acked to RabbitMQ)",
@@ -187,6 +188,11 @@ class ReceiptRelay:
     def up(self) -> bool:
         """Whether both connections are up (never with receipts off)."""
         return self.source is not None and self.source.connected and self.mqtt.connected
+
+    @property
+    def running(self) -> bool:
+        """Whether the relay's thread is alive (with receipts off it ends after announcing)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
