@@ -38,7 +38,7 @@ def settings_for(unique: str, tmp_path: Path, **fields: object) -> BridgeSetting
         receipt_binding=f"iotpipe.v1.s{unique}.*.receipt",
         spool_path=tmp_path / "spool.db",
         http_port=0,
-        **fields,  # type: ignore[arg-type]
+        **fields,
     )
 
 
