@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from bridge.settings import BridgeSettings
 from iotpipe import __version__
 from iotpipe.amqp_consumer import BatchConsumer, Delivery, DeliverySource, QueueSpec
-from iotpipe.errors import ConnectError, DeliveryError
+from iotpipe.errors import ConfigError, ConnectError, DeliveryError
 from iotpipe.mqtt import MqttClient
 from iotpipe.receipts import CAPABILITY_TOPIC, EXCHANGE, receipt_topic
 from iotpipe.settings import AmqpSettings, MqttSettings
@@ -228,6 +228,8 @@ class ReceiptRelay:
                 held = self._step(held)
             if held and self.mqtt.connected and self.mqtt.flush(self._ack_timeout):
                 self._settle(held)
+        except ConfigError as err:
+            log.error("receipt relay stopped: %s", err)
         except Exception:
             # A failure here must not take the bridge down with it: say so and leave.
             log.exception("receipt relay failed; receipts stop until the bridge restarts")
