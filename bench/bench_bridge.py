@@ -208,14 +208,22 @@ class BridgeProcess:
     """``iotpipe bridge`` as a subprocess with its own spool, client id and HTTP port."""
 
     def __init__(
-        self, mqtt_port: int, amqp_url: str, workdir: Path, pythonpath: Path | None = None
+        self,
+        mqtt_port: int,
+        amqp_url: str,
+        workdir: Path,
+        pythonpath: Path | None = None,
+        receipts: bool = True,
     ) -> None:
         self.http_port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "bridge.log"
         config = workdir / "bridge.toml"
-        config.write_text(f'[bridge]\nclient_id = "bench-bridge-{uuid.uuid4().hex[:10]}"\n')
+        config.write_text(
+            f'[bridge]\nclient_id = "bench-bridge-{uuid.uuid4().hex[:10]}"\n'
+            f"receipts = {'true' if receipts else 'false'}\n"
+        )
         self.argv = [
             str(Path(sys.executable).parent / "iotpipe"),
             "bridge",
@@ -428,11 +436,11 @@ class Rig:
 
     @contextlib.contextmanager
     def bridge(
-        self, pythonpath: Path | None = None, profile: Path | None = None
+        self, pythonpath: Path | None = None, profile: Path | None = None, receipts: bool = True
     ) -> Iterator[list[tuple[str, int]]]:
         workdir = self.workdir / f"bridge-{self.rounds_run}"
         with BridgeProcess(
-            self.mosquitto.port, self.rabbit.url, workdir, pythonpath=pythonpath
+            self.mosquitto.port, self.rabbit.url, workdir, pythonpath=pythonpath, receipts=receipts
         ) as bridge:
             assert bridge.proc is not None
             spy = None
@@ -582,6 +590,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="one more bridge round under py-spy record"
     )
+    parser.add_argument(
+        "--receipts-off",
+        action="store_true",
+        help="also run the bridge with receipts = false, interleaved; reports on/off ratio",
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if the ratio is below the target"
@@ -593,6 +606,8 @@ def main() -> None:
     candidates = {f"candidate:{path.name}": path.resolve() for path in args.candidate}
     samples: dict[str, list[Round]] = {"bridge": [], "plugin": []}
     samples |= {name: [] for name in candidates}
+    if args.receipts_off:
+        samples["receipts_off"] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp,
         PrivateMosquitto(args.mosquitto_inflight) as mosquitto,
@@ -610,6 +625,9 @@ def main() -> None:
             }
             for name, path in candidates.items():
                 runs[name] = partial(candidate_run, rig, mosquitto.port, path)
+            if args.receipts_off:
+                off = partial(rig.bridge, receipts=False)
+                runs["receipts_off"] = lambda n: rig.run("bench.bridge", mosquitto.port, n, off)
             for run in runs.values():  # unmeasured: warms up the brokers, queues, caches
                 run(3000)
             for _ in range(args.rounds):  # interleaved, so machine noise hits every path alike
@@ -674,6 +692,10 @@ def main() -> None:
         result["candidates_vs_bridge"] = {
             name: round(medians[name] / medians["bridge"], 3) for name in candidates
         }
+    if args.receipts_off:
+        # The relay has its own thread and connections: receipts on should cost the telemetry
+        # path nothing (target >= 0.9).
+        result["receipts_on_vs_off"] = round(medians["bridge"] / medians["receipts_off"], 3)
     result |= {
         "python": platform.python_version(),
         "paho": version("paho-mqtt"),

@@ -12,6 +12,8 @@ Threads, each with one job (paho and pika are each driven by exactly one thread)
 - ``iotpipe-amqp`` (``ConfirmingPublisher``): pika's I/O loop; reports each publish outcome.
 - ``iotpipe-spool`` (``SpoolWriter``): group commits to the SQLite spool.
 - ``iotpipe-http``: ``/metrics`` and ``/healthz``.
+- ``iotpipe-receipts`` (``ReceiptRelay``, :mod:`bridge.receipts`): receipts RabbitMQ -> MQTT, on
+  connections of its own; it shares nothing with the threads above but the metrics registry.
 
 Outcomes travel back to the bridge thread through one ``deque`` (append and popleft are atomic),
 so neither pika's thread nor the spool's ever waits on MQTT.
@@ -23,11 +25,13 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge.receipts import ReceiptRelay
 from bridge.settings import BridgeSettings
 from bridge.spool import Entry, Spool, SpoolWriter
 from iotpipe.amqp import (
@@ -162,6 +166,8 @@ class Bridge:
             ``settings.dead_letter_queue``) that reports every outcome to the handler given.
         spool: the open spool; the bridge closes it when it stops.
         serve_http: serve ``/metrics`` and ``/healthz`` while running.
+        receipts: builds the receipt relay on the given metrics registry; it runs while the
+            bridge runs (None: no relay, as in tests with in-memory clients).
     """
 
     def __init__(
@@ -172,9 +178,11 @@ class Bridge:
         publisher: PublisherFactory,
         spool: Spool,
         serve_http: bool = True,
+        receipts: Callable[[CollectorRegistry], ReceiptRelay] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = BridgeMetrics()
+        self.receipts = receipts(self.metrics.registry) if receipts is not None else None
         # Label children looked up once: .labels() costs more than the increment itself.
         self._received = {
             kind: self.metrics.received.labels(kind)
@@ -250,6 +258,7 @@ class Bridge:
             publisher=publisher,
             spool=spool,
             serve_http=serve_http,
+            receipts=lambda registry: ReceiptRelay.from_settings(mqtt, amqp, settings, registry),
         )
 
     # -- outcomes from other threads ------------------------------------------------------
@@ -421,6 +430,8 @@ class Bridge:
         self.mqtt.subscribe(self._filters())
         if self._http is not None:
             self._http.start()
+        if self.receipts is not None:
+            self.receipts.start()
         log.info("bridge running topics=%s", ",".join(self.settings.topics))
         try:
             while not self._stopping.is_set():
@@ -457,6 +468,8 @@ class Bridge:
             log.warning("bridge stopping with %d messages unacknowledged", len(self._pending))
 
     def _close(self) -> None:
+        if self.receipts is not None:
+            self.receipts.stop()
         if self._http is not None:
             self._http.stop()
         self.mqtt.disconnect()

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from iotpipe.amqp import DEAD_LETTER_QUEUE
+from iotpipe.receipts import ALL_RECEIPTS
 from iotpipe.settings import Section
 from iotpipe.topics import STATUS_FILTER, TELEMETRY_FILTER, check_filter
 
@@ -41,6 +42,19 @@ class BridgeSettings(Section):
     drain_rate: float = Field(2000.0, gt=0, description="spooled messages re-sent per second")
     http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
     http_port: int = Field(9181, ge=0, le=65535, description="port of /metrics and /healthz")
+    receipts: bool = Field(True, description="carry receipts from RabbitMQ down to the devices")
+    receipt_queue: str = Field(
+        "iotpipe.receipts.bridge",
+        min_length=1,
+        max_length=255,
+        description="receipts queue; bridges sharing it share the work (competing consumers)",
+    )
+    receipt_binding: str = Field(
+        ALL_RECEIPTS, min_length=1, description="binding key of receipt_queue on iotpipe.receipts"
+    )
+    receipt_ttl: int = Field(
+        600, ge=1, description="seconds a receipt may wait for delivery before it is dropped"
+    )
 
     def model_post_init(self, _context: Any) -> None:
         """Check every topic filter."""

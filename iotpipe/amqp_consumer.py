@@ -50,6 +50,7 @@ from pika import exceptions as pika_errors
 from iotpipe import compat
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
+    EXCHANGES,
     HEADER_ERROR,
     TELEMETRY_EXCHANGE,
     MessageProperties,
@@ -92,6 +93,8 @@ _ARGUMENT_FIELDS = {
     "x-queue-type": "queue_type",
     "x-delivery-limit": "delivery_limit",
     "x-dead-letter-routing-key": "dead_letter_routing_key",
+    "x-message-ttl": "message_ttl",
+    "x-max-length": "max_length",
 }
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for queue '[^']*' in vhost '[^']*': "
@@ -106,7 +109,7 @@ class QueueSpec:
 
     Attributes:
         name: the queue's name.
-        bindings: binding keys on :data:`~iotpipe.amqp.TELEMETRY_EXCHANGE`.
+        bindings: binding keys on ``exchange``.
         queue_type: ``quorum`` (replicated, with a delivery limit; RabbitMQ 3.8+) or ``classic``.
         delivery_limit: quorum queues only: deliveries after which a message that keeps being
             requeued is dead-lettered (``x-delivery-limit``; RabbitMQ 3.10 has no default, so a
@@ -115,6 +118,13 @@ class QueueSpec:
             :data:`~iotpipe.amqp.DEAD_EXCHANGE`.
         dead_letter_queue: a durable queue bound with ``#`` to the dead-letter exchange, so
             dead letters are kept; ``""`` declares none (another component owns it).
+        exchange: the topic exchange the bindings are on (declared durable if it is not one of
+            the contract's :data:`~iotpipe.amqp.EXCHANGES`).
+        dead_letter: dead-letter to :data:`~iotpipe.amqp.DEAD_EXCHANGE`; off for messages that
+            may simply vanish (expired or pushed out by ``max_length``).
+        message_ttl: milliseconds a message may wait before it expires (``x-message-ttl``).
+        max_length: ready messages kept at most; the oldest are dropped (``x-overflow``
+            ``drop-head``).
     """
 
     name: str = "iotpipe.store"
@@ -123,6 +133,10 @@ class QueueSpec:
     delivery_limit: int = 5
     dead_letter_routing_key: str = "consumer.delivery_limit"
     dead_letter_queue: str = ""
+    exchange: str = TELEMETRY_EXCHANGE
+    dead_letter: bool = True
+    message_ttl: int | None = None
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > 255:
@@ -131,16 +145,25 @@ class QueueSpec:
             raise ConfigError("queue.queue_type", self.queue_type, "'quorum' or 'classic'")
         if self.delivery_limit < 1:
             raise ConfigError("queue.delivery_limit", self.delivery_limit, "at least 1")
+        if self.message_ttl is not None and self.message_ttl < 0:
+            raise ConfigError("queue.message_ttl", self.message_ttl, "0 or more milliseconds")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError("queue.max_length", self.max_length, "at least 1")
 
     def arguments(self) -> dict[str, Any]:
         """The ``x-`` arguments the queue is declared with."""
-        args: dict[str, Any] = {
-            "x-dead-letter-exchange": DEAD_EXCHANGE,
-            "x-dead-letter-routing-key": self.dead_letter_routing_key,
-        }
+        args: dict[str, Any] = {}
+        if self.dead_letter:
+            args["x-dead-letter-exchange"] = DEAD_EXCHANGE
+            args["x-dead-letter-routing-key"] = self.dead_letter_routing_key
         if self.queue_type == "quorum":
             args["x-queue-type"] = "quorum"
             args["x-delivery-limit"] = self.delivery_limit
+        if self.message_ttl is not None:
+            args["x-message-ttl"] = self.message_ttl
+        if self.max_length is not None:
+            args["x-max-length"] = self.max_length
+            args["x-overflow"] = "drop-head"
         return args
 
 
@@ -438,14 +461,19 @@ class BatchConsumer:
         spec = self.queue
         try:
             declare_topology(channel, spec.dead_letter_queue)
-            for name in self.publish_exchanges:
-                channel.exchange_declare(exchange=name, exchange_type="topic", durable=True)
+            for name in dict.fromkeys((spec.exchange, *self.publish_exchanges)):
+                if name not in dict(EXCHANGES):
+                    channel.exchange_declare(exchange=name, exchange_type="topic", durable=True)
         except pika_errors.ChannelClosedByBroker as err:
             if err.reply_code != 406:
                 raise
             raise ConfigError(
                 "amqp exchanges",
-                ", ".join((TELEMETRY_EXCHANGE, DEAD_EXCHANGE, *self.publish_exchanges)),
+                ", ".join(
+                    dict.fromkeys(
+                        (TELEMETRY_EXCHANGE, DEAD_EXCHANGE, spec.exchange, *self.publish_exchanges)
+                    )
+                ),
                 f"an exchange exists with another type or durability ({err.reply_text}); "
                 "they must be durable topic exchanges: delete the wrong one",
             ) from None
@@ -456,7 +484,7 @@ class BatchConsumer:
                 raise
             raise self._inequivalent(connection, err.reply_text) from None
         for key in spec.bindings:
-            channel.queue_bind(spec.name, TELEMETRY_EXCHANGE, routing_key=key)
+            channel.queue_bind(spec.name, spec.exchange, routing_key=key)
 
     def _inequivalent(self, connection: Any, reply: str) -> ConfigError:
         """The ConfigError for a queue that exists with other arguments (406 on declare).
