@@ -73,9 +73,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Generic, NamedTuple, Self, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
+from iotpipe.closing import Closing
 from iotpipe.durable_queue import Durability, DurableQueue, Layout, PushBack, QueueError, QueueFull
 from iotpipe.errors import ConfigError
 
@@ -258,7 +258,7 @@ def _decode(row: tuple[Any, ...]) -> SpoolEntry:
 # -- the spool --------------------------------------------------------------------------------
 
 
-class Spool:
+class Spool(Closing):
     """A durable FIFO of messages on local disk (one SQLite file). Thread-safe.
 
     Args:
@@ -399,17 +399,6 @@ class Spool:
         """Close the file (checkpoints and removes the WAL). Idempotent."""
         self._queue.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return (
             f"Spool({str(self.path)!r}, depth={self.depth}, bytes={self.bytes},"
@@ -422,7 +411,7 @@ class Spool:
 T = TypeVar("T")
 
 
-class SpoolWriter(Generic[T]):
+class SpoolWriter(Generic[T], Closing):
     """Group commits for one producer thread: ``submit()`` never waits for the disk.
 
     ``submit(entry, token)`` queues an entry in memory; the writer thread commits the queue
@@ -541,17 +530,6 @@ class SpoolWriter(Generic[T]):
             self._cond.notify_all()
         self._thread.join(timeout)
         return not self._thread.is_alive() and self._abandoned == 0 and self.pending == 0
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- the writer thread ----------------------------------------------------------------------
 

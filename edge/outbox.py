@@ -49,9 +49,9 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
+from iotpipe.closing import Closing
 from iotpipe.durable_queue import (
     Durability,
     DurableQueue,
@@ -158,7 +158,7 @@ class Counter:
     next_seq: int
 
 
-class Outbox:
+class Outbox(Closing):
     """A durable FIFO of envelopes in one SQLite file, with the sequence counter. Thread-safe.
 
     Args:
@@ -345,17 +345,6 @@ class Outbox:
     def close(self) -> None:
         """Close the file (checkpoints the WAL). Idempotent."""
         self._queue.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:

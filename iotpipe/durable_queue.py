@@ -55,9 +55,9 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, Literal, Self, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
+from iotpipe.closing import Closing
 from iotpipe.errors import IotpipeError
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def _ranges(ids: Sequence[int]) -> list[tuple[int, int]]:
 # -- the queue --------------------------------------------------------------------------------
 
 
-class DurableQueue:
+class DurableQueue(Closing):
     """A durable FIFO of rows in one SQLite file, with a byte budget. Thread-safe.
 
     Args:
@@ -726,17 +726,6 @@ class DurableQueue:
                 self._conn.close()
                 self._conn = None
                 self._in_flight.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- internals --------------------------------------------------------------------------------
 

@@ -37,9 +37,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Self
+from typing import IO, TYPE_CHECKING, Any
 
+from iotpipe.closing import Closing
 from iotpipe.errors import RecordingError
 
 if TYPE_CHECKING:
@@ -320,7 +320,7 @@ def _decode_header(line: bytes) -> Header:
 # -- files ------------------------------------------------------------------------------------
 
 
-class RecordingWriter:
+class RecordingWriter(Closing):
     """Write a recording file, one flushed line per message.
 
     Use it as a context manager, or call :meth:`close`. The header is written (and flushed) on
@@ -392,19 +392,8 @@ class RecordingWriter:
         if not self._file.closed:
             self._file.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class RecordingReader:
+class RecordingReader(Closing):
     """Read and validate a recording, one message at a time.
 
     The header is read and checked on opening; messages are validated as they are iterated
@@ -515,17 +504,6 @@ class RecordingReader:
     def close(self) -> None:
         """Close the file (idempotent)."""
         self._file.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Recorder:
