@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from iotpipe.options import ConfigOption, MqttUrlOption
+from iotpipe.options import ConfigOption, MqttUrlOption, run_in_foreground
 from iotpipe.settings import config_path, load
 
 _EXAMPLES = """
@@ -184,7 +184,6 @@ def bridge(
     RabbitMQ confirmed it or it was committed to the local spool, which holds
     messages while RabbitMQ is unreachable. SIGTERM or Ctrl-C: finish, exit 0.
     """
-    import signal
 
     from bridge.service import Bridge
     from bridge.settings import BridgeSettings
@@ -200,14 +199,11 @@ def bridge(
         overrides={"spool_path": spool, "http_port": http_port},
     )
     service = Bridge.from_settings(mqtt_settings, amqp_settings, settings)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: service.stop())
-    typer.echo(
+    run_in_foreground(
+        service,
         f"iotpipe bridge {mqtt_settings.broker} -> {amqp_settings.broker}; "
         f"spool {settings.spool_path}; http://{settings.http_host}:{settings.http_port}/metrics",
-        err=True,
     )
-    service.run()
 
 
 bridge.__doc__ = inspect.cleandoc(bridge.__doc__ or "") + _BRIDGE_EXAMPLES

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import inspect
-import signal
 from typing import Annotated, Any
 
 import typer
 
-from iotpipe.options import ConfigOption
+from iotpipe.options import ConfigOption, run_in_foreground
 from iotpipe.settings import DEFAULT_STORE_URL
 
 _EXAMPLES = """
@@ -87,14 +86,11 @@ def consume(
     settings = load(ConsumeSettings, "consume", config_file=path, overrides=flags)
     influx = load(InfluxSettings, "influxdb", config_file=path)
     service = Consumer.from_settings(amqp_settings, settings, open_store(settings, influx))
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: service.stop())
-    typer.echo(
+    run_in_foreground(
+        service,
         f"iotpipe consume {amqp_settings.broker} queue {settings.queue} -> {settings.target}; "
         f"http://{settings.http_host}:{settings.http_port}/metrics",
-        err=True,
     )
-    service.run()
 
 
 consume.__doc__ = inspect.cleandoc(consume.__doc__ or "") + _EXAMPLES

@@ -6,14 +6,22 @@ mean the same thing everywhere. Logging set-up lives in :mod:`iotpipe.logs` (re-
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import typer
 
 from iotpipe.logs import KeyValueFormatter, setup_logging
 
-__all__ = ["ConfigOption", "KeyValueFormatter", "MqttUrlOption", "setup_logging"]
+__all__ = [
+    "ConfigOption",
+    "KeyValueFormatter",
+    "MqttUrlOption",
+    "Service",
+    "run_in_foreground",
+    "setup_logging",
+]
 
 ConfigOption = Annotated[
     Path | None,
@@ -36,3 +44,21 @@ MqttUrlOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+class Service(Protocol):
+    """A long-running component (the bridge, a consumer): ``run`` blocks until ``stop``."""
+
+    def run(self) -> None:
+        """Serve until stopped."""
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish its work in hand and return (safe from a signal handler)."""
+
+
+def run_in_foreground(service: Service, banner: str) -> None:
+    """Print ``banner`` to stderr and run ``service`` until SIGTERM or SIGINT stops it gracefully."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: service.stop())
+    typer.echo(banner, err=True)
+    service.run()
