@@ -76,7 +76,15 @@ from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from iotpipe.closing import Closing
-from iotpipe.durable_queue import Durability, DurableQueue, Layout, PushBack, QueueError, QueueFull
+from iotpipe.durable_queue import (
+    Durability,
+    DurableQueue,
+    Layout,
+    PushBack,
+    QueueError,
+    QueueFull,
+    QueueWrapper,
+)
 from iotpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -258,7 +266,7 @@ def _decode(row: tuple[Any, ...]) -> SpoolEntry:
 # -- the spool --------------------------------------------------------------------------------
 
 
-class Spool(Closing):
+class Spool(QueueWrapper):
     """A durable FIFO of messages on local disk (one SQLite file). Thread-safe.
 
     Args:
@@ -307,26 +315,6 @@ class Spool(Closing):
         self._clock = clock
 
     # -- metrics --------------------------------------------------------------------------------
-
-    @property
-    def depth(self) -> int:
-        """Entries in the spool, in flight or not (the bridge's gauge ``iotpipe_bridge_spool_depth``)."""
-        return self._queue.depth
-
-    @property
-    def bytes(self) -> int:
-        """Accounted bytes of the entries in the spool (compared with ``max_bytes``)."""
-        return self._queue.bytes
-
-    @property
-    def free_bytes(self) -> int:
-        """Accounted bytes that still fit in the budget."""
-        return self._queue.free_bytes
-
-    @property
-    def in_flight(self) -> int:
-        """Entries handed out by :meth:`peek_oldest` and neither deleted nor released yet."""
-        return self._queue.in_flight
 
     @property
     def oldest_age_seconds(self) -> float:
@@ -394,10 +382,6 @@ class Spool(Closing):
         return self._queue.delete(ids)
 
     # -- lifecycle ------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the file (checkpoints and removes the WAL). Idempotent."""
-        self._queue.close()
 
     def __repr__(self) -> str:
         return (

@@ -51,12 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from iotpipe.closing import Closing
 from iotpipe.durable_queue import (
     Durability,
     DurableQueue,
     Layout,
     QueueError,
+    QueueWrapper,
     Row,
     ThinOldest,
 )
@@ -158,7 +158,7 @@ class Counter:
     next_seq: int
 
 
-class Outbox(Closing):
+class Outbox(QueueWrapper):
     """A durable FIFO of envelopes in one SQLite file, with the sequence counter. Thread-safe.
 
     Args:
@@ -228,26 +228,6 @@ class Outbox(Closing):
     def commits(self) -> int:
         """Write transactions committed since the outbox was opened."""
         return self._queue.commits
-
-    @property
-    def depth(self) -> int:
-        """Envelopes in the outbox, being published or not."""
-        return self._queue.depth
-
-    @property
-    def bytes(self) -> int:
-        """Accounted bytes of the envelopes in the outbox."""
-        return self._queue.bytes
-
-    @property
-    def free_bytes(self) -> int:
-        """Accounted bytes left before thinning starts."""
-        return self._queue.free_bytes
-
-    @property
-    def in_flight(self) -> int:
-        """Envelopes handed out by :meth:`peek_oldest`, not yet deleted or released."""
-        return self._queue.in_flight
 
     @property
     def oldest_created_ms(self) -> int | None:
@@ -341,10 +321,6 @@ class Outbox(Closing):
         return self._queue.delete(ids)
 
     # -- lifecycle --------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the file (checkpoints the WAL). Idempotent."""
-        self._queue.close()
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:

@@ -71,6 +71,7 @@ __all__ = [
     "PushBack",
     "QueueError",
     "QueueFull",
+    "QueueWrapper",
     "Row",
     "ThinOldest",
 ]
@@ -766,3 +767,36 @@ class DurableQueue(Closing):
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 self._log.exception("%s rollback failed path=%s", self.layout.noun, self.path)
+
+
+class QueueWrapper(Closing):
+    """Base of the application wrappers (edge outbox, bridge spool) around a :class:`DurableQueue`.
+
+    A subclass sets ``self._queue``; this base reports the queue's gauges and closes it.
+    """
+
+    _queue: DurableQueue
+
+    @property
+    def depth(self) -> int:
+        """Entries in the queue, in flight or not."""
+        return self._queue.depth
+
+    @property
+    def bytes(self) -> int:
+        """Accounted bytes of the entries (compared with the byte budget)."""
+        return self._queue.bytes
+
+    @property
+    def free_bytes(self) -> int:
+        """Accounted bytes that still fit in the budget."""
+        return self._queue.free_bytes
+
+    @property
+    def in_flight(self) -> int:
+        """Entries handed out by ``peek_oldest`` and neither deleted nor released yet."""
+        return self._queue.in_flight
+
+    def close(self) -> None:
+        """Close the file (checkpoints the WAL). Idempotent."""
+        self._queue.close()
