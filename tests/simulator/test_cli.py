@@ -48,7 +48,7 @@ def memory_links(monkeypatch: pytest.MonkeyPatch) -> list[MemoryLink]:
         links.append(MemoryLink(will))
         return links[-1]
 
-    monkeypatch.setattr(run, "MqttClient", fake_client)
+    monkeypatch.setattr(run, "MqttLink", fake_client)
     return links
 
 
@@ -99,7 +99,7 @@ def test_lost_acknowledgements_fail_after_the_summary(
     ) -> MemoryLink:
         return MemoryLink(will, acknowledge=False)
 
-    monkeypatch.setattr(run, "MqttClient", unacknowledging)
+    monkeypatch.setattr(run, "MqttLink", unacknowledging)
     result = CliRunner().invoke(app, ["simulate", "-n", "3", "--rate", "max", "--json"])
     assert isinstance(result.exception, DeliveryError)
     assert "not acknowledged" in str(result.exception)
