@@ -10,7 +10,7 @@ for a device whose window is full (:meth:`ReceiptTracker.room`).
 
 Envelopes the bridge must reject (the malformed, schema, oversize and mismatch faults) are never
 receipted, so they are not kept. A duplicate (the duplicate fault, an offline resend) is the same
-envelope: it is kept once.
+envelope: it is kept once, and not again once receipted.
 
 Receipt latency is measured from the (first) publish to the receipt, over the last 256
 receipted envelopes.
@@ -18,12 +18,13 @@ receipted envelopes.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from iotpipe.receipts import Receipt
+from iotpipe.receipts import Receipt, SeqSet
 
 #: Receipted envelopes the latency quantiles are computed over.
 LATENCY_SAMPLES = 256
@@ -46,6 +47,7 @@ class _Device:
     name: str
     boot: str
     kept: dict[int, _Kept] = field(default_factory=dict)
+    confirmed: SeqSet = field(default_factory=SeqSet)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -53,7 +55,7 @@ def quantile(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 class ReceiptTracker:
@@ -103,9 +105,10 @@ class ReceiptTracker:
 
     def keep(self, index: int, seq: int, topic: str, payload: bytes, now: float) -> None:
         """Device ``index`` published envelope ``seq``: keep it until a receipt covers it."""
-        kept = self._devices[index].kept
-        if seq in kept:
-            return  # a duplicate of an envelope already kept: its first publish counts
+        dev = self._devices[index]
+        kept = dev.kept
+        if seq in kept or seq in dev.confirmed:
+            return  # a duplicate of an envelope already kept or receipted: one envelope
         kept[seq] = _Kept(topic, payload, now)
         self.unconfirmed += 1
         self._due.append((self._deadline(now), index, seq))
@@ -129,6 +132,7 @@ class ReceiptTracker:
             covered = [seq for seq in kept if entry.covers(seq)]
             for seq in covered:
                 self._latencies.append(now - kept.pop(seq).sent)
+                dev.confirmed.add(seq)
             done += len(covered)
         if done:
             self.unconfirmed -= done
