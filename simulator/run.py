@@ -278,6 +278,8 @@ class Simulation:
             self._flush(deadline)
             if self.tracker is not None:
                 self._await_receipts(deadline)
+                # Resends still in flight: their acknowledgements, as for every publish.
+                self._flush(time.monotonic() + s.flush_timeout)
             elapsed = self._clock() - self._started
         finally:
             for link in self.links:

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from iotpipe.envelope import Envelope, decode
 from iotpipe.errors import DeliveryError
-from iotpipe.mqtt import Message, Will
-from iotpipe.receipts import CAPABILITY_TOPIC, BootReceipt, Receipt, receipt_topic
+from iotpipe.mqtt import Message, MqttClient, Will
+from iotpipe.receipts import (
+    CAPABILITY_TOPIC,
+    BootReceipt,
+    Receipt,
+    ReceiptBook,
+    encode_receipt,
+    receipt_topic,
+)
+from iotpipe.settings import MqttSettings
 from simulator.link import MemoryLink, capability_message, topic_matches
 from simulator.progress import Snapshot
 from simulator.receipts import ReceiptTracker, quantile
 from simulator.run import Simulation, Summary, check_acknowledged, summary_lines
 from simulator.settings import SimulateSettings
+from tests.conftest import MosquittoProcess, free_port
 
 START = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -249,3 +263,95 @@ def test_receipts_are_taken_from_the_links_subscriptions() -> None:
     ]
     _, own = run({"auto_receipt": True}, devices=2, count=4)
     assert own[1].subscriptions == [receipt_topic("site-01", "dev-0002")]
+
+
+# -- a real broker ---------------------------------------------------------------------------------
+
+
+class Store:
+    """A tiny store: subscribes to telemetry and (if ``answer``) receipts what it saw."""
+
+    def __init__(self, url: str, *, answer: bool) -> None:
+        self.book = ReceiptBook(interval=0.05)
+        self.answer = answer
+        self.seen = 0
+        self.client = MqttClient(MqttSettings(url=url), client_id="store", on_message=self._on)
+        self.client.connect()
+        self.client.publish(CAPABILITY_TOPIC, capability_message(True), 1, True)
+        self.client.subscribe([("iotpipe/v1/+/+/telemetry", 1)])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _on(self, message: Message) -> None:
+        env = decode(message.topic, message.payload)
+        if isinstance(env, Envelope):
+            self.seen += 1
+            self.book.record(env.site, env.device, env.boot, env.seq)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self.client.pump(0.02)
+            if self.answer:
+                for r in self.book.due(time.monotonic(), 0):
+                    self.client.publish(receipt_topic(r.site, r.device), encode_receipt(r), 1, True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.disconnect()
+
+
+@pytest.mark.mqtt
+@pytest.mark.parametrize("answer", [True, False])
+def test_iotpipe_simulate_against_mosquitto_with_a_store(tmp_path: Path, answer: bool) -> None:
+    """A store that receipts: 0 unconfirmed, exit 0; one that does not: the count and exit 4."""
+    port = free_port()
+    broker = MosquittoProcess(tmp_path / "mosquitto", port)
+    broker.start()
+    config = tmp_path / "simulate.toml"
+    config.write_text(
+        "[simulate]\nflush_timeout = 3.0\nreceipt_timeout_min = 0.5\nreceipt_timeout_max = 1.0\n"
+    )
+    store = Store(f"mqtt://127.0.0.1:{port}", answer=answer)
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from iotpipe.cli import main; main()",
+                "simulate",
+                "--mqtt",
+                f"mqtt://127.0.0.1:{port}",
+                "-c",
+                str(config),
+                "--sites",
+                "2",
+                "--devices",
+                "20",
+                "--rate",
+                "max",
+                "-n",
+                "500",
+                "--json",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        store.close()
+        broker.stop()
+    summary = json.loads(result.stdout)
+    assert summary["receipts"] is True
+    if answer:
+        assert result.returncode == 0, result.stderr
+        assert summary["unconfirmed"] == 0
+        assert summary["confirmed"] == 500
+    else:
+        assert result.returncode == DeliveryError.exit_code == 4
+        assert summary["unconfirmed"] == 500
+        assert summary["receipt_resends"] > 0
+        assert "500 of 500 envelopes got no receipt" in result.stderr
