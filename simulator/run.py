@@ -626,10 +626,7 @@ class Simulation:
                 self._pump(link, 0.0)
             self._sleep(0.005)
         self._service()
-        now = self._clock()
-        if now >= self._next_report:
-            self._next_report = now + self.progress.interval
-            self.progress.update(self.snapshot())
+        self._report(self._clock())
 
     def _await_receipts(self, deadline: float) -> None:
         """The end of a run: wait until a receipt covered every envelope, or ``deadline``."""
@@ -709,7 +706,10 @@ class Simulation:
             self._pump(link, 0.0)
         if self.tracker is not None:
             self._service()
-        now = self._clock()
+        self._report(self._clock())
+
+    def _report(self, now: float) -> None:
+        """Refresh the progress view if it is due."""
         if now >= self._next_report:
             self._next_report = now + self.progress.interval
             self.progress.update(self.snapshot())
@@ -731,9 +731,7 @@ class Simulation:
                 self._sleep(min(remaining, 0.005))
             if self.tracker is not None:
                 self._service()
-            if now >= self._next_report:
-                self._next_report = now + self.progress.interval
-                self.progress.update(self.snapshot())
+            self._report(now)
 
     def _flush(self, deadline: float) -> None:
         for link in self.links:
