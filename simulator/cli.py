@@ -163,6 +163,14 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
             panel=_FAULTS,
         ),
     ] = None,
+    receipts: Annotated[
+        str | None,
+        _option(
+            "auto|on|off: keep every envelope until a receipt from the store covers it, "
+            "resending it when none comes (auto: if the pipeline announces receipts). "
+            "\\[default: auto]",
+        ),
+    ] = None,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print the final summary as one JSON object on stdout."),
@@ -179,8 +187,10 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
 
     Each device publishes WIRE 1.0 envelopes (temperature, humidity, pressure, power,
     battery, door, motion) on [bold]iotpipe/v1/{site}/{device}/telemetry[/bold], with a
-    retained online/offline status. The command fails (exit 4) if any publish is not
-    acknowledged, and prints one line if the broker cannot be reached (exit 3).
+    retained online/offline status. With receipts (default: when the pipeline announces them)
+    each device keeps what it published until the store confirms it. The command fails (exit 4)
+    if any publish is not acknowledged or any envelope not receipted, and prints one line if
+    the broker cannot be reached (exit 3).
 
     [bold]Examples[/bold]
 
@@ -214,6 +224,7 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
         "qos": qos,
         "ts_format": ts_format,
         "faults": _key_values("--fault", fault),
+        "receipts": receipts,
     }
     settings = load(SimulateSettings, "simulate", config_file=path, overrides=overrides)
     mqtt_settings = load(MqttSettings, "mqtt", config_file=path, overrides={"url": mqtt})

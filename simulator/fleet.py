@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 AGENT = f"iotpipe-simulator/{__version__}"
 
-#: A message on its way: (topic, payload, whether the bridge must reject it).
-Outgoing = tuple[str, bytes, bool]
+#: A message on its way: (topic, payload, whether the bridge must reject it, its seq).
+Outgoing = tuple[str, bytes, bool, int]
 
 
 class Stamper:

@@ -30,6 +30,9 @@ class Snapshot:
         faults: faults injected so far, by kind.
         behind: seconds the paced schedule is running late (0 when on time or unpaced).
         reconnects: connections re-established.
+        unconfirmed: envelopes no receipt covered yet (None: receipts off).
+        latency_p50: median seconds from publish to receipt (None: receipts off).
+        latency_p99: 99th percentile of the same.
     """
 
     elapsed: float
@@ -42,6 +45,9 @@ class Snapshot:
     faults: dict[str, int]
     behind: float
     reconnects: int
+    unconfirmed: int | None = None
+    latency_p50: float | None = None
+    latency_p99: float | None = None
 
 
 class Progress(Protocol):
@@ -58,6 +64,15 @@ class Progress(Protocol):
 
 def _faults_text(faults: dict[str, int]) -> str:
     return ",".join(f"{kind}:{count}" for kind, count in sorted(faults.items())) or "none"
+
+
+def _receipts_text(s: Snapshot) -> str:
+    if s.unconfirmed is None:
+        return ""
+    return (
+        f" unconfirmed={s.unconfirmed} receipt_p50={s.latency_p50 or 0:.3f}s"
+        f" receipt_p99={s.latency_p99 or 0:.3f}s"
+    )
 
 
 class _Rate:
@@ -92,7 +107,7 @@ class LogProgress:
             f"{time.strftime('%Y-%m-%dT%H:%M:%S')} simulate elapsed={s.elapsed:.1f}s "
             f"messages={s.messages}{target} published={s.published} acked={s.acknowledged} "
             f"inflight={s.inflight} held={s.held} rate={rate:.0f}/s behind={s.behind:.2f}s "
-            f"reconnects={s.reconnects} faults={_faults_text(s.faults)}",
+            f"reconnects={s.reconnects} faults={_faults_text(s.faults)}{_receipts_text(s)}",
             file=self.stream,
             flush=True,
         )
@@ -130,6 +145,12 @@ class LiveProgress:
         table.add_row("behind", f"{s.behind:.2f} s")
         table.add_row("reconnects", f"{s.reconnects}")
         table.add_row("faults", _faults_text(s.faults))
+        if s.unconfirmed is not None:
+            table.add_row(
+                "unconfirmed",
+                f"{s.unconfirmed}  (receipt latency p50 {s.latency_p50 or 0:.3f} s, "
+                f"p99 {s.latency_p99 or 0:.3f} s)",
+            )
         return table
 
     def update(self, snapshot: Snapshot) -> None:

@@ -90,6 +90,16 @@ class SimulateSettings(Section):
     seed: int | None = Field(None, description="random seed: same seed, same ids and values")
     flush_timeout: float = Field(30.0, gt=0, description="seconds to wait for the last acks")
     reconnect_timeout: float = Field(60.0, gt=0, description="seconds to retry a lost connection")
+    receipts: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="keep envelopes until a receipt covers them (auto: as the pipeline says)",
+    )
+    receipt_window: int = Field(
+        256, ge=1, le=60_000, description="unconfirmed envelopes per device"
+    )
+    receipt_timeout_min: float = Field(5.0, gt=0, description="shortest resend timeout, seconds")
+    receipt_timeout_max: float = Field(300.0, gt=0, description="longest resend timeout, seconds")
+    capability_wait: float = Field(3.0, ge=0, description="seconds to wait for the capability")
     profiles: Profiles = Profiles()
     faults: FaultSettings = FaultSettings()
 
@@ -126,6 +136,8 @@ class SimulateSettings(Section):
 
     @model_validator(mode="after")
     def _limits(self) -> SimulateSettings:
+        if self.receipt_timeout_min > self.receipt_timeout_max:
+            raise ValueError("receipt_timeout_min must not exceed receipt_timeout_max")
         if self.sites * self.devices > MAX_DEVICES:
             raise ValueError(
                 f"sites x devices = {self.sites * self.devices}; at most {MAX_DEVICES}"

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from iotpipe.envelope import Envelope, Rejection, Status, decode
-from iotpipe.mqtt import MqttClient, Will
+from iotpipe.mqtt import Will
 from iotpipe.settings import MqttSettings
 from iotpipe.testing import Capture
+from simulator.link import MqttLink
 from simulator.progress import Snapshot
 from simulator.run import Simulation, Summary
 from simulator.settings import SimulateSettings
@@ -21,14 +22,14 @@ pytestmark = pytest.mark.mqtt
 
 
 def run_fleet(url: str, unique: str, progress: Any = None, **overrides: Any) -> Summary:
-    """Run the simulator with MqttClient links against ``url`` (unpaced, seeded)."""
+    """Run the simulator with MqttLink links against ``url`` (unpaced, seeded)."""
     values: dict[str, Any] = {"rate": "max", "seed": 3, "site_pattern": f"s{unique}-{{n}}"}
     values.update(overrides)
     settings = SimulateSettings(**values)
     mqtt = MqttSettings(url=url)
 
-    def connect(index: int, will: Will | None) -> MqttClient:
-        return MqttClient(mqtt, client_id=f"sim-{unique}-{index}", will=will)
+    def connect(index: int, will: Will | None) -> MqttLink:
+        return MqttLink(mqtt, client_id=f"sim-{unique}-{index}", will=will)
 
     sim = Simulation(settings, connect)
     if progress is not None:
