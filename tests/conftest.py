@@ -228,3 +228,34 @@ def mqtt_broker(request: pytest.FixtureRequest) -> BrokerInfo:
 def unique() -> str:
     """A short unique token for topics, client ids and queue names of one test."""
     return uuid.uuid4().hex[:10]
+
+
+SHARED_MOSQUITTO = ("127.0.0.1", 1883)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_retained_capability_on_the_shared_broker() -> None:
+    """The shared Mosquitto starts the session without a retained pipeline capability.
+
+    A bridge (receipts on) pointed at the shared broker by an earlier run, or by hand, leaves
+    ``iotpipe/v1/pipeline`` retained there; simulators and agents in ``auto`` mode would then
+    wait for receipts nothing sends. Tests that want a capability publish it on a private broker.
+    """
+    from iotpipe.mqtt import MqttClient
+    from iotpipe.receipts import CAPABILITY_TOPIC
+    from iotpipe.settings import MqttSettings
+
+    host, port = SHARED_MOSQUITTO
+    with contextlib.closing(socket.socket()) as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex((host, port)) != 0:
+            return  # no shared broker: nothing retained there
+    client = MqttClient(
+        MqttSettings(url=f"mqtt://{host}:{port}", client_id=f"t-{uuid.uuid4().hex[:8]}")
+    )
+    client.connect(timeout=5.0)
+    try:
+        client.publish(CAPABILITY_TOPIC, b"", qos=1, retain=True)
+        assert client.flush(timeout=5.0), "the shared Mosquitto did not acknowledge"
+    finally:
+        client.disconnect()
