@@ -25,6 +25,7 @@ from iotpipe.envelope import (
     encode,
     reading_time_ms,
 )
+from iotpipe.receipts import Receipt, decode_receipt
 from iotpipe.topics import Kind, topic
 from iotpipe.wire import MAX_PAYLOAD, MAX_READINGS, MAX_TS_MS
 
@@ -967,13 +968,16 @@ def test_module_exports_are_importable() -> None:
 
 
 def test_documented_examples_are_valid() -> None:
-    """Every JSON example in docs/wire.md is a valid message of its kind."""
+    """Every JSON example in docs/wire.md is a valid message of its kind (receipts included)."""
     doc = (Path(__file__).parents[2] / "docs" / "wire.md").read_text()
     examples = re.findall(r"```json\n(.*?)```", doc, flags=re.DOTALL)
     assert len(examples) >= 3
     for example in examples:
         payload = example.encode()
         fields = json.loads(payload)
+        if "stored" in fields:  # a receipt (1.1)
+            assert isinstance(decode_receipt(payload), Receipt), example
+            continue
         kind = Kind.STATUS if "state" in fields else Kind.TELEMETRY
         result = decode(topic(fields["site"], fields["device"], kind), payload)
         assert isinstance(result, Envelope | Status), (example, result)
