@@ -81,7 +81,7 @@ class Unconfirmed:
         self.timeout_min = timeout_min
         self.timeout_max = timeout_max
         self._rng = rng or random.Random()
-        # Insertion order is acknowledgement order: the first entry is the oldest.
+        # Ordered by last send (a resend moves an entry to the end): resends take turns.
         self._held: dict[tuple[str | None, int], Held] = {}
         self._stored: dict[str | None, SeqSet] = {}
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
@@ -158,7 +158,7 @@ class Unconfirmed:
         return True
 
     def due(self, now: float, n: int) -> list[Held]:
-        """Up to ``n`` held envelopes whose resend is due, oldest first."""
+        """Up to ``n`` held envelopes whose resend is due, least recently sent first."""
         out: list[Held] = []
         for held in self._held.values():
             if len(out) >= n:
@@ -170,6 +170,9 @@ class Unconfirmed:
     def resent(self, held: Held, now: float) -> None:
         """Note that ``held`` was published again at ``now``."""
         held.resends += 1
+        key = (held.boot, held.seq)
+        if self._held.get(key) is held:
+            self._held[key] = self._held.pop(key)
         held.sent_at = now
         held.due = now + self._timeout(held.resends)
         self.resent_total += 1
@@ -186,8 +189,7 @@ class Unconfirmed:
 
     def oldest_acked(self) -> float | None:
         """When the oldest held envelope was acknowledged (None when nothing is held)."""
-        first = next(iter(self._held.values()), None)
-        return None if first is None else first.acked_at
+        return min((held.acked_at for held in self._held.values()), default=None)
 
     # -- latency ----------------------------------------------------------------------------------
 
