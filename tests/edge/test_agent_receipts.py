@@ -4,7 +4,9 @@ receipt, the window, paced resends, the capability negotiation, metrics and /hea
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -19,10 +21,18 @@ from edge.outbox import Outbox, Pending
 from edge.sensors.base import Sample
 from edge.systemd_notify import Notifier
 from iotpipe.connection import MqttSettings
-from iotpipe.mqtt import Message, MessageHandler, Will
-from iotpipe.receipts import CAPABILITY_TOPIC, BootReceipt, Receipt, encode_receipt, receipt_topic
-from tests.conftest import wait_for
-from tests.edge.conftest import make_settings
+from iotpipe.mqtt import Message, MessageHandler, MqttClient, Will
+from iotpipe.receipts import (
+    CAPABILITY_TOPIC,
+    BootReceipt,
+    Receipt,
+    SeqSet,
+    encode_receipt,
+    receipt_topic,
+)
+from tests.conftest import BrokerInfo, wait_for
+from tests.edge.conftest import Subscriber, make_settings
+from tests.edge.test_agent_process import committed_rows, start, write_config
 
 SITE, DEVICE, BOOT = "s", "pi1", "b00t-1"
 RECEIPTS = receipt_topic(SITE, DEVICE)
@@ -321,3 +331,76 @@ def test_metrics_and_healthz_show_the_receipts(tmp_path: Path) -> None:
     assert samples[("iotpipe_edge_receipts_received", ())] == 1.0
     assert samples[("iotpipe_edge_envelopes_resent", ())] == 0.0
     assert samples[("iotpipe_edge_receipt_latency_seconds", ("0.99",))] >= 0
+
+
+@pytest.mark.mqtt
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_edge_run_with_a_receipting_store_drains_and_resends_what_was_not_receipted(
+    tmp_path: Path, unique: str, mosquitto_broker: BrokerInfo
+) -> None:
+    """`iotpipe edge run` with receipts on and a test store that receipts what it saw (except
+    two envelopes at first): those two come again byte for byte, and after SIGTERM the outbox
+    is empty."""
+    site, url, state = f"t{unique}", mosquitto_broker.url, tmp_path / "state"
+    config = write_config(tmp_path / "edge.toml", url, site, state, drain_rate=100.0)
+    config.write_text(
+        config.read_text().replace(
+            "[[edge.sensors]]",
+            'receipts = "on"\nreceipt_timeout_min = 1.0\nreceipt_timeout_max = 2.0\n\n'
+            "[[edge.sensors]]",
+            1,
+        )
+    )
+    seen = Subscriber(url, f"iotpipe/v1/{site}/+/telemetry", f"store-{unique}").start()
+    store = MqttClient(MqttSettings(url=url), client_id=f"receipts-{unique}")
+    store.connect()
+    held_back = {2, 3}
+
+    def receipt_what_was_seen() -> None:
+        envelopes = seen.envelopes()
+        if not envelopes:
+            return
+        arrivals = collections.Counter(e["seq"] for e in envelopes)
+        stored = SeqSet()
+        for seq, count in arrivals.items():
+            if seq not in held_back or count >= 2:
+                stored.add(seq)
+        boot = envelopes[0]["boot"]
+        payload = encode_receipt(
+            Receipt(site, "pi1", 1, (BootReceipt(boot, tuple(stored.ranges()[-256:])),))
+        )
+        store.publish(receipt_topic(site, "pi1"), payload, qos=1, retain=True)
+        store.flush(5.0)
+
+    log = tmp_path / "agent.log"
+    agent = start(config, log)
+    try:
+
+        def resent() -> bool:
+            receipt_what_was_seen()
+            arrivals = collections.Counter(e["seq"] for e in seen.envelopes())
+            return all(arrivals[seq] >= 2 for seq in held_back) and len(arrivals) >= 10
+
+        wait_for(resent, 60, "the two unreceipted envelopes resent")
+        agent.send_signal(signal.SIGTERM)
+
+        def stopped() -> bool:
+            receipt_what_was_seen()
+            return agent.poll() is not None
+
+        wait_for(stopped, 30, "the agent to exit")
+        assert agent.returncode == 0, log.read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        seen.stop()
+        store.disconnect()
+    payloads: dict[str, bytes] = {}
+    for message in seen.messages:
+        env_id = json.loads(message.payload)["id"]
+        assert payloads.setdefault(env_id, message.payload) == message.payload
+    *left, _ = committed_rows(state / "outbox.db")
+    assert left == []  # every envelope receipted, none left
+    assert "receipts=active" in log.read_text()
