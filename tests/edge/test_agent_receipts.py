@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import random
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ from edge.envelopes import build_envelope
 from edge.outbox import Outbox, Pending
 from edge.sensors.base import Sample
 from edge.systemd_notify import Notifier
+from edge.unconfirmed import Unconfirmed
 from iotpipe.connection import MqttSettings
 from iotpipe.mqtt import Message, MessageHandler, MqttClient, Will
 from iotpipe.receipts import (
@@ -222,7 +224,7 @@ def test_a_full_window_publishes_nothing_new(running: Callable[..., Running]) ->
 def test_unreceipted_envelopes_are_resent_with_the_same_bytes_paced(
     running: Callable[..., Running],
 ) -> None:
-    """After the timeout every held envelope goes again, byte for byte, oldest first, and never
+    """After the (jittered) timeout every held envelope goes again, byte for byte, and never
     faster than drain_rate together with new publishes."""
     run = running(
         receipts="on", drain_rate=20.0, receipt_timeout_min=0.3, receipt_timeout_max=0.3
@@ -236,13 +238,11 @@ def test_unreceipted_envelopes_are_resent_with_the_same_bytes_paced(
     wait_for(each_sent_twice, 20, "every envelope resent")
     sent = run.broker.telemetry()
     assert {payload for _, payload in sent} == set(order)  # resends are the same bytes
-    seen: set[bytes] = set()
-    again = []
-    for _, payload in sent:
-        if payload in seen and payload not in again:
-            again.append(payload)
-        seen.add(payload)
-    assert again == order  # first resends come oldest first
+    first_sent: dict[bytes, float] = {}
+    for at, payload in sent:
+        if payload in first_sent:  # its first resend: not before the (jittered) timeout
+            assert at - first_sent[payload] >= 0.8 * 0.3
+        first_sent.setdefault(payload, at)
     assert run.stats.envelopes_resent >= 30
     start = sent[0][0]
     for i, (at, _) in enumerate(sent):  # token bucket: burst 20, then 20 per second
@@ -404,3 +404,23 @@ def test_edge_run_with_a_receipting_store_drains_and_resends_what_was_not_receip
     *left, _ = committed_rows(state / "outbox.db")
     assert left == []  # every envelope receipted, none left
     assert "receipts=active" in log.read_text()
+
+
+def test_resends_go_least_recently_sent_first_and_back_off() -> None:
+    """Due envelopes come oldest first, a resent one goes to the back and waits twice as long."""
+    rng = random.Random(1)
+    rng.uniform = lambda a, b: 1.0  # type: ignore[method-assign]  # no jitter
+    book = Unconfirmed(5.0, 300.0, rng)
+    for seq in range(3):
+        assert book.hold(seq, BOOT, seq, "t", b"p", acked_at=0.0, sent_at=float(seq))
+    assert [h.seq for h in book.due(7.5, 10)] == [0, 1, 2]
+    first = book.due(7.5, 1)[0]
+    book.resent(first, 7.5)
+    assert first.due == 7.5 + 10.0  # 2 x timeout
+    assert [h.seq for h in book.due(7.5, 10)] == [1, 2]
+    assert [h.seq for h in book.due(100.0, 10)] == [1, 2, 0]
+    entry = BootReceipt(BOOT, ranges=((5, 5),), through=1)
+    done = book.apply(Receipt(SITE, DEVICE, 1, (entry,)), 8.0)
+    assert done == [1, 0]
+    assert not book.hold(5, BOOT, 5, "t", b"p", acked_at=9.0, sent_at=9.0)  # already receipted
+    assert len(book) == 1
