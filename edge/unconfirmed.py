@@ -33,21 +33,23 @@ _NO_SEQ = 2**63
 _JITTER = 0.2
 
 
-def envelope_boot(payload: bytes) -> str | None:
-    """The ``boot`` of an envelope the agent wrote (None if it has none or is not JSON)."""
+def _field(payload: bytes, name: str) -> object:
+    """A top-level field of a JSON object (None if absent or not a JSON object)."""
     try:
-        boot = json.loads(payload).get("boot")
+        return json.loads(payload).get(name)
     except (ValueError, AttributeError):
         return None
+
+
+def envelope_boot(payload: bytes) -> str | None:
+    """The ``boot`` of an envelope the agent wrote (None if it has none or is not JSON)."""
+    boot = _field(payload, "boot")
     return boot if isinstance(boot, str) else None
 
 
 def receipts_capability(payload: bytes) -> bool | None:
     """``receipts`` of a capability message on ``iotpipe/v1/pipeline``; None if malformed."""
-    try:
-        value = json.loads(payload).get("receipts")
-    except (ValueError, AttributeError):
-        return None
+    value = _field(payload, "receipts")
     return value if isinstance(value, bool) else None
 
 
