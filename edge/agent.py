@@ -12,7 +12,12 @@ Threads, each with one job:
   ``drain_rate`` per second), and deletes a round from the outbox once every envelope of it
   was acknowledged. A lost connection is renewed with jittered exponential backoff and the
   unacknowledged round is published again on the new connection, in order (duplicates are
-  allowed: ids are kept, consumers deduplicate).
+  allowed: ids are kept, consumers deduplicate). With receipts (``receipts = "on"``, or
+  ``"auto"`` and the pipeline's capability says so) an acknowledged round is *held*
+  (:class:`edge.unconfirmed.Unconfirmed`; its rows stay in flight in the outbox) until a receipt
+  on the device's receipt topic covers it; held envelopes without a receipt are resent after a
+  timeout, and at most ``receipt_window`` are published and unreceipted at a time. Receipt and
+  capability handlers run inside ``pump()``, on this thread.
 - ``iotpipe-http``: ``/metrics`` and ``/healthz`` (only if ``http_port`` is not 0).
 
 Status: every connection carries a last will (``offline``, retained) and starts with a birth
