@@ -421,7 +421,12 @@ class Publisher:
 
     def _on_message(self, message: Message) -> None:
         if message.topic == self.receipt_topic:
-            self._on_receipt(message.payload)
+            try:
+                self._on_receipt(message.payload)
+            except OutboxError as err:
+                # The rows stay in the outbox: after a restart they are published again, and
+                # the store's receipt for the duplicate deletes them then.
+                log.error("receipted envelopes not deleted from the outbox: %s", err)
         elif message.topic == CAPABILITY_TOPIC:
             capability = receipts_capability(message.payload)
             if capability is None:
