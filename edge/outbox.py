@@ -82,6 +82,11 @@ ROW_OVERHEAD = 64
 APPLICATION_ID = 0x696F7465
 SCHEMA_VERSION = 1
 
+#: SQLite page cache of the outbox connection, KiB. Envelopes are written once and read once,
+#: so a cache barely helps; SQLite's default (2000 KiB) would fill while a long backlog drains
+#: and stay resident on a small Pi. Group commits of 1 KB envelopes ran at the same rate.
+OUTBOX_CACHE_KIB = 256
+
 #: Fraction of the backlog a thinning pass looks at (the oldest part), and its minimum.
 THIN_FRACTION = 0.10
 THIN_MIN = 2
@@ -125,6 +130,7 @@ LAYOUT = Layout(
     thin_columns=("readings", "seq", "created_ms"),
     oldest_column="created_ms",
     journal_size_limit=4 * 1024 * 1024,
+    cache_kib=OUTBOX_CACHE_KIB,
     logger=log,
 )
 

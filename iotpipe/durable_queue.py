@@ -180,6 +180,8 @@ class Layout:
         thin_columns: the columns a thinned row carries after ``id`` and ``size``.
         oldest_column: the column :meth:`DurableQueue.oldest` reports for the oldest row.
         journal_size_limit: bytes the WAL is trimmed back to after a checkpoint.
+        cache_kib: SQLite's page cache limit for the connection, in KiB; None keeps SQLite's
+            default (2000 KiB), which a long backlog read end to end fills.
         logger: where the queue logs (the wrapper's logger, so users filter by component).
     """
 
@@ -196,6 +198,7 @@ class Layout:
     thin_columns: tuple[str, ...] = ()
     oldest_column: str | None = None
     journal_size_limit: int = 4 * 1024 * 1024
+    cache_kib: int | None = None
     logger: logging.Logger = field(default=log)
 
 
@@ -352,6 +355,8 @@ class DurableQueue(Closing):
             sync = "FULL" if self.durability == "fsync" else "NORMAL"
             conn.execute(f"PRAGMA synchronous={sync}")
             conn.execute(f"PRAGMA journal_size_limit={int(layout.journal_size_limit)}")
+            if layout.cache_kib is not None:
+                conn.execute(f"PRAGMA cache_size={-int(layout.cache_kib)}")  # negative: KiB
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._check_schema(conn)

@@ -1,15 +1,23 @@
-"""``iotpipe edge run``, the agent's one entry point: argparse before typer, and a small footprint."""
+"""``iotpipe edge run``, the agent's one entry point: a small parser before typer, a small footprint."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from edge.run import parse
 from iotpipe.__main__ import fast_command
 
 IOTPIPE = str(Path(sys.executable).with_name("iotpipe"))
@@ -142,3 +150,38 @@ def test_help_is_typers() -> None:
     assert "Examples" in result.stdout
     assert "--config" in result.stdout
     assert "iotpipe edge run --config /etc/iotpipe/edge.toml" in result.stdout
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"iotpipe edge run: error: {message} (see: iotpipe edge run --help)\n")
+        sys.exit(2)
+
+
+def _argparse(argv: Sequence[str]) -> dict[str, Any]:
+    """What ``iotpipe edge run`` parsed with argparse before it had its own parser."""
+    parser = _ArgumentParser(prog="iotpipe edge run", add_help=False, allow_abbrev=False)
+    parser.add_argument("--config", "-c")
+    parser.add_argument("--mqtt")
+    parser.add_argument("--site")
+    parser.add_argument("--device")
+    return vars(parser.parse_args(argv))
+
+
+def _outcome(function: Callable[[Sequence[str]], dict[str, Any]], argv: list[str]) -> object:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return function(argv)
+    except SystemExit as exit_:
+        return exit_.code, err.getvalue()
+
+
+_WORDS = ["--config", "-c", "-cx.toml", "-c=y", "--site", "--site=s", "--mqtt=", "--device",
+          "--sight", "a", "-5", "-1.5", "-", "--", "x=y", "-q"]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(_WORDS), max_size=6))
+def test_parser_answers_as_argparse_did(argv: list[str]) -> None:
+    """Values, repeated options, missing values and unknown words come out as argparse gave them."""
+    assert _outcome(parse, argv) == _outcome(_argparse, argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,6 +229,19 @@ def test_a_new_file_carries_the_layouts_identity(queue: DurableQueue, path: Path
         assert raw.execute("PRAGMA application_id").fetchone()[0] == LAYOUT.application_id
         assert raw.execute("PRAGMA user_version").fetchone()[0] == LAYOUT.schema_version
     raw.close()
+
+
+def test_the_page_cache_is_the_layouts_or_sqlites_default(path: Path) -> None:
+    """A layout's cache_kib caps the connection's page cache; without one SQLite's default holds."""
+
+    def cache_size(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA cache_size").fetchone()[0])
+
+    small = dataclasses.replace(LAYOUT, cache_kib=256)
+    with DurableQueue(path, small, max_bytes=10 * SIZE, durability="process") as queue:
+        assert queue.read("test", cache_size) == -256
+    with DurableQueue(path, LAYOUT, max_bytes=10 * SIZE, durability="process") as queue:
+        assert queue.read("test", cache_size) == -2000
 
 
 def test_a_file_from_a_newer_version_is_refused(path: Path) -> None:

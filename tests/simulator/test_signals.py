@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iotpipe.signals import HOUR, Battery, Binary, Humidity, Power, Pressure, Temperature
+from iotpipe.signals import (
+    HOUR,
+    Battery,
+    Binary,
+    Humidity,
+    Power,
+    Pressure,
+    Temperature,
+    normal_quantile,
+)
 
 #: 2026-11-26T00:00:00Z: a UTC midnight, so hour h of the day is DAY0 + h * HOUR.
 DAY0 = 1_795_651_200.0
@@ -161,3 +170,17 @@ def test_repeated_time_returns_the_same_reading() -> None:
         assert signal(DAY0) == first
         second = signal(DAY0 + 1)
         assert signal(DAY0 + 1) == second
+
+
+def test_normal_quantile_gives_the_floats_of_statistics_noise_table() -> None:
+    """Every point of the 4096-level noise table equals NormalDist().inv_cdf's float exactly."""
+    standard = statistics.NormalDist()
+    for i in range(4096):
+        p = (i + 0.5) / 4096
+        assert normal_quantile(p) == standard.inv_cdf(p), p
+
+
+@given(st.floats(min_value=1.4e-11, max_value=1.0 - 1.4e-11))
+def test_normal_quantile_matches_statistics_over_its_domain(p: float) -> None:
+    """Across its whole domain the quantile is NormalDist().inv_cdf's float, bit for bit."""
+    assert normal_quantile(p) == statistics.NormalDist().inv_cdf(p)
