@@ -500,6 +500,8 @@ class Pipeline:
             return component
         host, port = self.settings.mqtt_host, self.settings.mqtt_port
         self.mqtt = MqttSettings(url=f"mqtt://{host}:{port}", tls=self.mqtt.tls)
+        # The components started after the broker connect to it, not to the default URL.
+        env["IOTPIPE_MQTT__URL"] = self.mqtt.url
         log = self.dir / "broker.log"
         if self.settings.edge_broker == "mosquitto":
             argv = [_mosquitto_binary(), "-c", str(self._mosquitto_config(host, port))]

@@ -166,6 +166,11 @@ def test_up_runs_the_pipeline_for_a_duration_and_status_reports_healthy(rig: Rig
     output = rig.output()
     assert "pipeline running" in output
     assert f"mqtt://127.0.0.1:{rig.mqtt_port}" in output
+    # The bridge and the simulator use the broker up started, not the default URL.
+    logs = rig.cwd / "state" / "up"
+    assert (
+        f"iotpipe bridge mqtt://127.0.0.1:{rig.mqtt_port} ->" in (logs / "bridge.log").read_text()
+    )
     assert "bridge drained" in output
     assert rig.stored_readings() > 0
     _assert_no_orphans(rig)
