@@ -41,11 +41,13 @@ from edge.envelopes import build_envelope, sample_problem
 from edge.outbox import FillRate, Outbox, OutboxEntry, OutboxError, Pending
 from edge.sensors.base import Driver, Sample, SensorError
 from edge.systemd_notify import Notifier
+from edge.unconfirmed import Unconfirmed, envelope_boot, receipts_capability
 from iotpipe import metrics
 from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConnectError, DeliveryError
-from iotpipe.mqtt import MqttClient, Will
+from iotpipe.mqtt import Message, MessageHandler, MqttClient, Will
 from iotpipe.pacing import Backoff, TokenBucket
+from iotpipe.receipts import CAPABILITY_TOPIC, decode_receipt, receipt_topic
 from iotpipe.wire import MAX_PAYLOAD, Kind, State, encode_status, topic
 
 if TYPE_CHECKING:
@@ -61,13 +63,19 @@ _FILL_SAMPLE_INTERVAL = 10.0
 _STALL_SECONDS = 30.0
 #: Seconds between repeated log lines about one failing sensor.
 _ERROR_LOG_INTERVAL = 60.0
+#: ``receipts = "auto"``: seconds after connecting without a capability message before the
+#: agent decides the pipeline sends no receipts.
+CAPABILITY_WAIT = 3.0
 
-#: Builds the MQTT client of one connection attempt (tests inject their own).
-ClientFactory = Callable[[MqttSettings, Will, int], MqttClient]
+#: Builds the MQTT client of one connection attempt: settings, last will, publish window and the
+#: handler of incoming messages (receipts, the capability). Tests inject their own.
+ClientFactory = Callable[[MqttSettings, Will, int, MessageHandler], MqttClient]
 
 
-def _default_client(settings: MqttSettings, will: Will, max_inflight: int) -> MqttClient:
-    return MqttClient(settings, will=will, max_inflight=max_inflight)
+def _default_client(
+    settings: MqttSettings, will: Will, max_inflight: int, on_message: MessageHandler
+) -> MqttClient:
+    return MqttClient(settings, will=will, max_inflight=max_inflight, on_message=on_message)
 
 
 def wall_ms() -> int:
@@ -91,6 +99,16 @@ class AgentStats:
     clock_synced: bool = True
     sensor_errors: dict[str, int] = field(default_factory=dict)
     full_in_seconds: float = math.inf
+    #: Receipts: "active", "inactive" or "undecided" (``receipts = "auto"`` before the capability).
+    receipts: str = "inactive"
+    unconfirmed: int = 0
+    #: Monotonic time the oldest unconfirmed envelope was acknowledged (None: none held).
+    unconfirmed_since: float | None = None
+    receipt_latency_p50: float | None = None
+    receipt_latency_p99: float | None = None
+    receipts_received: int = 0
+    receipts_malformed: int = 0
+    envelopes_resent: int = 0
 
 
 class Publisher:
@@ -139,6 +157,16 @@ class Publisher:
         self._ever_connected = False
         self.last_beat = time.monotonic()
         self.offline_acknowledged = False
+        # Receipts: True holds acknowledged envelopes until a receipt covers them, False deletes
+        # them on PUBACK, None (``receipts = "auto"`` before the capability) holds them too.
+        self.receipt_topic = receipt_topic(site, device)
+        self.capability_wait = CAPABILITY_WAIT
+        self._holding: bool | None = {"on": True, "off": False}.get(settings.receipts)
+        self._decide_by = math.inf
+        self._unconfirmed = Unconfirmed(settings.receipt_timeout_min, settings.receipt_timeout_max)
+        self._boots: dict[int, str | None] = {}
+        self._resent_out = 0
+        self._publish_receipt_stats()
         self._thread = threading.Thread(target=self._run, name="iotpipe-edge-mqtt", daemon=True)
 
     def start(self) -> Publisher:
@@ -169,10 +197,16 @@ class Publisher:
         """One connection attempt: a new client whose will is newer than its birth."""
         birth_ms = max(self._wall(), self._last_status_ms + 1)
         will = Will(self.status_topic, self._status("offline", birth_ms + 1), qos=1, retain=True)
-        client = self._client_factory(self.mqtt, will, self.settings.window + 1)
+        client = self._client_factory(self.mqtt, will, self.settings.window + 1, self._on_message)
         try:
             client.connect(timeout=10.0)
             client.publish(self.status_topic, self._status("online", birth_ms), qos=1, retain=True)
+            if self.settings.receipts != "off":
+                # Both retained: the latest receipt and the capability arrive at once.
+                filters = [(self.receipt_topic, 1)]
+                if self.settings.receipts == "auto":
+                    filters.append((CAPABILITY_TOPIC, 1))
+                client.subscribe(filters)
             # What the lost connection did not get acknowledged goes again, first and in order.
             for entry in self._round:
                 client.publish(entry.topic, entry.payload, qos=1)
@@ -206,6 +240,8 @@ class Publisher:
         self._backoff.reset()
         self.stats.connected = True
         self._round_started = time.monotonic()
+        if self._holding is None:
+            self._decide_by = self._round_started + self.capability_wait
         return client
 
     def _lost(self, client: MqttClient, err: Exception) -> None:
@@ -219,6 +255,7 @@ class Publisher:
         with contextlib.suppress(Exception):
             client.disconnect()
         self.stats.connected = False
+        self._resent_out = 0  # still held: resent when due again
         self._next_attempt = time.monotonic() + self._backoff.next_delay()
 
     def _run(self) -> None:
@@ -255,6 +292,12 @@ class Publisher:
 
     def _step(self, client: MqttClient, bucket: TokenBucket, now: float) -> MqttClient | None:
         """Publish a round if none is out, pump, and retire the round once acknowledged."""
+        if self._holding is None and now >= self._decide_by:
+            self._set_holding(
+                False, f"no capability on {CAPABILITY_TOPIC} within {self.capability_wait:g} s"
+            )
+        if self._holding is not False:
+            return self._step_held(client, bucket, now)
         timeout = 0.2
         if not self._round and self.outbox.depth > self.outbox.in_flight:
             allowed = bucket.take(self.settings.window)
@@ -280,6 +323,148 @@ class Publisher:
             return None
         return client
 
+    def _step_held(self, client: MqttClient, bucket: TokenBucket, now: float) -> MqttClient | None:
+        """:meth:`_step` while receipts are (or may be) on: resends first, then new envelopes,
+        together at most ``window`` per round and ``drain_rate`` per second; an acknowledged
+        round is held until receipts cover it."""
+        timeout = 0.2
+        held = self._unconfirmed
+        if not self._round and not self._resent_out:
+            room = self.settings.window
+            due = held.due(now, room)
+            fresh = 0
+            if self.outbox.depth > self.outbox.in_flight:
+                fresh = max(0, min(room - len(due), self.settings.receipt_window - len(held)))
+            wanted = len(due) + fresh
+            allowed = bucket.take(wanted)
+            for entry in due[:allowed]:
+                client.publish(entry.topic, entry.payload, qos=1)
+                held.resent(entry, now)
+            self._resent_out = min(allowed, len(due))
+            if allowed > self._resent_out:
+                self._round = self._fresh(allowed - self._resent_out)
+                for fresh_entry in self._round:
+                    client.publish(fresh_entry.topic, fresh_entry.payload, qos=1)
+            bucket.give_back(allowed - self._resent_out - len(self._round))
+            if self._round or self._resent_out:
+                self._round_started = now
+                self._publish_receipt_stats()
+            elif wanted:
+                timeout = min(timeout, bucket.wait_time())
+            else:
+                timeout = min(timeout, max(0.0, held.next_due() - now))
+        out = bool(self._round or self._resent_out)
+        client.pump(timeout=0.02 if out else timeout)
+        if out and client.unacknowledged == 0:
+            done, self._round, self._resent_out = self._round, [], 0
+            self._retire(done, now)
+        elif out and now - self._round_started > self.settings.ack_timeout:
+            self._lost(
+                client,
+                DeliveryError(f"no PUBACK for {self.settings.ack_timeout:g} s; reconnecting"),
+            )
+            return None
+        return client
+
+    def _fresh(self, n: int) -> list[OutboxEntry]:
+        """Up to ``n`` envelopes from the outbox; those a receipt already covers are deleted."""
+        entries = self.outbox.peek_oldest(n)
+        covered = []
+        for entry in entries:
+            boot = self._boots[entry.id] = envelope_boot(entry.payload)
+            if self._unconfirmed.covers(boot, entry.seq):
+                covered.append(entry.id)
+        if covered:
+            self.outbox.delete(covered)
+            gone = set(covered)
+            entries = [entry for entry in entries if entry.id not in gone]
+        return entries
+
+    def _retire(self, done: list[OutboxEntry], now: float) -> None:
+        """An acknowledged round: held until receipted (deleted if receipts went off)."""
+        boots, self._boots = self._boots, {}
+        if self._holding is False:
+            receipted = [entry.id for entry in done]
+        else:
+            receipted = [
+                entry.id
+                for entry in done
+                if not self._unconfirmed.hold(
+                    entry.id,
+                    boots.get(entry.id) if entry.id in boots else envelope_boot(entry.payload),
+                    entry.seq,
+                    entry.topic,
+                    entry.payload,
+                    acked_at=now,
+                    sent_at=self._round_started,
+                )
+            ]
+        if receipted:
+            self.outbox.delete(receipted)
+        self.stats.envelopes_published += len(done)
+        self._publish_receipt_stats()
+
+    # -- receipts (handlers run inside pump(), on this thread) ------------------------------------
+
+    def _on_message(self, message: Message) -> None:
+        if message.topic == self.receipt_topic:
+            self._on_receipt(message.payload)
+        elif message.topic == CAPABILITY_TOPIC:
+            capability = receipts_capability(message.payload)
+            if capability is None:
+                log.warning(
+                    "capability message ignored topic=%s: no boolean 'receipts'", CAPABILITY_TOPIC
+                )
+            elif self.settings.receipts == "auto":
+                self._set_holding(capability, f"capability receipts={str(capability).lower()}")
+
+    def _on_receipt(self, payload: bytes) -> None:
+        receipt = decode_receipt(payload)
+        if not isinstance(receipt, str) and (receipt.site, receipt.device) != (
+            self.site,
+            self.device,
+        ):
+            receipt = f"for {receipt.site}/{receipt.device}"
+        if isinstance(receipt, str):
+            self.stats.receipts_malformed += 1
+            log.warning("receipt ignored topic=%s reason=%s", self.receipt_topic, receipt)
+            return
+        ids = self._unconfirmed.apply(receipt, time.monotonic())
+        if ids:
+            self.outbox.delete(ids)
+        self._publish_receipt_stats()
+
+    def _set_holding(self, holding: bool, reason: str) -> None:
+        """Follow a change of the pipeline's receipts (one log line per change)."""
+        if holding == self._holding:
+            return
+        self._holding = holding
+        if holding:
+            log.info("receipts active reason=%s: envelopes are deleted on their receipt", reason)
+        else:
+            released = self._unconfirmed.release()
+            if released:
+                self.outbox.delete(released)
+            self._resent_out = 0
+            log.warning(
+                "receipts inactive reason=%s: envelopes are deleted on PUBACK"
+                " (a broker that drops them loses them) released=%d",
+                reason,
+                len(released),
+            )
+        self._publish_receipt_stats()
+
+    def _publish_receipt_stats(self) -> None:
+        """Copy the receipt state into :class:`AgentStats` (read by other threads)."""
+        s, held = self.stats, self._unconfirmed
+        s.receipts = {None: "undecided", True: "active", False: "inactive"}[self._holding]
+        s.unconfirmed = len(held)
+        s.unconfirmed_since = held.oldest_acked()
+        s.receipt_latency_p50 = held.latency(0.5)
+        s.receipt_latency_p99 = held.latency(0.99)
+        s.receipts_received = held.received
+        s.envelopes_resent = held.resent_total
+
     def _finish(self, client: MqttClient | None) -> None:
         self.stats.connected = False
         if client is not None:
@@ -287,7 +472,7 @@ class Publisher:
                 ts = max(self._wall(), self._last_status_ms + 1)
                 client.publish(self.status_topic, self._status("offline", ts), qos=1, retain=True)
                 self.offline_acknowledged = client.flush(timeout=2.0)
-                if self._round and self.offline_acknowledged:
+                if self._round and self.offline_acknowledged and self._holding is False:
                     self.outbox.delete(entry.id for entry in self._round)
                     self.stats.envelopes_published += len(self._round)
                     self._round = []
@@ -618,13 +803,29 @@ class Agent:
 
     # -- observability ----------------------------------------------------------------------------
 
+    def _receipt_figures(self) -> dict[str, Any]:
+        """The receipt fields of ``/healthz`` and the stats line (seconds; None: not known)."""
+        s = self.stats
+        since = s.unconfirmed_since
+        return {
+            "receipts": s.receipts,
+            "unconfirmed": s.unconfirmed,
+            "oldest_unconfirmed_age": (
+                None if since is None else round(max(0.0, time.monotonic() - since), 3)
+            ),
+            "receipt_latency_p50": s.receipt_latency_p50,
+            "receipt_latency_p99": s.receipt_latency_p99,
+        }
+
     def _log_stats(self) -> None:
         oldest = self.outbox.oldest_created_ms
         full_in = self.stats.full_in_seconds
+        receipts = self._receipt_figures()
         log.info(
             "edge stats readings=%d envelopes=%d published=%d backlog=%d backlog_bytes=%d"
             " max_bytes=%d oldest_age_s=%s full_in_s=%s dropped=%d connected=%s clock_synced=%s"
-            " sensor_errors=%d",
+            " sensor_errors=%d receipts=%s unconfirmed=%d oldest_unconfirmed_age=%s"
+            " receipt_latency_p50=%s receipt_latency_p99=%s resent=%d",
             self.stats.readings,
             self.stats.envelopes_committed,
             self.stats.envelopes_published,
@@ -637,6 +838,13 @@ class Agent:
             self.stats.connected,
             self.stats.clock_synced,
             sum(self.stats.sensor_errors.values()),
+            receipts["receipts"],
+            receipts["unconfirmed"],
+            *(
+                "-" if receipts[key] is None else f"{receipts[key]:.3f}"
+                for key in ("oldest_unconfirmed_age", "receipt_latency_p50", "receipt_latency_p99")
+            ),
+            self.stats.envelopes_resent,
         )
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -649,6 +857,7 @@ class Agent:
             "backlog_bytes": self.outbox.bytes,
             "dropped": self.outbox.dropped_envelopes,
             "clock_synced": self.stats.clock_synced,
+            **self._receipt_figures(),
         }
 
     def metric_families(self) -> list[metrics.Family]:
@@ -701,6 +910,45 @@ class Agent:
             ),
             metrics.gauge(
                 "iotpipe_edge_next_seq", "sequence number of the next envelope", self._next_seq
+            ),
+            *self._receipt_families(),
+        ]
+
+    def _receipt_families(self) -> list[metrics.Family]:
+        s = self.stats
+        since = s.unconfirmed_since
+        latency = metrics.Family(
+            "iotpipe_edge_receipt_latency_seconds",
+            "gauge",
+            "PUBACK to receipt over the last 256 receipted envelopes (NaN: none yet)",
+            ["quantile"],
+        )
+        for quantile, value in (("0.5", s.receipt_latency_p50), ("0.99", s.receipt_latency_p99)):
+            latency.add(math.nan if value is None else value, quantile)
+        return [
+            metrics.gauge(
+                "iotpipe_edge_receipts_active",
+                "1 while envelopes are deleted on their receipt, not on PUBACK",
+                s.receipts == "active",
+            ),
+            metrics.gauge(
+                "iotpipe_edge_unconfirmed",
+                "envelopes acknowledged by the broker, not yet receipted",
+                s.unconfirmed,
+            ),
+            metrics.gauge(
+                "iotpipe_edge_unconfirmed_oldest_age_seconds",
+                "time since the oldest unconfirmed envelope was acknowledged",
+                0.0 if since is None else max(0.0, time.monotonic() - since),
+            ),
+            latency,
+            metrics.counter(
+                "iotpipe_edge_receipts_received", "receipts taken in", s.receipts_received
+            ),
+            metrics.counter(
+                "iotpipe_edge_envelopes_resent",
+                "envelopes published again for want of a receipt",
+                s.envelopes_resent,
             ),
         ]
 

@@ -94,6 +94,17 @@ class EdgeSettings(Schema):
     ack_timeout: float = setting(
         30.0, "seconds without PUBACK before the connection is renewed", gt=0
     )
+    receipts: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "on: delete an envelope on its receipt; off: on PUBACK; auto: as the pipeline says",
+    )
+    receipt_window: int = setting(
+        256, "envelopes published and not yet receipted at most", ge=1, le=10_000
+    )
+    receipt_timeout_min: float = setting(
+        5.0, "an unreceipted envelope is resent after at least this many seconds", gt=0
+    )
+    receipt_timeout_max: float = setting(300.0, "... and after at most this many seconds", gt=0)
     reconnect_min: float = setting(0.5, "first reconnect delay, seconds", gt=0)
     reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", gt=0)
     stop_timeout: float = setting(
@@ -114,6 +125,15 @@ class EdgeSettings(Schema):
         None, "file holding the MQTT password (default: systemd credential)"
     )
     sensors: list[SensorConfig] = setting([], "[[edge.sensors]]")
+
+    def check(self) -> None:
+        """``receipt_timeout_min`` must not exceed ``receipt_timeout_max``."""
+        if self.receipt_timeout_min > self.receipt_timeout_max:
+            raise ConfigError(
+                "edge.receipt_timeout_min",
+                self.receipt_timeout_min,
+                f"must not exceed edge.receipt_timeout_max ({self.receipt_timeout_max:g})",
+            )
 
     @property
     def device_name(self) -> str:

@@ -39,6 +39,32 @@ FAMILIES = [
     ("iotpipe_edge_connected", "gauge", "1 while connected to the broker"),
     ("iotpipe_edge_clock_synced", "gauge", "1 while the clock is synchronised"),
     ("iotpipe_edge_next_seq", "gauge", "sequence number of the next envelope"),
+    (
+        "iotpipe_edge_receipts_active",
+        "gauge",
+        "1 while envelopes are deleted on their receipt, not on PUBACK",
+    ),
+    (
+        "iotpipe_edge_unconfirmed",
+        "gauge",
+        "envelopes acknowledged by the broker, not yet receipted",
+    ),
+    (
+        "iotpipe_edge_unconfirmed_oldest_age_seconds",
+        "gauge",
+        "time since the oldest unconfirmed envelope was acknowledged",
+    ),
+    (
+        "iotpipe_edge_receipt_latency_seconds",
+        "gauge",
+        "PUBACK to receipt over the last 256 receipted envelopes (NaN: none yet)",
+    ),
+    ("iotpipe_edge_receipts_received", "counter", "receipts taken in"),
+    (
+        "iotpipe_edge_envelopes_resent",
+        "counter",
+        "envelopes published again for want of a receipt",
+    ),
 ]
 
 
@@ -78,9 +104,17 @@ def test_metrics_and_healthz_read_back_with_prometheus_clients_parser(tmp_path: 
     assert samples[("iotpipe_edge_sensor_errors_total", (("sensor", 'odd"name\\'),))] == 1.0
     assert samples[("iotpipe_edge_connected", ())] == 1.0
     assert samples[("iotpipe_edge_outbox_full_in_seconds", ())] == math.inf
-    assert samples[("iotpipe_edge_next_seq", ())] == agent.metric_families()[-1].samples[0][1]
-    assert len(samples) == len(FAMILIES) + 1  # one sample each, two for the labelled family
+    next_seq = next(f for f in agent.metric_families() if f.name == "iotpipe_edge_next_seq")
+    assert samples[("iotpipe_edge_next_seq", ())] == next_seq.samples[0][1]
+    assert samples[("iotpipe_edge_receipts_active", ())] == 0.0  # auto, not yet decided
+    assert math.isnan(samples[("iotpipe_edge_receipt_latency_seconds", (("quantile", "0.99"),))])
+    # one sample each, two for each labelled family
+    assert len(samples) == len(FAMILIES) + 2
     assert health_status == 503
     assert health["healthy"] is False
     assert health["connected"] is True
     assert health["backlog"] == 0
+    assert health["receipts"] == "undecided"
+    assert health["unconfirmed"] == 0
+    assert health["oldest_unconfirmed_age"] is None
+    assert health["receipt_latency_p99"] is None
