@@ -102,6 +102,14 @@ def mosquitto(tmp_path: Path, config: str = "") -> MosquittoProcess:
 
 
 @pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A private Mosquitto without queue limits (see tests/conftest.py)."""
+    started = mosquitto(tmp_path)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
 def stock_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A private Mosquitto with Debian's default queue limits."""
     broker = mosquitto(tmp_path, STOCK_MOSQUITTO)
@@ -187,15 +195,16 @@ class Rig:
 def rig(
     services: Services,
     deadline: Deadline,
-    *,
-    site: str,
+    unique: str,
     mqtt_url: str,
     amqp_url: str,
-    agents: int,
+    *,
+    agents: int = 2,
     bridge: dict[str, object] | None = None,
     edge: dict[str, object] | None = None,
 ) -> Rig:
-    """A pipeline on the test's own queues (not started yet)."""
+    """A pipeline of site ``rf<unique>`` on the test's own queues (not started yet)."""
+    site = f"rf{unique}"
     db = services.workdir / "telemetry.db"
     consumer = services.consumer(
         "consumer",
@@ -256,9 +265,9 @@ def test_stock_mosquitto_overflowing_its_queue_loses_nothing(
     pipeline = rig(
         services,
         deadline,
-        site=f"rf{unique}",
-        mqtt_url=f"mqtt://127.0.0.1:{stock_mosquitto.port}",
-        amqp_url=module_rabbit.url,
+        unique,
+        f"mqtt://127.0.0.1:{stock_mosquitto.port}",
+        module_rabbit.url,
         agents=4,
         edge={"receipt_window": 500},
     ).start()
@@ -291,42 +300,33 @@ def test_stock_mosquitto_overflowing_its_queue_loses_nothing(
 
 
 def test_sigkilled_mosquitto_loses_nothing(
-    module_rabbit: PrivateRabbit, services: Services, unique: str, tmp_path: Path
+    broker: MosquittoProcess, module_rabbit: PrivateRabbit, services: Services, unique: str
 ) -> None:
     """Mosquitto SIGKILLed (persistence on, default autosave) holding acknowledged envelopes loses nothing."""
     deadline = Deadline(120)
-    broker = mosquitto(tmp_path)
+    pipeline = rig(
+        services, deadline, unique, f"mqtt://127.0.0.1:{broker.port}", module_rabbit.url
+    ).start()
+    pipeline.streaming(200)
+    # The bridge paused (SIGSTOP): Mosquitto holds what it acknowledged in memory only.
+    bridge = pipeline.bridge.proc
+    assert bridge is not None
+    assert broker.proc is not None
+    bridge.send_signal(signal.SIGSTOP)
     try:
-        pipeline = rig(
-            services,
-            deadline,
-            site=f"rf{unique}",
-            mqtt_url=f"mqtt://127.0.0.1:{broker.port}",
-            amqp_url=module_rabbit.url,
-            agents=2,
-        ).start()
-        pipeline.streaming(200)
-        # The bridge paused (SIGSTOP): Mosquitto holds what it acknowledged in memory only.
-        bridge = pipeline.bridge.proc
-        assert bridge is not None
-        assert broker.proc is not None
-        bridge.send_signal(signal.SIGSTOP)
-        try:
-            goal = pipeline.total("iotpipe_edge_envelopes_published_total") + 100
-            pipeline.wait(
-                lambda: pipeline.total("iotpipe_edge_envelopes_published_total") >= goal,
-                30,
-                "100 envelopes acknowledged by Mosquitto while the bridge is paused",
-            )
-            broker.proc.send_signal(signal.SIGKILL)
-            broker.proc.wait(timeout=10)
-            broker.start()
-        finally:
-            bridge.send_signal(signal.SIGCONT)
-        pipeline.streaming(200)
-        result, resent = pipeline.finish()
+        goal = pipeline.total("iotpipe_edge_envelopes_published_total") + 100
+        pipeline.wait(
+            lambda: pipeline.total("iotpipe_edge_envelopes_published_total") >= goal,
+            30,
+            "100 envelopes acknowledged by Mosquitto while the bridge is paused",
+        )
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait(timeout=10)
+        broker.start()
     finally:
-        broker.stop()
+        bridge.send_signal(signal.SIGCONT)
+    pipeline.streaming(200)
+    result, resent = pipeline.finish()
     check("receipts: mosquitto SIGKILL", pipeline, result, resent)
 
 
@@ -344,14 +344,7 @@ def test_embedded_broker_with_sigkilled_bridge_loses_nothing(
 ) -> None:
     """Through ``iotpipe broker``, a bridge SIGKILLed mid-stream and restarted loses nothing."""
     deadline = Deadline(120)
-    pipeline = rig(
-        services,
-        deadline,
-        site=f"rf{unique}",
-        mqtt_url=embedded_broker,
-        amqp_url=module_rabbit.url,
-        agents=2,
-    ).start()
+    pipeline = rig(services, deadline, unique, embedded_broker, module_rabbit.url).start()
     pipeline.streaming(200)
     pipeline.bridge.kill()
     pipeline.bridge.start().wait_ready()
@@ -361,69 +354,58 @@ def test_embedded_broker_with_sigkilled_bridge_loses_nothing(
 
 
 def test_consumer_killed_between_commit_and_receipt_gets_the_envelopes_resent_and_stores_once(
+    broker: MosquittoProcess,
     module_rabbit: PrivateRabbit,
     services: Services,
     capture: CaptureFactory,
     unique: str,
-    tmp_path: Path,
 ) -> None:
     """A consumer dying after a commit, before its receipt: the agents resend, the store keeps one copy."""
     deadline = Deadline(120)
-    broker = mosquitto(tmp_path)
-    try:
-        mqtt_url = f"mqtt://127.0.0.1:{broker.port}"
-        pipeline = rig(
-            services,
-            deadline,
-            site=f"rf{unique}",
-            mqtt_url=mqtt_url,
-            amqp_url=module_rabbit.url,
-            agents=2,
-        )
-        published = capture(mqtt_url, f"iotpipe/v1/{pipeline.site}/+/telemetry", qos=1)
-        # The crashing consumer on the same config: exits right after its 40th commit.
-        crashing = services.spawn(
-            "crashing-consumer",
-            [
-                IOTPIPE[0],
-                "-m",
-                "tests.consumers.crashing_consumer",
-                str(pipeline.consumer.config),
-                "40",
-            ],
-            cwd=ROOT,
-        )
-        pipeline.bridge.start().wait_ready()
-        for agent in pipeline.agents:
-            agent.start()
-        pipeline.wait(lambda: crashing.poll() is not None, 60, "the consumer to crash")
-        assert crashing.returncode == EXIT_CODE
-        with readonly(pipeline.db) as conn:
-            last = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT id FROM messages WHERE stored_ms = (SELECT max(stored_ms) FROM messages)"
-                )
-            ]
-        assert last, "the crashed consumer committed a batch"
+    mqtt_url = f"mqtt://127.0.0.1:{broker.port}"
+    pipeline = rig(services, deadline, unique, mqtt_url, module_rabbit.url)
+    published = capture(mqtt_url, f"iotpipe/v1/{pipeline.site}/+/telemetry", qos=1)
+    # The crashing consumer on the same config: exits right after its 40th commit.
+    crashing = services.spawn(
+        "crashing-consumer",
+        [
+            IOTPIPE[0],
+            "-m",
+            "tests.consumers.crashing_consumer",
+            str(pipeline.consumer.config),
+            "40",
+        ],
+        cwd=ROOT,
+    )
+    pipeline.bridge.start().wait_ready()
+    for agent in pipeline.agents:
+        agent.start()
+    pipeline.wait(lambda: crashing.poll() is not None, 60, "the consumer to crash")
+    assert crashing.returncode == EXIT_CODE
+    with readonly(pipeline.db) as conn:
+        last = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM messages WHERE stored_ms = (SELECT max(stored_ms) FROM messages)"
+            )
+        ]
+    assert last, "the crashed consumer committed a batch"
 
-        def copies() -> Counter[str]:
-            seen: Counter[str] = Counter()
-            for message in list(published.messages):
-                decoded = decode(message.topic, message.payload)
-                if isinstance(decoded, Envelope):
-                    seen[decoded.id] += 1
-            return seen
+    def copies() -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for message in list(published.messages):
+            decoded = decode(message.topic, message.payload)
+            if isinstance(decoded, Envelope):
+                seen[decoded.id] += 1
+        return seen
 
-        pipeline.wait(
-            lambda: all(copies()[i] >= 2 for i in last),
-            30,
-            "the agents to resend the envelopes of the unreceipted commit",
-        )
-        pipeline.consumer.start().wait_ready()
-        result, resent = pipeline.finish()
-    finally:
-        broker.stop()
+    pipeline.wait(
+        lambda: all(copies()[i] >= 2 for i in last),
+        30,
+        "the agents to resend the envelopes of the unreceipted commit",
+    )
+    pipeline.consumer.start().wait_ready()
+    result, resent = pipeline.finish()
     absorbed = store_stats(pipeline.db).duplicates
     check(
         "receipts: consumer dies before receipt",
@@ -437,38 +419,29 @@ def test_consumer_killed_between_commit_and_receipt_gets_the_envelopes_resent_an
 
 
 def test_rabbitmq_stopped_under_load_devices_hold_the_data(
-    private_rabbit: PrivateRabbit, services: Services, unique: str, tmp_path: Path
+    broker: MosquittoProcess, private_rabbit: PrivateRabbit, services: Services, unique: str
 ) -> None:
     """RabbitMQ stopped 30 s under load: the agents hold their window and keep the rest, nothing lost."""
     deadline = Deadline(150)
-    broker = mosquitto(tmp_path)
     outage = 30.0
-    try:
-        pipeline = rig(
-            services,
-            deadline,
-            site=f"rf{unique}",
-            mqtt_url=f"mqtt://127.0.0.1:{broker.port}",
-            amqp_url=private_rabbit.url,
-            agents=2,
-        ).start()
-        pipeline.streaming(200)
-        private_rabbit.stop()
-        down = time.monotonic()
-        pipeline.wait(
-            lambda: pipeline.total("iotpipe_edge_unconfirmed") >= 2 * 256,
-            outage,
-            "the agents' windows to fill",
-        )
-        # The rest of the outage: data waits in the outboxes.
-        pipeline.wait(lambda: time.monotonic() - down >= outage, outage, "the outage to last")
-        held = int(pipeline.total("iotpipe_edge_outbox_envelopes"))
-        unconfirmed = int(pipeline.total("iotpipe_edge_unconfirmed"))
-        thinned = int(pipeline.total("iotpipe_edge_outbox_dropped_total"))
-        private_rabbit.start(timeout=deadline.left(90))
-        result, resent = pipeline.finish()
-    finally:
-        broker.stop()
+    pipeline = rig(
+        services, deadline, unique, f"mqtt://127.0.0.1:{broker.port}", private_rabbit.url
+    ).start()
+    pipeline.streaming(200)
+    private_rabbit.stop()
+    down = time.monotonic()
+    pipeline.wait(
+        lambda: pipeline.total("iotpipe_edge_unconfirmed") >= 2 * 256,
+        outage,
+        "the agents' windows to fill",
+    )
+    # The rest of the outage: data waits in the outboxes.
+    pipeline.wait(lambda: time.monotonic() - down >= outage, outage, "the outage to last")
+    held = int(pipeline.total("iotpipe_edge_outbox_envelopes"))
+    unconfirmed = int(pipeline.total("iotpipe_edge_unconfirmed"))
+    thinned = int(pipeline.total("iotpipe_edge_outbox_dropped_total"))
+    private_rabbit.start(timeout=deadline.left(90))
+    result, resent = pipeline.finish()
     check(
         "receipts: rabbitmq stopped 30 s",
         pipeline,
@@ -484,48 +457,44 @@ def test_rabbitmq_stopped_under_load_devices_hold_the_data(
 
 
 def test_without_receipts_auto_agents_fall_back_and_on_agents_hold_their_window(
-    module_rabbit: PrivateRabbit, services: Services, unique: str, tmp_path: Path
+    broker: MosquittoProcess, module_rabbit: PrivateRabbit, services: Services, unique: str
 ) -> None:
     """A bridge carrying no receipts: an auto agent deletes on PUBACK (receipts_active 0), an on agent
     holds its window of unconfirmed envelopes while its outbox grows up to its budget."""
     deadline = Deadline(90)
-    broker = mosquitto(tmp_path)
-    try:
-        mqtt_url = f"mqtt://127.0.0.1:{broker.port}"
-        pipeline = rig(
-            services,
-            deadline,
-            site=f"rf{unique}",
-            mqtt_url=mqtt_url,
-            amqp_url=module_rabbit.url,
-            agents=0,
-            bridge={"receipts": False},
-        )
-        auto = services.agent("auto", mqtt_url=mqtt_url, site=pipeline.site, receipts="auto")
-        on = services.agent(
-            "on",
-            mqtt_url=mqtt_url,
-            site=pipeline.site,
-            receipts="on",
-            receipt_window=60,
-            outbox_max_bytes=64 * 1024,
-        )
-        pipeline.agents = [auto, on]
-        pipeline.start()
-        pipeline.wait(
-            lambda: on.metric("iotpipe_edge_outbox_dropped_total") > 0,
-            40,
-            "the on agent's outbox to reach its budget",
-        )
-        assert on.metric("iotpipe_edge_unconfirmed") == 60
-        assert on.metric("iotpipe_edge_outbox_bytes") <= 64 * 1024
-        assert auto.metric("iotpipe_edge_receipts_active") == 0
-        assert auto.metric("iotpipe_edge_unconfirmed") == 0
-        assert auto.metric("iotpipe_edge_outbox_envelopes") <= 30
-        assert (auto.health() or {}).get("receipts") == "inactive"
-        result, resent = pipeline.finish([auto])
-    finally:
-        broker.stop()
+    mqtt_url = f"mqtt://127.0.0.1:{broker.port}"
+    pipeline = rig(
+        services,
+        deadline,
+        unique,
+        mqtt_url,
+        module_rabbit.url,
+        agents=0,
+        bridge={"receipts": False},
+    )
+    auto = services.agent("auto", mqtt_url=mqtt_url, site=pipeline.site, receipts="auto")
+    on = services.agent(
+        "on",
+        mqtt_url=mqtt_url,
+        site=pipeline.site,
+        receipts="on",
+        receipt_window=60,
+        outbox_max_bytes=64 * 1024,
+    )
+    pipeline.agents = [auto, on]
+    pipeline.start()
+    pipeline.wait(
+        lambda: on.metric("iotpipe_edge_outbox_dropped_total") > 0,
+        40,
+        "the on agent's outbox to reach its budget",
+    )
+    assert on.metric("iotpipe_edge_unconfirmed") == 60
+    assert on.metric("iotpipe_edge_outbox_bytes") <= 64 * 1024
+    assert auto.metric("iotpipe_edge_receipts_active") == 0
+    assert auto.metric("iotpipe_edge_unconfirmed") == 0
+    assert auto.metric("iotpipe_edge_outbox_envelopes") <= 30
+    assert (auto.health() or {}).get("receipts") == "inactive"
+    result, resent = pipeline.finish([auto])
     warnings = [line for line in auto.log.read_text().splitlines() if "WARNING" in line]
     check(
         "receipts: none flowing (auto agent)",
