@@ -12,7 +12,12 @@ Threads, each with one job:
   ``drain_rate`` per second), and deletes a round from the outbox once every envelope of it
   was acknowledged. A lost connection is renewed with jittered exponential backoff and the
   unacknowledged round is published again on the new connection, in order (duplicates are
-  allowed: ids are kept, consumers deduplicate).
+  allowed: ids are kept, consumers deduplicate). With receipts (``receipts = "on"``, or
+  ``"auto"`` and the pipeline's capability says so) an acknowledged round is *held*
+  (:class:`edge.unconfirmed.Unconfirmed`; its rows stay in flight in the outbox) until a receipt
+  on the device's receipt topic covers it; held envelopes without a receipt are resent after a
+  timeout, and at most ``receipt_window`` are published and unreceipted at a time. Receipt and
+  capability handlers run inside ``pump()``, on this thread.
 - ``iotpipe-http``: ``/metrics`` and ``/healthz`` (only if ``http_port`` is not 0).
 
 Status: every connection carries a last will (``offline``, retained) and starts with a birth
@@ -166,6 +171,7 @@ class Publisher:
         self._unconfirmed = Unconfirmed(settings.receipt_timeout_min, settings.receipt_timeout_max)
         self._boots: dict[int, str | None] = {}
         self._resent_out = 0
+        self._resend_turn = True
         self._publish_receipt_stats()
         self._thread = threading.Thread(target=self._run, name="iotpipe-edge-mqtt", daemon=True)
 
@@ -337,10 +343,17 @@ class Publisher:
                 fresh = max(0, min(room - len(due), self.settings.receipt_window - len(held)))
             wanted = len(due) + fresh
             allowed = bucket.take(wanted)
-            for entry in due[:allowed]:
+            # While new envelopes wait, resends get half the tokens (the odd one in turns):
+            # they never starve new data.
+            share = allowed
+            if fresh:
+                share = allowed // 2 + (allowed % 2 if self._resend_turn else 0)
+                self._resend_turn = not self._resend_turn
+            resends = min(len(due), share)
+            for entry in due[:resends]:
                 client.publish(entry.topic, entry.payload, qos=1)
                 held.resent(entry, now)
-            self._resent_out = min(allowed, len(due))
+            self._resent_out = resends
             if allowed > self._resent_out:
                 self._round = self._fresh(allowed - self._resent_out)
                 for fresh_entry in self._round:

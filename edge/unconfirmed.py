@@ -33,21 +33,23 @@ _NO_SEQ = 2**63
 _JITTER = 0.2
 
 
-def envelope_boot(payload: bytes) -> str | None:
-    """The ``boot`` of an envelope the agent wrote (None if it has none or is not JSON)."""
+def _field(payload: bytes, name: str) -> object:
+    """A top-level field of a JSON object (None if absent or not a JSON object)."""
     try:
-        boot = json.loads(payload).get("boot")
+        return json.loads(payload).get(name)
     except (ValueError, AttributeError):
         return None
+
+
+def envelope_boot(payload: bytes) -> str | None:
+    """The ``boot`` of an envelope the agent wrote (None if it has none or is not JSON)."""
+    boot = _field(payload, "boot")
     return boot if isinstance(boot, str) else None
 
 
 def receipts_capability(payload: bytes) -> bool | None:
     """``receipts`` of a capability message on ``iotpipe/v1/pipeline``; None if malformed."""
-    try:
-        value = json.loads(payload).get("receipts")
-    except (ValueError, AttributeError):
-        return None
+    value = _field(payload, "receipts")
     return value if isinstance(value, bool) else None
 
 
@@ -81,7 +83,7 @@ class Unconfirmed:
         self.timeout_min = timeout_min
         self.timeout_max = timeout_max
         self._rng = rng or random.Random()
-        # Insertion order is acknowledgement order: the first entry is the oldest.
+        # Ordered by last send (a resend moves an entry to the end): resends take turns.
         self._held: dict[tuple[str | None, int], Held] = {}
         self._stored: dict[str | None, SeqSet] = {}
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
@@ -158,7 +160,7 @@ class Unconfirmed:
         return True
 
     def due(self, now: float, n: int) -> list[Held]:
-        """Up to ``n`` held envelopes whose resend is due, oldest first."""
+        """Up to ``n`` held envelopes whose resend is due, least recently sent first."""
         out: list[Held] = []
         for held in self._held.values():
             if len(out) >= n:
@@ -170,6 +172,9 @@ class Unconfirmed:
     def resent(self, held: Held, now: float) -> None:
         """Note that ``held`` was published again at ``now``."""
         held.resends += 1
+        key = (held.boot, held.seq)
+        if self._held.get(key) is held:
+            self._held[key] = self._held.pop(key)
         held.sent_at = now
         held.due = now + self._timeout(held.resends)
         self.resent_total += 1
@@ -186,8 +191,7 @@ class Unconfirmed:
 
     def oldest_acked(self) -> float | None:
         """When the oldest held envelope was acknowledged (None when nothing is held)."""
-        first = next(iter(self._held.values()), None)
-        return None if first is None else first.acked_at
+        return min((held.acked_at for held in self._held.values()), default=None)
 
     # -- latency ----------------------------------------------------------------------------------
 
