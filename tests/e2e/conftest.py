@@ -121,19 +121,10 @@ class Service:
         """Start the process (does not wait: see :meth:`wait_ready`)."""
         assert not self.running, f"{self.name} is already running"
         self.starts += 1
-        self.http_port = free_port()
+        self.http_port = self.next_port()
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [
-                    *IOTPIPE,
-                    "--log-level",
-                    "info",
-                    self.command,
-                    "--config",
-                    str(self.config),
-                    "--http-port",
-                    str(self.http_port),
-                ],
+                self.argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -141,6 +132,23 @@ class Service:
                 cwd=self.workdir,
             )
         return self
+
+    def next_port(self) -> int:
+        """The HTTP port of the next run."""
+        return free_port()
+
+    def argv(self) -> list[str]:
+        """The command line of a run."""
+        return [
+            *IOTPIPE,
+            "--log-level",
+            "info",
+            self.command,
+            "--config",
+            str(self.config),
+            "--http-port",
+            str(self.http_port),
+        ]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait until the process serves /healthz with MQTT up (bridge) or is consuming (consumer)."""
@@ -225,6 +233,7 @@ class Services:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.all: list[Service] = []
+        self.others: list[subprocess.Popen[bytes]] = []
 
     def bridge(
         self,
@@ -235,14 +244,15 @@ class Services:
         client_id: str,
         shared_group: str = "",
         topics: Sequence[str] | None = None,
+        **more: object,
     ) -> Service:
-        """A bridge with its own client id and spool (not started yet)."""
+        """A bridge with its own client id and spool (not started yet); ``more``: [bridge] settings."""
         bridge: dict[str, object] = {
             "client_id": client_id,
             "spool_path": self.workdir / f"{name}.spool.db",
             # The machine is shared by several test suites: fsync buys nothing here.
             "spool_durability": "process",
-        }
+        } | more
         if shared_group:
             bridge["shared_group"] = shared_group
         if topics is not None:
@@ -276,6 +286,42 @@ class Services:
         )
         return self._add(Service(self.workdir, name, "consume", config))
 
+    def agent(self, name: str, *, mqtt_url: str, site: str, **edge: object) -> EdgeAgent:
+        """An edge agent ``name`` (its device name too) with :data:`AGENT_SETTINGS` updated by
+        ``edge`` and :data:`AGENT_SENSORS` (not started yet)."""
+        port = free_port()
+        settings = AGENT_SETTINGS | {
+            "site": site,
+            "device": name,
+            "state_dir": self.workdir / name,
+            "http_port": port,
+        }
+        config = write_config(
+            self.workdir / f"{name}.toml",
+            {"mqtt": {"url": mqtt_url, "keepalive": 5}, "edge": settings | edge},
+        )
+        with config.open("a") as out:
+            out.write(AGENT_SENSORS)
+        agent = EdgeAgent(self.workdir, name, "edge run", config, port)
+        self.all.append(agent)
+        return agent
+
+    def spawn(
+        self, name: str, argv: Sequence[str], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Another process of the test (output to ``<name>.log``), SIGKILLed at teardown."""
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_env(),
+                cwd=cwd or self.workdir,
+            )
+        self.others.append(proc)
+        return proc
+
     def _add(self, service: Service) -> Service:
         self.all.append(service)
         return service
@@ -287,6 +333,160 @@ class Services:
     def kill_all(self) -> None:
         for service in self.all:
             service.kill()
+        for proc in self.others:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+# -- edge agents ----------------------------------------------------------------------------------
+
+#: Agents of the fault tests: one reading per envelope, committed at once, reconnecting within 2 s,
+#: draining a backlog fast (``drain_rate``), no clock-sync marker needed.
+AGENT_SETTINGS: dict[str, object] = {
+    "batch_max_readings": 1,
+    "batch_max_delay": 0.5,
+    "commit_max_delay": 0.0,
+    "durability": "process",
+    "drain_rate": 200.0,
+    "reconnect_min": 0.2,
+    "reconnect_max": 2.0,
+    "stop_timeout": 10.0,
+    "clock_sync_files": [],
+    "stats_interval": 5.0,
+}
+
+#: Three simulated sensors read at 10 Hz: 30 envelopes/s per agent.
+AGENT_SENSORS = """
+[[edge.sensors]]
+type = "simulated"
+interval = 0.1
+sensors = ["temperature", "humidity", "pressure"]
+seed = 1
+"""
+
+
+class EdgeAgent(Service):
+    """``iotpipe edge run`` as a subprocess; its HTTP port is fixed in its config file."""
+
+    def __init__(self, workdir: Path, name: str, command: str, config: Path, port: int) -> None:
+        super().__init__(workdir, name, command, config)
+        self.port = port
+
+    @property
+    def outbox(self) -> Path:
+        return self.workdir / self.name / "outbox.db"
+
+    def next_port(self) -> int:
+        return self.port
+
+    def argv(self) -> list[str]:
+        return [
+            *IOTPIPE,
+            "--log-level",
+            "info",
+            *self.command.split(),
+            "--config",
+            str(self.config),
+        ]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the agent serves /healthz connected to its broker."""
+
+        def ready() -> bool:
+            if not self.running:
+                pytest.fail(f"{self.name} exited\n{self.tail()}", pytrace=False)
+            health = self.health()
+            return health is not None and bool(health.get("connected"))
+
+        wait_for(ready, timeout, f"{self.name} to be connected")
+
+
+@dataclass(frozen=True)
+class OutboxState:
+    """What an agent's outbox file says once the agent stopped.
+
+    Attributes:
+        boot: the boot of its envelopes.
+        next_seq: envelopes committed in that boot (seq 0 .. next_seq - 1).
+        left: envelopes still in the outbox.
+        dropped: envelopes thinned to stay under the budget.
+    """
+
+    boot: str
+    next_seq: int
+    left: int
+    dropped: int
+
+
+def read_outbox(path: Path) -> OutboxState:
+    """The counters and depth of an outbox file (of an agent that is not running)."""
+    with readonly(path) as conn:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        left = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    return OutboxState(
+        meta["boot"], int(meta["next_seq"]), left, int(meta.get("dropped_envelopes", 0))
+    )
+
+
+@dataclass(frozen=True)
+class Reckoning:
+    """Every envelope the agents committed against what the store holds, per (device, boot, seq).
+
+    Attributes:
+        sent: envelopes the agents committed.
+        stored: distinct committed envelopes in the store.
+        lost: committed and not stored (thinned ones included: they count as lost).
+        doubled: envelopes stored more than once (a second id or a second reading).
+        strangers: stored envelopes of the site that no agent committed.
+        thinned: envelopes the agents dropped to stay under their budget.
+        left: envelopes still in the agents' outboxes.
+    """
+
+    sent: int
+    stored: int
+    lost: int
+    doubled: int
+    strangers: int
+    thinned: int
+    left: int
+
+
+def reckon(db: Path, site: str, agents: Iterable[EdgeAgent]) -> Reckoning:
+    """Compare the stopped ``agents``' outbox counters with what the store holds of their devices."""
+    outboxes = {agent.name: read_outbox(agent.outbox) for agent in agents}
+    committed = {
+        (device, state.boot, seq)
+        for device, state in outboxes.items()
+        for seq in range(state.next_seq)
+    }
+    with readonly(db) as conn:
+        copies: Counter[tuple[str, str, int]] = Counter(
+            (device, boot, int(seq))
+            for device, boot, seq in conn.execute(
+                "SELECT device, boot, seq FROM messages WHERE site = ?", (site,)
+            )
+            if device in outboxes
+        )
+        ids = [
+            msg_id
+            for msg_id, device in conn.execute(
+                "SELECT id, device FROM messages WHERE site = ?", (site,)
+            )
+            if device in outboxes
+        ]
+    everything = stored_ids(db)
+    readings = {msg_id: everything[msg_id] for msg_id in ids}
+    return Reckoning(
+        sent=len(committed),
+        stored=len(committed & copies.keys()),
+        lost=len(committed - copies.keys()),
+        doubled=sum(n - 1 for n in copies.values())
+        + extra_readings(readings, dict.fromkeys(readings, 1)),
+        strangers=len(copies.keys() - committed),
+        thinned=sum(s.dropped for s in outboxes.values()),
+        left=sum(s.left for s in outboxes.values()),
+    )
 
 
 @pytest.fixture
