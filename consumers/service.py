@@ -11,6 +11,9 @@ One thread does everything, in a loop (the HTTP endpoint has its own):
 5. record every telemetry message the store now holds (stored or duplicate; not the dead-lettered
    or refused ones) in a :class:`~iotpipe.receipts.ReceiptBook` and publish the receipts that are
    due to ``iotpipe.receipts``, with publisher confirms (``[consume].receipts``).
+   The time from each envelope's newest reading to its receipt's confirm feeds
+   ``iotpipe_consumer_confirm_latency_seconds`` and a per-device summary the store keeps
+   (:mod:`consumers.confirmations`), written at most once a second in a small transaction.
 
 Receipts go out at most once per device per ``receipt_interval``; the loop also sends due ones
 when idle, and all of them on stop. A receipt RabbitMQ did not confirm is put back in the book
@@ -40,9 +43,17 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from consumers.confirmations import ConfirmLatency
 from consumers.query import seq_gaps
 from consumers.settings import ConsumeSettings, SqliteTarget
-from consumers.store import DeviceStatus, Message, Store, StoreUnavailable, WriteResult
+from consumers.store import (
+    ConfirmationStore,
+    DeviceStatus,
+    Message,
+    Store,
+    StoreUnavailable,
+    WriteResult,
+)
 from iotpipe import receipts
 from iotpipe.amqp import CONTENT_TYPE, HEADER_DEVICE, HEADER_SITE, HEADER_VERSION, MessageProperties
 from iotpipe.amqp_consumer import BatchConsumer, Delivery, DeliverySource, QueueSpec
@@ -61,6 +72,8 @@ RECEIPT_TYPE = "iotpipe.receipt"
 RECEIPT_APP_ID = "iotpipe-consumer"
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0
+#: Seconds between writes of the confirmation summaries to the store.
+_CONFIRMATIONS_INTERVAL_S = 1.0
 
 
 class ConsumerMetrics:
@@ -135,6 +148,12 @@ class ConsumerMetrics:
             "devices with stored envelopes not yet receipted",
             registry=r,
         )
+        self.confirm_latency = Histogram(
+            "iotpipe_consumer_confirm_latency_seconds",
+            "time from an envelope's newest reading to the confirm of the receipt covering it",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+            registry=r,
+        )
         self.seq_gaps = Gauge(
             "iotpipe_consumer_seq_gaps",
             "seq values missing between the lowest and highest stored, over every device and boot",
@@ -188,6 +207,9 @@ class Consumer:
         self._receipts = (
             receipts.ReceiptBook(settings.receipt_interval) if settings.receipts else None
         )
+        self._latency = ConfirmLatency() if settings.receipts else None
+        self._confirmation_store = store if isinstance(store, ConfirmationStore) else None
+        self._confirmations_saved = float("-inf")
         self.ready = threading.Event()
 
     @classmethod
@@ -336,6 +358,7 @@ class Consumer:
             for index, message in enumerate(messages):
                 if index not in result.rejected:
                     book.record(message.site, message.device, message.boot or None, message.seq)
+                    self._note_stored(message)
             self.send_receipts()
 
     # -- receipts --------------------------------------------------------------------------
@@ -358,6 +381,7 @@ class Consumer:
                 receipts.encode_receipt(receipt),
                 _receipt_properties(receipt),
             ):
+                self._note_confirmed(receipt.site, receipt.device)
                 continue
             failed += 1
             for entry in receipt.stored:
@@ -372,6 +396,36 @@ class Consumer:
                 "%d of %d receipts not confirmed: kept for the next attempt", failed, len(due)
             )
         m.receipts_pending.set(len(book))
+        self._save_confirmations(flush=flush)
+
+    def _note_stored(self, message: Message) -> None:
+        if self._latency is not None and message.readings:
+            newest = max(reading.ts_ms for reading in message.readings)
+            self._latency.stored(message.site, message.device, newest)
+
+    def _note_confirmed(self, site: str, device: str) -> None:
+        if self._latency is not None:
+            now_ms = int(self._wall_clock() * 1000)
+            for seconds in self._latency.confirmed(site, device, now_ms):
+                self.metrics.confirm_latency.observe(seconds)
+
+    def _save_confirmations(self, *, flush: bool = False) -> None:
+        """Hand the changed per-device summaries to the store, at most once per interval."""
+        store, latency = self._confirmation_store, self._latency
+        now = self._clock()
+        if store is None or latency is None:
+            return
+        if not flush and now - self._confirmations_saved < _CONFIRMATIONS_INTERVAL_S:
+            return
+        self._confirmations_saved = now
+        changed = latency.take()
+        if not changed:
+            return
+        try:
+            store.record_confirmations(changed)
+        except StoreUnavailable as err:
+            latency.retry(changed)  # a figure for the dashboard: try again with the next ones
+            log.debug("confirmation summaries not saved: %s", err)
 
     def _write(
         self, messages: Sequence[Message], statuses: Sequence[DeviceStatus]

@@ -26,6 +26,12 @@ journal of the latest :data:`FEED_KEEP` insertions (in commit order, across ever
 process) that the dashboard's live view follows. A version 1 store is migrated when a
 :class:`SQLiteStore` opens it: tables, triggers and a backfill from ``readings`` in one
 transaction.
+
+Confirmations (added with receipts, still schema version 2: an additive table that older
+iotpipe versions ignore): ``confirmations`` holds per device the latest summary of the time
+from reading to stored-and-confirmed (:class:`~consumers.store.Confirmation`), replaced at most
+about once a second by :meth:`SQLiteStore.record_confirmations`. A store opened by an older
+version lacks it until a consumer of this version opens the file; readers check for it.
 """
 
 from __future__ import annotations
@@ -38,11 +44,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from consumers.state import DEFAULT_RETENTION_MS, SCHEMA_VERSION, Durability, StateDB
-from consumers.store import DeviceStatus, Message, Value, WriteResult
+from consumers.store import Confirmation, DeviceStatus, Message, Value, WriteResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FEED_KEEP", "READINGS_SCHEMA", "ROLLUPS", "SQLiteStore"]
+__all__ = ["CONFIRMATIONS_SCHEMA", "FEED_KEEP", "READINGS_SCHEMA", "ROLLUPS", "SQLiteStore"]
 
 READINGS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -134,6 +140,23 @@ CREATE TRIGGER IF NOT EXISTS readings_feed AFTER INSERT ON readings BEGIN
     VALUES (NEW.site, NEW.device, NEW.sensor, NEW.ts_ms);
 END
 """
+CONFIRMATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS confirmations (
+    site         TEXT NOT NULL,
+    device       TEXT NOT NULL,
+    last_ms      INTEGER NOT NULL,  -- reading -> receipt confirmed, latest receipt's newest
+    p50_ms       INTEGER NOT NULL,  -- over the last `envelopes` envelopes
+    p99_ms       INTEGER NOT NULL,
+    envelopes    INTEGER NOT NULL,
+    confirmed_ms INTEGER NOT NULL,  -- when the latest receipt was confirmed, epoch ms
+    PRIMARY KEY (site, device)
+) WITHOUT ROWID
+"""
+_UPSERT_CONFIRMATION = (
+    "INSERT OR REPLACE INTO confirmations"
+    " (site, device, last_ms, p50_ms, p99_ms, envelopes, confirmed_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 _PRUNE_FEED = "DELETE FROM readings_feed WHERE seq <= (SELECT max(seq) FROM readings_feed) - ?"
 
 _Row = tuple[
@@ -228,7 +251,7 @@ class SQLiteStore:
             raise
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Create the rollups and the live feed; backfill the rollups of a version 1 store.
+        """Create the rollups, the live feed and the confirmations; backfill a version 1 store.
 
         Runs inside the opening transaction, so concurrent openers of a version 1 file agree:
         the first one migrates, the others find the tables.
@@ -237,6 +260,7 @@ class SQLiteStore:
         for table, width in ROLLUPS.items():
             conn.execute(_ROLLUP_TABLE.format(table=table, width=width))
         conn.execute(_FEED_SCHEMA)
+        conn.execute(CONFIRMATIONS_SCHEMA)
         conn.execute(_ROLLUP_TRIGGER)
         conn.execute(_FEED_TRIGGER)
         if not tables >= set(ROLLUPS):
@@ -295,6 +319,15 @@ class SQLiteStore:
         """Insert the readings of ``messages``; return how many rows were new."""
         # rowcount, not total_changes: the latter also counts the triggers' rollup rows.
         return conn.executemany(_INSERT_READING, reading_rows(messages)).rowcount
+
+    def record_confirmations(self, confirmations: Sequence[Confirmation]) -> None:
+        """Replace these devices' confirmation summaries, in one small transaction."""
+        rows = [
+            (c.site, c.device, c.last_ms, c.p50_ms, c.p99_ms, c.envelopes, c.confirmed_ms)
+            for c in confirmations
+        ]
+        with self.state.transaction() as conn:
+            conn.executemany(_UPSERT_CONFIRMATION, rows)
 
     def prune(self, now_ms: int) -> int:
         """Forget message ids older than the retention window; return how many were dropped."""

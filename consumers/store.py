@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from iotpipe.envelope import Envelope, Status
 
@@ -101,6 +101,33 @@ class WriteResult:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """How long a device's readings took to be stored and confirmed, as its latest summary.
+
+    The latency of one envelope runs from its newest reading time to the moment RabbitMQ
+    confirmed the receipt that covers it; it mixes the device's clock with the consumer's, so
+    a device clock running ahead is counted as 0.
+
+    Attributes:
+        site: the device's site.
+        device: the device.
+        last_ms: latency of the envelopes of the latest confirmed receipt (the newest reading).
+        p50_ms: median latency over the last ``envelopes`` envelopes.
+        p99_ms: 99th percentile over the same envelopes.
+        envelopes: how many envelopes ``p50_ms`` and ``p99_ms`` cover (a bounded window).
+        confirmed_ms: when the latest receipt was confirmed, Unix epoch milliseconds.
+    """
+
+    site: str
+    device: str
+    last_ms: int
+    p50_ms: int
+    p99_ms: int
+    envelopes: int
+    confirmed_ms: int
+
+
 class StoreUnavailable(Exception):  # noqa: N818 - a state, like TimeoutError's siblings
     """The store cannot take writes right now (server down, disk full, locked): retry later."""
 
@@ -122,4 +149,18 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections and files."""
+        ...
+
+
+@runtime_checkable
+class ConfirmationStore(Protocol):
+    """A store that also keeps the devices' confirmation latency (optional for a store).
+
+    The consumer calls :meth:`record_confirmations` in a small transaction of its own, at most
+    about once a second, with the devices whose summary changed; a store without this method
+    simply does not keep them.
+    """
+
+    def record_confirmations(self, confirmations: Sequence[Confirmation]) -> None:
+        """Replace the summaries of these devices; raise :class:`StoreUnavailable` if not now."""
         ...

@@ -113,7 +113,13 @@ def open_store(path: Path) -> Iterator[sqlite3.Connection]:
 # -- sites and devices --------------------------------------------------------------------------
 
 
-def _device_dict(stats: DeviceStats, sensors: int) -> dict[str, Any]:
+def _device_dict(
+    stats: DeviceStats, sensors: int, confirmed: tuple[int, int, int, int, int] | None
+) -> dict[str, Any]:
+    latency = None
+    if confirmed is not None:
+        last, p50, p99, envelopes, _at = confirmed
+        latency = {"p50": p50, "p99": p99, "last": last, "envelopes": envelopes}
     return {
         "site": stats.site,
         "device": stats.device,
@@ -127,19 +133,41 @@ def _device_dict(stats: DeviceStats, sensors: int) -> dict[str, Any]:
         "out_of_order": stats.out_of_order,
         "completeness": stats.completeness,
         "sensors": sensors,
+        "confirmed_latency_ms": latency,
+        "last_confirmed_ms": confirmed[4] if confirmed is not None else None,
+    }
+
+
+def _confirmations(
+    conn: sqlite3.Connection,
+) -> dict[tuple[str, str], tuple[int, int, int, int, int]]:
+    """(last, p50, p99, envelopes, confirmed_ms) per device; none in a store without the table."""
+    if not has_table(conn, "confirmations"):
+        return {}  # written by an older consumer, or receipts were never confirmed
+    return {
+        (site, device): (last, p50, p99, envelopes, at)
+        for site, device, last, p50, p99, envelopes, at in conn.execute(
+            "SELECT site, device, last_ms, p50_ms, p99_ms, envelopes, confirmed_ms"
+            " FROM confirmations"
+        )
     }
 
 
 def _all_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every registered device with its completeness figures, ordered by site and device."""
+    """Every registered device with its completeness and confirmation figures, by site, device."""
     counts = {
         (site, device): n
         for site, device, n in conn.execute(
             "SELECT site, device, count(*) FROM sensors GROUP BY site, device"
         )
     }
+    confirmed = _confirmations(conn)
     return [
-        _device_dict(stats, counts.get((stats.site, stats.device), 0))
+        _device_dict(
+            stats,
+            counts.get((stats.site, stats.device), 0),
+            confirmed.get((stats.site, stats.device)),
+        )
         for stats in device_stats(conn)
     ]
 

@@ -16,7 +16,7 @@ from typing import Any
 from consumers.service import STORE_REJECTED, Consumer
 from consumers.settings import ConsumeSettings
 from consumers.sqlite_store import SQLiteStore
-from consumers.store import DeviceStatus, Message, StoreUnavailable, WriteResult
+from consumers.store import Confirmation, DeviceStatus, Message, StoreUnavailable, WriteResult
 from iotpipe import receipts
 from iotpipe.testing import MemorySource, Published
 from tests.bridge.test_bridge import envelope
@@ -36,6 +36,8 @@ class FlakyStore:
         self.refuse: dict[int, str] = {}
         self.acked_at_write: list[list[int]] = []
         self.on_write: Callable[[], object] = lambda: None
+        self.confirmation_failures = 0
+        self.confirmation_calls: list[list[Confirmation]] = []
         self.closed = False
 
     def write(self, messages: Sequence[Message], statuses: Sequence[DeviceStatus]) -> WriteResult:
@@ -48,6 +50,14 @@ class FlakyStore:
         result = self.inner.write(messages, statuses)
         result.rejected.update(self.refuse)
         return result
+
+    def record_confirmations(self, confirmations: Sequence[Confirmation]) -> None:
+        """Fail while ``confirmation_failures`` lasts, else keep the summaries; note each call."""
+        self.confirmation_calls.append(list(confirmations))
+        if self.confirmation_failures:
+            self.confirmation_failures -= 1
+            raise StoreUnavailable("disk full")
+        self.inner.record_confirmations(confirmations)
 
     def prune(self, now_ms: int) -> int:
         """Forget old ids."""

@@ -37,6 +37,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.service import route
+from consumers.confirmations import WINDOW
 from consumers.dashboard.app import STATIC_DIR, create_app
 from consumers.dashboard.queries import bucket_width, series_source
 from consumers.query import iter_readings, store_stats
@@ -74,6 +75,7 @@ class Fleet:
     client: TestClient
     first_ms: int
     last_ms: int
+    stored_ms: tuple[int, int]  # wall-clock span of the consumer's run (receipts confirmed within)
 
     def get(self, url: str, **params: Any) -> Any:
         response = self.client.get(url, params=params)
@@ -117,6 +119,7 @@ def fleet(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     )
     consumer = Consumer.from_settings(AmqpSettings(url=rabbitmq_url), settings, SQLiteStore(path))
     thread = threading.Thread(target=consumer.run, name="test-consumer", daemon=True)
+    started_ms = time.time_ns() // 1_000_000
     thread.start()
     running = Running(consumer, thread)
     try:
@@ -125,7 +128,9 @@ def fleet(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         wanted = len(expected.readings) + len(STRINGS)
         wait_for(lambda: count(path, "readings") == wanted and queue.ready() == 0, 60, "storing")
         running.stop()  # finishes and commits the batch in flight (statuses included)
-        yield Fleet(path, sites, expected, TestClient(create_app(path)), first_ms, last_ms)
+        stored_ms = (started_ms, time.time_ns() // 1_000_000)
+        client = TestClient(create_app(path))
+        yield Fleet(path, sites, expected, client, first_ms, last_ms, stored_ms)
     finally:
         if thread.is_alive():
             running.stop()
@@ -171,6 +176,13 @@ def test_devices_agree_with_store_stats(fleet: Fleet) -> None:
     assert len(body["devices"]) == len(stats) == 7
     for row in body["devices"]:
         d = stats[row["site"], row["device"]]
+        confirmed = row.pop("confirmed_latency_ms")
+        assert fleet.stored_ms[0] <= row.pop("last_confirmed_ms") <= fleet.stored_ms[1]
+        assert confirmed["envelopes"] == min(WINDOW, d.messages + d.duplicates)
+        # Recorded readings, stored now: each latency spans from the recording to this run.
+        assert fleet.stored_ms[0] - fleet.last_ms <= confirmed["p50"] <= confirmed["p99"]
+        assert confirmed["p99"] <= fleet.stored_ms[1] - fleet.first_ms
+        assert fleet.stored_ms[0] - fleet.last_ms <= confirmed["last"]
         assert row == {
             "site": d.site,
             "device": d.device,

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 
 from consumers.sqlite_store import SQLiteStore
-from consumers.store import DeviceStatus, Message, Reading
+from consumers.store import Confirmation, DeviceStatus, Message, Reading
 from tests.conftest import free_port, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -73,8 +73,18 @@ def fill(path: Path, now_ms: int) -> None:
             if device != "pi-garage"  # one device has sent no status: state unknown
         ]
         store.write(batch, statuses)
+        # One device's receipts confirmed (p50 1.2 s, p99 4.5 s); the others have none.
+        store.record_confirmations(
+            [Confirmation("home", "pi-kitchen", 900, 1200, 4500, 256, now_ms - 60_000)]
+        )
     finally:
         store.close()
+
+
+def listed_devices(rows: Any) -> list[str]:
+    """The device names of the fleet view's rows, in page order."""
+    names: list[str] = rows.evaluate_all("rows => rows.map(r => r.dataset.device)")
+    return names
 
 
 def stored_devices(path: Path) -> set[tuple[str, str]]:
@@ -167,6 +177,13 @@ def test_page_lists_the_fleet_and_charts_each_sensor(browser: Any, tmp_path: Pat
         listed = rows.evaluate_all("rows => rows.map(r => [r.dataset.site, r.dataset.device])")
         assert {tuple(pair) for pair in listed} == stored_devices(store) == set(FLEET)
         expect(page.get_by_test_id("error")).to_be_hidden()
+        expect(page.get_by_role("columnheader", name="Stored & confirmed")).to_have_count(
+            len({site for site, _ in FLEET})
+        )
+        confirmed = page.locator('[data-testid="device-row"] [data-testid="confirmed"]')
+        shown = dict(zip(listed_devices(rows), confirmed.all_inner_texts(), strict=True))
+        assert shown.pop("pi-kitchen") == "1.2 s / 4.5 s"
+        assert set(shown.values()) == {"—"}
         fleet_png = tmp_path / "fleet.png"
         page.screenshot(path=fleet_png, full_page=True)
 

@@ -3,12 +3,12 @@
 import { getJSON, serverNow } from "./api.js";
 import { setError } from "./banner.js";
 import { h, skeleton, stateBadge } from "./dom.js";
-import { absTime, count, percent, relTime } from "./format.js";
+import { absTime, count, duration, percent, relTime } from "./format.js";
 import { Poller } from "./poller.js";
 import { deviceHref } from "./routes.js";
 
 const REFRESH_MS = 10000;
-const COLUMNS = ["Device", "State", "Last seen", "Messages", "Gaps", "Completeness"];
+const COLUMNS = ["Device", "State", "Last seen", "Messages", "Gaps", "Completeness", "Stored & confirmed"];
 
 export class FleetView {
   constructor(root) {
@@ -128,6 +128,7 @@ function deviceRow(d, now) {
     h("td", { class: "num", "data-label": "Messages" }, count(d.messages)),
     h("td", { class: `num${d.gaps ? " warn" : ""}`, "data-label": "Gaps" }, count(d.gaps)),
     h("td", { class: "num", "data-label": "Completeness" }, percent(d.completeness)),
+    confirmedCell(d),
   );
   // The whole row is a target for the mouse; the link stays the keyboard and screen-reader way in.
   row.addEventListener("click", (event) => {
@@ -135,4 +136,17 @@ function deviceRow(d, now) {
     location.hash = href;
   });
   return row;
+}
+
+// Time from reading to stored-and-confirmed (the receipt RabbitMQ confirmed): p50 / p99.
+function confirmedCell(d) {
+  const c = d.confirmed_latency_ms;
+  if (!c) {
+    return h("td", { class: "num muted", "data-label": "Stored & confirmed", "data-testid": "confirmed",
+      title: "No receipt confirmed for this device (receipts off, or none yet)" }, "—");
+  }
+  const title = `p50 ${duration(c.p50)}, p99 ${duration(c.p99)}, last ${duration(c.last)} ` +
+    `over ${count(c.envelopes)} envelopes; last confirmed ${absTime(d.last_confirmed_ms)}`;
+  return h("td", { class: "num", "data-label": "Stored & confirmed", "data-testid": "confirmed", title },
+    `${duration(c.p50)} / ${duration(c.p99)}`);
 }

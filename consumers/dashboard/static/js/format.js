@@ -33,6 +33,15 @@ export function count(n) {
   return n === null || n === undefined ? "—" : integer.format(n);
 }
 
+/** Milliseconds as "850 ms", "2.4 s", "3.5 min", "2.1 h"; "—" for null. */
+export function duration(ms) {
+  if (ms === null || ms === undefined) return "—";
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60e3) return `${+(ms / 1000).toFixed(1)} s`;
+  if (ms < 3600e3) return `${+(ms / 60e3).toFixed(1)} min`;
+  return `${+(ms / 3600e3).toFixed(1)} h`;
+}
+
 /** A 0..1 share as a percentage; two decimals near 100 %, where the difference matters. */
 export function percent(x) {
   if (x === null || x === undefined) return "—";
