@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from iotpipe.options import ConfigOption, MqttUrlOption, run_in_foreground
+from iotpipe.options import AmqpUrlOption, ConfigOption, MqttUrlOption, run_in_foreground
 from iotpipe.settings import config_path, load
 
 _EXAMPLES = """
@@ -148,15 +148,7 @@ def bridge(
     *,
     config: ConfigOption = None,
     mqtt: MqttUrlOption = None,
-    amqp: Annotated[
-        str | None,
-        typer.Option(
-            "--amqp",
-            help="RabbitMQ URL: amqp://user:pass@host:port/vhost or amqps://... "
-            "\\[default: amqp://guest:guest@127.0.0.1:5672/]",
-            show_default=False,
-        ),
-    ] = None,
+    amqp: AmqpUrlOption = None,
     spool: Annotated[
         Path | None,
         typer.Option(

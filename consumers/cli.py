@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from iotpipe.options import ConfigOption, run_in_foreground
+from iotpipe.options import AmqpUrlOption, ConfigOption, run_in_foreground
 from iotpipe.settings import DEFAULT_STORE_URL
 
 _EXAMPLES = """
@@ -32,15 +32,7 @@ _EXAMPLES = """
 def consume(
     *,
     config: ConfigOption = None,
-    amqp: Annotated[
-        str | None,
-        typer.Option(
-            "--amqp",
-            help="RabbitMQ URL: amqp://user:pass@host:port/vhost or amqps://... "
-            "\\[default: amqp://guest:guest@127.0.0.1:5672/]",
-            show_default=False,
-        ),
-    ] = None,
+    amqp: AmqpUrlOption = None,
     store: Annotated[
         str | None,
         typer.Option(

@@ -15,6 +15,7 @@ import typer
 from iotpipe.logs import KeyValueFormatter, setup_logging
 
 __all__ = [
+    "AmqpUrlOption",
     "ConfigOption",
     "KeyValueFormatter",
     "MqttUrlOption",
@@ -32,6 +33,16 @@ ConfigOption = Annotated[
         "IOTPIPE_<SECTION>__<FIELD> variables override the file.",
         show_default=False,
         dir_okay=False,
+    ),
+]
+
+AmqpUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--amqp",
+        help="RabbitMQ URL: amqp://user:pass@host:port/vhost or amqps://... "
+        "\\[default: amqp://guest:guest@127.0.0.1:5672/]",
+        show_default=False,
     ),
 ]
 
