@@ -108,6 +108,9 @@ def test_sigkilled_bridge_consumer_and_rabbitmq_store_every_id_exactly_once(
             "--sensors", SENSORS,
             "--rate", str(RATE),
             "--count", str(COUNT),
+            # Devices as 1.0 agents: this test proves the hops from the broker on (the bridge's
+            # spool through RabbitMQ outages); test_receipts_faults.py proves the receipts path.
+            "--receipts", "off",
         ],
     )  # fmt: skip
     simulator.start()
