@@ -104,7 +104,6 @@ def _mqtt_url(value: str) -> None:
     parse_url(value, ("mqtt", "mqtts"))
 
 
-@dataclass(frozen=True, kw_only=True)
 class TlsSettings(Schema):
     """TLS material for ``mqtts://`` and ``amqps://`` connections."""
 
@@ -120,7 +119,6 @@ class TlsSettings(Schema):
     insecure: bool = setting(False, "skip server certificate verification (testing only)")
 
 
-@dataclass(frozen=True, kw_only=True)
 class MqttSettings(Schema):
     """How to reach an MQTT broker (the ``[mqtt]`` section)."""
 

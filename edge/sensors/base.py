@@ -93,7 +93,6 @@ def _sensor_name(value: str) -> None:
         check_reading_name(value)
 
 
-@dataclass(frozen=True, kw_only=True)
 class DriverConfig(Schema):
     """Settings every driver has; each driver's model adds a ``type`` tag and its own fields.
 
