@@ -28,6 +28,7 @@ environment layer and :func:`load` (defaults < TOML < environment < flags).
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import tomllib
@@ -43,6 +44,7 @@ from iotpipe.errors import ConfigError
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "LazyTagged",
     "NestedConfigError",
     "Schema",
     "config_path",
@@ -425,6 +427,8 @@ _SCALARS: dict[Any, Callable[[Any], Any]] = {
 
 
 def _convert_scalar(hint: Any, value: Any) -> Any:
+    if isinstance(hint, LazyTagged):
+        return hint.convert(value)
     try:
         to_type = _SCALARS[hint]
     except KeyError:
@@ -468,6 +472,10 @@ def _convert_tagged(options: list[type[Schema]], value: Any) -> Schema:
     if len(options) == 1:
         return options[0].from_mapping(value)
     tags = {typing.get_type_hints(m)["type"].__args__[0]: m for m in options}
+    return tags[_tag(list(tags), value)].from_mapping(value)
+
+
+def _tag(tags: list[str], value: Mapping[str, Any]) -> str:
     expected = ", ".join(repr(tag) for tag in tags)
     if "type" not in value:
         raise ConfigError("type", None, f"required, one of: {expected}")
@@ -479,7 +487,43 @@ def _convert_tagged(options: list[type[Schema]], value: Any) -> Schema:
             f"Input tag {tag!r} found using 'type' does not match any of the expected tags: "
             f"{expected}",
         )
-    return tags[tag].from_mapping(value)
+    return str(tag)
+
+
+class LazyTagged:
+    """A union of sections told apart by ``type``, each imported when a table names it.
+
+    The hint of a field whose choices live in modules not worth importing until used (the edge
+    agent's sensor drivers): ``LazyTagged({"thermal": "edge.sensors.thermal:ThermalConfig"})``.
+    Values are checked as for a union of the sections, with the same errors.
+    """
+
+    def __init__(self, sections: Mapping[str, str]) -> None:
+        self.sections = dict(sections)
+        self.paths = frozenset(self.sections.values())
+
+    def section(self, tag: str) -> type[Schema]:
+        """The section class of ``tag`` (its module imported now)."""
+        module, _, name = self.sections[tag].partition(":")
+        found: type[Schema] = getattr(importlib.import_module(module), name)
+        return found
+
+    def convert(self, value: Any) -> Schema:
+        """``value`` as the section its ``type`` names.
+
+        Raises:
+            ValueError: it is not a table.
+            ConfigError: the tag is missing or unknown, or the section refused the table.
+        """
+        kind = type(value)
+        if isinstance(value, Schema) and f"{kind.__module__}:{kind.__qualname__}" in self.paths:
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError("Input should be a table")
+        return self.section(_tag(list(self.sections), value)).from_mapping(value)
+
+    def __repr__(self) -> str:
+        return f"LazyTagged({self.sections!r})"
 
 
 # -- files, environment and precedence --------------------------------------------------------
