@@ -7,8 +7,8 @@ small Pi without pydantic; :mod:`iotpipe.settings` re-exports every name, and py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from iotpipe.schema import Schema, setting
@@ -41,8 +41,7 @@ class Secret:
         return "**********"
 
 
-@dataclass(frozen=True)
-class BrokerUrl:
+class BrokerUrl(NamedTuple):
     """A parsed ``scheme://user:pass@host:port/vhost`` connection URL."""
 
     scheme: str
