@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +87,6 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass
 class AgentStats:
     """Counters of one agent run (plain integers: read by ``/metrics`` and the stats log)."""
 
@@ -102,7 +100,7 @@ class AgentStats:
     reconnects: int = 0
     connected: bool = False
     clock_synced: bool = True
-    sensor_errors: dict[str, int] = field(default_factory=dict)
+    sensor_errors: dict[str, int]
     full_in_seconds: float = math.inf
     #: Receipts: "active", "inactive" or "undecided" (``receipts = "auto"`` before the capability).
     receipts: str = "inactive"
@@ -114,6 +112,9 @@ class AgentStats:
     receipts_received: int = 0
     receipts_malformed: int = 0
     envelopes_resent: int = 0
+
+    def __init__(self) -> None:
+        self.sensor_errors = {}
 
 
 class Publisher:
@@ -502,29 +503,35 @@ class Publisher:
         self._round = []
 
 
-@dataclass
 class _Batch:
-    samples: list[Sample] = field(default_factory=list)
-    started: float = 0.0
-    unsynced: bool = False
+    __slots__ = ("samples", "started", "unsynced")
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.started = 0.0
+        self.unsynced = False
 
 
-@dataclass
 class _Due:
     """When the main loop's periodic jobs are next due (monotonic seconds)."""
 
-    sync: float
-    stats: float
-    fill: float
-    ping: float
+    __slots__ = ("fill", "ping", "stats", "sync")
+
+    def __init__(self, sync: float, stats: float, fill: float, ping: float) -> None:
+        self.sync = sync
+        self.stats = stats
+        self.fill = fill
+        self.ping = ping
 
 
-@dataclass
 class _Scheduled:
-    driver: Driver
-    due: float
-    errors_logged_at: float = -math.inf
-    errors_suppressed: int = 0
+    __slots__ = ("driver", "due", "errors_logged_at", "errors_suppressed")
+
+    def __init__(self, driver: Driver, due: float) -> None:
+        self.driver = driver
+        self.due = due
+        self.errors_logged_at = -math.inf
+        self.errors_suppressed = 0
 
 
 class Agent:

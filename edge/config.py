@@ -9,11 +9,9 @@ commented example of every option.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -22,7 +20,7 @@ from edge.sensors import SensorConfig
 from iotpipe import __version__
 from iotpipe.connection import MqttSettings
 from iotpipe.errors import ConfigError
-from iotpipe.schema import Schema, setting
+from iotpipe.schema import Schema, replace, setting
 from iotpipe.topics import is_valid_name
 
 __all__ = ["AGENT", "EdgeSettings", "default_device", "default_state_dir", "mqtt_settings"]
@@ -61,7 +59,6 @@ def _tags(value: dict[str, str]) -> None:
         raise ValueError("'clock' is set by the agent while the clock is not synchronised")
 
 
-@dataclass(frozen=True, kw_only=True)
 class EdgeSettings(Schema):
     """The ``[edge]`` section."""
 
@@ -175,11 +172,11 @@ def mqtt_settings(
         if not password:
             # An empty file means "no password": `iotpipe edge flash` always writes the
             # credential, because the systemd unit's LoadCredential= needs the file to exist.
-            return dataclasses.replace(mqtt, **update) if update else mqtt
+            return replace(mqtt, **update) if update else mqtt
         if not url.username:
             raise ConfigError("mqtt.url", url.redacted(), "needs a user name for the password")
         user = quote(url.username, safe="")
         update["url"] = (
             f"{url.scheme}://{user}:{quote(password, safe='')}@{url.host}:{url.port}{url.path}"
         )
-    return dataclasses.replace(mqtt, **update) if update else mqtt
+    return replace(mqtt, **update) if update else mqtt

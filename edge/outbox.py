@@ -47,7 +47,6 @@ import math
 import secrets
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -135,8 +134,7 @@ LAYOUT = Layout(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
+class Pending(NamedTuple):
     """An envelope to commit."""
 
     topic: str
@@ -156,8 +154,7 @@ class OutboxEntry(NamedTuple):
     created_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Counter:
+class Counter(NamedTuple):
     """Where the sequence counter stands: the ``boot`` label and the next ``seq``."""
 
     boot: str

@@ -17,7 +17,6 @@ import collections
 import json
 import math
 import random
-from dataclasses import dataclass
 
 from iotpipe.receipts import Receipt, SeqSet
 
@@ -53,19 +52,36 @@ def receipts_capability(payload: bytes) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-@dataclass(slots=True)
 class Held:
     """One acknowledged, unreceipted envelope (its outbox row stays in flight)."""
 
-    id: int
-    boot: str | None
-    seq: int
-    topic: str
-    payload: bytes
-    acked_at: float
-    sent_at: float
-    due: float
-    resends: int = 0
+    __slots__ = ("acked_at", "boot", "due", "id", "payload", "resends", "sent_at", "seq", "topic")
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        boot: str | None,
+        seq: int,
+        topic: str,
+        payload: bytes,
+        acked_at: float,
+        sent_at: float,
+        due: float,
+        resends: int = 0,
+    ) -> None:
+        self.id = id
+        self.boot = boot
+        self.seq = seq
+        self.topic = topic
+        self.payload = payload
+        self.acked_at = acked_at
+        self.sent_at = sent_at
+        self.due = due
+        self.resends = resends
+
+    def __repr__(self) -> str:
+        return f"Held(boot={self.boot!r}, seq={self.seq}, id={self.id}, resends={self.resends})"
 
 
 class Unconfirmed:
@@ -155,7 +171,14 @@ class Unconfirmed:
             self._latencies.append(0.0)
             return False
         self._held[(boot, seq)] = Held(
-            entry_id, boot, seq, topic, payload, acked_at, sent_at, sent_at + self._timeout(0)
+            id=entry_id,
+            boot=boot,
+            seq=seq,
+            topic=topic,
+            payload=payload,
+            acked_at=acked_at,
+            sent_at=sent_at,
+            due=sent_at + self._timeout(0),
         )
         return True
 

@@ -7,8 +7,8 @@ small Pi without pydantic; :mod:`iotpipe.settings` re-exports every name, and py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from iotpipe.schema import Schema, setting
@@ -41,8 +41,7 @@ class Secret:
         return "**********"
 
 
-@dataclass(frozen=True)
-class BrokerUrl:
+class BrokerUrl(NamedTuple):
     """A parsed ``scheme://user:pass@host:port/vhost`` connection URL."""
 
     scheme: str
@@ -104,7 +103,6 @@ def _mqtt_url(value: str) -> None:
     parse_url(value, ("mqtt", "mqtts"))
 
 
-@dataclass(frozen=True, kw_only=True)
 class TlsSettings(Schema):
     """TLS material for ``mqtts://`` and ``amqps://`` connections."""
 
@@ -120,7 +118,6 @@ class TlsSettings(Schema):
     insecure: bool = setting(False, "skip server certificate verification (testing only)")
 
 
-@dataclass(frozen=True, kw_only=True)
 class MqttSettings(Schema):
     """How to reach an MQTT broker (the ``[mqtt]`` section)."""
 

@@ -53,9 +53,8 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 from iotpipe.closing import Closing
 from iotpipe.errors import IotpipeError
@@ -140,13 +139,22 @@ class QueueFull(IotpipeError):  # noqa: N818
 # -- what the caller declares -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class PushBack:
     """When full, refuse the batch (raise the layout's ``full_error``); never delete data."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class ThinOldest:
+    def __eq__(self, other: object) -> bool:
+        return type(other) is PushBack
+
+    def __hash__(self) -> int:
+        return hash(PushBack)
+
+    def __repr__(self) -> str:
+        return "PushBack()"
+
+
+class ThinOldest(NamedTuple):
     """When full, thin the oldest rows not in flight (see the module docstring).
 
     Attributes:
@@ -161,8 +169,7 @@ class ThinOldest:
 FullPolicy = PushBack | ThinOldest
 
 
-@dataclass(frozen=True, slots=True)
-class Layout:
+class Layout(NamedTuple):
     """What one kind of queue file holds: its table, columns, identity and words for errors.
 
     Attributes:
@@ -199,11 +206,10 @@ class Layout:
     oldest_column: str | None = None
     journal_size_limit: int = 4 * 1024 * 1024
     cache_kib: int | None = None
-    logger: logging.Logger = field(default=log)
+    logger: logging.Logger = log
 
 
-@dataclass(frozen=True, slots=True)
-class Appended:
+class Appended(NamedTuple):
     """What an append did.
 
     Attributes:
@@ -263,7 +269,7 @@ class DurableQueue(Closing):
         *,
         max_bytes: int,
         durability: Durability = "fsync",
-        policy: FullPolicy = PushBack(),
+        policy: FullPolicy = PushBack(),  # noqa: B008 - immutable, like the tuples
         reclaim_above: int | None = None,
         lock_timeout: float = 1.0,
     ) -> None:

@@ -20,8 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -47,8 +46,7 @@ _QUEUED_OK = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One MQTT message as received (or to be sent)."""
 
     topic: str
@@ -59,8 +57,7 @@ class Message:
     mid: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Will:
+class Will(NamedTuple):
     """A last-will message the broker publishes if we vanish."""
 
     topic: str

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from iotpipe.wire import PREFIX
 
@@ -145,8 +145,7 @@ class SeqSet:
         return f"SeqSet({self.ranges()!r})"
 
 
-@dataclass(frozen=True, slots=True)
-class BootReceipt:
+class BootReceipt(NamedTuple):
     """What is stored of one boot of a device.
 
     Attributes:
@@ -166,8 +165,7 @@ class BootReceipt:
         return any(lo <= seq <= hi for lo, hi in self.ranges)
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(NamedTuple):
     """One receipt message for one device."""
 
     site: str
@@ -273,10 +271,12 @@ def decode_receipt(payload: bytes | str) -> Receipt | str:
     return Receipt(site=site, device=device, ts=ts, stored=tuple(entries), v=v)
 
 
-@dataclass(slots=True)
 class _Pending:
-    boots: dict[str | None, SeqSet] = field(default_factory=dict)
-    last_sent: float = float("-inf")
+    __slots__ = ("boots", "last_sent")
+
+    def __init__(self) -> None:
+        self.boots: dict[str | None, SeqSet] = {}
+        self.last_sent = float("-inf")
 
 
 class ReceiptBook:

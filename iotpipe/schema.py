@@ -1,14 +1,14 @@
-"""Typed settings sections without pydantic: frozen dataclasses checked when they are built.
+"""Typed settings sections without pydantic: frozen records checked when they are built.
 
 The edge agent runs on a small Pi, where importing pydantic alone costs ~7 MB of resident
 memory; its settings (``[edge]``, ``[[edge.sensors]]``, ``[mqtt]``, the simulated sensor's
-profiles) are :class:`Schema` dataclasses instead, checked here with the standard library. The
+profiles) are :class:`Schema` sections instead, checked here with the standard library. The
 other components keep their pydantic sections (:mod:`iotpipe.settings`), and may nest a Schema
 in them: pydantic validates it through :meth:`Schema.__get_pydantic_core_schema__`.
 
-A section is declared once::
+A section is declared once, its fields from the class annotations (in order, base classes
+first), each with a :func:`setting`; sections are frozen and built from keywords only::
 
-    @dataclass(frozen=True, kw_only=True)
     class Batch(Schema):
         size: int = setting(100, "readings per envelope at most", ge=1, le=1000)
         mode: Literal["fsync", "process"] = setting("fsync", "how commits are made durable")
@@ -19,13 +19,16 @@ lax mode does for config files and environment variables (``"5"`` -> 5, ``"true"
 Any mistake raises one :class:`~iotpipe.errors.ConfigError` naming the dotted field, the value
 and what is allowed, in pydantic's words ("Input should be greater than or equal to 1").
 
+Sections are not dataclasses: ``dataclasses`` imports ``inspect`` (and ``ast``, ``dis``, ...),
+~1 MB resident in the agent. :func:`replace` is their ``dataclasses.replace``.
+
 Also here, shared with :mod:`iotpipe.settings`: reading TOML, the ``IOTPIPE_<SECTION>__<FIELD>``
 environment layer and :func:`load` (defaults < TOML < environment < flags).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import os
 import re
 import tomllib
@@ -41,6 +44,7 @@ from iotpipe.errors import ConfigError
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "LazyTagged",
     "NestedConfigError",
     "Schema",
     "config_path",
@@ -49,6 +53,7 @@ __all__ = [
     "merge",
     "read_toml",
     "redact_url",
+    "replace",
     "setting",
 ]
 
@@ -61,8 +66,35 @@ _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
 
 
+class _Missing:
+    """The default of a required field (``dataclasses.MISSING``'s role)."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+class _Setting:
+    """What :func:`setting` declares about one field; the class keeps them by name."""
+
+    __slots__ = ("default", "factory", "meta")
+
+    def __init__(
+        self, default: Any, factory: Callable[[], Any] | None, meta: dict[str, Any]
+    ) -> None:
+        self.default = default
+        self.factory = factory
+        self.meta = meta
+
+    def make_default(self) -> Any:
+        """The default value (a fresh one from the factory), or :data:`MISSING`."""
+        return self.factory() if self.factory is not None else self.default
+
+
 def setting(
-    default: Any = dataclasses.MISSING,
+    default: Any = MISSING,
     description: str = "",
     *,
     ge: float | None = None,
@@ -102,9 +134,7 @@ def setting(
     }
     if factory is None and isinstance(default, list | dict):
         factory = default.copy
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    return _Setting(default if factory is None else MISSING, factory, metadata)
 
 
 class NestedConfigError(ValueError):
@@ -120,29 +150,82 @@ class NestedConfigError(ValueError):
 
 
 class Schema:
-    """Base of every pydantic-free settings section (subclasses are frozen kw-only dataclasses).
+    """Base of every pydantic-free settings section (frozen, built from keywords only).
 
     Attributes:
         fields_set: the fields given explicitly: the keys of the mapping it was loaded from, or,
             when built directly, the fields that differ from their defaults.
     """
 
+    _settings: ClassVar[dict[str, _Setting]] = {}
     _hints: ClassVar[dict[str, Any]]
     fields_set: frozenset[str]
 
-    def __post_init__(self) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Collect the fields: the annotated names of the Schema classes, base classes first."""
+        super().__init_subclass__(**kwargs)
+        settings: dict[str, _Setting] = {}
+        for base in reversed(cls.__mro__[1:]):
+            settings.update(base.__dict__.get("_settings", {}))
+        own = cls.__dict__.get("__annotations__", {})  # noqa: RUF063  # inspect costs ~1 MB
+        for name, hint in own.items():
+            if str(hint).startswith(("ClassVar", "typing.ClassVar")):
+                continue
+            declared = cls.__dict__.get(name, MISSING)
+            if isinstance(declared, _Setting):
+                settings[name] = declared
+            elif name not in settings or declared is not MISSING:
+                settings[name] = _Setting(declared, None, {})
+        for name, spec in settings.items():
+            if name in cls.__dict__ and spec.default is MISSING:
+                delattr(cls, name)  # as dataclasses do: a factory or required field has none
+            elif spec.default is not MISSING:
+                setattr(cls, name, spec.default)
+        cls._settings = settings
+
+    def __init__(self, **values: Any) -> None:
         cls = type(self)
+        settings = cls._settings
+        for name in values:
+            if name not in settings:
+                raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {name!r}")
         if "_hints" not in cls.__dict__:
             cls._hints = typing.get_type_hints(cls)
+        raws: dict[str, Any] = {}
+        for name, spec in settings.items():
+            raws[name] = values[name] if name in values else spec.make_default()
+            if raws[name] is MISSING:
+                raise TypeError(f"{cls.__name__}() missing required keyword argument {name!r}")
         given: set[str] = set()
-        for spec in dataclasses.fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
-            raw = getattr(self, spec.name)
-            value = _field_value(cls._hints[spec.name], spec, raw)
-            object.__setattr__(self, spec.name, value)
-            if value != _default(spec):
-                given.add(spec.name)
+        for name, spec in settings.items():
+            value = _field_value(cls._hints[name], name, spec, raws[name])
+            object.__setattr__(self, name, value)
+            if value != spec.make_default():
+                given.add(name)
         object.__setattr__(self, "fields_set", frozenset(given))
         self.check()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} (settings are frozen)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} (settings are frozen)")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._settings)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Schema)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._settings)
+        return f"{type(self).__qualname__}({shown})"
 
     def check(self) -> None:
         """Rules spanning several fields; raise :class:`ConfigError` naming one of them."""
@@ -154,16 +237,12 @@ class Schema:
         Raises:
             ConfigError: a value is invalid (the field is relative to this section).
         """
-        known = {spec.name: spec for spec in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = cls._settings
         for key in data:
             if key not in known:
                 raise ConfigError(str(key), data[key], "unknown setting (check the spelling)")
         for name, spec in known.items():
-            if (
-                name not in data
-                and spec.default is dataclasses.MISSING
-                and spec.default_factory is dataclasses.MISSING
-            ):
+            if name not in data and spec.default is MISSING and spec.factory is None:
                 raise ConfigError(name, None, "required")
         built = cls(**data)
         object.__setattr__(built, "fields_set", frozenset(data))
@@ -171,7 +250,7 @@ class Schema:
 
     def to_dict(self) -> dict[str, Any]:
         """The section as plain values (nested sections as dicts)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+        return {name: _plain(getattr(self, name)) for name in self._settings}
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
@@ -194,16 +273,25 @@ class Schema:
         )
 
 
-def _default(spec: dataclasses.Field[Any]) -> Any:
-    if spec.default is not dataclasses.MISSING:
-        return spec.default
-    if spec.default_factory is not dataclasses.MISSING:
-        return spec.default_factory()
-    return dataclasses.MISSING
+def replace(section: T, /, **changes: Any) -> T:
+    """A copy of ``section`` with ``changes`` (checked again), as ``dataclasses.replace`` does."""
+    values = {name: getattr(section, name) for name in section._settings}
+    return type(section)(**(values | changes))
 
 
-def _field_value(hint: Any, spec: dataclasses.Field[Any], raw: Any) -> Any:
-    meta = spec.metadata
+def _plain(value: Any) -> Any:
+    """``value`` with sections as dicts and containers copied (``dataclasses.asdict``'s rule)."""
+    if isinstance(value, Schema):
+        return value.to_dict()
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _field_value(hint: Any, name: str, spec: _Setting, raw: Any) -> Any:
+    meta = spec.meta
     try:
         value = convert(hint, raw)
         for op, limit in meta.get("bounds", ()):
@@ -219,10 +307,10 @@ def _field_value(hint: Any, spec: dataclasses.Field[Any], raw: Any) -> Any:
         if check is not None:
             check(value)
     except ConfigError as err:
-        raise ConfigError(_join(spec.name, err.field), err.value, err.allowed) from None
+        raise ConfigError(_join(name, err.field), err.value, err.allowed) from None
     except ValueError as err:
         shown = redact_url(raw) if meta.get("secret") and isinstance(raw, str) else raw
-        raise ConfigError(spec.name, shown, str(err)) from None
+        raise ConfigError(name, shown, str(err)) from None
     return value
 
 
@@ -339,6 +427,8 @@ _SCALARS: dict[Any, Callable[[Any], Any]] = {
 
 
 def _convert_scalar(hint: Any, value: Any) -> Any:
+    if isinstance(hint, LazyTagged):
+        return hint.convert(value)
     try:
         to_type = _SCALARS[hint]
     except KeyError:
@@ -382,6 +472,10 @@ def _convert_tagged(options: list[type[Schema]], value: Any) -> Schema:
     if len(options) == 1:
         return options[0].from_mapping(value)
     tags = {typing.get_type_hints(m)["type"].__args__[0]: m for m in options}
+    return tags[_tag(list(tags), value)].from_mapping(value)
+
+
+def _tag(tags: list[str], value: Mapping[str, Any]) -> str:
     expected = ", ".join(repr(tag) for tag in tags)
     if "type" not in value:
         raise ConfigError("type", None, f"required, one of: {expected}")
@@ -393,7 +487,43 @@ def _convert_tagged(options: list[type[Schema]], value: Any) -> Schema:
             f"Input tag {tag!r} found using 'type' does not match any of the expected tags: "
             f"{expected}",
         )
-    return tags[tag].from_mapping(value)
+    return str(tag)
+
+
+class LazyTagged:
+    """A union of sections told apart by ``type``, each imported when a table names it.
+
+    The hint of a field whose choices live in modules not worth importing until used (the edge
+    agent's sensor drivers): ``LazyTagged({"thermal": "edge.sensors.thermal:ThermalConfig"})``.
+    Values are checked as for a union of the sections, with the same errors.
+    """
+
+    def __init__(self, sections: Mapping[str, str]) -> None:
+        self.sections = dict(sections)
+        self.paths = frozenset(self.sections.values())
+
+    def section(self, tag: str) -> type[Schema]:
+        """The section class of ``tag`` (its module imported now)."""
+        module, _, name = self.sections[tag].partition(":")
+        found: type[Schema] = getattr(importlib.import_module(module), name)
+        return found
+
+    def convert(self, value: Any) -> Schema:
+        """``value`` as the section its ``type`` names.
+
+        Raises:
+            ValueError: it is not a table.
+            ConfigError: the tag is missing or unknown, or the section refused the table.
+        """
+        kind = type(value)
+        if isinstance(value, Schema) and f"{kind.__module__}:{kind.__qualname__}" in self.paths:
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError("Input should be a table")
+        return self.section(_tag(list(self.sections), value)).from_mapping(value)
+
+    def __repr__(self) -> str:
+        return f"LazyTagged({self.sections!r})"
 
 
 # -- files, environment and precedence --------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from iotpipe.errors import ConfigError
@@ -414,7 +413,6 @@ SENSORS: tuple[SensorName, ...] = (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
 class TemperatureProfile(Schema):
     """Temperature (``Cel``): daily cycle + slow drift + noise."""
 
@@ -428,7 +426,6 @@ class TemperatureProfile(Schema):
     decimals: int = setting(2, "digits after the decimal point", ge=1, le=6)
 
 
-@dataclass(frozen=True, kw_only=True)
 class HumidityProfile(Schema):
     """Relative humidity (``%RH``), anti-correlated with the temperature."""
 
@@ -439,7 +436,6 @@ class HumidityProfile(Schema):
     decimals: int = setting(1, "digits after the decimal point", ge=1, le=6)
 
 
-@dataclass(frozen=True, kw_only=True)
 class PressureProfile(Schema):
     """Barometric pressure (``Pa``): a random walk bounded to [low, high]."""
 
@@ -461,7 +457,6 @@ def _non_negative(levels: list[float]) -> None:
         raise ValueError("power levels must be >= 0")
 
 
-@dataclass(frozen=True, kw_only=True)
 class PowerProfile(Schema):
     """Electrical power (``W``): load steps between levels at random times."""
 
@@ -473,7 +468,6 @@ class PowerProfile(Schema):
     decimals: int = setting(1, "digits after the decimal point", ge=1, le=6)
 
 
-@dataclass(frozen=True, kw_only=True)
 class BatteryProfile(Schema):
     """Battery charge (``%``): drains linearly, never rises."""
 
@@ -489,7 +483,6 @@ class BatteryProfile(Schema):
             raise ConfigError("start_min", self.start_min, "start_min must not exceed start_max")
 
 
-@dataclass(frozen=True, kw_only=True)
 class BinaryProfile(Schema):
     """A two-state event sensor (``1``): true for ~on_seconds, false for ~off_seconds."""
 
@@ -497,7 +490,6 @@ class BinaryProfile(Schema):
     off_seconds: float = setting(600.0, "mean seconds in the false state", gt=0)
 
 
-@dataclass(frozen=True, kw_only=True)
 class DoorProfile(BinaryProfile):
     """A door (``1``): open (true) for ~20 s, closed for ~15 min."""
 
@@ -505,7 +497,6 @@ class DoorProfile(BinaryProfile):
     off_seconds: float = setting(900.0, "mean seconds closed", gt=0)
 
 
-@dataclass(frozen=True, kw_only=True)
 class MotionProfile(BinaryProfile):
     """A motion detector (``1``): active (true) for ~30 s, idle for ~5 min."""
 
@@ -513,7 +504,6 @@ class MotionProfile(BinaryProfile):
     off_seconds: float = setting(300.0, "mean seconds idle", gt=0)
 
 
-@dataclass(frozen=True, kw_only=True)
 class Profiles(Schema):
     """Signal profiles, one table per sensor."""
 

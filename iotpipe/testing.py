@@ -410,7 +410,7 @@ class MemorySubscriber:
         """Reconnect; unacknowledged messages come again first, marked ``dup``."""
         del deadline
         with self._changed:
-            again = [replace(m, dup=True) for m in self._unacked.values()]
+            again = [m._replace(dup=True) for m in self._unacked.values()]
             self._unacked.clear()
             self._inbox.extendleft(reversed(again))
             self._lost = False

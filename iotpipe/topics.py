@@ -10,7 +10,6 @@ maps it, so a binding such as ``iotpipe.v1.#`` works whichever way the data came
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 # The names, the prefix and the topic layout are the contract's: they live in iotpipe.wire and
@@ -46,7 +45,6 @@ _TOPIC_CACHE_SIZE = 4096
 _KINDS = {kind.value: kind for kind in Kind}
 
 
-@dataclass(frozen=True, slots=True)
 class Topic:
     """A parsed iotpipe v1 topic.
 
@@ -60,16 +58,43 @@ class Topic:
             is not a ``Kind``.
     """
 
+    # A frozen record by hand, not a dataclass: ``dataclasses`` imports ``inspect`` (~1 MB in
+    # the edge agent, which parses topics).
+    __slots__ = ("device", "kind", "site")
+
     site: str
     device: str
     kind: Kind
 
-    def __post_init__(self) -> None:
+    def __init__(self, site: str, device: str, kind: Kind | str) -> None:
         """Reject names that would produce a topic outside the contract."""
-        check_name("site", self.site)
-        check_name("device", self.device)
+        check_name("site", site)
+        check_name("device", device)
+        object.__setattr__(self, "site", site)
+        object.__setattr__(self, "device", device)
         # Accept the plain string "telemetry" too, but store the enum member.
-        object.__setattr__(self, "kind", Kind(self.kind))
+        object.__setattr__(self, "kind", Kind(kind))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} (a Topic is immutable)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} (a Topic is immutable)")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Topic:
+            return NotImplemented
+        assert isinstance(other, Topic)
+        return (self.site, self.device, self.kind) == (other.site, other.device, other.kind)
+
+    def __hash__(self) -> int:
+        return hash((self.site, self.device, self.kind))
+
+    def __repr__(self) -> str:
+        return f"Topic(site={self.site!r}, device={self.device!r}, kind={self.kind!r})"
+
+    def __reduce__(self) -> tuple[type[Topic], tuple[str, str, Kind]]:
+        return (Topic, (self.site, self.device, self.kind))
 
     @property
     def mqtt(self) -> str:

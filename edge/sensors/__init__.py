@@ -8,7 +8,8 @@
     simulated   the simulator's signal profiles                                 as profiled
 
 The agent validates ``[[edge.sensors]]`` tables as :data:`SensorConfig` and calls
-:func:`build_drivers`. Driver modules import only the standard library and :mod:`iotpipe.schema`
+:func:`build_drivers`. :data:`DRIVERS` names each driver's config class; its module is imported
+only when a table names its type (the agent's footprint: most Pis run one or two drivers). Driver modules import only the standard library and :mod:`iotpipe.schema`
 (no pydantic: the agent's footprint); hardware
 libraries (smbus2) are imported when a driver first touches its hardware, so a box without them
 still runs every other driver.
@@ -18,19 +19,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge.sensors.base import Driver, Sample, SensorError
-from edge.sensors.bme280 import BME280Config
-from edge.sensors.dht22 import DHT22Config
-from edge.sensors.ds18b20 import DS18B20Config
-from edge.sensors.simulated import SimulatedConfig
-from edge.sensors.system import SystemConfig
-from edge.sensors.thermal import ThermalConfig
 from iotpipe.errors import ConfigError
-from iotpipe.schema import convert
+from iotpipe.schema import LazyTagged, convert
+
+if TYPE_CHECKING:
+    from edge.sensors.bme280 import BME280Config
+    from edge.sensors.dht22 import DHT22Config
+    from edge.sensors.ds18b20 import DS18B20Config
+    from edge.sensors.simulated import SimulatedConfig
+    from edge.sensors.system import SystemConfig
+    from edge.sensors.thermal import ThermalConfig
 
 __all__ = [
+    "DRIVERS",
     "BME280Config",
     "DHT22Config",
     "DS18B20Config",
@@ -49,10 +53,34 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Each ``type`` -> its config class, ``module:Class`` (imported when a table names it).
+DRIVERS = {
+    "thermal": "edge.sensors.thermal:ThermalConfig",
+    "ds18b20": "edge.sensors.ds18b20:DS18B20Config",
+    "bme280": "edge.sensors.bme280:BME280Config",
+    "dht22": "edge.sensors.dht22:DHT22Config",
+    "system": "edge.sensors.system:SystemConfig",
+    "simulated": "edge.sensors.simulated:SimulatedConfig",
+}
+
+_LAZY = LazyTagged(DRIVERS)
+
 #: One ``[[edge.sensors]]`` table, told apart by its ``type``.
-SensorConfig = (
-    ThermalConfig | DS18B20Config | BME280Config | DHT22Config | SystemConfig | SimulatedConfig
-)
+if TYPE_CHECKING:
+    SensorConfig = (
+        ThermalConfig | DS18B20Config | BME280Config | DHT22Config | SystemConfig | SimulatedConfig
+    )
+else:
+    SensorConfig = _LAZY
+
+_CONFIGS = {path.rpartition(":")[2]: tag for tag, path in DRIVERS.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """The config classes by name (``from edge.sensors import ThermalConfig``), imported now."""
+    if name in _CONFIGS:
+        return _LAZY.section(_CONFIGS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_sensors(tables: Sequence[Mapping[str, Any]]) -> list[SensorConfig]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from iotpipe.schema import Schema, setting
 from iotpipe.wire import SENSOR_RULE, is_valid_sensor
@@ -21,8 +20,7 @@ from iotpipe.wire import SENSOR_RULE, is_valid_sensor
 Value = float | int | bool | str
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
     """One reading of one sensor: the wire contract's ``readings[]`` item, time resolved."""
 
     sensor: str
@@ -93,7 +91,6 @@ def _sensor_name(value: str) -> None:
         check_reading_name(value)
 
 
-@dataclass(frozen=True, kw_only=True)
 class DriverConfig(Schema):
     """Settings every driver has; each driver's model adds a ``type`` tag and its own fields.
 

@@ -239,7 +239,6 @@ def _check_address(address: int) -> None:
         raise ValueError("must be 0x76 (118) or 0x77 (119)")
 
 
-@dataclass(frozen=True, kw_only=True)
 class BME280Config(DriverConfig):
     """``type = "bme280"``: temperature, humidity and pressure over I²C."""
 

@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +36,6 @@ _RANGE_RH = (0.0, 100.0)
 _TRANSIENT = frozenset({errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY})
 
 
-@dataclass(frozen=True, kw_only=True)
 class DHT22Config(DriverConfig):
     """``type = "dht22"``: temperature and humidity of a DHT22 on the IIO dht11 driver."""
 

@@ -14,7 +14,6 @@ which means no conversion happened (usually a parasite-power supply too weak for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -46,7 +45,6 @@ def _check_devices(devices: dict[str, str]) -> None:
             raise ValueError(f"{device}: {err}") from None
 
 
-@dataclass(frozen=True, kw_only=True)
 class DS18B20Config(DriverConfig):
     """``type = "ds18b20"``: every DS18B20 on the 1-Wire bus, or the listed ones."""
 

@@ -9,7 +9,6 @@ evaluated at the wall-clock time of each read.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from edge.sensors.base import DriverConfig, Sample, WallClock, wall_ms
@@ -20,7 +19,6 @@ if TYPE_CHECKING:
     from iotpipe.signals import Signal
 
 
-@dataclass(frozen=True, kw_only=True)
 class SimulatedConfig(DriverConfig):
     """``type = "simulated"``: simulated signals, named like the simulator's sensors."""
 

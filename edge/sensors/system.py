@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +27,6 @@ READINGS = (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
 class SystemConfig(DriverConfig):
     """``type = "system"``: load averages, memory and disk usage of this machine."""
 

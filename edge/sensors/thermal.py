@@ -8,7 +8,6 @@ reported as ``cpu.temperature`` and any other zone as ``thermal.zone<N>``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +19,6 @@ _ZONE_RE = re.compile(r"^thermal_zone(\d+)$")
 _PLAUSIBLE_CEL = (-60.0, 150.0)
 
 
-@dataclass(frozen=True, kw_only=True)
 class ThermalConfig(DriverConfig):
     """``type = "thermal"``: the SoC temperature, and any other thermal zone."""
 

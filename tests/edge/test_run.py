@@ -81,7 +81,9 @@ def _config(tmp_path: Path, http_port: int) -> Path:
 def test_agent_path_imports_neither_pydantic_typer_nor_rich(tmp_path: Path) -> None:
     """The agent built by ``iotpipe edge run`` (simulated sensors, /metrics) skips the heavy libraries.
 
-    Its ``/metrics`` needs neither prometheus_client nor http.server either (footprint).
+    Its ``/metrics`` needs neither prometheus_client nor http.server either, and nothing on the
+    path imports ``dataclasses`` (which imports ``inspect``), nor an unconfigured sensor driver
+    (footprint).
     """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -101,6 +103,9 @@ def test_agent_path_imports_neither_pydantic_typer_nor_rich(tmp_path: Path) -> N
     heavy = {"pydantic", "pydantic_core", "typer", "rich", "click", "prometheus_client"}
     assert packages.isdisjoint(heavy), packages & heavy
     assert "http.server" not in modules
+    assert modules.isdisjoint({"dataclasses", "inspect"}), modules & {"dataclasses", "inspect"}
+    assert "edge.sensors.simulated" in modules
+    assert "edge.sensors.bme280" not in modules
 
 
 def test_bad_config_is_one_line_through_the_fast_path(tmp_path: Path) -> None:

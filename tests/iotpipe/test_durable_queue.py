@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,7 +236,7 @@ def test_the_page_cache_is_the_layouts_or_sqlites_default(path: Path) -> None:
     def cache_size(conn: sqlite3.Connection) -> int:
         return int(conn.execute("PRAGMA cache_size").fetchone()[0])
 
-    small = dataclasses.replace(LAYOUT, cache_kib=256)
+    small = LAYOUT._replace(cache_kib=256)
     with DurableQueue(path, small, max_bytes=10 * SIZE, durability="process") as queue:
         assert queue.read("test", cache_size) == -256
     with DurableQueue(path, LAYOUT, max_bytes=10 * SIZE, durability="process") as queue:

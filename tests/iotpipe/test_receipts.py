@@ -83,6 +83,7 @@ receipts = st.builds(
         min_size=1,
         max_size=4,
     ).map(tuple),
+    v=st.just("1.1"),  # builds() would fill a NamedTuple's defaulted field with any string
 )
 
 
