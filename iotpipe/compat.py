@@ -151,8 +151,9 @@ def connect_paho_by_bytes(client: Any) -> bool:
         host = client._host
         if not isinstance(host, str) or not host.isascii() or get_proxy():
             return own()  # type: ignore[no-any-return]
+        address: Any = (host.encode("ascii"), client._port)  # typeshed wants str; bytes work
         return socket.create_connection(
-            (host.encode("ascii"), client._port),
+            address,
             timeout=client._connect_timeout,
             source_address=(client._bind_address, client._bind_port),
         )
