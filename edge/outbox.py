@@ -44,7 +44,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import secrets
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -214,7 +214,8 @@ class Outbox(QueueWrapper):
             if meta.get("kernel_boot") == kernel_boot and "boot" in meta:
                 return Counter(meta["boot"], int(meta.get("next_seq", 0))), False
             hexdigits = "".join(c for c in kernel_boot.lower() if c in "0123456789abcdef")
-            boot = f"{(hexdigits or secrets.token_hex(8))[:16]}-{secrets.token_hex(4)}"
+            # os.urandom(n).hex() is secrets.token_hex(n), without secrets' imports (hmac).
+            boot = f"{(hexdigits or os.urandom(8).hex())[:16]}-{os.urandom(4).hex()}"
             conn.executemany(
                 _SET_META, [("kernel_boot", kernel_boot), ("boot", boot), ("next_seq", "0")]
             )

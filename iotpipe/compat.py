@@ -10,6 +10,12 @@ The hooks (library and verified release: the private name, who uses it, for what
 - paho-mqtt 2.2.0: ``Client._sock``, replaced by :func:`replace_paho_socket` for
   ``iotpipe.mqtt``'s buffered socket (one ``recv()`` per burst of packets, the PUBACKs of one
   pass in one ``send()``). Fallback: paho's own socket and ``loop()``; slower, same behaviour.
+- paho-mqtt 2.2.0: ``Client._create_socket_connection`` (with ``_get_proxy``, ``_host``,
+  ``_port``, ``_connect_timeout``, ``_bind_address``, ``_bind_port``), overridden by
+  :func:`connect_paho_by_bytes` for ``iotpipe.mqtt``'s clients: an ASCII broker host without a
+  proxy is resolved as bytes, so the edge agent never loads the 'idna' codec (with
+  ``stringprep`` and ``unicodedata``, ~0.4 MB). Fallback: paho's own connection; the same
+  socket, the codec loaded.
 - pika 1.4.4: ``Connection._output_marshaled_frames``, overridden by ``iotpipe.amqp`` where
   :func:`pika_can_batch` says so, to write the frames of many publishes at once. Fallback: a
   write per frame, as pika does it.
@@ -48,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "VERIFIED",
     "check_version",
+    "connect_paho_by_bytes",
     "pika_answer_within",
     "pika_can_batch",
     "pika_server_version",
@@ -119,6 +126,40 @@ def replace_paho_socket(client: Any, wrap: Callable[[socket.socket], S]) -> S | 
         client._sock = raw
         return None
     return wrapped
+
+
+def connect_paho_by_bytes(client: Any) -> bool:
+    """Make a paho client connect to an ASCII host without a proxy by its name as bytes.
+
+    ``socket.getaddrinfo()`` encodes a ``str`` host with the 'idna' codec, whose import costs
+    ~0.4 MB (``encodings.idna``, ``stringprep``, ``unicodedata``); a ``bytes`` host is taken as
+    it is. In paho-mqtt 2.2.0 ``Client._create_socket_connection()`` makes the TCP connection
+    (``socket.create_connection((self._host, self._port), ...)``, or through PySocks where
+    ``_get_proxy()`` names a proxy); this overrides it on ``client`` alone, making the same call
+    with the host as bytes, and leaves any other host or a proxy to paho's own method. TLS is
+    wrapped afterwards by paho as before (``server_hostname`` stays the ``str``). Returns False,
+    changing nothing, where this release of paho lays it out differently.
+    """
+    check_version("paho-mqtt")
+    own = getattr(client, "_create_socket_connection", None)
+    get_proxy = getattr(client, "_get_proxy", None)
+    fields = ("_host", "_port", "_connect_timeout", "_bind_address", "_bind_port")
+    if not (callable(own) and callable(get_proxy) and all(hasattr(client, f) for f in fields)):
+        return False
+
+    def create_socket_connection() -> socket.socket:
+        host = client._host
+        if not isinstance(host, str) or not host.isascii() or get_proxy():
+            return own()  # type: ignore[no-any-return]
+        address: Any = (host.encode("ascii"), client._port)  # typeshed wants str; bytes work
+        return socket.create_connection(
+            address,
+            timeout=client._connect_timeout,
+            source_address=(client._bind_address, client._bind_port),
+        )
+
+    client._create_socket_connection = create_socket_connection
+    return True
 
 
 # -- pika ----------------------------------------------------------------------------------------

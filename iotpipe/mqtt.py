@@ -286,6 +286,9 @@ class MqttClient:
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
+        # An ASCII host resolved as bytes: the 'idna' codec stays unloaded (iotpipe.compat).
+        if not compat.connect_paho_by_bytes(client):
+            log.debug("mqtt host resolved by paho's own connection url=%s", self.url)
         self._client = client
 
     # -- callbacks (run inside pump()) --------------------------------------------------------

@@ -28,6 +28,7 @@ import sys
 import edge.agent
 
 def report(agent):
+    agent.publisher._connect()  # one attempt (refused), as the publisher makes it
     agent._start_http().stop()  # /metrics, as run() starts it
     sys.stderr.write("MODULES " + " ".join(sorted(sys.modules)))
 
@@ -82,8 +83,8 @@ def test_agent_path_imports_neither_pydantic_typer_nor_rich(tmp_path: Path) -> N
     """The agent built by ``iotpipe edge run`` (simulated sensors, /metrics) skips the heavy libraries.
 
     Its ``/metrics`` needs neither prometheus_client nor http.server either, and nothing on the
-    path imports ``dataclasses`` (which imports ``inspect``), nor an unconfigured sensor driver
-    (footprint).
+    path imports ``dataclasses`` (which imports ``inspect``), nor an unconfigured sensor driver,
+    nor (connecting) the 'idna' codec, nor socketserver (footprint).
     """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -106,6 +107,8 @@ def test_agent_path_imports_neither_pydantic_typer_nor_rich(tmp_path: Path) -> N
     assert modules.isdisjoint({"dataclasses", "inspect"}), modules & {"dataclasses", "inspect"}
     assert "edge.sensors.simulated" in modules
     assert "edge.sensors.bme280" not in modules
+    unneeded = {"encodings.idna", "unicodedata", "socketserver", "secrets"}
+    assert modules.isdisjoint(unneeded), modules & unneeded
 
 
 def test_bad_config_is_one_line_through_the_fast_path(tmp_path: Path) -> None:

@@ -131,6 +131,69 @@ def test_mqtt_client_connects_with_or_without_the_hook(
     thread.join(timeout=5)
 
 
+# -- paho Client._create_socket_connection --------------------------------------------------
+
+
+@pytest.fixture
+def resolved(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The hosts ``socket.getaddrinfo`` is asked to resolve, as given (str or bytes)."""
+    hosts: list[object] = []
+    real = socket.getaddrinfo
+
+    def spy(host: Any, *args: Any, **kwargs: Any) -> Any:
+        hosts.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    return hosts
+
+
+def test_paho_resolves_an_ascii_host_as_bytes(
+    listener: socket.socket, resolved: list[object]
+) -> None:
+    """paho 2.2 connects through ``_create_socket_connection``: the override resolves bytes."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="compat-test")
+    assert compat.connect_paho_by_bytes(client)
+    client.connect("localhost", listener.getsockname()[1])
+    peer, _ = listener.accept()
+    with peer:
+        assert client.socket().getpeername()[1] == listener.getsockname()[1]
+        client.socket().close()
+    assert resolved == [b"localhost"]
+
+
+@pytest.mark.parametrize("case", ["non-ascii host", "proxy"])
+def test_paho_keeps_its_own_connection_for_other_hosts_and_proxies(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A non-ASCII host or a proxy goes through paho's own ``_create_socket_connection``."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="compat-test")
+    own: list[bool] = []
+    monkeypatch.setattr(client, "_create_socket_connection", lambda: own.append(True))
+    proxy = {"proxy_type": 3, "proxy_addr": "proxy.invalid"} if case == "proxy" else None
+    monkeypatch.setattr(client, "_get_proxy", lambda: proxy)
+    assert compat.connect_paho_by_bytes(client)
+    client._host = "bücher.example" if case == "non-ascii host" else "localhost"
+    client._create_socket_connection()
+    assert own == [True]
+
+
+def test_a_paho_without_create_socket_connection_connects_its_own_way(
+    listener: socket.socket, resolved: list[object]
+) -> None:
+    """Without the private method nothing is overridden, and paho connects (resolving a str)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delattr(paho.Client, "_create_socket_connection")
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="compat-test")
+        assert not compat.connect_paho_by_bytes(client)
+    assert "_create_socket_connection" not in vars(client)
+    client.connect("localhost", listener.getsockname()[1])
+    peer, _ = listener.accept()
+    with peer:
+        client.socket().close()
+    assert resolved == ["localhost"]
+
+
 # -- pika Connection._output_marshaled_frames ------------------------------------------------
 
 

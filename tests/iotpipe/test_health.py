@@ -37,8 +37,10 @@ def serve() -> Iterator[Any]:
     """Start HealthServers on free ports; stop them at teardown."""
     servers: list[HealthServer] = []
 
-    def start(metrics: Exposition | CollectorRegistry, health: HealthCheck) -> HealthServer:
-        server = HealthServer("127.0.0.1", 0, metrics, health).start()
+    def start(
+        metrics: Exposition | CollectorRegistry, health: HealthCheck, **options: Any
+    ) -> HealthServer:
+        server = HealthServer("127.0.0.1", 0, metrics, health, **options).start()
         servers.append(server)
         return server
 
@@ -111,6 +113,29 @@ def test_a_prometheus_client_registry_is_served_as_generate_latest_writes_it(ser
     _, headers, body = _get(server.port, "/metrics")
     assert headers["Content-Type"] == CONTENT_TYPE_LATEST
     assert b"x_forwarded_total 2.0\n" in body
+
+
+def test_a_silent_client_is_closed_after_the_idle_timeout(serve: Any) -> None:
+    """A connection that sends nothing is closed by the server once the idle timeout passes."""
+    server = serve(lambda: ("text/plain", b""), _healthy, idle_timeout=0.2)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as silent:
+        assert silent.recv(1) == b""  # closed by the server, well before our 5 s timeout
+
+
+def test_a_silent_client_holds_no_one_up(serve: Any) -> None:
+    """While a client sends nothing (10 s idle timeout), another is answered (within 5 s)."""
+    server = serve(lambda: ("text/plain", b""), _healthy)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        assert _get(server.port, "/healthz")[0] == "HTTP/1.1 200 OK"
+
+
+def test_stop_frees_the_port(serve: Any) -> None:
+    """After stop() the port can be listened on again at once."""
+    server = serve(lambda: ("text/plain", b""), _healthy)
+    port = server.port
+    assert _get(port, "/healthz")[0] == "HTTP/1.1 200 OK"
+    server.stop()
+    HealthServer("127.0.0.1", port, lambda: ("text/plain", b""), _healthy).stop()
 
 
 def test_a_busy_port_is_a_config_error() -> None:
