@@ -12,11 +12,11 @@ Pure and single-threaded: time comes in as arguments.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
 from consumers.store import Confirmation
+from iotpipe.receipts import nearest_rank
 
 __all__ = ["ConfirmLatency", "nearest_rank"]
 
@@ -25,11 +25,6 @@ WINDOW = 256
 #: Reading times kept per device while its receipt is not confirmed: a receipt RabbitMQ keeps
 #: refusing must not grow memory without end; beyond it the oldest are forgotten.
 PENDING_MAX = 10_000
-
-
-def nearest_rank(ordered: list[int], q: float) -> int:
-    """The nearest-rank quantile ``q`` (0..1] of an ascending, non-empty list."""
-    return ordered[max(0, min(len(ordered), math.ceil(q * len(ordered))) - 1)]
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ import json
 import math
 import random
 
-from iotpipe.receipts import Receipt, SeqSet
+from iotpipe.receipts import Receipt, SeqSet, nearest_rank, resend_timeout
 
 __all__ = ["LATENCY_SAMPLES", "Held", "Unconfirmed", "envelope_boot", "receipts_capability"]
 
@@ -222,14 +222,11 @@ class Unconfirmed:
         """A quantile of PUBACK -> receipt over the recent receipted envelopes (None: none yet)."""
         if not self._latencies:
             return None
-        ordered = sorted(self._latencies)
-        return ordered[min(len(ordered) - 1, math.ceil(quantile * len(ordered)) - 1)]
+        return nearest_rank(sorted(self._latencies), quantile)
 
     def timeout(self) -> float:
         """The resend timeout before jitter: clamp(4 x p99, min, max)."""
-        p99 = self.latency(0.99)
-        base = self.timeout_min if p99 is None else 4 * p99
-        return min(self.timeout_max, max(self.timeout_min, base))
+        return resend_timeout(self.latency(0.99), self.timeout_min, self.timeout_max)
 
     def _timeout(self, resends: int) -> float:
         base = min(self.timeout_max, self.timeout() * 2.0**resends)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterable, Iterator, Mapping
-from typing import NamedTuple
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple, TypeVar
 
 from iotpipe.wire import PREFIX
 
@@ -35,8 +36,10 @@ __all__ = [
     "SeqSet",
     "decode_receipt",
     "encode_receipt",
+    "nearest_rank",
     "receipt_routing_key",
     "receipt_topic",
+    "resend_timeout",
 ]
 
 #: AMQP exchange (topic, durable) consumers publish receipts to; routing keys mirror the topic.
@@ -325,3 +328,21 @@ class ReceiptBook:
             if not self._pending[key].boots:
                 del self._pending[key]
         return receipts
+
+
+_N = TypeVar("_N", int, float)
+
+
+def nearest_rank(ordered: Sequence[_N], q: float) -> _N:
+    """The nearest-rank quantile ``q`` (0..1] of an ascending, non-empty sequence."""
+    return ordered[max(0, min(len(ordered), math.ceil(q * len(ordered))) - 1)]
+
+
+def resend_timeout(p99: float | None, minimum: float, maximum: float) -> float:
+    """How long a producer waits for a receipt before resending: 4 x the observed p99 receipt
+    latency, within ``[minimum, maximum]`` (``minimum`` until a latency was observed).
+
+    Producers add their own jitter, so that resends after an outage do not come in step.
+    """
+    base = minimum if p99 is None else 4 * p99
+    return min(maximum, max(minimum, base))

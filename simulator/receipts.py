@@ -18,13 +18,12 @@ receipted envelopes.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from iotpipe.receipts import Receipt, SeqSet
+from iotpipe.receipts import Receipt, SeqSet, nearest_rank, resend_timeout
 
 #: Receipted envelopes the latency quantiles are computed over.
 LATENCY_SAMPLES = 256
@@ -52,10 +51,7 @@ class _Device:
 
 def quantile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0..1) of ``values`` by nearest rank; 0.0 when empty."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    return nearest_rank(sorted(values), q) if values else 0.0
 
 
 class ReceiptTracker:
@@ -140,7 +136,9 @@ class ReceiptTracker:
             self._new_samples += done
             if self._new_samples >= _RETUNE_EVERY:
                 self._new_samples = 0
-                self.timeout = min(self.timeout_max, max(self.timeout_min, 4 * self.latency(0.99)))
+                self.timeout = resend_timeout(
+                    self.latency(0.99), self.timeout_min, self.timeout_max
+                )
         return done
 
     def due(self, now: float, limit: int) -> Iterator[tuple[int, str, bytes]]:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from consumers.confirmations import WINDOW, ConfirmLatency, nearest_rank
+from consumers.confirmations import WINDOW, ConfirmLatency
 from consumers.dashboard.app import create_app
 from consumers.service import Consumer
 from consumers.settings import ConsumeSettings
 from consumers.sqlite_store import SQLiteStore
 from consumers.store import Confirmation
+from iotpipe.receipts import nearest_rank
 from iotpipe.testing import MemorySource
 from tests.bridge.test_bridge import envelope
 from tests.consumers.test_consumer_units import KEY, FakeClock, FlakyStore

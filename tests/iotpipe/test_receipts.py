@@ -17,6 +17,8 @@ from iotpipe.receipts import (
     SeqSet,
     decode_receipt,
     encode_receipt,
+    nearest_rank,
+    resend_timeout,
 )
 
 seq_ranges = st.lists(
@@ -188,3 +190,19 @@ def test_book_bounds_ranges_to_the_newest() -> None:
     ranges = receipt.stored[0].ranges
     assert len(ranges) == MAX_RANGES
     assert ranges[-1] == (4 * MAX_RANGES - 2, 4 * MAX_RANGES - 2)
+
+
+def test_resend_timeout_is_four_p99_within_bounds() -> None:
+    """Producers wait 4 x the observed p99 receipt latency, never below the minimum or above the maximum."""
+    assert resend_timeout(None, 5.0, 300.0) == 5.0
+    assert resend_timeout(0.2, 5.0, 300.0) == 5.0
+    assert resend_timeout(3.0, 5.0, 300.0) == 12.0
+    assert resend_timeout(500.0, 5.0, 300.0) == 300.0
+
+
+def test_nearest_rank_picks_the_rank_not_an_interpolation() -> None:
+    """The quantile is an element of the sequence, the ceil(q*n)-th smallest."""
+    values = list(range(1, 101))
+    assert nearest_rank(values, 0.5) == 50
+    assert nearest_rank(values, 0.99) == 99
+    assert nearest_rank([7], 0.99) == 7
