@@ -85,7 +85,7 @@ import tomllib
 import uuid
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from multiprocessing.connection import Connection
@@ -375,7 +375,7 @@ def run_devices(
 
     def on_message(_client: object, _userdata: object, message: paho.MQTTMessage) -> None:
         nonlocal in_doubt
-        receipt = decode_receipt(message.payload)
+        receipt = decode_receipt(bytes(message.payload))
         if isinstance(receipt, str) or receipt.site != "bench":
             return
         device = int(receipt.device.rsplit("-", 1)[1])
@@ -810,9 +810,12 @@ class Rig:
         ):
             admin.channel().queue_delete(queue)
 
-    def pipeline(self, rate: float | None) -> Round:
-        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite."""
-        envelopes, queue, directory = self.fresh("pipeline")
+    @contextlib.contextmanager
+    def chain(
+        self, queue: str, directory: Path
+    ) -> Iterator[tuple[ConsumerProcess, BridgeProcess, list[tuple[str, list[int]]]]]:
+        """The consumer on ``queue`` and a bridge, running; yields them and the processes to
+        account CPU for. Afterwards the bridge's Mosquitto session and the queue are gone."""
         client_id = ""
         try:
             with ConsumerProcess(self.rabbit.url, queue, directory / "consumer") as consumer:
@@ -827,31 +830,32 @@ class Rig:
                         ("bridge", [bridge.proc.pid]),
                         ("consumer", [consumer.proc.pid]),
                     ]
-                    before = {name: cpu_seconds(pids) for name, pids in accounts}
-                    sent = publish(
-                        self.mosquitto.port,
-                        envelopes,
-                        rate,
-                        self.warmup,
-                        self.duration,
-                        self.window,
-                    )
-                    deadline = time.monotonic() + self.drain_timeout
-                    while (n := consumer.stored()) < sent.count:
-                        if consumer.proc.poll() is not None or bridge.proc.poll() is not None:
-                            raise BenchError(f"a process exited; stored {n}/{sent.count}")
-                        if time.monotonic() > deadline:
-                            raise BenchError(
-                                f"pipeline stored {n}/{sent.count}:\n{consumer.tail()}"
-                            )
-                        time.sleep(0.2)
-                    after = {name: cpu_seconds(pids) for name, pids in accounts}
-            arrived = consumer.stored_ms(sent.count)
+                    yield consumer, bridge, accounts
         finally:
             if client_id:
                 with contextlib.suppress(OSError):
                     forget_session(self.mosquitto.port, client_id)
             self.delete_queue(queue)
+
+    def pipeline(self, rate: float | None) -> Round:
+        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite."""
+        envelopes, queue, directory = self.fresh("pipeline")
+        with self.chain(queue, directory) as (consumer, bridge, accounts):
+            assert bridge.proc is not None
+            assert consumer.proc is not None
+            before = {name: cpu_seconds(pids) for name, pids in accounts}
+            sent = publish(
+                self.mosquitto.port, envelopes, rate, self.warmup, self.duration, self.window
+            )
+            deadline = time.monotonic() + self.drain_timeout
+            while (n := consumer.stored()) < sent.count:
+                if consumer.proc.poll() is not None or bridge.proc.poll() is not None:
+                    raise BenchError(f"a process exited; stored {n}/{sent.count}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"pipeline stored {n}/{sent.count}:\n{consumer.tail()}")
+                time.sleep(0.2)
+            after = {name: cpu_seconds(pids) for name, pids in accounts}
+        arrived = consumer.stored_ms(sent.count)
         cpu = {"publisher": sent.cpu_s} | {k: after[k] - before[k] for k in before}
         return evaluate(rate, sent, arrived, cpu)
 
@@ -859,49 +863,28 @@ class Rig:
         """Receipt-speaking devices -> Mosquitto -> bridge (receipt relay on) -> RabbitMQ ->
         iotpipe consume (receipts on) -> SQLite, receipts back the same way."""
         envelopes, queue, directory = self.fresh("receipts")
-        client_id = ""
-        try:
-            with ConsumerProcess(self.rabbit.url, queue, directory / "consumer") as consumer:
-                bridge = BridgeProcess(self.mosquitto.port, self.rabbit.url, directory / "bridge")
-                config = tomllib.loads((bridge.workdir / "bridge.toml").read_text())
-                client_id = config["bridge"]["client_id"]
-                with bridge:
-                    assert bridge.proc is not None
-                    assert consumer.proc is not None
-                    accounts = [
-                        *self.accounts(),
-                        ("bridge", [bridge.proc.pid]),
-                        ("consumer", [consumer.proc.pid]),
-                    ]
-                    before = {name: cpu_seconds(pids) for name, pids in accounts}
-                    done = run_devices(
-                        self.mosquitto.port,
-                        envelopes,
-                        rate,
-                        warmup,
-                        duration,
-                        self.window,
-                        window,
-                        self.drain_timeout,
-                    )
-                    # Every receipted envelope is stored; if some never were, look anyway.
-                    deadline = time.monotonic() + 10
-                    while consumer.stored() < done.count and time.monotonic() < deadline:
-                        time.sleep(0.2)
-                    after = {name: cpu_seconds(pids) for name, pids in accounts}
-            with contextlib.closing(
-                sqlite3.connect(f"file:{consumer.db}?mode=ro", uri=True)
-            ) as conn:
-                rows, distinct = conn.execute(
-                    "SELECT count(*), count(DISTINCT device || ':' || boot || ':' || seq) "
-                    "FROM messages"
-                ).fetchone()
-            arrived = consumer.stored_ms(done.count)
-        finally:
-            if client_id:
-                with contextlib.suppress(OSError):
-                    forget_session(self.mosquitto.port, client_id)
-            self.delete_queue(queue)
+        with self.chain(queue, directory) as (consumer, _bridge, accounts):
+            before = {name: cpu_seconds(pids) for name, pids in accounts}
+            done = run_devices(
+                self.mosquitto.port,
+                envelopes,
+                rate,
+                warmup,
+                duration,
+                self.window,
+                window,
+                self.drain_timeout,
+            )
+            # Every receipted envelope is stored; if some never were, look anyway.
+            deadline = time.monotonic() + 10
+            while consumer.stored() < done.count and time.monotonic() < deadline:
+                time.sleep(0.2)
+            after = {name: cpu_seconds(pids) for name, pids in accounts}
+        with contextlib.closing(sqlite3.connect(f"file:{consumer.db}?mode=ro", uri=True)) as conn:
+            rows, distinct = conn.execute(
+                "SELECT count(*), count(DISTINCT device || ':' || boot || ':' || seq) FROM messages"
+            ).fetchone()
+        arrived = consumer.stored_ms(done.count)
         cpu = {"devices": done.cpu_s} | {k: after[k] - before[k] for k in before}
         return evaluate_devices(rate, done, arrived, (rows, distinct), cpu)
 
@@ -1220,7 +1203,7 @@ def run(args: argparse.Namespace) -> None:
             round(
                 results["pipeline"]["max"].stored_msg_s / results["plugin"]["max"].stored_msg_s, 3
             )
-            if "max" in results["pipeline"]
+            if "max" in results["pipeline"] and "max" in results["plugin"]
             else None
         ),
         "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
