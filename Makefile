@@ -21,9 +21,11 @@ bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/python bench/bench_spool.py
 	.venv/bin/python bench/bench_amqp.py
 	.venv/bin/python bench/bench_bridge.py
+	.venv/bin/python bench/bench_bridge.py --receipts  # receipts on vs off
 	.venv/bin/python bench/bench_influx.py
 	.venv/bin/python bench/bench_consume.py
 	.venv/bin/python bench/bench_e2e.py
+	.venv/bin/python bench/bench_e2e.py --receipts --rates 1000,max  # receipt latency, overload
 	.venv/bin/python bench/bench_dashboard.py
 	.venv/bin/python bench/bench_edge.py
 

@@ -31,6 +31,28 @@ calls included), then the share of GIL-holding samples per thread and per functi
 
 Prints one JSON object with both medians and the ratio bridge / plugin (target >= 0.8), and
 writes it to ``bench/results/bridge.json``.
+
+``--receipts`` measures what carrying receipts costs the telemetry path (target: receipts on >=
+0.9 x receipts off), and writes ``bench/results/bridge-receipts.json`` instead. Three bridge paths
+are then interleaved with the plugin, round by round:
+
+- ``bridge`` (receipts on): ``[bridge] receipts = true`` while a feeder process publishes receipts
+  to ``iotpipe.receipts`` as ``iotpipe consume`` does: one receipt per device per second (the
+  consumer's ``receipt_interval``), for the bench's 10 devices, each a wire-1.1 receipt naming the
+  seqs of that device's last second, routing key ``iotpipe.v1.bench.{device}.receipt``. The bridge
+  relays each to Mosquitto (QoS 1, retained) on its relay thread, so the relay's AMQP consumer,
+  MQTT publishes and acknowledgements all compete with the telemetry path for the same process
+  and cores. That is what "receipts on" costs a deployment like the bench's.
+- ``receipts_fleet``: the same with ``--fleet-devices`` (1000) devices, i.e. 1000 receipts/s, as
+  a fleet of 1000 devices each sending ~10 msg/s at the bridge's saturation would cause: how the
+  cost grows with the fleet. A device receipts at most once a second, so receipts/s never exceed
+  min(devices, messages/s); the worst case, one receipt per message (every device sending at
+  most once a second), costs about the relay's CPU per receipt (reported) per message.
+- ``receipts_off``: ``[bridge] receipts = false`` and no feeder (the relay does not run).
+
+The feeder's own CPU is reported (``cpu_us_per_msg.*.feeder``) but it stands for the consumer's
+work, not the bridge's; the bridge's ``/metrics`` counter ``iotpipe_bridge_receipts_forwarded``
+is read at the end of each round to show the receipts really went through the relay.
 """
 
 from __future__ import annotations
@@ -70,9 +92,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/ is not an installed package; PrivateRabbit lives there
 
 from iotpipe.envelope import Envelope, decode  # noqa: E402
+from iotpipe.receipts import EXCHANGE as RECEIPTS_EXCHANGE  # noqa: E402
+from iotpipe.receipts import (  # noqa: E402
+    BootReceipt,
+    Receipt,
+    encode_receipt,
+    receipt_routing_key,
+)
 from tests.rabbitmq import PrivateRabbit  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "bridge.json"
+RECEIPTS_RESULTS = ROOT / "bench" / "results" / "bridge-receipts.json"
+RECEIPTS_TARGET_RATIO = 0.9
+FLEET_DEVICES = 1000
 PROFILE = ROOT / "bench" / "results" / "bridge-profile"
 TARGET_RATIO = 0.8
 PAYLOAD_BYTES = 265
@@ -360,6 +392,92 @@ def consume(url: str, queue: str, count: int, pipe: Connection) -> None:
     pipe.send(("done", last, deliveries, len(seen), time.process_time() - began))
 
 
+def feed_receipts(url: str, devices: list[str], pipe: Connection) -> None:
+    """Child process: publish one receipt per device per second to ``iotpipe.receipts`` (as
+    ``iotpipe consume`` does for busy devices) until told to stop on ``pipe``.
+
+    Sends ``("ready",)`` once connected, then, after any message from the parent, ``("done",
+    receipts_published, cpu_seconds)``.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process
+    began = time.process_time()
+    properties = pika.BasicProperties(content_type="application/json", type="iotpipe.receipt")
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        channel.exchange_declare(RECEIPTS_EXCHANGE, "topic", durable=True)
+        pipe.send(("ready",))
+        interval = 1.0 / len(devices)
+        start = time.monotonic()
+        sent = 0
+        while True:
+            wait = start + sent * interval - time.monotonic()
+            if pipe.poll(max(0.0, wait)):
+                break
+            device = devices[sent % len(devices)]
+            second = sent // len(devices)  # this device's receipt names its last second's seqs
+            receipt = Receipt(
+                site="bench",
+                device=device,
+                ts=int(time.time() * 1000),
+                stored=(BootReceipt(boot="bench", ranges=((second * 100, second * 100 + 99),)),),
+            )
+            channel.basic_publish(
+                RECEIPTS_EXCHANGE,
+                receipt_routing_key("bench", device),
+                encode_receipt(receipt),
+                properties,
+            )
+            sent += 1
+            if sent % 100 == 0:
+                connection.process_data_events(0)
+    pipe.send(("done", sent, time.process_time() - began))
+
+
+@contextlib.contextmanager
+def receipt_feeder(url: str, devices: int) -> Iterator[tuple[int, Callable[[], int]]]:
+    """:func:`feed_receipts` in a child process: yields its pid and a function that stops it
+    and returns how many receipts it published."""
+    context = multiprocessing.get_context("fork")
+    parent, child = context.Pipe()
+    names = [f"dev-{i:02d}" if devices <= 100 else f"fleet-{i:04d}" for i in range(devices)]
+    process = context.Process(
+        target=feed_receipts, args=(url, names, child), name="bench-receipt-feeder"
+    )
+    process.start()
+    published = 0
+
+    def stop() -> int:
+        nonlocal published
+        if process.is_alive() and not published:
+            parent.send(("stop",))
+            if parent.poll(30):
+                published = parent.recv()[1]
+        return published
+
+    try:
+        if not parent.poll(30) or parent.recv() != ("ready",):
+            raise RuntimeError("receipt feeder did not start")
+        assert process.pid is not None
+        yield process.pid, stop
+    finally:
+        stop()
+        process.join(10)
+        if process.is_alive():
+            process.terminate()
+            process.join(10)
+
+
+def forwarded_receipts(http_port: int) -> int:
+    """``iotpipe_bridge_receipts_forwarded`` from the bridge's ``/metrics`` (-1 if unreadable)."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+        found = re.search(r"^iotpipe_bridge_receipts_forwarded_total (\S+)$", text, re.M)
+        if found:
+            return int(float(found[1]))
+    return -1
+
+
 @dataclass
 class Round:
     """One measured round of one path."""
@@ -368,6 +486,7 @@ class Round:
     publish_rate: float  # messages / (first publish -> last PUBACK) at the publisher
     cpu_us: dict[str, float] = field(default_factory=dict)  # per process, per message
     duplicates: int = 0
+    receipts: tuple[int, int] = (0, 0)  # (fed, forwarded by the bridge's relay)
 
 
 @dataclass
@@ -380,6 +499,7 @@ class Rig:
     workdir: Path
     rounds_run: int = 0
     thread_cpu: dict[int, float] = field(default_factory=dict)  # of the last bridge
+    receipts: tuple[int, int] = (0, 0)  # (fed, forwarded) in the last bridge round
 
     def messages(self, count: int) -> list[tuple[str, bytes]]:
         self.rounds_run += 1
@@ -397,6 +517,7 @@ class Rig:
         """Publish ``count`` messages to ``mqtt_port`` and time them until consumed from
         ``queue``; ``extra`` runs around it (the bridge) and names more processes to account."""
         messages = self.messages(count)
+        self.receipts = (0, 0)
         with pika.BlockingConnection(pika.URLParameters(self.rabbit.url)) as admin:
             admin.channel().queue_purge(queue)
         context = multiprocessing.get_context("fork")
@@ -432,17 +553,35 @@ class Rig:
             publish_rate=count / (acked - first),
             cpu_us={name: round(seconds / count * 1e6, 1) for name, seconds in cpu.items()},
             duplicates=deliveries - distinct,
+            receipts=self.receipts,
         )
 
     @contextlib.contextmanager
     def bridge(
-        self, pythonpath: Path | None = None, profile: Path | None = None, receipts: bool = True
+        self,
+        pythonpath: Path | None = None,
+        profile: Path | None = None,
+        receipts: bool = True,
+        feed: int = 0,
     ) -> Iterator[list[tuple[str, int]]]:
+        """The bridge around one round; ``feed`` > 0 also runs a :func:`receipt_feeder` for
+        that many devices."""
         workdir = self.workdir / f"bridge-{self.rounds_run}"
-        with BridgeProcess(
-            self.mosquitto.port, self.rabbit.url, workdir, pythonpath=pythonpath, receipts=receipts
-        ) as bridge:
+        with contextlib.ExitStack() as stack:
+            bridge = stack.enter_context(
+                BridgeProcess(
+                    self.mosquitto.port,
+                    self.rabbit.url,
+                    workdir,
+                    pythonpath=pythonpath,
+                    receipts=receipts,
+                )
+            )
             assert bridge.proc is not None
+            processes = [("bridge", bridge.proc.pid)]
+            if feed:
+                feeder_pid, stop_feeder = stack.enter_context(receipt_feeder(self.rabbit.url, feed))
+                processes.append(("feeder", feeder_pid))
             spy = None
             if profile is not None:
                 spy = subprocess.Popen(
@@ -466,7 +605,16 @@ class Rig:
                 time.sleep(1.0)  # py-spy attaches
             before = thread_cpu(bridge.proc.pid)
             try:
-                yield [("bridge", bridge.proc.pid)]
+                yield processes
+                if feed:
+                    fed = stop_feeder()
+                    # The relay forwards within a few batches; give the last ones a moment.
+                    deadline = time.monotonic() + 10
+                    while (forwarded := forwarded_receipts(bridge.http_port)) < fed:
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.1)
+                    self.receipts = (fed, forwarded)
             finally:
                 after = thread_cpu(bridge.proc.pid)
                 self.thread_cpu = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
@@ -591,9 +739,15 @@ def main() -> None:
         "--profile", action="store_true", help="one more bridge round under py-spy record"
     )
     parser.add_argument(
-        "--receipts-off",
+        "--receipts",
         action="store_true",
-        help="also run the bridge with receipts = false, interleaved; reports on/off ratio",
+        help="receipts on (fed) vs off, interleaved; writes bench/results/bridge-receipts.json",
+    )
+    parser.add_argument(
+        "--fleet-devices",
+        type=int,
+        default=FLEET_DEVICES,
+        help="devices (receipts/s) of the receipts_fleet path of --receipts",
     )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
@@ -606,8 +760,8 @@ def main() -> None:
     candidates = {f"candidate:{path.name}": path.resolve() for path in args.candidate}
     samples: dict[str, list[Round]] = {"bridge": [], "plugin": []}
     samples |= {name: [] for name in candidates}
-    if args.receipts_off:
-        samples["receipts_off"] = []
+    if args.receipts:
+        samples |= {"receipts_fleet": [], "receipts_off": []}
     with (
         tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp,
         PrivateMosquitto(args.mosquitto_inflight) as mosquitto,
@@ -625,8 +779,12 @@ def main() -> None:
             }
             for name, path in candidates.items():
                 runs[name] = partial(candidate_run, rig, mosquitto.port, path)
-            if args.receipts_off:
+            if args.receipts:
+                on = partial(rig.bridge, feed=DEVICES)
+                fleet = partial(rig.bridge, feed=args.fleet_devices)
                 off = partial(rig.bridge, receipts=False)
+                runs["bridge"] = lambda n: rig.run("bench.bridge", mosquitto.port, n, on)
+                runs["receipts_fleet"] = lambda n: rig.run("bench.bridge", mosquitto.port, n, fleet)
                 runs["receipts_off"] = lambda n: rig.run("bench.bridge", mosquitto.port, n, off)
             for run in runs.values():  # unmeasured: warms up the brokers, queues, caches
                 run(3000)
@@ -692,10 +850,26 @@ def main() -> None:
         result["candidates_vs_bridge"] = {
             name: round(medians[name] / medians["bridge"], 3) for name in candidates
         }
-    if args.receipts_off:
+    if args.receipts:
         # The relay has its own thread and connections: receipts on should cost the telemetry
-        # path nothing (target >= 0.9).
-        result["receipts_on_vs_off"] = round(medians["bridge"] / medians["receipts_off"], 3)
+        # path little (target >= 0.9).
+        result["receipts"] = {
+            "bridge": f"receipts on, fed one receipt per device per second ({DEVICES} devices)",
+            "receipts_fleet": f"receipts on, fed {args.fleet_devices} receipts/s "
+            f"({args.fleet_devices} devices, one per second each)",
+            "receipts_off": "[bridge] receipts = false, no feeder",
+            "on_vs_off": round(medians["bridge"] / medians["receipts_off"], 3),
+            "fleet_vs_off": round(medians["receipts_fleet"] / medians["receipts_off"], 3),
+            "target_ratio": RECEIPTS_TARGET_RATIO,
+            "fed_forwarded_per_round": {
+                name: [list(r.receipts) for r in samples[name]]
+                for name in ("bridge", "receipts_fleet")
+            },
+            "bridge_cpu_us_per_msg": {
+                name: cpu[name].get("bridge")
+                for name in ("bridge", "receipts_fleet", "receipts_off")
+            },
+        }
     result |= {
         "python": platform.python_version(),
         "paho": version("paho-mqtt"),
@@ -710,12 +884,16 @@ def main() -> None:
     if profile_summary is not None:
         print(profile_summary, file=sys.stderr)
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = RESULTS.with_suffix(".json.tmp")
+        path = RECEIPTS_RESULTS if args.receipts else RESULTS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = path.with_suffix(".json.tmp")
         tmp_file.write_text(json.dumps(result, indent=2) + "\n")
-        tmp_file.replace(RESULTS)
+        tmp_file.replace(path)
     if args.check and result["ratio"] < TARGET_RATIO:
         sys.exit(f"bridge/plugin ratio {result['ratio']} is below the target {TARGET_RATIO}")
+    on_vs_off = result.get("receipts", {}).get("on_vs_off")
+    if args.check and on_vs_off is not None and on_vs_off < RECEIPTS_TARGET_RATIO:
+        sys.exit(f"receipts on/off ratio {on_vs_off} is below the target {RECEIPTS_TARGET_RATIO}")
 
 
 if __name__ == "__main__":

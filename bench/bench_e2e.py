@@ -3,6 +3,8 @@ MQTT plugin feeding a bare consumer, both measured in the same run.
 
     .venv/bin/python bench/bench_e2e.py [--duration 20] [--warmup 3] [--rates 1000,5000,max]
         [--window 1000] [--mosquitto-inflight 1000] [--no-save] [--no-plot]
+        [--receipts [--receipt-rate 1000] [--overload-factor 2] [--overload-duration 60]
+         [--receipt-window 256]]
 
 Starts a private Mosquitto and a private RabbitMQ node with the MQTT plugin (the helpers of
 ``bench_bridge.py``: free loopback ports, deleted at the end), then for each offered rate runs,
@@ -37,6 +39,31 @@ publisher alone takes most of one: the figures are for *this* machine, not a cap
 Prints one JSON object and writes it to ``bench/results/e2e.json``, with a plot of latency
 against offered load, ``bench/results/e2e-latency.png`` (needs matplotlib: ``pip install -e
 '.[bench]'``), unless ``--no-save`` / ``--no-plot``.
+
+``--receipts`` adds two rounds after the rates above, through the whole receipt loop: devices
+-> Mosquitto -> bridge -> RabbitMQ -> ``iotpipe consume`` (which publishes receipts to
+``iotpipe.receipts`` after each commit, at most one per device per second) -> the bridge's
+receipt relay -> Mosquitto (retained, QoS 1) -> the devices. The devices are the publisher above
+made to behave as edge agents with ``receipts = "on"``: readings are generated at the offered
+rate into a per-device outbox (their ``ts`` is that moment); a device publishes from its outbox
+only while fewer than ``--receipt-window`` of its envelopes are unconfirmed, keeps each published
+envelope until a receipt on ``iotpipe/v1/bench/{device}/receipt`` covers its (boot, seq), and
+resends what no receipt covered within clamp(4 x p99 receipt latency, 5 s, 300 s).
+
+(c) latency: ``--receipt-rate`` msg/s for ``--warmup`` + ``--duration`` s. Receipt latency =
+    the device's first publish of an envelope -> the receipt covering it received by the device
+    (p50/p95/p99/max over the envelopes generated after the warm-up); beside it the store
+    latency, comparable with the pipeline round at the same rate (devices ignoring receipts).
+(d) overload: ``--overload-factor`` x the sustained rate of this run (the pipeline's ``max``
+    round, run first if ``max`` is not among ``--rates``) for ``--overload-duration`` s. Reported:
+    envelopes lost (generated but not in the store; every one must be), stored twice (rows with
+    the same device, boot and seq), how many readings the window held back (entered an outbox
+    while their device's window was full or others already waited), the peak backlog, and the
+    drain: seconds from the end of the offered load until the outboxes are empty, the last
+    envelope is stored, and the last one is receipted.
+
+With ``--receipts`` the JSON goes to ``bench/results/e2e-receipts.json`` (the plot, of the rates
+rounds, to ``e2e-receipts-latency.png``), so the plain run's figures stay as they were.
 """
 
 from __future__ import annotations
@@ -57,7 +84,8 @@ import time
 import tomllib
 import uuid
 from array import array
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from multiprocessing.connection import Connection
@@ -83,10 +111,13 @@ from bench_bridge import (
 from iotpipe.amqp import declare_topology
 from iotpipe.amqp_consumer import QueueSpec
 from iotpipe.envelope import Envelope, decode
+from iotpipe.receipts import decode_receipt
 from tests.rabbitmq import PrivateRabbit
 
 RESULTS = ROOT / "bench" / "results" / "e2e.json"
 PLOT = ROOT / "bench" / "results" / "e2e-latency.png"
+RECEIPTS_RESULTS = ROOT / "bench" / "results" / "e2e-receipts.json"
+RECEIPTS_PLOT = ROOT / "bench" / "results" / "e2e-receipts-latency.png"
 DEVICES = 10
 READINGS = 3
 PUMP_EVERY = 32
@@ -274,6 +305,208 @@ def forget_session(port: int, client_id: str) -> None:
         client.loop(0.05)
     client.disconnect()
     client.loop(0.05)
+
+
+# -- devices that speak receipts --------------------------------------------------------------
+
+
+@dataclass
+class Devices:
+    """What the receipt-speaking devices did in one round (arrays indexed by envelope)."""
+
+    ts_ms: array[int]  # envelope ts: when the reading was taken (entered the device's outbox)
+    published_ms: array[int]  # first publish (wall clock, ms)
+    receipted_ms: array[int]  # receipt covering it arrived (0: never)
+    measured_from: int  # index of the first envelope generated after the warm-up
+    load_end: float  # wall clock: the offered load stopped
+    outbox_drained: float  # wall clock: the last waiting envelope was published
+    all_receipted: float  # wall clock: the last envelope was receipted (0: never)
+    held: int  # envelopes that waited in the outbox because their device's window was full
+    peak_outbox: int
+    peak_unconfirmed: int
+    resends: int
+    receipts: int
+    cpu_s: float
+
+    @property
+    def count(self) -> int:
+        return len(self.ts_ms)
+
+
+def run_devices(
+    port: int,
+    envelopes: Envelopes,
+    rate: float,
+    warmup: float,
+    duration: float,
+    mqtt_window: int,
+    receipt_window: int,
+    drain_timeout: float,
+) -> Devices:
+    """Generate envelopes at ``rate``/s for warmup + duration s, as ``DEVICES`` devices with
+    receipts on: each keeps what it published until a receipt covers it, publishes nothing new
+    while ``receipt_window`` envelopes are unconfirmed (new ones wait in its outbox), and resends
+    what no receipt covered within clamp(4 x p99 receipt latency, 5 s, 300 s). Returns once
+    every envelope is receipted, or after ``drain_timeout`` s of drain."""
+    acked = sent = 0
+    connected = subscribed = False
+    outbox: list[deque[int]] = [deque() for _ in range(DEVICES)]
+    unconfirmed: list[dict[int, int]] = [{} for _ in range(DEVICES)]  # seq -> index
+    last_sent: dict[int, float] = {}  # index -> monotonic of its last publish
+    bodies: dict[int, tuple[str, bytes]] = {}  # index -> (topic, body) until receipted
+    ts_ms: array[int] = array("q")
+    published_ms: array[int] = array("q")
+    receipted_ms: array[int] = array("q")
+    latencies: deque[float] = deque(maxlen=256)
+    counts = {"held": 0, "resends": 0, "receipts": 0, "peak_outbox": 0, "peak_unconfirmed": 0}
+    waiting = in_doubt = 0  # envelopes in all outboxes; unconfirmed in all devices
+
+    def on_connect(*_args: object) -> None:
+        nonlocal connected
+        connected = True
+
+    def on_subscribe(*_args: object) -> None:
+        nonlocal subscribed
+        subscribed = True
+
+    def on_publish(*_args: object) -> None:
+        nonlocal acked
+        acked += 1
+
+    def on_message(_client: object, _userdata: object, message: paho.MQTTMessage) -> None:
+        nonlocal in_doubt
+        receipt = decode_receipt(bytes(message.payload))
+        if isinstance(receipt, str) or receipt.site != "bench":
+            return
+        device = int(receipt.device.rsplit("-", 1)[1])
+        pending = unconfirmed[device]
+        now_ms = int(time.time() * 1000)
+        now = time.monotonic()
+        counts["receipts"] += 1
+        for entry in receipt.stored:
+            if entry.boot != envelopes.boot or not pending:
+                continue
+            covered = [seq for seq in pending if entry.covers(seq)]
+            for seq in covered:
+                index = pending.pop(seq)
+                receipted_ms[index] = now_ms
+                latencies.append(now - last_sent.pop(index))
+                del bodies[index]
+            in_doubt -= len(covered)
+
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bench-devices-{uuid.uuid4().hex[:10]}",
+        protocol=paho.MQTTv311,
+    )
+    client.max_inflight_messages_set(mqtt_window)
+    client.max_queued_messages_set(0)
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_publish = on_publish
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    while not connected:
+        client.loop(0.05)
+    client.subscribe("iotpipe/v1/bench/+/receipt", qos=1)
+    while not subscribed:
+        client.loop(0.05)
+
+    def send(index: int, topic: str, body: bytes) -> None:
+        nonlocal sent
+        info = client.publish(topic, body, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise BenchError(f"publish refused: {info.rc}")
+        sent += 1
+        last_sent[index] = time.monotonic()
+        if sent % PUMP_EVERY == 0:
+            client.loop(0)
+
+    interval = 1.0 / rate
+    total = round(rate * (warmup + duration))  # readings offered in the round
+    cpu = time.process_time()
+    start = time.monotonic()
+    warm_end, end = start + warmup, start + warmup + duration
+    measured_from = -1
+    generated = 0
+    next_resend_check = start + 1.0
+    load_end = outbox_drained = all_receipted = 0.0
+    deadline = end + drain_timeout
+    while True:
+        now = time.monotonic()
+        if generated < total:  # the readings due by now enter their device's outbox
+            while generated < total and start + generated * interval <= now:
+                if measured_from < 0 and now >= warm_end:
+                    measured_from = generated
+                device = generated % DEVICES
+                if outbox[device] or len(unconfirmed[device]) >= receipt_window:
+                    counts["held"] += 1
+                outbox[device].append(generated)
+                ts = int(time.time() * 1000)
+                ts_ms.append(ts)
+                published_ms.append(0)
+                receipted_ms.append(0)
+                bodies[generated] = envelopes.make(generated, ts)
+                generated += 1
+                waiting += 1
+            counts["peak_outbox"] = max(counts["peak_outbox"], waiting)
+            if generated == total:
+                load_end = time.time()
+        # Publish what the windows allow, devices taking turns.
+        progress = True
+        while waiting and progress and sent - acked < mqtt_window:
+            progress = False
+            for device in range(DEVICES):
+                queue = outbox[device]
+                if queue and len(unconfirmed[device]) < receipt_window:
+                    index = queue.popleft()
+                    waiting -= 1
+                    in_doubt += 1
+                    unconfirmed[device][index // DEVICES] = index
+                    published_ms[index] = int(time.time() * 1000)
+                    send(index, *bodies[index])
+                    progress = True
+        counts["peak_unconfirmed"] = max(counts["peak_unconfirmed"], in_doubt)
+        if load_end and not waiting and not outbox_drained:
+            outbox_drained = time.time()
+        if now >= next_resend_check:  # resend what no receipt covered in time, oldest first
+            next_resend_check = now + 0.25
+            p99 = sorted(latencies)[int(0.99 * (len(latencies) - 1))] if latencies else 0.0
+            timeout = min(300.0, max(5.0, 4 * p99))
+            for pending in unconfirmed:
+                for index in list(pending.values()):
+                    if now - last_sent[index] > timeout and sent - acked < mqtt_window:
+                        send(index, *bodies[index])
+                        counts["resends"] += 1
+        if load_end and not waiting and not in_doubt:
+            all_receipted = time.time()
+            break
+        if now > deadline:
+            break
+        next_due = start + generated * interval if generated < total else now + 0.01
+        client.loop(max(0.0, min(next_due - time.monotonic(), 0.002)))
+    cpu = time.process_time() - cpu
+    while acked < sent and time.monotonic() < deadline:
+        client.loop(0.01)
+    client.disconnect()
+    client.loop(0.1)
+    if measured_from < 0:
+        raise BenchError("nothing was generated after the warm-up")
+    return Devices(
+        ts_ms=ts_ms,
+        published_ms=published_ms,
+        receipted_ms=receipted_ms,
+        measured_from=measured_from,
+        load_end=load_end,
+        outbox_drained=outbox_drained or load_end,
+        all_receipted=all_receipted,
+        held=counts["held"],
+        peak_outbox=counts["peak_outbox"],
+        peak_unconfirmed=counts["peak_unconfirmed"],
+        resends=counts["resends"],
+        receipts=counts["receipts"],
+        cpu_s=cpu,
+    )
 
 
 # -- the pipeline's consumer ------------------------------------------------------------------
@@ -475,6 +708,67 @@ def evaluate(
     )
 
 
+def evaluate_devices(
+    offered: float,
+    done: Devices,
+    arrived_ms: array[int],
+    store: tuple[int, int],
+    cpu_s: dict[str, float],
+) -> dict[str, Any]:
+    """One receipts round as a JSON-ready summary: latencies over the envelopes generated after
+    the warm-up, loss and duplicates over all of them, drain times after the load stopped."""
+
+    def stats(values: list[int]) -> dict[str, float]:
+        values.sort()
+        if not values:
+            return {}
+        return {
+            "p50": percentile(values, 50),
+            "p95": percentile(values, 95),
+            "p99": percentile(values, 99),
+            "max": float(values[-1]),
+        }
+
+    measured = range(done.measured_from, done.count)
+    rows, distinct = store
+    started = done.ts_ms[0] / 1000
+    in_load = sum(1 for ms in arrived_ms if 0 < ms <= done.load_end * 1000)
+    last_stored = max(arrived_ms) / 1000
+    return {
+        "offered_msg_s": round(offered),
+        "generated": done.count,
+        "generated_msg_s": round((done.count - 1) / (done.ts_ms[-1] / 1000 - started)),
+        "seconds_offered": round(done.load_end - started, 1),
+        "stored_msg_s_while_offered": round(in_load / (done.load_end - started)),
+        "stored_rows": rows,
+        "lost": sum(1 for ms in arrived_ms if ms == 0),
+        "stored_twice": rows - distinct,
+        "unreceipted_at_end": sum(1 for ms in done.receipted_ms if ms == 0),
+        "receipt_latency_ms": stats(
+            [done.receipted_ms[i] - done.published_ms[i] for i in measured if done.receipted_ms[i]]
+        ),
+        "reading_to_receipt_ms": stats(
+            [done.receipted_ms[i] - done.ts_ms[i] for i in measured if done.receipted_ms[i]]
+        ),
+        "store_latency_ms": stats(
+            [arrived_ms[i] - done.ts_ms[i] for i in measured if arrived_ms[i]]
+        ),
+        "held_by_window": done.held,
+        "peak_outbox": done.peak_outbox,
+        "peak_unconfirmed": done.peak_unconfirmed,
+        "resends": done.resends,
+        "receipts_received": done.receipts,
+        "drain_after_load_s": {
+            "outbox_empty": round(done.outbox_drained - done.load_end, 2),
+            "all_stored": round(max(0.0, last_stored - done.load_end), 2),
+            "all_receipted": (
+                round(done.all_receipted - done.load_end, 2) if done.all_receipted else None
+            ),
+        },
+        "cpu_us_per_msg": {k: round(v / done.count * 1e6, 1) for k, v in cpu_s.items()},
+    }
+
+
 @dataclass
 class Rig:
     """The running brokers and what each round needs."""
@@ -516,9 +810,12 @@ class Rig:
         ):
             admin.channel().queue_delete(queue)
 
-    def pipeline(self, rate: float | None) -> Round:
-        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite."""
-        envelopes, queue, directory = self.fresh("pipeline")
+    @contextlib.contextmanager
+    def chain(
+        self, queue: str, directory: Path
+    ) -> Iterator[tuple[ConsumerProcess, BridgeProcess, list[tuple[str, list[int]]]]]:
+        """The consumer on ``queue`` and a bridge, running; yields them and the processes to
+        account CPU for. Afterwards the bridge's Mosquitto session and the queue are gone."""
         client_id = ""
         try:
             with ConsumerProcess(self.rabbit.url, queue, directory / "consumer") as consumer:
@@ -533,33 +830,63 @@ class Rig:
                         ("bridge", [bridge.proc.pid]),
                         ("consumer", [consumer.proc.pid]),
                     ]
-                    before = {name: cpu_seconds(pids) for name, pids in accounts}
-                    sent = publish(
-                        self.mosquitto.port,
-                        envelopes,
-                        rate,
-                        self.warmup,
-                        self.duration,
-                        self.window,
-                    )
-                    deadline = time.monotonic() + self.drain_timeout
-                    while (n := consumer.stored()) < sent.count:
-                        if consumer.proc.poll() is not None or bridge.proc.poll() is not None:
-                            raise BenchError(f"a process exited; stored {n}/{sent.count}")
-                        if time.monotonic() > deadline:
-                            raise BenchError(
-                                f"pipeline stored {n}/{sent.count}:\n{consumer.tail()}"
-                            )
-                        time.sleep(0.2)
-                    after = {name: cpu_seconds(pids) for name, pids in accounts}
-            arrived = consumer.stored_ms(sent.count)
+                    yield consumer, bridge, accounts
         finally:
             if client_id:
                 with contextlib.suppress(OSError):
                     forget_session(self.mosquitto.port, client_id)
             self.delete_queue(queue)
+
+    def pipeline(self, rate: float | None) -> Round:
+        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite."""
+        envelopes, queue, directory = self.fresh("pipeline")
+        with self.chain(queue, directory) as (consumer, bridge, accounts):
+            assert bridge.proc is not None
+            assert consumer.proc is not None
+            before = {name: cpu_seconds(pids) for name, pids in accounts}
+            sent = publish(
+                self.mosquitto.port, envelopes, rate, self.warmup, self.duration, self.window
+            )
+            deadline = time.monotonic() + self.drain_timeout
+            while (n := consumer.stored()) < sent.count:
+                if consumer.proc.poll() is not None or bridge.proc.poll() is not None:
+                    raise BenchError(f"a process exited; stored {n}/{sent.count}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"pipeline stored {n}/{sent.count}:\n{consumer.tail()}")
+                time.sleep(0.2)
+            after = {name: cpu_seconds(pids) for name, pids in accounts}
+        arrived = consumer.stored_ms(sent.count)
         cpu = {"publisher": sent.cpu_s} | {k: after[k] - before[k] for k in before}
         return evaluate(rate, sent, arrived, cpu)
+
+    def devices(self, rate: float, warmup: float, duration: float, window: int) -> dict[str, Any]:
+        """Receipt-speaking devices -> Mosquitto -> bridge (receipt relay on) -> RabbitMQ ->
+        iotpipe consume (receipts on) -> SQLite, receipts back the same way."""
+        envelopes, queue, directory = self.fresh("receipts")
+        with self.chain(queue, directory) as (consumer, _bridge, accounts):
+            before = {name: cpu_seconds(pids) for name, pids in accounts}
+            done = run_devices(
+                self.mosquitto.port,
+                envelopes,
+                rate,
+                warmup,
+                duration,
+                self.window,
+                window,
+                self.drain_timeout,
+            )
+            # Every receipted envelope is stored; if some never were, look anyway.
+            deadline = time.monotonic() + 10
+            while consumer.stored() < done.count and time.monotonic() < deadline:
+                time.sleep(0.2)
+            after = {name: cpu_seconds(pids) for name, pids in accounts}
+        with contextlib.closing(sqlite3.connect(f"file:{consumer.db}?mode=ro", uri=True)) as conn:
+            rows, distinct = conn.execute(
+                "SELECT count(*), count(DISTINCT device || ':' || boot || ':' || seq) FROM messages"
+            ).fetchone()
+        arrived = consumer.stored_ms(done.count)
+        cpu = {"devices": done.cpu_s} | {k: after[k] - before[k] for k in before}
+        return evaluate_devices(rate, done, arrived, (rows, distinct), cpu)
 
     def plugin(self, rate: float | None) -> Round:
         """Publisher -> RabbitMQ's MQTT plugin -> amq.topic -> a bare pika consumer."""
@@ -728,6 +1055,27 @@ def main() -> None:
     parser.add_argument(
         "--mosquitto-inflight", type=int, default=1000, help="Mosquitto max_inflight_messages"
     )
+    parser.add_argument(
+        "--receipts",
+        action="store_true",
+        help="also the receipts rounds (latency at --receipt-rate, then overload); writes "
+        "bench/results/e2e-receipts.json",
+    )
+    parser.add_argument(
+        "--receipt-rate", type=float, default=1000.0, help="offered msg/s of the latency round"
+    )
+    parser.add_argument(
+        "--overload-factor",
+        type=float,
+        default=2.0,
+        help="the overload round offers this many times the sustained rate",
+    )
+    parser.add_argument(
+        "--overload-duration", type=float, default=60.0, help="seconds the overload is offered"
+    )
+    parser.add_argument(
+        "--receipt-window", type=int, default=256, help="devices' receipt_window (per device)"
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     args = parser.parse_args()
@@ -747,6 +1095,52 @@ def main() -> None:
         sys.exit(f"bench_e2e: {err}")
     except KeyboardInterrupt:
         sys.exit("bench_e2e: interrupted; private brokers and processes stopped")
+
+
+def receipts_rounds(
+    rig: Rig, args: argparse.Namespace, results: dict[str, dict[str, Round]]
+) -> dict[str, Any]:
+    """The receipts rounds: latency at ``--receipt-rate``, then ``--overload-factor`` x the
+    sustained rate (the pipeline's ``max`` round of this run; run now if not among ``--rates``)."""
+    latency = rig.devices(args.receipt_rate, args.warmup, args.duration, args.receipt_window)
+    progress("receipts", f"{args.receipt_rate:g}", latency)
+    if "max" not in results["pipeline"]:
+        results["pipeline"]["max"] = rig.pipeline(None)
+    sustained = results["pipeline"]["max"].stored_msg_s
+    overload = rig.devices(
+        args.overload_factor * sustained, 0.0, args.overload_duration, args.receipt_window
+    )
+    progress("overload", f"{args.overload_factor:g}x", overload)
+    out: dict[str, Any] = {
+        "devices": f"{DEVICES} devices in one paho client (QoS 1, <= --window unacknowledged), "
+        "receipts on: each keeps what it published until a receipt covers it, at most "
+        f"{args.receipt_window} unconfirmed (then new readings wait in its outbox), resends "
+        "after clamp(4 x p99 receipt latency, 5 s, 300 s)",
+        "receipt_latency": "first publish -> receipt received by the device (wall clock, ms); "
+        "reading_to_receipt: envelope ts (entered the outbox) -> receipt; store_latency: "
+        "envelope ts -> stored_ms",
+        "receipt_window": args.receipt_window,
+        "latency_round": latency,
+        "sustained_msg_s": round(sustained),
+        "overload_factor": args.overload_factor,
+        "overload_round": overload,
+    }
+    plain = results["pipeline"].get(rate_key(args.receipt_rate))
+    if plain is not None:  # the same rate, devices ignoring receipts: what receipts add
+        out["pipeline_store_latency_ms_same_rate"] = plain.latency_ms
+    return out
+
+
+def progress(name: str, offered: str, summary: dict[str, Any]) -> None:
+    """One stderr line per receipts round."""
+    lat = summary["receipt_latency_ms"]
+    print(
+        f"{name:8} offered {offered:>5}: generated {summary['generated_msg_s']:7.0f}/s "
+        f"lost {summary['lost']} held {summary['held_by_window']} receipt p50 "
+        f"{lat.get('p50', 0):6.0f} p99 {lat.get('p99', 0):6.0f} ms  drain "
+        f"{summary['drain_after_load_s']}",
+        file=sys.stderr,
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -777,6 +1171,7 @@ def run(args: argparse.Namespace) -> None:
                             f"p99 {r.latency_ms['p99']:6.0f} ms  drain {r.drain_s:.1f} s",
                             file=sys.stderr,
                         )
+                receipt_rounds = receipts_rounds(rig, args, results) if args.receipts else None
                 rabbit_version = rabbit.ctl("version").stdout.strip()
             finally:
                 rabbit.kill()
@@ -808,10 +1203,14 @@ def run(args: argparse.Namespace) -> None:
             round(
                 results["pipeline"]["max"].stored_msg_s / results["plugin"]["max"].stored_msg_s, 3
             )
-            if "max" in results["pipeline"]
+            if "max" in results["pipeline"] and "max" in results["plugin"]
             else None
         ),
         "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+    }
+    if receipt_rounds is not None:
+        result["receipts"] = receipt_rounds
+    result |= {
         "python": platform.python_version(),
         "paho": version("paho-mqtt"),
         "pika": version("pika"),
@@ -824,14 +1223,15 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps(result))
     if args.no_save:
         return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = RESULTS.with_suffix(".json.tmp")
+    path = RECEIPTS_RESULTS if args.receipts else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = path.with_suffix(".json.tmp")
     tmp_file.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_file.replace(RESULTS)
+    tmp_file.replace(path)
     if not args.no_plot:
         plot(
             results,
-            PLOT,
+            RECEIPTS_PLOT if args.receipts else PLOT,
             f"iotpipe end to end vs RabbitMQ MQTT plugin, QoS 1, {args.duration:g} s per rate, "
             f"{result['machine']}, load {result['loadavg_1m_start_end']}, {result['when']}",
         )
