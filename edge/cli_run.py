@@ -47,11 +47,14 @@ def run(
 
     Readings are batched into envelopes (wire contract 1.0), committed to a local
     SQLite outbox and published at QoS 1 to iotpipe/v1/<site>/<device>/telemetry;
-    an envelope is deleted only after the broker's PUBACK. While the broker is
-    unreachable the backlog grows (thinning its oldest part past outbox_max_bytes)
-    and drains oldest-first when it is back. Retained status online/offline
-    (birth, last will). systemd: Type=notify, WatchdogSec= supported. SIGTERM or
-    Ctrl-C: commit, publish what time allows, go offline, exit 0.
+    an envelope is deleted only when the store's receipt covers it (receipts =
+    "auto" follows what the bridge announces; without receipts, at the broker's
+    PUBACK). At most receipt_window envelopes wait for receipts; unreceipted ones
+    are resent with the same id. While the pipeline is away or slow the backlog
+    grows (thinning its oldest part past outbox_max_bytes) and drains oldest-first
+    when it is back. Retained status online/offline (birth, last will). systemd:
+    Type=notify, WatchdogSec= supported. SIGTERM or Ctrl-C: commit, publish what
+    time allows, go offline, exit 0.
     """
     from edge.agent import serve
 
