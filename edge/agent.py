@@ -347,9 +347,13 @@ class Publisher:
             # While new envelopes wait, resends get half the tokens (the odd one in turns):
             # they never starve new data.
             share = allowed
-            if fresh:
-                share = allowed // 2 + (allowed % 2 if self._resend_turn else 0)
-                self._resend_turn = not self._resend_turn
+            if fresh and due:
+                share = allowed // 2
+                if allowed % 2:
+                    # Only a step that really had an odd token to give takes a turn: toggling
+                    # on token-less steps too could lock the turn to the resends forever.
+                    share += int(self._resend_turn)
+                    self._resend_turn = not self._resend_turn
             resends = min(len(due), share)
             for entry in due[:resends]:
                 client.publish(entry.topic, entry.payload, qos=1)
