@@ -103,6 +103,8 @@ class Unconfirmed:
         self._held: dict[tuple[str | None, int], Held] = {}
         self._stored: dict[str | None, SeqSet] = {}
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+        # Sorted once per change, not per quantile: the timeout is read for every held envelope.
+        self._ordered: list[float] | None = None
         self.received = 0
         self.resent_total = 0
 
@@ -133,6 +135,7 @@ class Unconfirmed:
         for key in done:
             held = self._held.pop(key)
             self._latencies.append(max(0.0, now - held.acked_at))
+            self._ordered = None
             ids.append(held.id)
         self._forget_below_held()
         return ids
@@ -169,6 +172,7 @@ class Unconfirmed:
         """Hold an acknowledged envelope; False if a receipt already covered it (delete it)."""
         if self.covers(boot, seq):
             self._latencies.append(0.0)
+            self._ordered = None
             return False
         self._held[(boot, seq)] = Held(
             id=entry_id,
@@ -222,7 +226,9 @@ class Unconfirmed:
         """A quantile of PUBACK -> receipt over the recent receipted envelopes (None: none yet)."""
         if not self._latencies:
             return None
-        return nearest_rank(sorted(self._latencies), quantile)
+        if self._ordered is None:
+            self._ordered = sorted(self._latencies)
+        return nearest_rank(self._ordered, quantile)
 
     def timeout(self) -> float:
         """The resend timeout before jitter: clamp(4 x p99, min, max)."""
