@@ -584,6 +584,11 @@ def _os_reason(err: BaseException) -> str:
     return str(text)
 
 
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic`` matches the MQTT subscription ``topic_filter`` (``+``, ``#``), by paho's rules."""
+    return bool(paho.topic_matches_sub(topic_filter, topic))
+
+
 def pump_until(client: MqttClient, condition: Callable[[], bool], timeout: float) -> bool:
     """Pump ``client`` until ``condition()`` holds; False if ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout

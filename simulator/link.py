@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from iotpipe.errors import ConnectError
-from iotpipe.mqtt import Message, MqttClient, Will
+from iotpipe.mqtt import Message, MqttClient, Will, topic_matches
 from iotpipe.receipts import CAPABILITY_TOPIC, BootReceipt, Receipt, encode_receipt, receipt_topic
 from iotpipe.settings import MqttSettings
 
@@ -70,17 +70,6 @@ class Link(Protocol):
 
 #: Makes link number ``index`` (0-based), with ``will`` as its last will or None.
 LinkFactory = Callable[[int, Will | None], Link]
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether ``topic`` matches the MQTT subscription ``topic_filter`` (``+`` and ``#``)."""
-    parts = topic.split("/")
-    for i, level in enumerate(topic_filter.split("/")):
-        if level == "#":
-            return True
-        if i >= len(parts) or level not in ("+", parts[i]):
-            return False
-    return len(topic_filter.split("/")) == len(parts)
 
 
 class MqttLink(MqttClient):

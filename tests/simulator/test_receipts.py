@@ -15,7 +15,7 @@ import pytest
 
 from iotpipe.envelope import Envelope, decode
 from iotpipe.errors import DeliveryError
-from iotpipe.mqtt import Message, MqttClient, Will
+from iotpipe.mqtt import Message, MqttClient, Will, topic_matches
 from iotpipe.receipts import (
     CAPABILITY_TOPIC,
     BootReceipt,
@@ -25,7 +25,7 @@ from iotpipe.receipts import (
     receipt_topic,
 )
 from iotpipe.settings import MqttSettings
-from simulator.link import MemoryLink, capability_message, topic_matches
+from simulator.link import MemoryLink, capability_message
 from simulator.progress import Snapshot
 from simulator.receipts import ReceiptTracker, quantile
 from simulator.run import Simulation, Summary, check_acknowledged, summary_lines
