@@ -186,7 +186,7 @@ def test_flush_to_a_vanished_peer_drops_quietly(
 def tls_pair(tmp_path: Path) -> Iterator[tuple[ssl.SSLSocket, ssl.SSLSocket]]:
     """A TLS connection over a socket pair: (ours, non-blocking; the server's, blocking)."""
     if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
+        pytest.fail("the openssl command is missing: run `make setup`", pytrace=False)
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
