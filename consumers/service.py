@@ -386,8 +386,7 @@ class Consumer:
             failed += 1
             for entry in receipt.stored:
                 for first, last in entry.ranges:
-                    for seq in range(first, last + 1):
-                        book.record(receipt.site, receipt.device, entry.boot, seq)
+                    book.record_range(receipt.site, receipt.device, entry.boot, first, last)
         m = self.metrics
         m.receipts_published.inc(len(due) - failed)
         if failed:

@@ -297,13 +297,17 @@ class ReceiptBook:
 
     def record(self, site: str, device: str, boot: str | None, seq: int) -> None:
         """Note that envelope ``(boot, seq)`` of ``site/device`` is stored."""
+        self.record_range(site, device, boot, seq, seq)
+
+    def record_range(self, site: str, device: str, boot: str | None, first: int, last: int) -> None:
+        """Note that envelopes ``first`` to ``last`` (inclusive) of that boot are stored."""
         pending = self._pending.get((site, device))
         if pending is None:
             pending = self._pending[(site, device)] = _Pending()
         seqs = pending.boots.get(boot)
         if seqs is None:
             seqs = pending.boots[boot] = SeqSet()
-        seqs.add(seq)
+        seqs.add_range(first, last)
 
     def __len__(self) -> int:
         """Devices with something not yet receipted."""

@@ -206,3 +206,12 @@ def test_nearest_rank_picks_the_rank_not_an_interpolation() -> None:
     assert nearest_rank(values, 0.5) == 50
     assert nearest_rank(values, 0.99) == 99
     assert nearest_rank([7], 0.99) == 7
+
+
+def test_book_record_range_is_every_seq_of_the_range() -> None:
+    """Recording a range gives the same receipt as recording each of its seqs."""
+    one, many = ReceiptBook(), ReceiptBook()
+    one.record_range("s", "d", "b", 3, 9)
+    for seq in range(3, 10):
+        many.record("s", "d", "b", seq)
+    assert one.due(now=0.0, ts_ms=1) == many.due(now=0.0, ts_ms=1)
