@@ -55,6 +55,7 @@ from pydantic import (
     field_validator,
 )
 
+from bridge.mqtt311 import KEEPALIVE_GRACE, Mqtt311Broker
 from bridge.settings import BrokerSettings
 from iotpipe.errors import ConfigError
 from iotpipe.topics import check_filter, is_valid_name
@@ -674,8 +675,9 @@ def report_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) 
 _VERIFIED = "iotpipe.verified"
 
 
-class _HardenedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
-    """amqtt's Broker, but a CONNECT is authenticated before it may touch an existing session.
+class _HardenedBroker(Mqtt311Broker):
+    """amqtt's Broker with MQTT 3.1.1's rules (:mod:`bridge.mqtt311`); a CONNECT is authenticated
+    before it may touch an existing session.
 
     amqtt 0.12 resolves the session first and authenticates afterwards, so a client that then
     fails authentication has already deleted (clean_session=1) or hijacked (clean_session=0) the
@@ -689,7 +691,7 @@ class _HardenedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, session = await BrokerProtocolHandler.init_from_connect(
+            handler, session = await self.handler_class.init_from_connect(
                 reader, writer, self.plugins_manager
             )
         except MQTTError:
@@ -726,9 +728,8 @@ class _HardenedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hint
             session.parent = 1
         else:
             session.parent = 0
-        delay = self.config.get("timeout-disconnect-delay", 0)
-        if session.keep_alive > 0 and isinstance(delay, int):
-            session.keep_alive += delay
+        # MQTT-3.1.2-24: silent for 1.5x the keep-alive means gone (amqtt: the keep-alive itself).
+        session.keep_alive *= KEEPALIVE_GRACE
         session.attributes[_VERIFIED] = True
         return handler, session
 
@@ -833,6 +834,13 @@ class EmbeddedBroker:
             return 0
         session = self._broker.sessions.get(client_id, (None, None))[0]
         return int(session.retained_messages.qsize()) if session is not None else 0
+
+    def inflight_messages(self, client_id: str) -> int:
+        """How many QoS 1/2 messages sent to ``client_id`` wait for their acknowledgement."""
+        if self._broker is None:
+            return 0
+        session = self._broker.sessions.get(client_id, (None, None))[0]
+        return len(session.inflight_out) if session is not None else 0
 
     @property
     def stats(self) -> BrokerStats:

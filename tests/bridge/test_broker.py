@@ -548,45 +548,6 @@ def test_busy_port_is_one_clear_config_error(embedded_broker: BrokerThread) -> N
         BrokerThread(BrokerSettings(port=embedded_broker.settings.port)).start()
 
 
-@pytest.mark.mqtt
-@pytest.mark.xfail(
-    strict=True,
-    reason="amqtt 0.12 forgets QoS 1 messages in flight when the subscriber disconnects "
-    "(and after 5 s without PUBACK); Mosquitto redelivers them. See docs/broker.md.",
-)
-def test_unacknowledged_messages_are_redelivered_after_reconnect(
-    embedded_broker: BrokerThread, unique: str
-) -> None:
-    """Known amqtt limit: messages delivered but not acknowledged before a disconnect come back after it."""
-    sub_id = f"manual-{unique}"
-    topic = f"t/{unique}"
-    got: list[Message] = []
-    sub = client(
-        embedded_broker,
-        client_id=sub_id,
-        clean_session=False,
-        on_message=got.append,
-        manual_ack=True,
-    )
-    sub.connect()
-    sub.subscribe([(topic, 1)])
-    pub = client(embedded_broker, client_id=f"pub-{unique}")
-    pub.connect()
-    for i in range(3):
-        pub.publish(topic, str(i).encode())
-    assert pub.flush(timeout=10)
-    assert pump_until(sub, lambda: len(got) >= 3, timeout=10)
-    sub.disconnect()  # none of the three was acknowledged
-    got.clear()
-    back = client(embedded_broker, client_id=sub_id, clean_session=False, on_message=got.append)
-    back.connect()
-    try:
-        assert pump_until(back, lambda: len(got) >= 3, timeout=3)
-    finally:
-        back.disconnect()
-        pub.disconnect()
-
-
 def test_embedded_broker_reports_zero_stats_when_stopped() -> None:
     """A broker that is not running reports zero counters and no queued messages."""
     broker = EmbeddedBroker(BrokerSettings())
