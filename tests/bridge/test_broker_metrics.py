@@ -254,8 +254,15 @@ def test_a_blocked_broker_loop_makes_healthz_unhealthy(start_broker: StartBroker
     """When the broker's loop does not hand over its counters in time, /healthz is 503 and /metrics 500."""
     broker = start_broker(serve_http=True)
     assert broker.endpoint is not None
-    release = threading.Event()
-    broker._loop.call_soon_threadsafe(release.wait, 30)  # the loop is stuck until released
+    release, stuck = threading.Event(), threading.Event()
+
+    def block(_: object) -> None:
+        stuck.set()
+        release.wait(30)
+
+    blocker = threading.Thread(target=broker.call, args=(block, 35), name="test-blocker")
+    blocker.start()  # the broker's loop runs block() and is stuck until released
+    assert stuck.wait(10)
     try:
         status, health = _get(f"{broker.endpoint.url}/healthz")
         assert status == 503
@@ -263,6 +270,7 @@ def test_a_blocked_broker_loop_makes_healthz_unhealthy(start_broker: StartBroker
         assert _get(f"{broker.endpoint.url}/metrics")[0] == 500
     finally:
         release.set()
+        blocker.join(10)
     assert _get(f"{broker.endpoint.url}/healthz")[0] == 200
 
 
