@@ -16,7 +16,9 @@ nothing but ``pip install iotpipe``. What this module adds to plain amqtt:
   Denied publishes are acknowledged (MQTT 3.1.1 has no negative PUBACK) but never forwarded nor
   retained; they are logged and counted (:attr:`BrokerStats.denied_publishes`). Will messages are
   checked at CONNECT, because amqtt publishes a will without consulting topic plugins.
-* **A bound on what a disconnected session may queue** (amqtt's queue is unbounded).
+* **A bound on what a disconnected session may queue** (amqtt's queue is unbounded), and every
+  message the broker drops counted by reason and logged (:class:`DropCounter`).
+* **Its own ``/metrics`` and ``/healthz``** (:class:`BrokerEndpoint`, :mod:`bridge.broker_metrics`).
 
 Limits of amqtt 0.12 (see ``docs/broker.md``): MQTT 3.1.1 only, no shared subscriptions, all state
 in memory (sessions, queues and retained messages are lost on restart), ~5,000 msg/s.
@@ -55,6 +57,7 @@ from pydantic import (
     field_validator,
 )
 
+from bridge.broker_metrics import DROP_REASONS, BrokerEndpoint, DropCounter
 from bridge.mqtt311 import KEEPALIVE_GRACE, Mqtt311Broker
 from bridge.settings import BrokerSettings
 from iotpipe.errors import ConfigError
@@ -512,7 +515,8 @@ class SessionQueueLimitPlugin(BasePlugin[BaseContext]):  # type: ignore[misc]  #
     """Bound the messages amqtt queues for a disconnected persistent session (oldest dropped).
 
     amqtt's per-session queue is unbounded: a subscriber that never returns would grow the
-    broker's memory without limit. Drops are logged and counted.
+    broker's memory without limit. Drops are counted (reason ``queue_full``) and logged at
+    WARNING when a session's queue starts to overflow, then once per 1000 drops.
     """
 
     @dataclass
@@ -527,8 +531,11 @@ class SessionQueueLimitPlugin(BasePlugin[BaseContext]):  # type: ignore[misc]  #
             context, SessionQueueLimitPlugin.Config
         )
         self.limit = config.max_queued_messages
-        self.dropped = 0
+        self.drops = DropCounter()
         self._broker_context = context
+        # Client ids whose queue overflows now: the first drop of each overflow is logged. An id
+        # leaves once its queue is seen below the limit again (its client came back meanwhile).
+        self._overflowing: set[str] = set()
 
     async def on_broker_retained_message(
         self, *, client_id: str | None, retained_message: Any
@@ -542,19 +549,19 @@ class SessionQueueLimitPlugin(BasePlugin[BaseContext]):  # type: ignore[misc]  #
         if session is None:
             return
         queue: asyncio.Queue[Any] = session.retained_messages
+        if queue.qsize() <= self.limit:
+            self._overflowing.discard(client_id)
+            return
         dropped = 0
         while queue.qsize() > self.limit:
             queue.get_nowait()
             dropped += 1
-        if dropped:
-            self.dropped += dropped
-            if self.dropped == dropped or self.dropped % 1000 < dropped:
-                log.warning(
-                    "broker session queue full client_id=%s limit=%d dropped_total=%d",
-                    client_id,
-                    self.limit,
-                    self.dropped,
-                )
+        burst = client_id not in self._overflowing
+        if burst:
+            if len(self._overflowing) >= 100_000:  # bounded: ids of expired sessions stay here
+                self._overflowing.clear()
+            self._overflowing.add(client_id)
+        self.drops.add("queue_full", dropped, client_id, burst=burst, limit=self.limit)
 
 
 # -- runner -----------------------------------------------------------------------------------
@@ -685,7 +692,21 @@ class _HardenedBroker(Mqtt311Broker):
     (or guesses) the bridge's client id could silently throw away its queued messages and its
     subscriptions. Here a refused CONNECT gets its CONNACK "not authorized" and leaves no trace.
     The session handling below is amqtt's own, unchanged, after that check.
+
+    It also counts, in plain integers read by :attr:`EmbeddedBroker.stats`, what amqtt does not:
+    PUBLISH packets received (:attr:`received`) and the messages a persistent session still
+    held when it expired or was replaced by a clean session (:attr:`drops`).
+
+    Attributes:
+        drops: messages dropped with their session (``session_expired``, ``session_replaced``).
+        received: PUBLISH packets received from clients.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drops = DropCounter()
+        self.received = 0
+        self._closing = False
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
@@ -740,6 +761,50 @@ class _HardenedBroker(Mqtt311Broker):
         ok: bool = await super()._authenticate(session, listener)
         return ok
 
+    # -- counting: small overrides around amqtt's own code ------------------------------------
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: Any
+    ) -> bool:
+        # One integer per PUBLISH; amqtt's message_received plugin event would cost a task each.
+        if wait_deliver.result() is not None:
+            self.received += 1
+        ok: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return ok
+
+    async def _delete_session(self, client_id: str) -> None:
+        # amqtt calls this only when a clean_session=1 CONNECT takes over a client id.
+        self.count_discarded(client_id, "session_replaced")
+        await super()._delete_session(client_id)
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        # amqtt calls this for a session past session_expiry, for a clean session once its client
+        # is gone (nothing of a persistent session is lost there), and for all at shutdown.
+        if not self._closing:
+            self.count_discarded(client_id, "session_expired")
+        await super()._cleanup_session(client_id)
+
+    async def shutdown(self) -> None:
+        """Stop; the sessions amqtt cleans up now are not expiring, so nothing counts as dropped."""
+        self._closing = True
+        await super().shutdown()
+
+    def count_discarded(self, client_id: str, reason: str) -> None:
+        """Count what a persistent session holds as dropped for ``reason``; call before discarding it.
+
+        What it holds: the messages queued for it while it was away and those sent to it but not
+        yet acknowledged. A clean session's state ends with its connection by definition (MQTT
+        3.1.1 section 3.1.2.4), so nothing of it is counted.
+        """
+        session = self._sessions.get(client_id, (None, None))[0]
+        if session is None or session.clean_session:
+            return
+        queued = int(session.retained_messages.qsize())
+        inflight = len(session.inflight_out)
+        self.drops.add(
+            reason, queued + inflight, client_id, burst=True, queued=queued, inflight=inflight
+        )
+
 
 async def _end_connections(broker: Broker, timeout: float = 5.0) -> None:
     """End every client connection as if the client had closed it, before amqtt's shutdown.
@@ -764,14 +829,49 @@ async def _end_connections(broker: Broker, timeout: float = 5.0) -> None:
 
 @dataclass
 class BrokerStats:
-    """What the embedded broker counted since it started."""
+    """What the embedded broker counted since it started, and its state now.
+
+    Attributes:
+        refused_connections: CONNECTs refused (credentials, will topic).
+        denied_publishes: publishes the ACL denied.
+        denied_subscribes: subscriptions the ACL denied.
+        dropped: accepted messages discarded, per reason (every reason of ``DROP_REASONS``).
+        received: PUBLISH packets received from clients.
+        connections: open client connections (including those still in their CONNECT).
+        sessions: sessions kept, whatever their state.
+        connected_sessions: sessions whose client is connected.
+        disconnected_sessions: persistent sessions waiting for their client.
+        queued: messages queued for disconnected sessions, all sessions together.
+        inflight: QoS 1/2 messages sent to clients and not yet acknowledged.
+        retained: retained messages.
+    """
 
     refused_connections: int = 0
     denied_publishes: int = 0
     denied_subscribes: int = 0
-    dropped_queued: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    received: int = 0
+    connections: int = 0
     sessions: int = 0
+    connected_sessions: int = 0
+    disconnected_sessions: int = 0
+    queued: int = 0
+    inflight: int = 0
     retained: int = 0
+
+    @property
+    def dropped_total(self) -> int:
+        """Messages dropped for any reason."""
+        return sum(self.dropped.values())
+
+    def summary(self) -> str:
+        """The counters of the stop line: ``refused connections 0, ..., dropped 7 (queue_full 7)``."""
+        reasons = ", ".join(f"{reason} {count}" for reason, count in self.dropped.items() if count)
+        return (
+            f"refused connections {self.refused_connections}, "
+            f"denied publishes {self.denied_publishes}, "
+            f"dropped {self.dropped_total}" + (f" ({reasons})" if reasons else "")
+        )
 
 
 @dataclass
@@ -783,7 +883,7 @@ class EmbeddedBroker:
     """
 
     settings: BrokerSettings
-    _broker: Broker | None = field(default=None, init=False, repr=False)
+    _broker: _HardenedBroker | None = field(default=None, init=False, repr=False)
     _quiet: logging.Filter = field(default_factory=_QuietAmqttErrors, init=False, repr=False)
 
     async def start(self) -> None:
@@ -817,10 +917,14 @@ class EmbeddedBroker:
             await broker.shutdown()
             logging.getLogger("amqtt.broker").removeFilter(self._quiet)
             log.info(
-                "broker stopped refused_connections=%d denied_publishes=%d dropped_queued=%d",
+                "broker stopped received=%d refused_connections=%d denied_publishes=%d "
+                "dropped_queue_full=%d dropped_session_expired=%d dropped_session_replaced=%d",
+                stats.received,
                 stats.refused_connections,
                 stats.denied_publishes,
-                stats.dropped_queued,
+                stats.dropped["queue_full"],
+                stats.dropped["session_expired"],
+                stats.dropped["session_replaced"],
             )
 
     @property
@@ -848,8 +952,23 @@ class EmbeddedBroker:
         return self._stats(self._broker) if self._broker is not None else BrokerStats()
 
     @staticmethod
-    def _stats(broker: Broker) -> BrokerStats:
-        stats = BrokerStats(sessions=len(broker.sessions), retained=len(broker.retained_messages))
+    def _stats(broker: _HardenedBroker) -> BrokerStats:
+        """Read amqtt's state and our counters (on the broker's loop: amqtt's state is its own)."""
+        stats = BrokerStats(
+            received=broker.received,
+            sessions=len(broker.sessions),
+            retained=len(broker.retained_messages),
+            dropped=dict(broker.drops.counts),
+            connections=sum(server.conn_count for server in broker._servers.values()),
+        )
+        for session, _ in broker.sessions.values():
+            state = session.transitions.state
+            if state == "connected":
+                stats.connected_sessions += 1
+            elif state == "disconnected" and not session.clean_session:
+                stats.disconnected_sessions += 1
+            stats.queued += session.retained_messages.qsize()
+            stats.inflight += len(session.inflight_out)
         for plugin in broker.plugins_manager.plugins:
             if isinstance(plugin, IotpipeAuthPlugin):
                 stats.refused_connections = plugin.refused
@@ -857,12 +976,13 @@ class EmbeddedBroker:
                 stats.denied_publishes = plugin.denied_publishes
                 stats.denied_subscribes = plugin.denied_subscribes
             elif isinstance(plugin, SessionQueueLimitPlugin):
-                stats.dropped_queued = plugin.dropped
+                for reason, count in plugin.drops.counts.items():
+                    stats.dropped[reason] += count
         return stats
 
 
-def describe(settings: BrokerSettings) -> str:
-    """The start-up line: where the broker listens and how it is protected."""
+def describe(settings: BrokerSettings, metrics_url: str | None = None) -> str:
+    """The start-up line: where the broker listens, how it is protected, where its metrics are."""
     auth = (
         f"passwords from {settings.password_file}"
         if settings.password_file
@@ -870,9 +990,10 @@ def describe(settings: BrokerSettings) -> str:
     )
     acl = f"{settings.acl_file}" if settings.acl_file else "off"
     exposed = " (every interface!)" if settings.host == "0.0.0.0" else ""  # noqa: S104 - a warning, not a bind
+    metrics = f"; {metrics_url}/metrics" if metrics_url else ""
     return (
         f"iotpipe broker listening on {settings.url}{exposed}; MQTT 3.1.1 (amqtt); "
-        f"auth {auth}; acl {acl}; state in memory"
+        f"auth {auth}; acl {acl}; state in memory{metrics}"
     )
 
 
@@ -889,9 +1010,11 @@ async def serve(settings: BrokerSettings, *, echo: Callable[[str], None] = print
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     broker = EmbeddedBroker(settings)
+    endpoint: BrokerEndpoint | None = None
     try:
         await broker.start()
-        echo(describe(settings))
+        endpoint = BrokerEndpoint(broker, loop).start()  # a busy http_port: ConfigError, stop
+        echo(describe(settings, endpoint.url))
         if settings.password_file is None and settings.host not in ("127.0.0.1", "localhost"):
             log.warning(
                 "broker auth is off: any client that can reach %s may publish", settings.url
@@ -902,13 +1025,12 @@ async def serve(settings: BrokerSettings, *, echo: Callable[[str], None] = print
             )
         await stop.wait()
         stats = broker.stats
+        endpoint.stop()  # no scrape may wait on a loop that is shutting the broker down
         await broker.stop()
-        echo(
-            "iotpipe broker stopped "
-            f"(refused connections {stats.refused_connections}, "
-            f"denied publishes {stats.denied_publishes}, dropped queued {stats.dropped_queued})"
-        )
+        echo(f"iotpipe broker stopped ({stats.summary()})")
     finally:
+        if endpoint is not None:
+            endpoint.stop()
         await broker.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -927,11 +1049,18 @@ class BrokerThread:
     """An :class:`EmbeddedBroker` on its own event loop in a named background thread.
 
     For tests and for embedding the broker in another process; use as a context manager.
+
+    Args:
+        settings: the broker's settings.
+        serve_http: also serve ``/metrics`` and ``/healthz`` on ``http_host:http_port``
+            (see :attr:`endpoint`).
     """
 
-    def __init__(self, settings: BrokerSettings) -> None:
+    def __init__(self, settings: BrokerSettings, *, serve_http: bool = False) -> None:
         self.settings = settings
         self.broker = EmbeddedBroker(settings)
+        self.endpoint: BrokerEndpoint | None = None
+        self._serve_http = serve_http
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(report_loop_error)
         self._thread = threading.Thread(
@@ -946,10 +1075,15 @@ class BrokerThread:
         """
         self._thread.start()
         try:
+            if self._serve_http:
+                self.endpoint = BrokerEndpoint(self.broker, self._loop)
             asyncio.run_coroutine_threadsafe(self.broker.start(), self._loop).result(timeout)
         except BaseException:
+            self._stop_endpoint()
             self._close_loop()
             raise
+        if self.endpoint is not None:
+            self.endpoint.start()
         return self
 
     def call(self, func: Callable[[EmbeddedBroker], Any], timeout: float = 5.0) -> Any:
@@ -968,10 +1102,16 @@ class BrokerThread:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Shut the broker down and end the thread."""
+        self._stop_endpoint()
         if self._thread.is_alive():
             with contextlib.suppress(RuntimeError):
                 asyncio.run_coroutine_threadsafe(self.broker.stop(), self._loop).result(timeout)
         self._close_loop()
+
+    def _stop_endpoint(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.stop()
+            self.endpoint = None
 
     def _close_loop(self) -> None:
         if self._loop.is_closed():

@@ -22,7 +22,8 @@ _EXAMPLES = """
 
 [bold]Examples[/bold]
 
-  [dim]# this machine only (127.0.0.1:1883); anyone may connect[/dim]
+  [dim]# this machine only (127.0.0.1:1883); anyone may connect;[/dim]
+  [dim]# counters on http://127.0.0.1:9184/metrics[/dim]
   iotpipe broker
 
   [dim]# devices log in as {site}/{device}; services by name[/dim]
@@ -73,6 +74,14 @@ def broker(
             dir_okay=False,
         ),
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            "--http-port",
+            help="Port of /metrics and /healthz; 0 = a free port. \\[default: 9184]",
+            show_default=False,
+        ),
+    ] = None,
     add_user: Annotated[
         str | None,
         typer.Option(
@@ -98,6 +107,7 @@ def broker(
         "port": port,
         "password_file": password_file,
         "acl_file": acl_file,
+        "http_port": http_port,
     }
     settings = load(BrokerSettings, "broker", config_file=config_path(config), overrides=flags)
     if add_user is None:

@@ -172,6 +172,9 @@ class UpSettings(Section):
     )
     rabbitmq_port: int = Field(5673, ge=1, le=65535, description="AMQP port of a private node")
     rabbitmq_dist_port: int = Field(25673, ge=1, le=65535, description="its Erlang dist port")
+    broker_http_port: int = Field(
+        9184, ge=1, le=65535, description="embedded broker /metrics, /healthz"
+    )
     bridge_http_port: int = Field(9181, ge=1, le=65535, description="bridge /metrics, /healthz")
     consumer_http_port: int = Field(9182, ge=1, le=65535, description="consumer /metrics, /healthz")
     dashboard: bool = Field(True, description="serve the web dashboard on the consumer's store")

@@ -32,6 +32,14 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)")
 
 #: The counters shown per service kind: (label, metric summed over its labels).
 COUNTERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "broker": (
+        ("received", "iotpipe_broker_received_messages_total"),
+        ("connections", "iotpipe_broker_connections"),
+        ("sessions", "iotpipe_broker_sessions"),
+        ("queued", "iotpipe_broker_queued_messages"),
+        ("in-flight", "iotpipe_broker_inflight_messages"),
+        ("dropped", "iotpipe_broker_dropped_messages_total"),
+    ),
     "bridge": (
         ("received", "iotpipe_bridge_received_total"),
         ("forwarded", "iotpipe_bridge_forwarded_total"),
@@ -111,7 +119,7 @@ def probe(base_url: str, *, timeout: float = 2.0, metrics: bool = True) -> Probe
 
 
 def counters(kind: str, metrics: Mapping[str, float]) -> dict[str, float]:
-    """The main counters of a ``bridge`` or ``consumer`` (see :data:`COUNTERS`)."""
+    """The main counters of a ``broker``, ``bridge`` or ``consumer`` (see :data:`COUNTERS`)."""
     return {label: metrics.get(name, 0.0) for label, name in COUNTERS.get(kind, ())}
 
 
@@ -194,11 +202,21 @@ _STATUS_EXAMPLES = """
   iotpipe status                         [dim]# what `iotpipe up` started here[/dim]
   iotpipe status --json
   iotpipe status --bridge http://gw:9181 --consumer http://127.0.0.1:9182
+  iotpipe status --broker http://127.0.0.1:9184   [dim]# an `iotpipe broker`[/dim]
 """
 
 
 def status(
     *,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            help="Embedded broker (iotpipe broker) HTTP base URL (e.g. http://127.0.0.1:9184) "
+            "instead of state/up.",
+            show_default=False,
+        ),
+    ] = None,
     bridge: Annotated[
         str | None,
         typer.Option(
@@ -224,13 +242,14 @@ def status(
     """Show each pipeline component's health (/healthz) and main counters.
 
     Reads what [bold]iotpipe up[/bold] started from state/up/components.json, or checks the
-    services given with --bridge/--consumer. Exit 0 when every component is healthy, 1 otherwise.
+    services given with --broker/--bridge/--consumer. Exit 0 when every component is healthy, 1
+    otherwise.
     """
     components: list[dict[str, Any]]
-    if bridge or consumer:
+    if broker or bridge or consumer:
         components = [
             {"name": kind, "kind": kind, "http": url}
-            for kind, url in (("bridge", bridge), ("consumer", consumer))
+            for kind, url in (("broker", broker), ("bridge", bridge), ("consumer", consumer))
             if url
         ]
     else:
@@ -240,7 +259,7 @@ def status(
             typer.secho(
                 f"iotpipe status: nothing is running here (no live `iotpipe up` in "
                 f"{state_dir / COMPONENTS_FILE}); start it with `iotpipe up`, or pass "
-                "--bridge/--consumer URLs",
+                "--broker/--bridge/--consumer URLs",
                 err=True,
             )
             raise typer.Exit(1)

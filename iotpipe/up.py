@@ -376,7 +376,12 @@ class Pipeline:
         if self.settings.dashboard:
             ports.append(("up.dashboard_port", self.settings.dashboard_port, "--dashboard-port"))
         if self.edge_started:
-            ports.insert(0, ("up.mqtt_port", self.settings.mqtt_port, "--mqtt-port"))
+            edge = [("up.mqtt_port", self.settings.mqtt_port, "--mqtt-port")]
+            if self.settings.edge_broker == "amqtt":
+                edge.append(
+                    ("up.broker_http_port", self.settings.broker_http_port, "--broker-http-port")
+                )
+            ports[:0] = edge
         for name, port, flag in ports:
             if accepting("127.0.0.1", port):
                 hint = f"pass {flag} PORT"
@@ -507,8 +512,17 @@ class Pipeline:
             argv = [_mosquitto_binary(), "-c", str(self._mosquitto_config(host, port))]
             component = Component("broker", self.mqtt.url, note="mosquitto (private)", log=log)
         else:
-            argv = self._iotpipe("broker", "--host", host, "--port", str(port))
-            component = Component("broker", self.mqtt.url, note="amqtt (embedded)", log=log)
+            http = self.settings.broker_http_port
+            argv = self._iotpipe(
+                "broker", "--host", host, "--port", str(port), "--http-port", str(http)
+            )
+            component = Component(
+                "broker",
+                self.mqtt.url,
+                note="amqtt (embedded)",
+                http=f"http://127.0.0.1:{http}",
+                log=log,
+            )
         self._launch(component, argv, env)
         return component
 
@@ -589,7 +603,9 @@ class Pipeline:
             ("rabbitmq", consumer, "amqp", "connected"),
         ):
             target = self.get(name)
-            if target is None or not target.running or probe_of is None or probe_of.last is None:
+            if target is None or target.http is not None or not target.running:
+                continue
+            if probe_of is None or probe_of.last is None:
                 continue
             if probe_of.last.reachable:
                 healthy = probe_of.last.health.get(key) == good
@@ -613,6 +629,11 @@ class Pipeline:
     def activity(self, c: Component) -> str:
         """Rates and counters of one component, or what it is."""
         r, totals = c.rates, counters(c.name, c.last.metrics) if c.last else {}
+        if c.name == "broker" and totals:
+            return (
+                f"received {r.get('received', 0):.1f}/s, sessions {totals['sessions']:.0f}, "
+                f"queued {totals['queued']:.0f}, dropped {totals['dropped']:.0f}"
+            )
         if c.name == "bridge" and totals:
             return (
                 f"received {r.get('received', 0):.1f}/s, forwarded {r.get('forwarded', 0):.1f}/s, "
@@ -629,12 +650,11 @@ class Pipeline:
     def line(self) -> str:
         """The live view as one plain line (stdout is not a terminal)."""
         elapsed = time.monotonic() - self.began
-        parts = [
-            f"{c.name} {c.state}" for c in self.components if c.name not in {"bridge", "consumer"}
-        ]
-        for name in ("bridge", "consumer"):
+        counted = {"bridge", "consumer"} | {c.name for c in self.components if c.http}
+        parts = [f"{c.name} {c.state}" for c in self.components if c.name not in counted]
+        for name in ("broker", "bridge", "consumer"):
             c = self.get(name)
-            if c is not None:
+            if c is not None and name in counted:
                 parts.append(f"{name} {c.state}: {self.activity(c)}")
         return f"[{elapsed:6.0f} s] " + "; ".join(parts)
 
@@ -922,6 +942,13 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
             help=f"Consumer store URL. \\[default: {DEFAULT_STORE_URL}]", show_default=False
         ),
     ] = None,
+    broker_http_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Embedded broker /metrics and /healthz port. \\[default: 9184]",
+            show_default=False,
+        ),
+    ] = None,
     bridge_port: Annotated[
         int | None,
         typer.Option(
@@ -991,6 +1018,7 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
         "mqtt_port": mqtt_port,
         "rabbitmq": rabbitmq,
         "rabbitmq_port": rabbitmq_port,
+        "broker_http_port": broker_http_port,
         "bridge_http_port": bridge_port,
         "consumer_http_port": consumer_port,
         "dashboard_port": dashboard_port,

@@ -49,12 +49,16 @@ StartBroker = Callable[..., BrokerThread]
 
 @pytest.fixture
 def start_broker() -> Iterator[StartBroker]:
-    """Start embedded brokers on free ports (``start_broker(password_file=...)``); all stopped after."""
+    """Start embedded brokers on free ports (``start_broker(password_file=...)``); all stopped after.
+
+    ``serve_http=True`` also serves its /metrics and /healthz (on a free port unless given).
+    """
     started: list[BrokerThread] = []
 
-    def start(**fields: Any) -> BrokerThread:
+    def start(*, serve_http: bool = False, **fields: Any) -> BrokerThread:
         fields.setdefault("port", free_port())
-        runner = BrokerThread(BrokerSettings(**fields)).start()
+        fields.setdefault("http_port", 0)
+        runner = BrokerThread(BrokerSettings(**fields), serve_http=serve_http).start()
         started.append(runner)
         return runner
 

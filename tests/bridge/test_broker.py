@@ -339,7 +339,7 @@ def test_queue_of_a_disconnected_session_is_bounded(start_broker: StartBroker, u
     for i in range(12):
         pub.publish(topic, str(i).encode(), qos=1)
     assert pub.flush(timeout=10)
-    wait_for(lambda: broker.stats.dropped_queued == 7, what="7 dropped messages")
+    wait_for(lambda: broker.stats.dropped["queue_full"] == 7, what="7 dropped messages")
     assert _queued(broker, sub_id) == 5
     got: list[Message] = []
     back = client(broker, client_id=sub_id, clean_session=False, on_message=got.append)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from bridge.broker import BrokerThread, PasswordFile
 from iotpipe.mqtt import Message, pump_until
 from tests.bridge.conftest import client
-from tests.conftest import free_port, wait_port
+from tests.conftest import free_port, wait_for, wait_port
 
 IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 
@@ -43,7 +44,7 @@ def test_broker_serves_until_a_signal_then_exits_0(
     """`iotpipe broker --port P` prints where it listens, relays messages, and exits 0 on SIGTERM/SIGINT."""
     port = free_port()
     proc = subprocess.Popen(
-        [*IOTPIPE, "broker", "--port", str(port)],
+        [*IOTPIPE, "broker", "--port", str(port), "--http-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -79,9 +80,60 @@ def test_broker_serves_until_a_signal_then_exits_0(
 
 
 @pytest.mark.mqtt
+def test_drops_show_on_metrics_and_in_the_stop_line(unique: str) -> None:
+    """A persistent session's overflowing queue: drops by reason on GET /metrics and when it stops."""
+    port, http_port = free_port(), free_port()
+    env = _env() | {"IOTPIPE_BROKER__MAX_QUEUED_MESSAGES": "3"}
+    proc = subprocess.Popen(
+        [*IOTPIPE, "broker", "--port", str(port), "--http-port", str(http_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_port(port, timeout=30)
+        assert proc.stdout is not None
+        startup = proc.stdout.readline()
+        assert startup.rstrip().endswith(f"; http://127.0.0.1:{http_port}/metrics"), startup
+        topic = f"t/{unique}"
+        sub = client(port, client_id=f"away-{unique}", clean_session=False)
+        sub.connect()
+        sub.subscribe([(topic, 1)])
+        sub.disconnect()
+        pub = client(port, client_id=f"pub-{unique}")
+        pub.connect()
+        for i in range(5):
+            pub.publish(topic, str(i).encode(), qos=1)
+        assert pub.flush(timeout=10)
+        pub.disconnect()
+        dropped = 'iotpipe_broker_dropped_messages_total{reason="queue_full"} 2.0'
+
+        def scraped() -> str | None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics") as response:
+                body: str = response.read().decode()
+            return body if dropped in body else None
+
+        body = wait_for(scraped, what="2 drops on /metrics")
+        assert "iotpipe_broker_queued_messages 3.0" in body
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert (
+        "iotpipe broker stopped (refused connections 0, denied publishes 0, "
+        "dropped 2 (queue_full 2))"
+    ) in out
+    assert "broker messages dropped reason=queue_full" in err
+
+
+@pytest.mark.mqtt
 def test_busy_port_is_one_error_line_and_exit_2(embedded_broker: BrokerThread) -> None:
     """A port already in use ends with one `iotpipe: error:` line naming broker.port, exit code 2."""
-    result = _run("broker", "--port", str(embedded_broker.settings.port))
+    result = _run("broker", "--port", str(embedded_broker.settings.port), "--http-port", "0")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -22,7 +22,7 @@ import pytest
 import yaml  # PyYAML: installed with amqtt, a runtime dependency
 
 from bridge.service import BridgeMetrics
-from bridge.settings import BridgeSettings
+from bridge.settings import BridgeSettings, BrokerSettings
 from consumers.influx_store import RESERVED_TAGS, message_lines
 from consumers.service import ConsumerMetrics
 from consumers.settings import ConsumeSettings, InfluxSettings
@@ -362,7 +362,7 @@ def test_dashboard_provider_points_at_the_dashboards() -> None:
 
 
 def test_prometheus_scrapes_the_default_metrics_ports() -> None:
-    """prometheus.yml scrapes the bridge's and the consumer's default /metrics ports."""
+    """prometheus.yml scrapes the bridge's, the consumer's and the edge broker's default /metrics ports."""
     doc = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
     jobs = {
         job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
@@ -370,9 +370,11 @@ def test_prometheus_scrapes_the_default_metrics_ports() -> None:
     }
     bridge_port = BridgeSettings.model_fields["http_port"].default
     consumer_port = ConsumeSettings.model_fields["http_port"].default
+    broker_port = BrokerSettings.model_fields["http_port"].default
     assert jobs == {
         "iotpipe-bridge": [f"127.0.0.1:{bridge_port}"],
         "iotpipe-consumer": [f"127.0.0.1:{consumer_port}"],
+        "iotpipe-broker": [f"127.0.0.1:{broker_port}"],
     }
 
 

@@ -334,7 +334,7 @@ def test_sigkilled_mosquitto_loses_nothing(
 def embedded_broker(services: Services) -> str:
     """``iotpipe broker`` as a process on a free port; its URL."""
     port = free_port()
-    services.spawn("broker", [*IOTPIPE, "broker", "--port", str(port)])
+    services.spawn("broker", [*IOTPIPE, "broker", "--port", str(port), "--http-port", "0"])
     wait_port(port, timeout=30)
     return f"mqtt://127.0.0.1:{port}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -61,6 +62,7 @@ class Rig:
     mqtt_port: int
     bridge_port: int
     consumer_port: int
+    broker_http_port: int
 
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run an ``iotpipe`` command in the rig's directory and wait for it."""
@@ -113,11 +115,12 @@ def rig(tmp_path: Path, unique: str, rabbitmq_url: str) -> Iterator[Rig]:
     """A working directory with a config naming this test's queue, sites and client id."""
     site = f"u{unique}"
     queue = f"test.up.{unique}"
-    ports = free_port(), free_port(), free_port()
+    ports = free_port(), free_port(), free_port(), free_port()
     config = tmp_path / "up.toml"
     config.write_text(
         f"[up]\nmqtt_port = {ports[0]}\nbridge_http_port = {ports[1]}\n"
-        f'consumer_http_port = {ports[2]}\nrate = "5"\nfaults = {{}}\n'
+        f"consumer_http_port = {ports[2]}\nbroker_http_port = {ports[3]}\n"
+        f'rate = "5"\nfaults = {{}}\n'
         f"dashboard_port = {free_port()}\n"
         f'[bridge]\nclient_id = "bridge-{unique}"\n'
         f'[consume]\nqueue = "{queue}"\nqueue_type = "classic"\n'
@@ -156,6 +159,9 @@ def test_up_runs_the_pipeline_for_a_duration_and_status_reports_healthy(rig: Rig
         for name in ("rabbitmq", "broker", "consumer", "bridge", "dashboard", "simulator"):
             assert name in status.stdout
         assert "stored readings" in status.stdout
+        # The embedded broker reports itself from its own /metrics.
+        assert rig.components()["broker"]["http"] == f"http://127.0.0.1:{rig.broker_http_port}"
+        assert re.search(r"sessions \d+, queued \d+, in-flight \d+, dropped 0\b", status.stdout)
         page = rig.components()["dashboard"]["url"]
         with urllib.request.urlopen(page, timeout=5) as resp:
             assert b"iotpipe" in resp.read()
@@ -293,7 +299,7 @@ def test_up_starts_and_stops_a_private_rabbitmq_node(tmp_path: Path, unique: str
         f'[up]\nrabbitmq = "private"\nrabbitmq_port = {free_port()}\n'
         f"rabbitmq_dist_port = {free_port()}\nmqtt_port = {free_port()}\n"
         f"bridge_http_port = {free_port()}\nconsumer_http_port = {free_port()}\n"
-        f"dashboard_port = {free_port()}\n"
+        f"broker_http_port = {free_port()}\ndashboard_port = {free_port()}\n"
         f'[bridge]\nclient_id = "bridge-{unique}"\n'
     )
     result = subprocess.run(
