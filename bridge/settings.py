@@ -82,6 +82,17 @@ class BrokerSettings(Section):
         ge=0,
         description="QoS>0 messages kept per disconnected session (oldest dropped); 0 = no limit",
     )
+    state_file: Path | None = Field(
+        None,
+        description="SQLite file keeping persistent sessions, their messages and retained "
+        "messages across restarts; none = in memory only",
+    )
+    autosave_interval: float = Field(
+        5.0,
+        gt=0,
+        description="seconds between saves of the state file when something changed (a crash "
+        "loses at most this much; a clean stop saves everything)",
+    )
 
     @field_validator("host")
     @classmethod

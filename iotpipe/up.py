@@ -507,7 +507,11 @@ class Pipeline:
             argv = [_mosquitto_binary(), "-c", str(self._mosquitto_config(host, port))]
             component = Component("broker", self.mqtt.url, note="mosquitto (private)", log=log)
         else:
-            argv = self._iotpipe("broker", "--host", host, "--port", str(port))
+            # Sessions and queued messages outlive a restart of `iotpipe up`, as with Mosquitto.
+            state = self.dir / "broker-state.db"
+            argv = self._iotpipe(
+                "broker", "--host", host, "--port", str(port), "--state-file", str(state)
+            )
             component = Component("broker", self.mqtt.url, note="amqtt (embedded)", log=log)
         self._launch(component, argv, env)
         return component
