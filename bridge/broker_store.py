@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "APPLICATION_ID",
+    "KIND",
     "SCHEMA_VERSION",
     "BrokerState",
     "BrokerStore",
@@ -101,6 +102,7 @@ class BrokerStoreError(QueueError):
     noun = "broker state"
 
 
+#: What kind of SQLite file a state file is (for :func:`iotpipe.durable_queue.open_sqlite`).
 KIND = FileKind(
     noun="broker state",
     owner="broker",
@@ -117,7 +119,11 @@ KIND = FileKind(
 # -- the state, as plain data ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# Messages are not frozen: a frozen dataclass takes 3x as long to build (0.84 vs 0.28 us here),
+# and the copy of 10,000 queued messages is made on the broker's event loop. Treat them as frozen.
+
+
+@dataclass(slots=True)
 class StoredMessage:
     """A message queued for a session, or a retained message.
 
@@ -132,7 +138,7 @@ class StoredMessage:
     qos: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InflightMessage:
     """A QoS 1/2 message sent to a session and not acknowledged yet; resent with ``dup=1``.
 
