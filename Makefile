@@ -19,6 +19,7 @@ bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/pip install -q -e '.[dev,bench]'  # matplotlib for bench_e2e's plot
 	.venv/bin/python bench/bench_simulator.py
 	.venv/bin/python bench/bench_spool.py
+	.venv/bin/python bench/bench_broker_store.py
 	.venv/bin/python bench/bench_amqp.py
 	.venv/bin/python bench/bench_bridge.py
 	.venv/bin/python bench/bench_bridge.py --receipts  # receipts on vs off

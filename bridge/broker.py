@@ -19,9 +19,15 @@ nothing but ``pip install iotpipe``. What this module adds to plain amqtt:
 * **A bound on what a disconnected session may queue** (amqtt's queue is unbounded), and every
   message the broker drops counted by reason and logged (:class:`DropCounter`).
 * **Its own ``/metrics`` and ``/healthz``** (:class:`BrokerEndpoint`, :mod:`bridge.broker_metrics`).
+* **State across restarts** (``state_file``): persistent sessions with their subscriptions,
+  in-flight and queued messages, and retained messages are restored at start, saved every
+  ``autosave_interval`` seconds when something changed and at a clean stop
+  (:mod:`bridge.broker_store` holds the file; :func:`capture_state` and :func:`restore_state`
+  move the state out of and into amqtt). amqtt's own persistence plugin is not used (see
+  ``docs/broker.md``).
 
-Limits of amqtt 0.12 (see ``docs/broker.md``): MQTT 3.1.1 only, no shared subscriptions, all state
-in memory (sessions, queues and retained messages are lost on restart), ~5,000 msg/s.
+Limits of amqtt 0.12 (see ``docs/broker.md``): MQTT 3.1.1 only, no shared subscriptions, state in
+memory unless ``state_file`` is set, ~5,000 msg/s.
 """
 
 from __future__ import annotations
@@ -36,17 +42,21 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, BaseContext
 from amqtt.errors import BrokerError, MQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
+from amqtt.session import OutgoingApplicationMessage
 from amqtt.utils import gen_client_id
 from pydantic import (
     BaseModel,
@@ -58,6 +68,15 @@ from pydantic import (
 )
 
 from bridge.broker_metrics import DROP_REASONS, BrokerEndpoint, DropCounter
+from bridge.broker_store import (
+    BrokerState,
+    BrokerStore,
+    BrokerStoreError,
+    InflightMessage,
+    StoredMessage,
+    StoredSession,
+    Subscription,
+)
 from bridge.mqtt311 import KEEPALIVE_GRACE, Mqtt311Broker
 from bridge.settings import BrokerSettings
 from iotpipe.errors import ConfigError
@@ -78,12 +97,15 @@ __all__ = [
     "IotpipeAclPlugin",
     "IotpipeAuthPlugin",
     "PasswordFile",
+    "Restored",
     "SessionQueueLimitPlugin",
     "add_user",
     "amqtt_config",
+    "capture_state",
     "filter_covers",
     "load_acl",
     "report_loop_error",
+    "restore_state",
     "run",
 ]
 
@@ -546,12 +568,19 @@ class SessionQueueLimitPlugin(BasePlugin[BaseContext]):  # type: ignore[misc]  #
             return  # an ordinary retained message, not a session queue
         get_session = getattr(self._broker_context, "get_session", None)
         session = get_session(client_id) if get_session is not None else None
-        if session is None:
-            return
+        if session is not None:
+            self.enforce(session)
+
+    def enforce(self, session: Session) -> int:
+        """Drop the oldest messages of ``session``'s queue beyond the limit; return how many.
+
+        Called for every queued message, and for each session restored from the state file.
+        """
         queue: asyncio.Queue[Any] = session.retained_messages
+        client_id = session.client_id
         if queue.qsize() <= self.limit:
             self._overflowing.discard(client_id)
-            return
+            return 0
         dropped = 0
         while queue.qsize() > self.limit:
             queue.get_nowait()
@@ -562,6 +591,7 @@ class SessionQueueLimitPlugin(BasePlugin[BaseContext]):  # type: ignore[misc]  #
                 self._overflowing.clear()
             self._overflowing.add(client_id)
         self.drops.add("queue_full", dropped, client_id, burst=burst, limit=self.limit)
+        return dropped
 
 
 # -- runner -----------------------------------------------------------------------------------
@@ -827,6 +857,270 @@ async def _end_connections(broker: Broker, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+# -- state across restarts -------------------------------------------------------------------
+
+
+def capture_state(broker: Broker, now: float | None = None) -> BrokerState:
+    """What the state file keeps, copied out of amqtt (call it on the broker's loop).
+
+    Synchronous, so the copy is consistent: nothing runs on the loop while it is taken. Only
+    persistent sessions (``clean_session=0``, not anonymous) are kept; a session connected at
+    this moment counts as disconnected from ``now`` on, should the next start follow a crash.
+    """
+    now = time.time() if now is None else now
+    subscriptions: dict[str, list[Subscription]] = {}
+    for topic_filter, subscribers in broker.subscriptions.items():
+        for session, qos in subscribers:
+            subscriptions.setdefault(session.client_id, []).append(
+                Subscription(topic_filter, int(qos))
+            )
+    sessions: list[StoredSession] = []
+    for client_id, (session, _) in broker.sessions.items():
+        if session.clean_session or session.is_anonymous:
+            continue
+        disconnected_at = session.last_disconnect_time
+        if session.transitions.state == "connected" or disconnected_at is None:
+            disconnected_at = int(now)
+        sessions.append(
+            StoredSession(
+                client_id=client_id,
+                disconnected_at=int(disconnected_at),
+                subscriptions=tuple(subscriptions.get(client_id, ())),
+                inflight=tuple(
+                    _stored_inflight(message)
+                    for message in session.inflight_out.values()
+                    if message.packet_id is not None and message.qos in (1, 2)
+                ),
+                queued=tuple(
+                    StoredMessage(message.topic, bytes(message.data), int(message.qos or 0))
+                    # Read in place: taking items out of an asyncio.Queue and putting them back
+                    # would wake its getters. ``_queue`` is CPython's deque behind every Queue.
+                    for message in session.retained_messages._queue
+                ),
+            )
+        )
+    retained = tuple(
+        StoredMessage(message.topic, bytes(message.data), int(message.qos or 0))
+        for message in broker.retained_messages.values()
+    )
+    return BrokerState(sessions=tuple(sessions), retained=retained, taken_at=now)
+
+
+def _stored_inflight(message: OutgoingApplicationMessage) -> InflightMessage:
+    return InflightMessage(
+        packet_id=int(message.packet_id),
+        topic=message.topic,
+        payload=bytes(message.data),
+        qos=int(message.qos),
+        retain=bool(message.retain),
+        released=message.qos == 2 and message.pubrec_packet is not None,
+    )
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a start took from the state file.
+
+    Attributes:
+        sessions: persistent sessions restored.
+        queued: messages back in their sessions' queues.
+        inflight: unacknowledged messages to resend (``dup=1``) when their clients return.
+        retained: retained messages.
+        expired: sessions not restored: disconnected for longer than ``session_expiry``.
+        dropped: queued messages dropped for ``max_queued_messages``.
+    """
+
+    sessions: int = 0
+    queued: int = 0
+    inflight: int = 0
+    retained: int = 0
+    expired: int = 0
+    dropped: int = 0
+
+
+def restore_state(
+    broker: Broker,
+    state: BrokerState,
+    *,
+    session_expiry: int = 0,
+    limit: SessionQueueLimitPlugin | None = None,
+    now: float | None = None,
+) -> Restored:
+    """Put a saved state into a started amqtt broker that has none yet (call it on its loop).
+
+    Each session comes back *disconnected*, as if its client had just gone away: its
+    subscriptions receive (and queue) from now on, and when the client reconnects with
+    ``clean_session=0`` it gets ``session_present=1``, its in-flight messages again with
+    ``dup=1`` and their packet ids, then its queue. ``session_expiry`` and the queue ``limit``
+    apply as to live sessions.
+    """
+    now = time.time() if now is None else now
+    sessions = queued = inflight = expired = dropped = 0
+    for stored in state.sessions:
+        if session_expiry and stored.disconnected_at < int(now - session_expiry):
+            expired += 1
+            continue
+        handler, session = broker.create_offline_session(stored.client_id)
+        session.clean_session = False
+        session.last_disconnect_time = stored.disconnected_at
+        for subscription in stored.subscriptions:
+            broker.subscriptions.setdefault(subscription.topic_filter, []).append(
+                (session, subscription.qos)
+            )
+        for sent in stored.inflight:
+            session.inflight_out[sent.packet_id] = _outgoing(sent)
+        if stored.inflight:
+            # New packet ids continue after the restored ones (next_packet_id skips any in use).
+            session._packet_id = stored.inflight[-1].packet_id
+        for message in stored.queued:
+            session.retained_messages.put_nowait(
+                RetainedApplicationMessage(None, message.topic, message.payload, message.qos)
+            )
+        if limit is not None:
+            dropped += limit.enforce(session)
+        broker.sessions[stored.client_id] = (session, handler)
+        sessions += 1
+        inflight += len(stored.inflight)
+        queued += session.retained_messages.qsize()
+    for message in state.retained:
+        broker.retained_messages[message.topic] = RetainedApplicationMessage(
+            None, message.topic, message.payload, message.qos
+        )
+    return Restored(sessions, queued, inflight, len(state.retained), expired, dropped)
+
+
+def _outgoing(sent: InflightMessage) -> OutgoingApplicationMessage:
+    """An in-flight message as amqtt holds one that was sent and awaits its acknowledgement."""
+    message = OutgoingApplicationMessage(
+        sent.packet_id, sent.topic, sent.qos, sent.payload, sent.retain
+    )
+    # A PUBLISH was sent: a retry goes out with dup=1 (MQTT-3.3.1-1).
+    message.publish_packet = message.build_publish_packet()
+    if sent.released:
+        # QoS 2 past PUBREC: what is resent is the PUBREL (MQTT-4.4.0-1).
+        message.pubrec_packet = PubrecPacket.build(sent.packet_id)
+        message.pubrel_packet = PubrelPacket.build(sent.packet_id)
+    return message
+
+
+class _StatefulBroker(_HardenedBroker):
+    """:class:`_HardenedBroker` that starts from a saved state and tells when its state changed.
+
+    The restore happens inside ``start()``, after amqtt has emptied its sessions, subscriptions
+    and retained messages and before its listeners open, so no client is served before the
+    saved state is back. :meth:`fingerprint` is the cheap "did anything change" check of the
+    autosave.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        restore: BrokerState | None = None,
+        session_expiry: int = 0,
+    ) -> None:
+        super().__init__(config)
+        self._restore = restore
+        self._session_expiry = session_expiry
+        #: What the start took from the state file (None without one).
+        self.restored: Restored | None = None
+        # Bumped by every change the fingerprint cannot see in the sessions' sizes.
+        self._changes = 0
+        self._published = 0
+        self._distributed = 0
+
+    async def _start_listeners(self) -> None:
+        if self._restore is not None:
+            limit = next(
+                (p for p in self.plugins_manager.plugins if isinstance(p, SessionQueueLimitPlugin)),
+                None,
+            )
+            self.restored = restore_state(
+                self, self._restore, session_expiry=self._session_expiry, limit=limit
+            )
+            self._restore = None
+        await super()._start_listeners()
+
+    def fingerprint(self) -> tuple[int, ...]:
+        """Changes if the state the file keeps changed; O(sessions), no copying.
+
+        Counters cover what only grows or is replaced (publishes, their distribution to the
+        sessions, retained messages, subscriptions, sessions ending). The sums cover the rest:
+        with no new distribution, queues and in-flight sets can only shrink (delivery,
+        acknowledgement), so their sizes move; and every message put in flight takes a new
+        packet id, so the sum of the sessions' last packet ids moves too.
+        """
+        queued = inflight = packet_ids = connected = 0
+        for session, _ in self.sessions.values():
+            queued += session.retained_messages.qsize()
+            inflight += len(session.inflight_out)
+            packet_ids += session._packet_id
+            connected += session.transitions.state == "connected"
+        return (
+            self._changes,
+            self._published,
+            self._distributed,
+            len(self.sessions),
+            connected,
+            queued,
+            inflight,
+            packet_ids,
+        )
+
+    @property
+    def undistributed(self) -> int:
+        """Messages accepted from publishers and not yet handed to the subscribers' sessions."""
+        return self._published - self._distributed
+
+    async def _broadcast_message(self, *args: Any, **kwargs: Any) -> None:
+        self._published += 1
+        await super()._broadcast_message(*args, **kwargs)
+
+    async def _run_broadcast(self, *args: Any, **kwargs: Any) -> None:
+        await super()._run_broadcast(*args, **kwargs)
+        self._distributed += 1
+
+    async def retain_message(self, *args: Any, **kwargs: Any) -> None:
+        self._changes += 1
+        await super().retain_message(*args, **kwargs)
+
+    async def add_subscription(self, *args: Any, **kwargs: Any) -> int:
+        self._changes += 1
+        granted: int = await super().add_subscription(*args, **kwargs)
+        return granted
+
+    def _del_subscription(self, *args: Any, **kwargs: Any) -> int:
+        self._changes += 1
+        deleted: int = super()._del_subscription(*args, **kwargs)
+        return deleted
+
+    async def _delete_session(self, *args: Any, **kwargs: Any) -> None:
+        self._changes += 1
+        await super()._delete_session(*args, **kwargs)
+
+    async def _cleanup_session(self, *args: Any, **kwargs: Any) -> None:
+        self._changes += 1
+        await super()._cleanup_session(*args, **kwargs)
+
+    async def _stop_handler(self, *args: Any, **kwargs: Any) -> None:
+        self._changes += 1  # a disconnect: the session's disconnected_at changed
+        await super()._stop_handler(*args, **kwargs)
+
+
+async def _settle(broker: _StatefulBroker, timeout: float = 5.0) -> None:
+    """Wait until every accepted publish has reached its subscribers' sessions (or ``timeout``).
+
+    At a clean stop, after the connections ended: what publishers were PUBACKed for then sits in
+    the sessions' queues, and the final save has it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while broker.undistributed > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    if broker.undistributed > 0:
+        log.warning("broker stopping with messages not distributed count=%d", broker.undistributed)
+
+
 @dataclass
 class BrokerStats:
     """What the embedded broker counted since it started, and its state now.
@@ -878,43 +1172,93 @@ class BrokerStats:
 class EmbeddedBroker:
     """amqtt configured from :class:`BrokerSettings`; start and stop it on one event loop.
 
+    With ``settings.state_file``, the persistent sessions and retained messages saved there are
+    restored at :meth:`start`, saved every ``settings.autosave_interval`` seconds when something
+    changed (off the event loop, from a copy taken on it), and saved at :meth:`stop` after the
+    clients are disconnected. A crash loses at most the changes since the last save.
+
     Attributes:
         settings: the validated settings.
+        state_checks: autosave ticks so far (each compares the state with the last save).
+        state_saves: saves of the state file so far (autosaves and the one at stop).
     """
 
     settings: BrokerSettings
+    state_checks: int = field(default=0, init=False)
+    state_saves: int = field(default=0, init=False)
     _broker: _HardenedBroker | None = field(default=None, init=False, repr=False)
+    _store: BrokerStore | None = field(default=None, init=False, repr=False)
+    _autosave: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     _quiet: logging.Filter = field(default_factory=_QuietAmqttErrors, init=False, repr=False)
 
     async def start(self) -> None:
-        """Bind the listener and start serving.
+        """Restore the saved state (if configured), bind the listener and start serving.
 
         Raises:
             ConfigError: a file is invalid or the address cannot be bound.
+            BrokerStoreError: the state file cannot be opened or read (e.g. it is from a newer
+                iotpipe, or another broker has it open).
         """
         config = amqtt_config(self.settings)
         check_bind(self.settings)
+        store = state = None
+        if self.settings.state_file is not None:
+            store = await asyncio.to_thread(BrokerStore, self.settings.state_file)
+            try:
+                state = await asyncio.to_thread(store.load)
+            except BaseException:
+                store.close()
+                raise
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(self._quiet)
         try:
-            broker = _HardenedBroker(config)
+            broker = (
+                _StatefulBroker(config, restore=state, session_expiry=self.settings.session_expiry)
+                if store is not None
+                else _HardenedBroker(config)
+            )
             await broker.start()
-        except BrokerError as err:
+        except BaseException as err:
             amqtt_log.removeFilter(self._quiet)
+            if store is not None:
+                store.close()
+            if not isinstance(err, BrokerError):
+                raise
             cause = err.__cause__
             if isinstance(cause, OSError):
                 raise _bind_error(self.settings, cause) from None
             raise ConfigError("broker", self.settings.url, f"amqtt cannot start ({err})") from None
         self._broker = broker
+        if store is not None and state is not None:
+            self._store = store
+            self._autosave = asyncio.create_task(
+                self._autosave_loop(broker, store), name="iotpipe-broker-autosave"
+            )
+            self._log_restored(broker, state)
         log.info("broker started url=%s", self.settings.url)
 
     async def stop(self) -> None:
-        """Disconnect every client and close the listener (idempotent)."""
+        """Disconnect every client, save the state (if configured) and close the listener.
+
+        Idempotent.
+        """
         broker, self._broker = self._broker, None
+        store, self._store = self._store, None
+        autosave, self._autosave = self._autosave, None
         if broker is not None:
             stats = self._stats(broker)
+            if autosave is not None:
+                autosave.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await autosave
             await _end_connections(broker)
+            if store is not None:
+                # Before amqtt's shutdown, which forgets every session and retained message.
+                await _settle(broker)
+                await self._save(store, capture_state(broker), reason="stop")
             await broker.shutdown()
+            if store is not None:
+                store.close()
             logging.getLogger("amqtt.broker").removeFilter(self._quiet)
             log.info(
                 "broker stopped received=%d refused_connections=%d denied_publishes=%d "
@@ -926,6 +1270,70 @@ class EmbeddedBroker:
                 stats.dropped["session_expired"],
                 stats.dropped["session_replaced"],
             )
+
+    async def _autosave_loop(self, broker: _StatefulBroker, store: BrokerStore) -> None:
+        """Every ``autosave_interval`` seconds, save the state if it changed since the last save."""
+        restored = broker.restored
+        # What the file holds now; unknown if the start dropped something from it.
+        saved = (
+            broker.fingerprint()
+            if restored is None or not (restored.expired or restored.dropped)
+            else None
+        )
+        while True:
+            await asyncio.sleep(self.settings.autosave_interval)
+            self.state_checks += 1
+            try:
+                seen = broker.fingerprint()
+                if seen != saved and await self._save(store, capture_state(broker), "autosave"):
+                    saved = seen
+            except Exception:
+                # A bug, not a user mistake: keep its traceback, and keep the broker serving.
+                log.exception("broker autosave failed path=%s", store.path)
+
+    async def _save(self, store: BrokerStore, state: BrokerState, reason: str) -> bool:
+        """Write ``state`` in a worker thread; log, and return whether it was saved."""
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(store.save, state)
+        except BrokerStoreError as err:
+            # The previous save stays intact; the next autosave tries again.
+            log.error("broker state not saved path=%s reason=%s error=%s", store.path, reason, err)
+            return False
+        self.state_saves += 1
+        log.log(
+            logging.INFO if reason == "stop" else logging.DEBUG,
+            "broker state saved path=%s reason=%s sessions=%d queued=%d inflight=%d"
+            " retained=%d seconds=%.3f",
+            store.path,
+            reason,
+            len(state.sessions),
+            state.queued,
+            state.inflight,
+            len(state.retained),
+            time.perf_counter() - started,
+        )
+        return True
+
+    def _log_restored(self, broker: _StatefulBroker, state: BrokerState) -> None:
+        restored = broker.restored or Restored()
+        age = (
+            ""
+            if state.taken_at is None
+            else f" saved_seconds_ago={time.time() - state.taken_at:.0f}"
+        )
+        log.info(
+            "broker state restored path=%s sessions=%d queued=%d inflight=%d retained=%d"
+            " expired_sessions=%d dropped_queued=%d%s",
+            self.settings.state_file,
+            restored.sessions,
+            restored.queued,
+            restored.inflight,
+            restored.retained,
+            restored.expired,
+            restored.dropped,
+            age,
+        )
 
     @property
     def running(self) -> bool:
@@ -991,9 +1399,14 @@ def describe(settings: BrokerSettings, metrics_url: str | None = None) -> str:
     acl = f"{settings.acl_file}" if settings.acl_file else "off"
     exposed = " (every interface!)" if settings.host == "0.0.0.0" else ""  # noqa: S104 - a warning, not a bind
     metrics = f"; {metrics_url}/metrics" if metrics_url else ""
+    state = (
+        f"state in {settings.state_file} (saved every {settings.autosave_interval:g} s and at stop)"
+        if settings.state_file is not None
+        else "state in memory (lost at restart)"
+    )
     return (
         f"iotpipe broker listening on {settings.url}{exposed}; MQTT 3.1.1 (amqtt); "
-        f"auth {auth}; acl {acl}; state in memory{metrics}"
+        f"auth {auth}; acl {acl}; {state}{metrics}"
     )
 
 

@@ -32,6 +32,9 @@ _EXAMPLES = """
   iotpipe broker --host 0.0.0.0 --password-file passwd \\
       --acl-file configs/broker-acl.toml
 
+  [dim]# sessions, queues and retained messages survive a restart[/dim]
+  iotpipe broker --state-file state/broker/state.db
+
   [dim]# everything from a file (commented sample: configs/broker.toml)[/dim]
   iotpipe broker --config configs/broker.toml
 
@@ -82,6 +85,17 @@ def broker(
             show_default=False,
         ),
     ] = None,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-file",
+            help="SQLite file keeping persistent sessions, their queued and unacknowledged "
+            "messages, and retained messages across restarts (saved every autosave_interval "
+            "seconds and at stop). Default: none, state in memory.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
     add_user: Annotated[
         str | None,
         typer.Option(
@@ -95,8 +109,9 @@ def broker(
 ) -> None:
     """Run the embedded MQTT broker (amqtt): zero-install, for an edge box or a laptop.
 
-    MQTT 3.1.1 only; sessions, queued and retained messages live in memory and are lost on restart.
-    For production sites use Mosquitto (configs/mosquitto/). SIGTERM or Ctrl-C stops it cleanly.
+    MQTT 3.1.1 only. Sessions, queued and retained messages survive a restart with --state-file
+    (else they live in memory). For production sites use Mosquitto (configs/mosquitto/). SIGTERM
+    or Ctrl-C stops it cleanly.
     """
     from bridge.broker import add_user as write_user
     from bridge.broker import run
@@ -108,6 +123,7 @@ def broker(
         "password_file": password_file,
         "acl_file": acl_file,
         "http_port": http_port,
+        "state_file": state_file,
     }
     settings = load(BrokerSettings, "broker", config_file=config_path(config), overrides=flags)
     if add_user is None:

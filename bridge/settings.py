@@ -86,6 +86,17 @@ class BrokerSettings(Section):
     http_port: int = Field(
         9184, ge=0, le=65535, description="port of /metrics and /healthz; 0 = a free port"
     )
+    state_file: Path | None = Field(
+        None,
+        description="SQLite file keeping persistent sessions, their messages and retained "
+        "messages across restarts; none = in memory only",
+    )
+    autosave_interval: float = Field(
+        5.0,
+        gt=0,
+        description="seconds between saves of the state file when something changed (a crash "
+        "loses at most this much; a clean stop saves everything)",
+    )
 
     @field_validator("host")
     @classmethod

@@ -21,6 +21,11 @@ database), and so is one whose ``user_version`` is newer than the layout's (writ
 iotpipe). Every SQLite failure becomes the layout's :class:`QueueError` subclass with one line
 saying what is wrong and, where known, what to do (in use, corrupt, not writable, disk full).
 
+The file conventions above are :func:`open_sqlite`'s (with :class:`FileKind`,
+:func:`write_transaction` and the error helpers), so other iotpipe SQLite files that are not
+queues (the embedded broker's state, ``bridge.broker_store``) are opened, checked and written
+the same way.
+
 Budget: ``max_bytes`` bounds the sum of the rows' ``size`` column (the caller's accounting).
 When an append would exceed it, the queue's :data:`FullPolicy` decides:
 
@@ -40,7 +45,7 @@ Errors::
 
     IotpipeError (iotpipe.errors)
     ├── QueueError   the file cannot be opened or used (e.g. edge.outbox.OutboxError,
-    │                bridge.spool.SpoolError)
+    │                bridge.spool.SpoolError, bridge.broker_store.BrokerStoreError)
     └── QueueFull    a batch does not fit and the policy is PushBack (bridge.spool.SpoolFull)
 """
 
@@ -65,6 +70,7 @@ __all__ = [
     "Appended",
     "Durability",
     "DurableQueue",
+    "FileKind",
     "FullPolicy",
     "Layout",
     "PushBack",
@@ -73,6 +79,10 @@ __all__ = [
     "QueueWrapper",
     "Row",
     "ThinOldest",
+    "open_error",
+    "open_sqlite",
+    "operation_error",
+    "write_transaction",
 ]
 
 Durability = Literal["fsync", "process"]
@@ -208,6 +218,20 @@ class Layout(NamedTuple):
     cache_kib: int | None = None
     logger: logging.Logger = log
 
+    @property
+    def file_kind(self) -> FileKind:
+        """What :func:`open_sqlite` needs to know about this layout's files."""
+        return FileKind(
+            noun=self.noun,
+            owner=self.owner,
+            schema=self.schema,
+            application_id=self.application_id,
+            schema_version=self.schema_version,
+            error=self.error,
+            journal_size_limit=self.journal_size_limit,
+            cache_kib=self.cache_kib,
+        )
+
 
 class Appended(NamedTuple):
     """What an append did.
@@ -237,6 +261,203 @@ def _ranges(ids: Sequence[int]) -> list[tuple[int, int]]:
         last = entry_id
     runs.append((first, last))
     return runs
+
+
+# -- one iotpipe SQLite file -------------------------------------------------------------------
+
+
+class FileKind(NamedTuple):
+    """One kind of iotpipe SQLite file: its identity, its schema and the words its errors use.
+
+    A queue's is its :attr:`Layout.file_kind`; other files (the broker's state) declare their own
+    and open it with :func:`open_sqlite`, so every iotpipe SQLite file is opened, checked and
+    written the same way.
+
+    Attributes:
+        noun: what the file is called in messages ("spool", "broker state").
+        owner: what owns it, for advice ("bridge": "only one bridge may own a spool").
+        schema: the statements that create the tables of an empty file.
+        application_id: ``PRAGMA application_id`` of such files.
+        schema_version: ``PRAGMA user_version`` written to new files; newer files are refused.
+        error: raised for any failure to open or use the file.
+        journal_size_limit: bytes the WAL is trimmed back to after a checkpoint.
+        cache_kib: SQLite's page cache limit for the connection, in KiB; None keeps the default.
+        newer_advice: what to do with a file written by a newer iotpipe.
+    """
+
+    noun: str
+    owner: str
+    schema: tuple[str, ...]
+    application_id: int
+    schema_version: int
+    error: type[QueueError] = QueueError
+    journal_size_limit: int = 4 * 1024 * 1024
+    cache_kib: int | None = None
+    newer_advice: str = "upgrade, or drain it with the newer version first"
+
+
+def open_sqlite(
+    path: Path,
+    kind: FileKind,
+    *,
+    durability: Durability,
+    lock_timeout: float,
+    mode: int | None = None,
+) -> sqlite3.Connection:
+    """Open (or create) an iotpipe SQLite file: our PRAGMAs, then the schema check.
+
+    See the module docstring for the PRAGMAs (WAL, ``locking_mode=EXCLUSIVE``, ``synchronous``
+    from ``durability``) and the schema check (``application_id``, ``user_version``). The
+    connection is in autocommit mode (use :func:`write_transaction`) and may be used from any
+    thread, one at a time.
+
+    Args:
+        path: the file; its directory is created if missing.
+        kind: what the file holds.
+        durability: ``"fsync"`` (survives power loss) or ``"process"`` (survives a crash).
+        lock_timeout: seconds to wait for another process to let go of the file.
+        mode: permission bits for a new file (e.g. ``0o600``); SQLite gives its WAL the same.
+            None leaves it to SQLite and the umask.
+
+    Raises:
+        QueueError: (``kind.error``) the file cannot be created or opened, is corrupt, is not
+            of this kind, is from a newer version, or is held by another process.
+    """
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise kind.error(path, f"{parent} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise kind.error(path, f"cannot create {parent}: {err.strerror}") from err
+    if path.is_dir():
+        raise kind.error(path, f"is a directory; expected a {kind.noun} file path")
+    if mode is not None:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, mode))
+        except OSError as err:
+            raise kind.error(path, f"cannot create it: {err.strerror}") from err
+    try:
+        conn = sqlite3.connect(
+            path, timeout=lock_timeout, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as err:
+        raise open_error(path, kind, err) from err
+    try:
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        journal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(journal).lower() != "wal":
+            raise kind.error(path, f"cannot use WAL journaling (got {journal!r})")
+        sync = "FULL" if durability == "fsync" else "NORMAL"
+        conn.execute(f"PRAGMA synchronous={sync}")
+        conn.execute(f"PRAGMA journal_size_limit={int(kind.journal_size_limit)}")
+        if kind.cache_kib is not None:
+            conn.execute(f"PRAGMA cache_size={-int(kind.cache_kib)}")  # negative: KiB
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _check_schema(conn, path, kind)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as err:
+        conn.close()
+        raise open_error(path, kind, err) from err
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path, kind: FileKind) -> None:
+    """Create the schema in an empty file; refuse another application's or a newer file."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if app_id == 0 and version == 0 and tables == 0:
+        for statement in kind.schema:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA application_id={int(kind.application_id)}")
+        conn.execute(f"PRAGMA user_version={int(kind.schema_version)}")
+    elif app_id != kind.application_id:
+        raise kind.error(
+            path, f"is an SQLite database but not an iotpipe {kind.noun}; choose another path"
+        )
+    elif version > kind.schema_version:
+        raise kind.error(
+            path,
+            f"was written by a newer iotpipe ({kind.noun} schema {version}, this one"
+            f" reads {kind.schema_version}); {kind.newer_advice}",
+        )
+
+
+def open_error(path: Path, kind: FileKind, err: sqlite3.Error) -> QueueError:
+    """The one-line error for a file that cannot be opened, with what to do about it."""
+    noun, owner = kind.noun, kind.owner
+    name = _error_name(err)
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        article = "an" if noun[:1] in ("a", "e", "i", "o", "u") else "a"
+        reason = f"is in use by another process (only one {owner} may own {article} {noun})"
+    elif name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        reason = (
+            f"is corrupt or not an SQLite file ({err}); move it aside to start an empty"
+            f" {noun} (`sqlite3 FILE .recover` may salvage its entries)"
+        )
+    elif name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
+        reason = f"is not writable ({err}); the {owner} needs to write the file and its directory"
+    elif name.startswith("SQLITE_CANTOPEN"):
+        reason = f"cannot be opened ({err}); check that its directory exists and is writable"
+    elif name.startswith("SQLITE_FULL"):
+        reason = "cannot be opened: the disk is full"
+    else:
+        reason = f"cannot be opened: {err}"
+    return kind.error(path, reason)
+
+
+def operation_error(path: Path, kind: FileKind, what: str, err: sqlite3.Error) -> QueueError:
+    """The one-line error for a read or write that failed after opening (``what`` failed)."""
+    name = _error_name(err)
+    if name.startswith("SQLITE_FULL"):
+        return kind.error(path, f"{what} failed: the disk is full")
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        advice = f"; the file is damaged: move it aside to start an empty {kind.noun}"
+    elif name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
+        advice = f"; the {kind.owner} needs to write the file and its directory"
+    else:
+        advice = ""
+    return kind.error(path, f"{what} failed: {err}{advice}")
+
+
+def write_transaction(
+    conn: sqlite3.Connection,
+    work: Callable[[sqlite3.Connection], object],
+    *,
+    label: str,
+    logger: logging.Logger = log,
+) -> None:
+    """Run ``work(conn)`` in one write transaction: all of it is committed, or none of it.
+
+    Args:
+        conn: a connection from :func:`open_sqlite`.
+        work: the writes.
+        label: names the file in the log line of a failed rollback ("spool path=...").
+        logger: where that line goes.
+
+    Raises:
+        sqlite3.Error: as raised by SQLite (after the rollback); any other exception of
+            ``work`` is re-raised after the rollback too.
+    """
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.exception("%s rollback failed", label)
+        raise
 
 
 # -- the queue --------------------------------------------------------------------------------
@@ -338,38 +559,10 @@ class DurableQueue(Closing):
     def _open(self, lock_timeout: float) -> tuple[sqlite3.Connection, tuple[int, int, int]]:
         """Open (or create) the file; return the connection and (depth, bytes, last id)."""
         layout = self.layout
-        parent = self.path.parent
-        if parent.exists() and not parent.is_dir():
-            raise layout.error(self.path, f"{parent} is not a directory")
+        conn = open_sqlite(
+            self.path, layout.file_kind, durability=self.durability, lock_timeout=lock_timeout
+        )
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise layout.error(self.path, f"cannot create {parent}: {err.strerror}") from err
-        if self.path.is_dir():
-            raise layout.error(self.path, f"is a directory; expected a {layout.noun} file path")
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=lock_timeout, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as err:
-            raise self._open_error(err) from err
-        try:
-            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise layout.error(self.path, f"cannot use WAL journaling (got {mode!r})")
-            sync = "FULL" if self.durability == "fsync" else "NORMAL"
-            conn.execute(f"PRAGMA synchronous={sync}")
-            conn.execute(f"PRAGMA journal_size_limit={int(layout.journal_size_limit)}")
-            if layout.cache_kib is not None:
-                conn.execute(f"PRAGMA cache_size={-int(layout.cache_kib)}")  # negative: KiB
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._check_schema(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             # Reads every table page once: this is also where a damaged file shows up.
             totals = conn.execute(
                 f"SELECT count(*), coalesce(sum(size), 0), coalesce(max(id), 0)"  # noqa: S608
@@ -377,75 +570,16 @@ class DurableQueue(Closing):
             ).fetchone()
         except sqlite3.Error as err:
             conn.close()
-            raise self._open_error(err) from err
-        except BaseException:
-            conn.close()
-            raise
+            raise open_error(self.path, layout.file_kind, err) from err
         return conn, (int(totals[0]), int(totals[1]), int(totals[2]))
-
-    def _check_schema(self, conn: sqlite3.Connection) -> None:
-        """Create the schema in an empty file; refuse another application's or a newer file."""
-        layout = self.layout
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if app_id == 0 and version == 0 and tables == 0:
-            for statement in layout.schema:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA application_id={int(layout.application_id)}")
-            conn.execute(f"PRAGMA user_version={int(layout.schema_version)}")
-        elif app_id != layout.application_id:
-            raise layout.error(
-                self.path,
-                f"is an SQLite database but not an iotpipe {layout.noun}; choose another path",
-            )
-        elif version > layout.schema_version:
-            raise layout.error(
-                self.path,
-                f"was written by a newer iotpipe ({layout.noun} schema {version}, this one"
-                f" reads {layout.schema_version}); upgrade, or drain it with the newer version"
-                " first",
-            )
-
-    def _open_error(self, err: sqlite3.Error) -> QueueError:
-        noun, owner = self.layout.noun, self.layout.owner
-        name = _error_name(err)
-        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            article = "an" if noun[:1] in ("a", "e", "i", "o", "u") else "a"
-            reason = f"is in use by another process (only one {owner} may own {article} {noun})"
-        elif name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
-            reason = (
-                f"is corrupt or not an SQLite file ({err}); move it aside to start an empty"
-                f" {noun} (`sqlite3 FILE .recover` may salvage its entries)"
-            )
-        elif name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-            reason = (
-                f"is not writable ({err}); the {owner} needs to write the file and its directory"
-            )
-        elif name.startswith("SQLITE_CANTOPEN"):
-            reason = f"cannot be opened ({err}); check that its directory exists and is writable"
-        elif name.startswith("SQLITE_FULL"):
-            reason = "cannot be opened: the disk is full"
-        else:
-            reason = f"cannot be opened: {err}"
-        return self.layout.error(self.path, reason)
 
     def _operation_error(self, what: str, err: sqlite3.Error, needed: int = 0) -> IotpipeError:
         """The one-line error for a failed read or write after opening."""
-        name = _error_name(err)
-        if name.startswith("SQLITE_FULL"):
-            if isinstance(self.policy, PushBack):
-                return self.layout.full_error(
-                    needed, self.free_bytes, self.max_bytes, self._depth, disk=True
-                )
-            return self.layout.error(self.path, f"{what} failed: the disk is full")
-        if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
-            advice = f"; the file is damaged: move it aside to start an empty {self.layout.noun}"
-        elif name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")):
-            advice = f"; the {self.layout.owner} needs to write the file and its directory"
-        else:
-            advice = ""
-        return self.layout.error(self.path, f"{what} failed: {err}{advice}")
+        if _error_name(err).startswith("SQLITE_FULL") and isinstance(self.policy, PushBack):
+            return self.layout.full_error(
+                needed, self.free_bytes, self.max_bytes, self._depth, disk=True
+            )
+        return operation_error(self.path, self.layout.file_kind, what, err)
 
     # -- metrics ----------------------------------------------------------------------------------
 
@@ -761,23 +895,12 @@ class DurableQueue(Closing):
     ) -> None:
         """Run ``work(conn)`` in one write transaction; roll back and raise on any error."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            work(conn)
-            conn.execute("COMMIT")
+            write_transaction(
+                conn, work, label=f"{self.layout.noun} path={self.path}", logger=self._log
+            )
         except sqlite3.Error as err:
-            self._rollback(conn)
             raise self._operation_error(what, err, needed) from err
-        except BaseException:
-            self._rollback(conn)
-            raise
         self.commits += 1
-
-    def _rollback(self, conn: sqlite3.Connection) -> None:
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                self._log.exception("%s rollback failed path=%s", self.layout.noun, self.path)
 
 
 class QueueWrapper(Closing):

@@ -513,8 +513,18 @@ class Pipeline:
             component = Component("broker", self.mqtt.url, note="mosquitto (private)", log=log)
         else:
             http = self.settings.broker_http_port
+            # Sessions and queued messages outlive a restart of `iotpipe up`, as with Mosquitto.
+            state = self.dir / "broker-state.db"
             argv = self._iotpipe(
-                "broker", "--host", host, "--port", str(port), "--http-port", str(http)
+                "broker",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--http-port",
+                str(http),
+                "--state-file",
+                str(state),
             )
             component = Component(
                 "broker",

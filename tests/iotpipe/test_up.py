@@ -179,6 +179,9 @@ def test_up_runs_the_pipeline_for_a_duration_and_status_reports_healthy(rig: Rig
     )
     assert "bridge drained" in output
     assert rig.stored_readings() > 0
+    # The embedded broker kept its state (the bridge's persistent session) for the next up.
+    assert f"state in {Path('state/up/broker-state.db')}" in (logs / "broker.log").read_text()
+    assert (logs / "broker-state.db").stat().st_size > 0
     _assert_no_orphans(rig)
     after = rig.run("status")
     assert after.returncode == 1
