@@ -364,7 +364,7 @@ def test_restored_queues_obey_max_queued_messages(
         brokers, port=broker.settings.port, state_file=state_file, max_queued_messages=10
     )
     assert _queued(broker, sub_id) == 10
-    assert broker.stats.dropped_queued == 20
+    assert broker.stats.dropped["queue_full"] == 20
     _, got = _receive(broker, sub_id, 10)
     assert [int(m.payload) for m in got] == list(range(20, 30))
 
