@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -49,11 +50,26 @@ def pytest_runtest_makereport(
         gc.enable()
 
 
+#: Ports handed out by :func:`free_port`: below Linux's ephemeral range (32768-60999), so no
+#: ``bind(0)`` of a server started meanwhile and no outgoing connection can take one before the
+#: process it was meant for binds it (an edge agent's fixed HTTP port once lost that race).
+_FIXED_PORTS = range(20_000, 32_768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that is free on 127.0.0.1 and was not handed out before in this run."""
+    while True:
+        port = random.choice(_FIXED_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
