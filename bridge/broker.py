@@ -845,15 +845,26 @@ async def _end_connections(broker: Broker, timeout: float = 5.0) -> None:
     every reader stop by itself. Wills are not published: a broker shutdown is not a device
     going offline.
     """
+    # First no new connections: a client reconnecting at once (the bridge does) would otherwise
+    # get a fresh session on the broker that is stopping, and what it published there after the
+    # state was saved would be acknowledged and then lost.
+    for server in broker._servers.values():
+        if server.instance is not None:
+            server.instance.close()
     loop = asyncio.get_running_loop()
-    for session, handler in list(broker.sessions.values()):
-        if session.transitions.state == "connected" and handler.reader is not None:
-            session.will_flag = False
-            handler.reader.feed_eof()
     deadline = loop.time() + timeout
-    while loop.time() < deadline and any(
-        session.transitions.state == "connected" for session, _ in broker.sessions.values()
-    ):
+    while loop.time() < deadline:
+        live = [
+            (session, handler)
+            for session, handler in broker.sessions.values()
+            if session.transitions.state == "connected"
+        ]
+        if not live:
+            return
+        for session, handler in live:  # again for one that finished its CONNECT meanwhile
+            session.will_flag = False
+            if handler.reader is not None:
+                handler.reader.feed_eof()
         await asyncio.sleep(0.01)
 
 
@@ -1217,6 +1228,7 @@ class EmbeddedBroker:
                 if store is not None
                 else _HardenedBroker(config)
             )
+            broker.max_inflight = self.settings.max_inflight_messages
             await broker.start()
         except BaseException as err:
             amqtt_log.removeFilter(self._quiet)

@@ -23,7 +23,11 @@ has the table (deviation, statement, correction, test); the tests live in
   subscriptions).
 
 Waiting for acknowledgements never blocks a client's own packet loop (amqtt awaited every queued
-and retained delivery before reading the client's next SUBSCRIBE or PUBLISH).
+and retained delivery before reading the client's next SUBSCRIBE or PUBLISH). At most
+``max_inflight_messages`` QoS 1/2 messages are in flight to one client (amqtt: no limit, so a
+subscriber that dropped its connection got every one of thousands back as a duplicate); the rest
+wait in the session's queue, bounded by ``max_queued_messages``, and follow as acknowledgements
+come in.
 """
 
 from __future__ import annotations
@@ -71,10 +75,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KEEPALIVE_GRACE", "Mqtt311Broker", "Mqtt311Handler"]
+__all__ = ["FORWARD_BACKLOG", "KEEPALIVE_GRACE", "Mqtt311Broker", "Mqtt311Handler"]
 
 #: A client silent for this many times its keep-alive is disconnected (MQTT-3.1.2-24).
 KEEPALIVE_GRACE = 1.5
+
+#: Messages a client published and the broker acknowledged but has not forwarded yet, at most.
+FORWARD_BACKLOG = 256
 
 
 def _spawn(coro: Coroutine[Any, Any, Any], tasks: set[asyncio.Task[Any]]) -> None:
@@ -98,12 +105,54 @@ class Mqtt311Handler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
     keepalive_timeouts = 0
     redelivered = 0
 
+    #: QoS 1/2 messages sent to this client and not acknowledged yet, at most (the broker sets
+    #: it from ``max_inflight_messages``); the rest wait in the session's queue, in order.
+    window = 100
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._flows: set[asyncio.Task[Any]] = set()
 
+    # -- sending: an in-flight window, then the session's queue -------------------------------
+
+    def has_room(self) -> bool:
+        """Whether a new QoS 1/2 message may be sent now (the window is open, nothing waits)."""
+        session = self.session
+        return (
+            session is not None
+            and len(session.inflight_out) < self.window
+            and session.retained_messages.empty()
+        )
+
+    def deliver(self, topic: str, data: bytes | bytearray, qos: int, retain: bool) -> None:
+        """Send a message now; a QoS 1/2 one is in flight (and kept with the session) at once."""
+        session = self.session
+        if session is None:
+            return
+        packet_id = session.next_packet_id if qos else None
+        message = OutgoingApplicationMessage(packet_id, topic, qos, data, retain)
+        if packet_id is not None:
+            session.inflight_out[packet_id] = message
+        _spawn(self._handle_message_flow(message), self._flows)
+
+    def refill(self) -> None:
+        """Send queued messages, oldest first, while the in-flight window has room."""
+        session = self.session
+        if session is None or session.transitions.state != "connected":
+            return
+        queue = session.retained_messages
+        while len(session.inflight_out) < self.window and not queue.empty():
+            queued = queue.get_nowait()
+            self.deliver(queued.topic, queued.data, queued.qos or 0, False)
+
     def _init_session(self, session: Session) -> None:
         super()._init_session(session)
+        # Bounded: a PUBLISH is acknowledged once it is in this queue, so the queue is how far
+        # acknowledgements may run ahead of forwarding. A fast publisher now waits (its next
+        # packet is read when there is room) instead of growing the broker's memory, and a
+        # stopping broker has at most this many acknowledged messages left to forward.
+        if session.delivered_message_queue.maxsize == 0 and session.delivered_message_queue.empty():
+            session.delivered_message_queue = asyncio.Queue(maxsize=FORWARD_BACKLOG)
         # amqtt re-arms a no-op "write timeout" timer after every packet sent; the broker has no
         # use for it. The keep-alive is watched by _watch_keepalive instead.
         self.keepalive_timeout = None
@@ -240,6 +289,19 @@ class Mqtt311Handler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
         # Incoming QoS 2 messages waiting for PUBREL: the client resends PUBREL (or the PUBLISH),
         # see handle_pubrel.
 
+    async def _handle_qos0_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        if app_message.direction == OUTGOING or self.session is None:
+            await super()._handle_qos0_message_flow(app_message)
+            return
+        # amqtt discards a QoS 0 message when the forwarding queue is full; wait for room.
+        packet = app_message.publish_packet
+        if packet is not None and packet.dup_flag:
+            log.warning("broker QoS 0 PUBLISH with DUP=1 ignored (MQTT-3.3.1-2)")
+            return
+        await self.session.delivered_message_queue.put(app_message)
+
     async def _handle_qos1_message_flow(
         self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
     ) -> None:
@@ -267,6 +329,7 @@ class Mqtt311Handler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
             if self._puback_waiters.get(packet_id) is waiter:
                 del self._puback_waiters[packet_id]
         session.inflight_out.pop(packet_id, None)
+        self.refill()
 
     async def _handle_qos2_message_flow(
         self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
@@ -298,6 +361,7 @@ class Mqtt311Handler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
                 raise
             return  # the connection ended: the message stays in flight for the next one
         session.inflight_out.pop(packet_id, None)
+        self.refill()
 
     async def _exchange(
         self, packet: Any, packet_id: int, waiters: dict[int, asyncio.Future[Any]]
@@ -375,10 +439,8 @@ class Mqtt311Broker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
     """amqtt's Broker with MQTT 3.1.1's rules for retained messages, queued messages and QoS."""
 
     handler_class: type[BrokerProtocolHandler] = Mqtt311Handler
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._deliveries: set[asyncio.Task[Any]] = set()
+    #: In-flight window per client (``max_inflight_messages``), given to each connection.
+    max_inflight = 100
 
     async def _handle_client_session(  # noqa: PLR0917  # amqtt's signature
         self,
@@ -413,6 +475,8 @@ class Mqtt311Broker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
             client_id=client_session.client_id,
             client_session=client_session,
         )
+        if isinstance(handler, Mqtt311Handler):
+            handler.window = self.max_inflight
         await handler.start()  # resends what is in flight (Mqtt311Handler._retry_deliveries)
         await self._publish_session_retained_messages(client_session)
         await self._client_message_loop(client_session, handler)
@@ -509,31 +573,26 @@ class Mqtt311Broker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Send what was queued while the session was away: in order, ``retain=0`` (MQTT-3.3.1-9).
 
-        Each message becomes an in-flight delivery at once, so a disconnect before its
+        As many as the in-flight window allows at once, the rest as acknowledgements come in.
+        Each message sent is in flight with the session at once, so a disconnect before its
         acknowledgement keeps it for the next connection (MQTT-4.4.0-1).
         """
         handler = self._get_handler(session)
-        if handler is None:
-            return
-        queue = session.retained_messages
-        while not queue.empty():
-            queued = queue.get_nowait()
-            _spawn(
-                handler.mqtt_publish(queued.topic, queued.data, queued.qos, False), self._deliveries
-            )
+        if isinstance(handler, Mqtt311Handler):
+            handler.refill()
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
     ) -> None:
         """Send the retained messages matching a new subscription, at min(retained, granted) QoS."""
         handler = self._get_handler(session)
-        if handler is None:
+        if not isinstance(handler, Mqtt311Handler):
             return
         topic_filter, granted = subscription
         for topic, retained in list(self._retained_messages.items()):
             if self._matches(topic, topic_filter):
                 qos = min(granted, retained.qos if retained.qos is not None else granted)
-                _spawn(handler.mqtt_publish(topic, retained.data, qos, True), self._deliveries)
+                handler.deliver(topic, retained.data, qos, True)
 
     async def _handle_message_delivery(
         self,
@@ -592,11 +651,10 @@ class Mqtt311Broker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
                     await self._retain_broadcast_message(broadcast, qos, session)
                 continue
             handler = self._get_handler(session)
-            if handler is not None:
-                _spawn(handler.mqtt_publish(topic, broadcast["data"], qos, False), self._deliveries)
-
-    async def shutdown(self) -> None:
-        """Stop amqtt; deliveries still waiting for acknowledgements end with their connections."""
-        for task in list(self._deliveries):
-            task.cancel()
-        await super().shutdown()
+            if not isinstance(handler, Mqtt311Handler):
+                continue
+            if qos == 0 or handler.has_room():
+                handler.deliver(topic, broadcast["data"], qos, False)
+            else:  # the window is full: wait in the session's queue, in order (and bounded)
+                await self._retain_broadcast_message(broadcast, qos, session)
+                handler.refill()

@@ -82,6 +82,13 @@ class BrokerSettings(Section):
         ge=0,
         description="QoS>0 messages kept per disconnected session (oldest dropped); 0 = no limit",
     )
+    max_inflight_messages: int = Field(
+        100,
+        ge=1,
+        le=65_535,
+        description="QoS>0 messages sent to one client and not acknowledged yet, at most; the "
+        "rest wait in its queue",
+    )
     http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
     http_port: int = Field(
         9184, ge=0, le=65535, description="port of /metrics and /healthz; 0 = a free port"

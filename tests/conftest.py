@@ -15,6 +15,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -157,6 +158,7 @@ class MosquittoProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
         # As root, Mosquitto drops to the `mosquitto` user, which cannot enter pytest's private
         # tmp dirs; a private test instance may keep running as root instead.
         as_root = "user root\n" if os.geteuid() == 0 else ""
@@ -184,6 +186,36 @@ class MosquittoProcess:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+class EmbeddedBrokerProcess:
+    """A private ``iotpipe broker`` process keeping its state in ``workdir`` (MosquittoProcess's API)."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "broker.log"
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "iotpipe", "--log-level", "info", "broker"]
+        argv += ["--port", str(self.port), "--http-port", "0"]
+        argv += ["--state-file", str(self.workdir / "broker-state.db")]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        """SIGTERM: a clean stop, which saves the state file."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
