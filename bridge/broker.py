@@ -55,6 +55,7 @@ from pydantic import (
     field_validator,
 )
 
+from bridge.broker_speed import TrimmedBroker
 from bridge.settings import BrokerSettings
 from iotpipe.errors import ConfigError
 from iotpipe.topics import check_filter, is_valid_name
@@ -674,7 +675,7 @@ def report_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) 
 _VERIFIED = "iotpipe.verified"
 
 
-class _HardenedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
+class _HardenedBroker(TrimmedBroker):
     """amqtt's Broker, but a CONNECT is authenticated before it may touch an existing session.
 
     amqtt 0.12 resolves the session first and authenticates afterwards, so a client that then
