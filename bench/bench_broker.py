@@ -29,10 +29,10 @@ processes. Also per round: CPU microseconds per message of publisher, subscriber
 Each ``--candidate DIR`` adds an interleaved variant of (a): ``iotpipe broker`` run with
 ``PYTHONPATH=DIR`` (a patched copy of ``bridge``/``iotpipe``, or of ``amqtt``), to measure a
 proposed change against the current code in the same run. ``--profile`` runs one more round of
-(a) under ``py-spy record --format raw`` and writes ``bench/results/broker-profile.txt``: the
-broker's CPU per message, its samples grouped by where the code lives (amqtt's packet codecs,
-its protocol handler, its broker, its plugin manager, our layer, asyncio, logging), then the
-top functions by self and by total time.
+(a), and one of (b), under ``py-spy record --format raw`` and writes
+``bench/results/broker-profile.txt``: for each, the broker's CPU per message, its samples
+grouped by where the code lives (amqtt's packet codecs, its protocol handler, its broker, its
+plugin manager, our layer, asyncio, logging), then the top functions by self and total time.
 
 Prints one JSON object with the medians and the ratio embedded / mosquitto (target >= 0.5), and
 writes it to ``bench/results/broker.json``.
@@ -438,7 +438,7 @@ GROUPS = (
 )
 
 
-def profile_round(rig: Rig, broker: BrokerProcess, count: int) -> str:
+def profile_round(rig: Rig, name: str, broker: BrokerProcess, count: int) -> str:
     """One more round with ``py-spy record`` attached to ``broker``; return the summary text."""
     raw = broker.workdir / "profile.raw"
     spy = subprocess.Popen(
@@ -464,8 +464,9 @@ def profile_round(rig: Rig, broker: BrokerProcess, count: int) -> str:
     finally:
         spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
         spy.wait(timeout=60)
+    settings = "logins and an ACL" if broker.credentials else "defaults: auth off, no ACL"
     header = (
-        f"{count} messages through `iotpipe broker` (defaults: auth off, no ACL) under py-spy "
+        f"== {name}: {count} messages through `iotpipe broker` ({settings}) under py-spy "
         f"record --rate 250 (samples of the broker's thread while it runs Python, idle time in "
         f"epoll left out): {profiled.rate:.0f} msg/s, broker CPU {profiled.cpu_us['broker']:.1f} "
         f"us/msg (/proc, user + system, py-spy's pauses included)\n\n"
@@ -555,7 +556,9 @@ def main() -> None:
         help="also run iotpipe broker with PYTHONPATH=DIR (a patched copy), interleaved; repeatable",
     )
     parser.add_argument(
-        "--profile", action="store_true", help="one more embedded round under py-spy record"
+        "--profile",
+        action="store_true",
+        help="one more round of each embedded broker under py-spy record",
     )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument(
@@ -586,12 +589,20 @@ def main() -> None:
         samples: dict[str, list[Round]] = {name: [] for name in brokers}
         for broker in brokers.values():  # unmeasured: warms up the brokers and caches
             rig.run(broker, 3000)
-        for _ in range(args.rounds):
-            for name, broker in brokers.items():
-                samples[name].append(rig.run(broker, args.messages))
+        order = list(brokers)
+        for round_number in range(args.rounds):
+            # Interleaved, and each round starts with the next broker, so neither machine noise
+            # nor the position in a round favours one path.
+            shift = round_number % len(order)
+            for name in order[shift:] + order[:shift]:
+                samples[name].append(rig.run(brokers[name], args.messages))
         profile = None
         if args.profile:
-            profile = profile_round(rig, brokers["embedded"], args.messages)
+            profile = "\n\n".join(
+                profile_round(rig, name, brokers[name], args.messages)
+                for name in ("embedded", "embedded_acl")
+                if name in brokers
+            )
             PROFILE.parent.mkdir(parents=True, exist_ok=True)
             PROFILE.write_text(profile)
 
