@@ -449,6 +449,7 @@ def profile_round(rig: Rig, name: str, broker: BrokerProcess, count: int) -> str
             str(broker.pid),
             "--rate",
             "250",
+            "--threads",
             "--nolineno",
             "--format",
             "raw",
@@ -475,9 +476,12 @@ def profile_round(rig: Rig, name: str, broker: BrokerProcess, count: int) -> str
 
 
 def summarize_profile(raw: str, top: int = 30) -> str:
-    """Self time by code group, then the top functions by self and by total time (``raw`` is
-    py-spy's collapsed-stack output: ``frame;frame;... count`` per line, outermost first)."""
+    """Self time by code group, then the top functions by self and by total time, of the event
+    loop's thread (``raw`` is py-spy's collapsed-stack output with ``--threads``: ``thread
+    (TID): NAME;frame;... count`` per line, outermost first). Other threads (the pool that
+    verifies passwords, idle in its queue) are only counted."""
     total = 0
+    others: Counter[str] = Counter()
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     groups: Counter[str] = Counter()
@@ -486,6 +490,11 @@ def summarize_profile(raw: str, top: int = 30) -> str:
         if not stack or not count.isdigit():
             continue
         weight = int(count)
+        thread, _, stack = stack.partition(";")
+        name = thread.partition(": ")[2]
+        if name != "MainThread":
+            others[name or thread] += weight
+            continue
         names = [_frame_name(frame) for frame in stack.split(";")]
         names = [name for name in names if name]
         if not names:
@@ -500,12 +509,17 @@ def summarize_profile(raw: str, top: int = 30) -> str:
     # Frames on (nearly) every sample are the entry chain (typer, asyncio.run, run_forever):
     # they say nothing, so they are left out of the total-time list.
     calls = Counter({name: n for name, n in inclusive.items() if n < 0.97 * total})
-    lines = [f"self time by where the code lives ({total} samples = 100%):"]
+    lines = [
+        f"self time of the event loop's thread by where the code lives ({total} samples = 100%):"
+    ]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in groups.most_common()]
     lines += ["", "self time, top functions:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in self_time.most_common(top)]
     lines += ["", "total time, including callees (entry chain left out):"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in calls.most_common(top)]
+    if others:
+        lines += ["", "samples of other threads (not above; mostly idle waits py-spy counts):"]
+        lines += [f"  {n:6d}  {name}" for name, n in others.most_common()]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,8 @@ nothing but ``pip install iotpipe``. What this module adds to plain amqtt:
 * **A bound on what a disconnected session may queue** (amqtt's queue is unbounded).
 
 Limits of amqtt 0.12 (see ``docs/broker.md``): MQTT 3.1.1 only, no shared subscriptions, all state
-in memory (sessions, queues and retained messages are lost on restart), ~5,000 msg/s.
+in memory (sessions, queues and retained messages are lost on restart), ~0.35x Mosquitto's
+throughput (``bench/bench_broker.py``; :mod:`bridge.broker_speed` trims what our layer can).
 """
 
 from __future__ import annotations
