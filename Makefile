@@ -16,13 +16,14 @@ check: setup  ## lint and types
 	.venv/bin/mypy
 
 bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
-	.venv/bin/pip install -q -e '.[dev,bench]'  # matplotlib for bench_e2e's plot
+	.venv/bin/pip install -q -e '.[dev,bench]'  # matplotlib for bench_e2e's plot, py-spy
 	.venv/bin/python bench/bench_simulator.py
 	.venv/bin/python bench/bench_spool.py
 	.venv/bin/python bench/bench_broker_store.py
 	.venv/bin/python bench/bench_amqp.py
 	.venv/bin/python bench/bench_bridge.py
 	.venv/bin/python bench/bench_bridge.py --receipts  # receipts on vs off
+	.venv/bin/python bench/bench_broker.py --profile  # embedded broker vs Mosquitto; py-spy
 	.venv/bin/python bench/bench_influx.py
 	.venv/bin/python bench/bench_consume.py
 	.venv/bin/python bench/bench_e2e.py

@@ -27,7 +27,8 @@ nothing but ``pip install iotpipe``. What this module adds to plain amqtt:
   ``docs/broker.md``).
 
 Limits of amqtt 0.12 (see ``docs/broker.md``): MQTT 3.1.1 only, no shared subscriptions, state in
-memory unless ``state_file`` is set, ~5,000 msg/s.
+memory unless ``state_file`` is set. Throughput: ``bench/bench_broker.py`` (:mod:`bridge.broker_speed`
+and :mod:`bridge.mqtt311` trim amqtt's per-packet costs).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from pydantic import (
 )
 
 from bridge.broker_metrics import DROP_REASONS, BrokerEndpoint, DropCounter
+from bridge.broker_speed import TrimmedBroker
 from bridge.broker_store import (
     BrokerState,
     BrokerStore,
@@ -712,9 +714,9 @@ def report_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) 
 _VERIFIED = "iotpipe.verified"
 
 
-class _HardenedBroker(Mqtt311Broker):
-    """amqtt's Broker with MQTT 3.1.1's rules (:mod:`bridge.mqtt311`); a CONNECT is authenticated
-    before it may touch an existing session.
+class _HardenedBroker(TrimmedBroker, Mqtt311Broker):
+    """amqtt's Broker with MQTT 3.1.1's rules (:mod:`bridge.mqtt311`) and trimmed per-packet costs
+    (:mod:`bridge.broker_speed`); a CONNECT is authenticated before it may touch an existing session.
 
     amqtt 0.12 resolves the session first and authenticates afterwards, so a client that then
     fails authentication has already deleted (clean_session=1) or hijacked (clean_session=0) the
