@@ -547,7 +547,7 @@ def test_embedded_broker_restart_loses_nothing(embedded_rig: Rig) -> None:
         rig.wait_for_depth(threshold, before=f"broker restart {restart}")
         rig.mosquitto.stop()
         rig.mosquitto.start()
-        rig.wait(lambda: publisher.reconnects >= restart, f"the publisher back after {restart}")
+        rig.wait(lambda n=restart: publisher.reconnects >= n, f"the publisher back after {restart}")
     tally = _finish(rig, publisher, "embedded broker restart x2")
     assert publisher.reconnects >= 2
     assert tally.stored == publisher.count
