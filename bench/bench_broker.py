@@ -201,7 +201,8 @@ class EmbeddedBroker(BrokerProcess):
         super().__init__(workdir)
         self.name = "iotpipe broker"
         config = workdir / "broker.toml"
-        lines = ["[broker]", f"port = {self.port}"]
+        # http_port 0: two embedded brokers run side by side, /metrics on a free port each.
+        lines = ["[broker]", f"port = {self.port}", "http_port = 0"]
         if acl:
             passwd = workdir / "passwd"
             for user, password in (PUBLISHER, SUBSCRIBER):

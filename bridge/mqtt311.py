@@ -33,6 +33,8 @@ come in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -133,7 +135,41 @@ class Mqtt311Handler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
         message = OutgoingApplicationMessage(packet_id, topic, qos, data, retain)
         if packet_id is not None:
             session.inflight_out[packet_id] = message
-        _spawn(self._handle_message_flow(message), self._flows)
+        if qos == QOS_1 and self.writer is not None:
+            self._publish_qos1(session, message)
+        else:
+            _spawn(self._handle_message_flow(message), self._flows)
+
+    def _publish_qos1(self, session: Session, message: OutgoingApplicationMessage) -> None:
+        """Write a QoS 1 PUBLISH at once, no task: its PUBACK completes it (:meth:`_acknowledged`).
+
+        The hot path of a subscriber (the bridge): amqtt spent a task, a ``wait_for`` and a
+        write lock on every delivery. The in-flight window bounds what is written unacknowledged.
+        """
+        packet_id = message.packet_id
+        if packet_id is None or self.writer is None:
+            raise ValueError("QoS 1 delivery without a packet id or a connection")
+        packet = message.build_publish_packet(dup=message.publish_packet is not None)
+        message.publish_packet = packet
+        waiter: asyncio.Future[PubackPacket] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        waiter.add_done_callback(functools.partial(self._acknowledged, session, message))
+        self.writer.write(packet.to_bytes())
+
+    def _acknowledged(
+        self,
+        session: Session,
+        message: OutgoingApplicationMessage,
+        waiter: asyncio.Future[PubackPacket],
+    ) -> None:
+        packet_id = message.packet_id
+        if self._puback_waiters.get(packet_id) is waiter:
+            del self._puback_waiters[packet_id]
+        if waiter.cancelled():
+            return  # the connection ended: the message stays in flight for the next one
+        message.puback_packet = waiter.result()
+        session.inflight_out.pop(packet_id, None)
+        self.refill()
 
     def refill(self) -> None:
         """Send queued messages, oldest first, while the in-flight window has room."""
@@ -285,7 +321,10 @@ class Mqtt311Handler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
                 "broker redelivering client_id=%s messages=%d", session.client_id, len(pending)
             )
         for message in pending:
-            _spawn(self._handle_message_flow(message), self._flows)
+            if message.qos == QOS_1 and self.writer is not None:
+                self._publish_qos1(session, message)  # written now: before anything queued
+            else:
+                _spawn(self._handle_message_flow(message), self._flows)
         # Incoming QoS 2 messages waiting for PUBREL: the client resends PUBREL (or the PUBLISH),
         # see handle_pubrel.
 
@@ -492,6 +531,29 @@ class Mqtt311Broker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
             old = self._sessions[client_session.client_id][1]
             await old.handle_connection_closed()
             await old.stop()
+
+    async def _broadcast_loop(self) -> None:
+        """Distribute published messages, one after the other, until the broker stops.
+
+        amqtt wrapped every message in a task and an ``asyncio.wait`` against its shutdown
+        future; :meth:`_shutdown_broadcast_loop` cancels this loop instead.
+        """
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                try:
+                    await self._run_broadcast(None)
+                except Exception as err:  # one bad message must not stop the broker
+                    log.error("broker broadcast failed error=%r", err)
+
+    async def _shutdown_broadcast_loop(self) -> None:
+        task = self._broadcast_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if not self._broadcast_queue.empty():
+            log.warning(
+                "broker stopped with %d messages not distributed", self._broadcast_queue.qsize()
+            )
 
     async def _client_message_loop(self, session: Session, handler: BrokerProtocolHandler) -> None:
         """Forward what the client publishes, apply its (un)subscriptions, until it goes.
