@@ -109,9 +109,9 @@ def broker(
 ) -> None:
     """Run the embedded MQTT broker (amqtt): zero-install, for an edge box or a laptop.
 
-    MQTT 3.1.1 only. Sessions, queued and retained messages survive a restart with --state-file
-    (else they live in memory). For production sites use Mosquitto (configs/mosquitto/). SIGTERM
-    or Ctrl-C stops it cleanly.
+    MQTT 3.1.1 only (docs/broker.md: how it corrects amqtt's deviations).
+    With --state-file, sessions, queued and retained messages survive a restart.
+    Production sites: Mosquitto (configs/mosquitto/). SIGTERM or Ctrl-C stops it.
     """
     from bridge.broker import add_user as write_user
     from bridge.broker import run
