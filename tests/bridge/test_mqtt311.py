@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.broker import BrokerThread
 from bridge.mqtt311 import Mqtt311Handler
-from tests.bridge.conftest import StartBroker
+from tests.bridge.conftest import StartBroker, password_of
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.mqtt
@@ -88,14 +88,22 @@ class RawClient:
         self._buffer = b""
 
     def connect(
-        self, client_id: str, *, clean: bool = True, keepalive: int = 60, will: str | None = None
+        self,
+        client_id: str,
+        *,
+        clean: bool = True,
+        keepalive: int = 60,
+        will: str | None = None,
+        login: tuple[str, str] | None = None,
     ) -> bool:
         """Send CONNECT (optionally with a QoS 1 will on topic ``will``); return session_present."""
-        flags = (0x02 if clean else 0) | (0x04 | 0x08 if will else 0)
+        flags = (0x02 if clean else 0) | (0x04 | 0x08 if will else 0) | (0xC0 if login else 0)
         body = _string("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
         body += _string(client_id)
         if will:
             body += _string(will) + _string(b"gone")
+        if login:
+            body += _string(login[0]) + _string(login[1])
         self.send(CONNECT, 0, body)
         connack = self.expect(CONNACK)
         assert connack.body[1] == 0, f"CONNACK return code {connack.body[1]}"
@@ -589,3 +597,18 @@ def test_mqtt_3_1_4_2_a_client_reconnecting_at_once_keeps_receiving(
         new.ack(PUBACK, live.publish()[1] or 0)
         new.disconnect()
         old.sock.close()
+
+
+def test_mqtt_3_9_3_a_subscription_the_acl_denies_gets_return_code_0x80(
+    secured_broker: BrokerThread, raw: list[RawClient]
+) -> None:
+    """MQTT-3.9.3: the SUBACK carries 0x80 (failure) for a filter the ACL denies, the rest granted.
+
+    (The interoperability suite's "subscribe failure" test needs exactly this: a denied filter.)
+    """
+    bridge = _raw(secured_broker, raw)
+    bridge.connect("acl-bridge", login=("bridge", password_of("bridge")))
+    assert bridge.subscribe(("iotpipe/v1/+/+/telemetry", 1), ("secrets/#", 1)) == [1, 0x80]
+    device = _raw(secured_broker, raw)
+    device.connect("acl-device", login=("home/dev1", password_of("home/dev1")))
+    assert device.subscribe(("iotpipe/#", 1)) == [0x80]
