@@ -84,12 +84,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pika  # type: ignore[import-untyped]
-from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/ is not an installed package; PrivateRabbit lives there
+
+from benchlib import PUMP_EVERY, paho_client, publish_windowed  # noqa: E402
 
 from iotpipe.envelope import Envelope, decode  # noqa: E402
 from iotpipe.receipts import EXCHANGE as RECEIPTS_EXCHANGE  # noqa: E402
@@ -109,7 +109,6 @@ PROFILE = ROOT / "bench" / "results" / "bridge-profile"
 TARGET_RATIO = 0.8
 PAYLOAD_BYTES = 265
 DEVICES = 10
-PUMP_EVERY = 32
 ACK_EVERY = 250
 TELEMETRY_EXCHANGE = "iotpipe.telemetry"
 BINDING = "iotpipe.v1.#"
@@ -311,41 +310,8 @@ class BridgeProcess:
 
 def publish(port: int, messages: list[tuple[str, bytes]], window: int) -> tuple[float, float]:
     """Publish every message at QoS 1 (the fastest paho loop); return (first publish, last ack)."""
-    acked = 0
-    connected = False
-
-    def on_connect(*_args: object) -> None:
-        nonlocal connected
-        connected = True
-
-    def on_publish(*_args: object) -> None:
-        nonlocal acked
-        acked += 1
-
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"bench-pub-{uuid.uuid4().hex[:10]}",
-        protocol=paho.MQTTv311,
-    )
-    client.max_inflight_messages_set(window)
-    client.max_queued_messages_set(0)
-    client.on_connect = on_connect
-    client.on_publish = on_publish
-    client.connect("127.0.0.1", port)
-    while not connected:
-        client.loop(0.05)
-    started = time.monotonic()
-    for sent, (topic, payload) in enumerate(messages):
-        while sent - acked >= window:
-            client.loop(0.01)
-        info = client.publish(topic, payload, qos=1)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise RuntimeError(f"publish refused: {info.rc}")
-        if sent % PUMP_EVERY == 0:
-            client.loop(0)
-    while acked < len(messages):
-        client.loop(0.01)
-    finished = time.monotonic()
+    client = paho_client("bench-pub")
+    started, finished = publish_windowed(client, port, messages, window)
     client.disconnect()
     client.loop(0.1)
     return started, finished

@@ -54,7 +54,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from benchlib import PUMP_EVERY, paho_client, publish_windowed
 
 from bridge.broker import add_user
 
@@ -75,7 +74,6 @@ PROFILE = ROOT / "bench" / "results" / "broker-profile.txt"
 TARGET_RATIO = 0.5
 PAYLOAD_BYTES = 265
 DEVICES = 10
-PUMP_EVERY = 32
 TOPIC_FILTER = "iotpipe/v1/bench/+/telemetry"
 # The id is the 12 bytes after '{"v":"1.0","id":"' in every payload.
 ID_SLICE = slice(17, 29)
@@ -253,15 +251,7 @@ class Mosquitto(BrokerProcess):
 
 def client(prefix: str, login: tuple[str, str] | None) -> paho.Client:
     """A paho MQTT 3.1.1 clean-session client with a unique id."""
-    mqtt = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"{prefix}-{uuid.uuid4().hex[:10]}",
-        protocol=paho.MQTTv311,
-        clean_session=True,
-    )
-    if login is not None:
-        mqtt.username_pw_set(*login)
-    return mqtt
+    return paho_client(prefix, login)
 
 
 def subscribe(port: int, count: int, login: tuple[str, str] | None, pipe: Connection) -> None:
@@ -321,37 +311,8 @@ def publish(
     had acknowledged but not yet forwarded when it disconnected; ``iotpipe broker`` no longer
     does, ``tests/bridge/test_mqtt311.py``).
     """
-    acked = 0
-    connected = False
-
-    def on_connect(*_args: object) -> None:
-        nonlocal connected
-        connected = True
-
-    def on_publish(*_args: object) -> None:
-        nonlocal acked
-        acked += 1
-
     mqtt = client("bench-pub", login)
-    mqtt.max_inflight_messages_set(window)
-    mqtt.max_queued_messages_set(0)
-    mqtt.on_connect = on_connect
-    mqtt.on_publish = on_publish
-    mqtt.connect("127.0.0.1", port)
-    while not connected:
-        mqtt.loop(0.05)
-    started = time.monotonic()
-    for sent, (topic, payload) in enumerate(messages):
-        while sent - acked >= window:
-            mqtt.loop(0.01)
-        info = mqtt.publish(topic, payload, qos=1)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise RuntimeError(f"publish refused: {info.rc}")
-        if sent % PUMP_EVERY == 0:
-            mqtt.loop(0)
-    while acked < len(messages):
-        mqtt.loop(0.01)
-    finished = time.monotonic()
+    started, finished = publish_windowed(mqtt, port, messages, window)
     deadline = finished + ROUND_TIMEOUT
     while not received() and time.monotonic() < deadline:
         mqtt.loop(0.01)
