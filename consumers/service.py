@@ -2,8 +2,11 @@
 
 One thread does everything, in a loop (the HTTP endpoint has its own):
 
-1. take a batch of deliveries from the queue (up to ``batch_size``, or what arrived within
-   ``batch_latency`` of the first one);
+1. take a batch of deliveries from the queue: everything received, as soon as a read finds
+   nothing more (adaptive batching, :func:`~iotpipe.amqp_consumer.batch_wait`), at most
+   ``batch_size``; ``batch_latency`` only bounds the waiting (for a first delivery, and for a
+   batch that keeps growing). Under load the batches grow by themselves: what arrives while one
+   is written and committed is the next;
 2. decode each with the core codec; a message that breaks the wire contract can never succeed,
    so it is dead-lettered at once (``consumer.<reason>``, with ``x-iotpipe-error``);
 3. write the rest to the store in one call, which deduplicates by message id and commits;
