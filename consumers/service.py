@@ -333,18 +333,21 @@ class Consumer:
         owners: list[Delivery] = []
         statuses: list[DeviceStatus] = []
         settled: set[int] = set()
+        rejected = 0
         for delivery in batch:
             decoded = decode(_topic_of(delivery.routing_key), delivery.body)
             if isinstance(decoded, Rejection):
-                m.received.labels("rejected").inc()
+                rejected += 1
                 self._dead_letter(delivery, decoded.reason.value, decoded.message, settled)
             elif isinstance(decoded, Envelope):
-                m.received.labels("telemetry").inc()
                 messages.append(Message.from_envelope(decoded))
                 owners.append(delivery)
             else:
-                m.received.labels("status").inc()
                 statuses.append(DeviceStatus.from_status(decoded))
+        # Counted once per batch: a labelled counter costs microseconds per call.
+        m.received.labels("telemetry").inc(len(messages))
+        m.received.labels("status").inc(len(statuses))
+        m.received.labels("rejected").inc(rejected)
         result = self._write(messages, statuses)
         if result is None:
             return  # stopping while the store is down: the batch goes back to the queue
