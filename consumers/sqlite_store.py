@@ -241,10 +241,10 @@ def reading_rows(messages: Sequence[Message]) -> list[_Row]:
     return rows
 
 
-def first_of_each_key(rows: Sequence[_Row], keys: Iterable[Sequence[object]]) -> list[_Row]:
+def first_of_each_key(rows: Sequence[_Row], keys: Iterable[tuple[object, ...]]) -> list[_Row]:
     """The ``rows`` an ``INSERT OR IGNORE`` of them inserted, knowing the keys it inserted:
     for each key, the first row that has it (a later one with the same key was refused)."""
-    new = {tuple(key) for key in keys}
+    new = set(keys)
     inserted: list[_Row] = []
     for row in rows:
         key = row[:4]
