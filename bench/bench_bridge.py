@@ -628,7 +628,7 @@ def summarize_profile(path: Path, thread_cpu: dict[int, float], count: int, top:
     inclusive: Counter[tuple[str, str]] = Counter()  # (thread, function)
     for profile in data["profiles"]:
         for stack, weight in zip(profile["samples"], profile["weights"], strict=True):
-            names = [_frame_name(frames[i]) for i in stack]
+            names = [frame_name(frames[i]) for i in stack]
             if not names:
                 continue
             total += weight
@@ -661,7 +661,7 @@ def summarize_profile(path: Path, thread_cpu: dict[int, float], count: int, top:
     return "\n".join(lines) + "\n"
 
 
-def _frame_name(frame: dict[str, Any]) -> str:
+def frame_name(frame: dict[str, Any]) -> str:
     """``function (path)``, the path shortened to the package (``pika/channel.py``)."""
     path = str(frame.get("file") or "")
     for marker in ("/site-packages/", f"/python{sys.version_info[0]}.{sys.version_info[1]}/"):

@@ -2,7 +2,7 @@
 MQTT plugin feeding a bare consumer, both measured in the same run.
 
     .venv/bin/python bench/bench_e2e.py [--duration 20] [--warmup 3] [--rates 1000,5000,max]
-        [--window 1000] [--mosquitto-inflight 1000] [--no-save] [--no-plot]
+        [--window 1000] [--mosquitto-inflight 1000] [--profile RATES] [--no-save] [--no-plot]
         [--receipts [--receipt-rate 1000] [--overload-factor 2] [--overload-duration 60]
          [--receipt-window 256]]
 
@@ -12,8 +12,8 @@ interleaved so machine noise hits both paths alike:
 
 (a) pipeline: a paho QoS 1 publisher -> Mosquitto -> ``iotpipe bridge`` (subprocess, default
     settings, own spool and client id) -> ``iotpipe.telemetry`` -> a fresh quorum queue ->
-    ``iotpipe consume`` (subprocess, default settings: batch 1000 / 0.2 s, prefetch 2000,
-    ``durability = "fsync"``) into a fresh SQLite file. A message's latency is the ``stored_ms``
+    ``iotpipe consume`` (subprocess, default settings: adaptive batches of at most 1000,
+    ``batch_latency`` 0.2 s, prefetch 2000, ``durability = "fsync"``) into a fresh SQLite file. A message's latency is the ``stored_ms``
     of its row in the store's ``messages`` table (the consumer's wall clock, taken inside the
     batch's transaction just before COMMIT) minus the envelope's ``ts``.
 (b) plugin: the same publisher -> RabbitMQ's MQTT listener -> ``amq.topic`` -> a fresh quorum
@@ -62,6 +62,13 @@ resends what no receipt covered within clamp(4 x p99 receipt latency, 5 s, 300 s
     drain: seconds from the end of the offered load until the outboxes are empty, the last
     envelope is stored, and the last one is receipted.
 
+``--profile 1000,5000`` adds, after everything else, one pipeline round per rate with the
+consumer under ``py-spy record --idle`` (wall clock, waits included), and writes
+``bench/results/e2e-consumer-profile-<rate>.txt``: the consumer's CPU per message by thread, and
+where its consuming thread spends the wall clock (waiting for deliveries, decoding, writing,
+committing, publishing receipts). Those rounds are slowed by the sampling: their figures go to
+``profiled_rounds`` in the JSON, never into the results table.
+
 With ``--receipts`` the JSON goes to ``bench/results/e2e-receipts.json`` (the plot, of the rates
 rounds, to ``e2e-receipts-latency.png``), so the plain run's figures stay as they were.
 """
@@ -74,6 +81,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import signal
 import sqlite3
@@ -84,7 +92,7 @@ import time
 import tomllib
 import uuid
 from array import array
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -105,7 +113,9 @@ from bench_bridge import (
     BridgeProcess,
     PrivateMosquitto,
     cpu_seconds,
+    frame_name,
     group_pids,
+    thread_cpu,
 )
 
 from iotpipe.amqp import declare_topology
@@ -118,6 +128,7 @@ RESULTS = ROOT / "bench" / "results" / "e2e.json"
 PLOT = ROOT / "bench" / "results" / "e2e-latency.png"
 RECEIPTS_RESULTS = ROOT / "bench" / "results" / "e2e-receipts.json"
 RECEIPTS_PLOT = ROOT / "bench" / "results" / "e2e-receipts-latency.png"
+PROFILE = ROOT / "bench" / "results" / "e2e-consumer-profile"
 DEVICES = 10
 READINGS = 3
 PUMP_EVERY = 32
@@ -780,6 +791,7 @@ class Rig:
     duration: float
     window: int
     rounds_run: int = 0
+    consumer_threads_cpu: dict[int, float] = field(default_factory=dict)
 
     @property
     def drain_timeout(self) -> float:
@@ -837,24 +849,38 @@ class Rig:
                     forget_session(self.mosquitto.port, client_id)
             self.delete_queue(queue)
 
-    def pipeline(self, rate: float | None) -> Round:
-        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite."""
+    def pipeline(self, rate: float | None, profile: Path | None = None) -> Round:
+        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite.
+
+        With ``profile``, the consumer runs under ``py-spy record --idle`` (wall clock, waits
+        included), written there as speedscope JSON; :attr:`consumer_threads_cpu` then holds the
+        CPU seconds of each of its threads over the round.
+        """
         envelopes, queue, directory = self.fresh("pipeline")
         with self.chain(queue, directory) as (consumer, bridge, accounts):
             assert bridge.proc is not None
             assert consumer.proc is not None
-            before = {name: cpu_seconds(pids) for name, pids in accounts}
-            sent = publish(
-                self.mosquitto.port, envelopes, rate, self.warmup, self.duration, self.window
-            )
-            deadline = time.monotonic() + self.drain_timeout
-            while (n := consumer.stored()) < sent.count:
-                if consumer.proc.poll() is not None or bridge.proc.poll() is not None:
-                    raise BenchError(f"a process exited; stored {n}/{sent.count}")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"pipeline stored {n}/{sent.count}:\n{consumer.tail()}")
-                time.sleep(0.2)
-            after = {name: cpu_seconds(pids) for name, pids in accounts}
+            with contextlib.ExitStack() as stack:
+                if profile is not None:
+                    stack.enter_context(py_spy(consumer.proc.pid, profile))
+                threads_before = thread_cpu(consumer.proc.pid)
+                before = {name: cpu_seconds(pids) for name, pids in accounts}
+                sent = publish(
+                    self.mosquitto.port, envelopes, rate, self.warmup, self.duration, self.window
+                )
+                deadline = time.monotonic() + self.drain_timeout
+                while (n := consumer.stored()) < sent.count:
+                    if consumer.proc.poll() is not None or bridge.proc.poll() is not None:
+                        raise BenchError(f"a process exited; stored {n}/{sent.count}")
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"pipeline stored {n}/{sent.count}:\n{consumer.tail()}")
+                    time.sleep(0.2)
+                after = {name: cpu_seconds(pids) for name, pids in accounts}
+                threads_after = thread_cpu(consumer.proc.pid)
+                self.consumer_threads_cpu = {
+                    tid: seconds - threads_before.get(tid, 0.0)
+                    for tid, seconds in threads_after.items()
+                }
         arrived = consumer.stored_ms(sent.count)
         cpu = {"publisher": sent.cpu_s} | {k: after[k] - before[k] for k in before}
         return evaluate(rate, sent, arrived, cpu)
@@ -927,6 +953,79 @@ class Rig:
         cpu = {"publisher": sent.cpu_s, "consumer": consumer_cpu}
         cpu |= {k: after[k] - before[k] for k in before}
         return evaluate(rate, sent, arrived, cpu)
+
+
+# -- profile --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, output: Path) -> Iterator[None]:
+    """``py-spy record --idle`` of ``pid`` (every thread, waits included) into speedscope JSON."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--threads",
+            "--idle",
+            "--rate",
+            "250",
+            "--format",
+            "speedscope",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        spy.wait(timeout=60)
+
+
+def summarize_consumer_profile(
+    path: Path, threads_cpu: dict[int, float], count: int, top: int = 25
+) -> str:
+    """Where the consumer's time goes: CPU per message of each thread (/proc), then the wall
+    clock of the consuming thread (``MainThread``) by function, waits included: self time (the
+    innermost Python frame: ``select`` is waiting for deliveries or confirms, a SQLite
+    ``execute`` of ``COMMIT`` is the fsync) and total time including callees."""
+    data = json.loads(path.read_text())
+    frames = data["shared"]["frames"]
+    names_by_tid: dict[int, str] = {}
+    total = 0.0
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    for profile in data["profiles"]:
+        for stack, weight in zip(profile["samples"], profile["weights"], strict=True):
+            names = [frame_name(frames[i]) for i in stack]
+            thread = re.match(r"thread \((\d+)\): (\S+)", names[0]) if names else None
+            if thread:
+                names_by_tid[int(thread[1])] = thread[2]
+            if thread is None or thread[2] != "MainThread":
+                continue
+            total += weight
+            self_time[names[-1]] += weight
+            for name in set(names[1:]):
+                inclusive[name] += weight
+    lines = ["CPU per message by thread (/proc, user + system):"]
+    for tid, seconds in sorted(threads_cpu.items(), key=lambda item: -item[1]):
+        label = names_by_tid.get(tid, f"thread {tid}")
+        lines.append(f"  {seconds / count * 1e6:7.1f} us  {label}")
+    if total == 0:
+        return "\n".join([*lines, "", "no py-spy samples of MainThread"]) + "\n"
+    # Frames on every sample (typer, Consumer.run) are the entry chain: they say nothing.
+    calls = Counter({name: n for name, n in inclusive.items() if n < 0.97 * total})
+    lines += ["", f"MainThread wall clock, self ({total:.1f} s sampled = 100%, waits included):"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in self_time.most_common(top)]
+    lines += ["", "MainThread wall clock, including callees:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in calls.most_common(top)]
+    return "\n".join(lines) + "\n"
 
 
 # -- plot -----------------------------------------------------------------------------------------
@@ -1076,6 +1175,14 @@ def main() -> None:
     parser.add_argument(
         "--receipt-window", type=int, default=256, help="devices' receipt_window (per device)"
     )
+    parser.add_argument(
+        "--profile",
+        type=parse_rates,
+        default=[],
+        metavar="RATES",
+        help="then one more pipeline round per rate with the consumer under py-spy record "
+        "--idle; writes bench/results/e2e-consumer-profile-<rate>.txt",
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     args = parser.parse_args()
@@ -1131,6 +1238,31 @@ def receipts_rounds(
     return out
 
 
+def profile_round(rig: Rig, rate: float | None, save: bool) -> dict[str, Any]:
+    """One pipeline round at ``rate`` with the consumer under py-spy; writes the summary
+    (``e2e-consumer-profile-<rate>.txt``) unless not ``save``. Its figures are distorted by the
+    sampling, so they stay out of the results table."""
+    key = rate_key(rate)
+    speedscope = PROFILE.with_name(f"{PROFILE.name}-{key}.speedscope.json")
+    r = rig.pipeline(rate, profile=speedscope)
+    print(
+        f"profiled offered {key:>5}: stored {r.stored_msg_s:7.0f}/s  p50 "
+        f"{r.latency_ms['p50']:6.0f} p99 {r.latency_ms['p99']:6.0f} ms (under py-spy)",
+        file=sys.stderr,
+    )
+    text = (
+        f"iotpipe consume in a bench_e2e pipeline round at {key} msg/s offered, under py-spy "
+        f"record --idle --rate 250: stored {r.stored_msg_s:.0f} msg/s, latency p50/p95/p99 "
+        f"{r.latency_ms['p50']:.0f}/{r.latency_ms['p95']:.0f}/{r.latency_ms['p99']:.0f} ms\n\n"
+        + summarize_consumer_profile(speedscope, rig.consumer_threads_cpu, r.total)
+    )
+    if save:
+        speedscope.with_suffix("").with_suffix(".txt").write_text(text)
+    else:
+        print(text, file=sys.stderr)
+    return {"offered": key} | r.summary()
+
+
 def progress(name: str, offered: str, summary: dict[str, Any]) -> None:
     """One stderr line per receipts round."""
     lat = summary["receipt_latency_ms"]
@@ -1147,6 +1279,7 @@ def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     load_start = os.getloadavg()[0]  # other work on the machine skews every figure
     results: dict[str, dict[str, Round]] = {name: {} for name in PATHS}
+    profiles: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     try:
         with PrivateMosquitto(args.mosquitto_inflight) as mosquitto:
@@ -1172,6 +1305,8 @@ def run(args: argparse.Namespace) -> None:
                             file=sys.stderr,
                         )
                 receipt_rounds = receipts_rounds(rig, args, results) if args.receipts else None
+                for rate in args.profile:
+                    profiles.append(profile_round(rig, rate, not args.no_save))
                 rabbit_version = rabbit.ctl("version").stdout.strip()
             finally:
                 rabbit.kill()
@@ -1190,7 +1325,8 @@ def run(args: argparse.Namespace) -> None:
         "publisher_window": args.window,
         "mosquitto_max_inflight_messages": args.mosquitto_inflight,
         "pipeline": "paho -> Mosquitto -> iotpipe bridge (defaults) -> RabbitMQ quorum queue -> "
-        "iotpipe consume (defaults: batch 1000 / 0.2 s, prefetch 2000, fsync) -> SQLite",
+        "iotpipe consume (defaults: adaptive batches <= 1000, batch_latency 0.2 s, prefetch 2000, "
+        "fsync) -> SQLite",
         "plugin": "paho -> RabbitMQ MQTT plugin -> amq.topic -> quorum queue -> bare pika "
         "consumer (prefetch 1000, multiple ack per 250 or 50 ms)",
         "latency": "pipeline: messages.stored_ms (taken just before the batch's COMMIT) - "
@@ -1210,6 +1346,8 @@ def run(args: argparse.Namespace) -> None:
     }
     if receipt_rounds is not None:
         result["receipts"] = receipt_rounds
+    if profiles:
+        result["profiled_rounds"] = profiles
     result |= {
         "python": platform.python_version(),
         "paho": version("paho-mqtt"),

@@ -113,9 +113,13 @@ class ConsumeSettings(Section):
         "iotpipe.dead", max_length=255, description="queue keeping iotpipe.dead; '' = none"
     )
     prefetch: int = Field(2000, ge=1, le=65_535, description="unacknowledged deliveries at most")
-    batch_size: int = Field(1000, ge=1, le=65_535, description="messages per store write")
+    batch_size: int = Field(1000, ge=1, le=65_535, description="messages per store write, at most")
     batch_latency: float = Field(
-        0.2, gt=0, le=60, description="seconds a batch may wait to fill up"
+        0.2,
+        gt=0,
+        le=60,
+        description="longest wait for a first message, and longest a batch keeps growing "
+        "(a batch is written as soon as what arrived is read)",
     )
     retention_days: float = Field(7.0, gt=0, description="how long message ids are remembered")
     prune_interval: float = Field(600.0, gt=0, description="seconds between prunes of old ids")

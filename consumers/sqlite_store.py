@@ -18,10 +18,17 @@ Several consumer processes may write one file (one writer at a time, see
 
 Rollups (schema version 2): ``rollup_1m`` and ``rollup_1h`` hold, per sensor and minute or hour
 (UTC, aligned to the epoch), the count, sum, min and max of its number and boolean (0/1) values,
-so a month of a 1 Hz sensor is 720 hourly rows instead of 2.6 million readings. An ``AFTER
-INSERT`` trigger on ``readings`` maintains them: it fires only for rows really inserted, so a
-reading refused by ``INSERT OR IGNORE`` adds nothing, and the aggregates are exactly-once too.
-The same kind of trigger appends each inserted reading's key to ``readings_feed``, a numbered
+so a month of a 1 Hz sensor is 720 hourly rows instead of 2.6 million readings. They count only
+readings really inserted, so a reading refused by ``INSERT OR IGNORE`` adds nothing, and the
+aggregates are exactly-once too. :meth:`SQLiteStore.write` adds a batch's inserted readings to
+them itself, aggregated per sensor and bucket: one upsert per bucket instead of two per reading
+(a per-row trigger cost a third of the write rate). An ``AFTER INSERT`` trigger on ``readings``
+maintains them for every other writer (an older iotpipe sharing the file) and for batches of
+fewer than :data:`_BATCH_ROLLUP_ROWS` readings: a writer that aggregates marks its transaction
+with the ``meta`` row :data:`_ROLLUP_MARK` (inserted and deleted inside the transaction, so
+never committed), and the trigger skips rows inserted under that mark. A trigger without that
+condition (a file written before) is replaced when the store opens.
+An ``AFTER INSERT`` trigger appends each inserted reading's key to ``readings_feed``, a numbered
 journal of the latest :data:`FEED_KEEP` insertions (in commit order, across every writer
 process) that the dashboard's live view follows. A version 1 store is migrated when a
 :class:`SQLiteStore` opens it: tables, triggers and a backfill from ``readings`` in one
@@ -40,7 +47,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from consumers.state import DEFAULT_RETENTION_MS, SCHEMA_VERSION, Durability, StateDB
@@ -100,15 +107,32 @@ _ROLLUP_UPSERT = """
         n = n + 1, sum = sum + excluded.sum,
         min = min(min, excluded.min), max = max(max, excluded.max);
 """
+_BATCH_ROLLUP_ROWS = 16
+"""From this many readings on, a write aggregates the rollups itself (fewer: the trigger does,
+which costs less than the writer's few extra statements)."""
+_ROLLUP_MARK = "rollups_by_writer"
+"""The ``meta`` key a writer holds inside its transaction while it adds rollups itself (the
+trigger's condition spells it out)."""
 _ROLLUP_TRIGGER = (
-    "CREATE TRIGGER IF NOT EXISTS readings_rollup AFTER INSERT ON readings"
-    " WHEN NEW.value_num IS NOT NULL OR NEW.value_bool IS NOT NULL BEGIN"
+    "CREATE TRIGGER IF NOT EXISTS readings_rollup AFTER INSERT ON readings"  # noqa: S608 (constants)
+    " WHEN (NEW.value_num IS NOT NULL OR NEW.value_bool IS NOT NULL)"
+    " AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'rollups_by_writer') BEGIN"
     + "".join(
         _ROLLUP_UPSERT.format(table=table, bucket=_BUCKET.format(ts="NEW.ts_ms", width=width))
         for table, width in ROLLUPS.items()
     )
     + "END"
 )
+# A batch's aggregates of one bucket, added to what the bucket holds.
+_ROLLUP_ADD = """
+INSERT INTO {table} (site, device, sensor, bucket_ms, n, sum, min, max)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (site, device, sensor, bucket_ms) DO UPDATE SET
+    n = n + excluded.n, sum = sum + excluded.sum,
+    min = min(min, excluded.min), max = max(max, excluded.max)
+"""
+_MARK_SET = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, 'batch')"
+_MARK_CLEAR = "DELETE FROM meta WHERE key = ?"
 _ROLLUP_BACKFILL = """
 INSERT INTO {table} (site, device, sensor, bucket_ms, n, sum, min, max)
 SELECT site, device, sensor, {bucket} AS bucket, count(*), sum(v), min(v), max(v)
@@ -158,10 +182,14 @@ _UPSERT_CONFIRMATION = (
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _PRUNE_FEED = "DELETE FROM readings_feed WHERE seq <= (SELECT max(seq) FROM readings_feed) - ?"
+_FEED_END = "SELECT coalesce(max(seq), 0) FROM readings_feed"
+_FEED_SINCE = "SELECT site, device, sensor, ts_ms FROM readings_feed WHERE seq > ?"
 
 _Row = tuple[
     str, str, str, int, float | int | None, int | None, str | None, str | None, str, str | None
 ]
+_Bucket = tuple[str, str, str, int]  # site, device, sensor, bucket_ms
+_Aggregate = list[float]  # n, sum, min, max
 
 
 # Built once: json.dumps with arguments builds a new encoder on every call.
@@ -213,6 +241,57 @@ def reading_rows(messages: Sequence[Message]) -> list[_Row]:
     return rows
 
 
+def first_of_each_key(rows: Sequence[_Row], keys: Iterable[tuple[object, ...]]) -> list[_Row]:
+    """The ``rows`` an ``INSERT OR IGNORE`` of them inserted, knowing the keys it inserted:
+    for each key, the first row that has it (a later one with the same key was refused)."""
+    new = set(keys)
+    inserted: list[_Row] = []
+    for row in rows:
+        key = row[:4]
+        if key in new:
+            new.discard(key)
+            inserted.append(row)
+    return inserted
+
+
+def rollup_rows(rows: Sequence[_Row]) -> dict[str, list[tuple[object, ...]]]:
+    """The rows of :data:`_ROLLUP_ADD` for each rollup table: ``rows`` (inserted readings)
+    aggregated per sensor and bucket; strings count nowhere, booleans as 0/1."""
+    minutes: dict[_Bucket, _Aggregate] = {}
+    width = ROLLUPS["rollup_1m"]
+    for site, device, sensor, ts_ms, num, flag, *_ in rows:
+        value = num if num is not None else flag
+        if value is None:
+            continue
+        key = (site, device, sensor, ts_ms - ts_ms % width)  # floor, also before 1970
+        aggregate = minutes.get(key)
+        if aggregate is None:
+            minutes[key] = [1, value, value, value]
+        else:
+            aggregate[0] += 1
+            aggregate[1] += value
+            aggregate[2] = min(aggregate[2], value)
+            aggregate[3] = max(aggregate[3], value)
+    out = {"rollup_1m": [(*key, *aggregate) for key, aggregate in minutes.items()]}
+    # The wider tables from the minutes: a batch spans few of them.
+    for table, width in ROLLUPS.items():
+        if table == "rollup_1m":
+            continue
+        wider: dict[_Bucket, _Aggregate] = {}
+        for (site, device, sensor, minute), (n, total, low, high) in minutes.items():
+            key = (site, device, sensor, minute - minute % width)
+            aggregate = wider.get(key)
+            if aggregate is None:
+                wider[key] = [n, total, low, high]
+            else:
+                aggregate[0] += n
+                aggregate[1] += total
+                aggregate[2] = min(aggregate[2], low)
+                aggregate[3] = max(aggregate[3], high)
+        out[table] = [(*key, *aggregate) for key, aggregate in wider.items()]
+    return out
+
+
 class SQLiteStore:
     """A :class:`~consumers.store.Store` writing readings to a local SQLite file.
 
@@ -261,6 +340,12 @@ class SQLiteStore:
             conn.execute(_ROLLUP_TABLE.format(table=table, width=width))
         conn.execute(_FEED_SCHEMA)
         conn.execute(CONFIRMATIONS_SCHEMA)
+        trigger = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'readings_rollup'"
+        ).fetchone()
+        if trigger is not None and _ROLLUP_MARK not in trigger[0]:
+            # Written before writers added their own rollups: it would count their rows twice.
+            conn.execute("DROP TRIGGER readings_rollup")
         conn.execute(_ROLLUP_TRIGGER)
         conn.execute(_FEED_TRIGGER)
         if not tables >= set(ROLLUPS):
@@ -316,9 +401,23 @@ class SQLiteStore:
 
     @staticmethod
     def _insert_readings(conn: sqlite3.Connection, messages: Sequence[Message]) -> int:
-        """Insert the readings of ``messages``; return how many rows were new."""
-        # rowcount, not total_changes: the latter also counts the triggers' rollup rows.
-        return conn.executemany(_INSERT_READING, reading_rows(messages)).rowcount
+        """Insert the readings of ``messages`` and add them to the rollups; return how many
+        rows were new. Inside the write transaction."""
+        rows = reading_rows(messages)
+        if len(rows) < _BATCH_ROLLUP_ROWS:  # the trigger adds them, cheaper for so few
+            return int(conn.executemany(_INSERT_READING, rows).rowcount) if rows else 0
+        conn.execute(_MARK_SET, (_ROLLUP_MARK,))  # the trigger leaves the rollups to us
+        fed = conn.execute(_FEED_END).fetchone()[0]
+        if conn.executemany(_INSERT_READING, rows).rowcount == len(rows):
+            inserted = rows
+        else:
+            # Some were refused (their key is stored, or twice in the batch). The feed trigger
+            # numbered exactly the rows inserted, so it tells which, for the rollups count those.
+            inserted = first_of_each_key(rows, conn.execute(_FEED_SINCE, (fed,)))
+        for table, aggregates in rollup_rows(inserted).items():
+            conn.executemany(_ROLLUP_ADD.format(table=table), aggregates)
+        conn.execute(_MARK_CLEAR, (_ROLLUP_MARK,))
+        return len(inserted)
 
     def record_confirmations(self, confirmations: Sequence[Confirmation]) -> None:
         """Replace these devices' confirmation summaries, in one small transaction."""

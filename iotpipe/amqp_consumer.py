@@ -63,7 +63,7 @@ from iotpipe.errors import ConfigError, ConnectError
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 
-__all__ = ["BatchConsumer", "Delivery", "DeliverySource", "QueueSpec"]
+__all__ = ["BatchConsumer", "Delivery", "DeliverySource", "QueueSpec", "batch_wait"]
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,11 @@ class DeliverySource(Protocol):
         """Connect and start consuming (raises ConnectError; with ``retry`` keeps trying)."""
 
     def next_batch(self, max_messages: int, max_wait: float) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries, or what arrived within ``max_wait`` of the first."""
+        """Up to ``max_messages`` deliveries, as soon as those received are drained.
+
+        Waits at most ``max_wait`` for a first delivery (else ``[]``); a batch that keeps
+        growing is cut ``max_wait`` after its first delivery arrived.
+        """
         ...
 
     def ack_through(self, last: Delivery) -> None:
@@ -332,6 +336,11 @@ class BatchConsumer:
         """Whether the connection is open and the consumer registered."""
         channel = self._channel
         return channel is not None and channel.is_open and not self._cancelled
+
+    @property
+    def buffered(self) -> int:
+        """Deliveries received on the connection and not yet handed out by :meth:`next_batch`."""
+        return len(self._buffer)
 
     @property
     def server_version(self) -> str:
@@ -576,11 +585,15 @@ class BatchConsumer:
         self._cancelled = True
 
     def next_batch(self, max_messages: int, max_wait: float) -> list[Delivery]:
-        """Wait for up to ``max_messages`` deliveries, in delivery order.
+        """Up to ``max_messages`` deliveries, in delivery order, as soon as the socket is drained.
 
-        Returns when ``max_messages`` are buffered, or ``max_wait`` seconds after the first
-        delivery of this batch arrived, or (nothing arriving) after ``max_wait`` seconds with
-        ``[]``. Returns ``[]`` promptly once :meth:`stop` was called.
+        Waits (at most ``max_wait`` seconds) for the first delivery, then reads on without
+        waiting and returns as soon as a read finds nothing new: a batch is what has arrived,
+        not what a timer let accumulate (:func:`batch_wait` is the rule). It is cut earlier at
+        ``max_messages``, or ``max_wait`` seconds after its first delivery arrived when deliveries
+        keep coming faster than they are read. Under load the batches grow by themselves: what
+        arrives while the caller writes one is the next. Nothing arriving, it returns ``[]``
+        after ``max_wait``; it returns ``[]`` promptly once :meth:`stop` was called.
 
         A lost connection is logged and re-established with backoff (``epoch`` advances);
         deliveries buffered from the old connection are dropped, because the broker redelivers
@@ -595,7 +608,7 @@ class BatchConsumer:
             raise ValueError("max_messages must be at least 1")
         buffer = self._buffer
         started = time.monotonic()
-        polled = False
+        read = drained = False
         while not (self._stopping or self._closed):
             if len(buffer) >= max_messages:
                 break
@@ -608,14 +621,27 @@ class BatchConsumer:
                     )
                 if not self._reconnect(started + max_wait):
                     return []
+                read = drained = False
                 continue
             now = time.monotonic()
-            since = self._buffer_since if buffer else None
-            remaining = (started if since is None else since) + max_wait - now
-            if remaining <= 0 and polled:
+            if buffer and self._buffer_since is None:  # dispatched outside _poll (a publish)
+                self._buffer_since = now
+            since = self._buffer_since
+            wait = batch_wait(
+                len(buffer),
+                max_messages,
+                max_wait,
+                age=0.0 if since is None else now - since,
+                waited=now - started,
+                read=read,
+                drained=drained,
+            )
+            if wait is None:
                 break
-            self._poll(min(max(remaining, 0.0), _SLICE))
-            polled = True
+            before = len(buffer)
+            self._poll(min(wait, _SLICE))
+            read = True
+            drained = wait == 0.0 and len(buffer) == before
         if self._stopping or self._closed:
             return []
         return self._take(max_messages)
@@ -965,6 +991,47 @@ class BatchConsumer:
                 self.queue.name,
                 self.reconnects,
             )
+
+
+def batch_wait(
+    buffered: int,
+    max_messages: int,
+    max_wait: float,
+    *,
+    age: float,
+    waited: float,
+    read: bool,
+    drained: bool,
+) -> float | None:
+    """The batching rule of :meth:`BatchConsumer.next_batch`: how long its next read may wait.
+
+    Adaptive batching: a batch is cut as soon as the deliveries already received are drained
+    (a read that did not wait found nothing new), so a lone message is written at once and no
+    timer adds latency; under load, what arrives while one batch is written makes the next one
+    larger. ``max_wait`` only bounds the waiting: for the first delivery, and for a batch that
+    keeps growing because deliveries arrive faster than they are read.
+
+    Args:
+        buffered: deliveries received and not yet handed out.
+        max_messages: the largest batch.
+        max_wait: seconds to wait for a first delivery, and the longest a batch keeps growing
+            after its first delivery arrived.
+        age: seconds since the oldest buffered delivery arrived (ignored when none is).
+        waited: seconds since ``next_batch`` was called.
+        read: whether ``next_batch`` has read the socket yet (it always reads once).
+        drained: the last read waited for nothing and found nothing new.
+
+    Returns:
+        ``None`` to hand out the batch now (``[]`` when nothing is buffered), ``0.0`` to read
+        what is there without waiting, or the seconds to wait for a first delivery.
+    """
+    if buffered >= max_messages:
+        return None
+    if buffered:
+        return None if drained or age >= max_wait else 0.0
+    if read and waited >= max_wait:
+        return None
+    return max(max_wait - waited, 0.0)
 
 
 def _reason(error: BaseException) -> str:

@@ -133,6 +133,69 @@ def test_strings_are_not_rolled_up(tmp_path: Path) -> None:
         assert rollup(store.path, table) == {}
 
 
+def test_large_batch_with_refused_readings_rolls_up_only_the_inserted(tmp_path: Path) -> None:
+    """A batch the writer aggregates itself counts a key stored before, or twice in it, once."""
+    store = SQLiteStore(tmp_path / "t.db")
+    first = [
+        Message(f"a{i}", "home", "pi", i, "b", (Reading("t", T0 + i * 1000, i / 4, None),))
+        for i in range(10)
+    ]
+    store.write(first, [])
+    # 30 readings: 10 keys already stored (new ids), 10 new ones, each of those twice.
+    again = [Message(f"b{m.seq}", m.site, m.device, m.seq, m.boot, m.readings) for m in first]
+    fresh = [
+        Message(f"c{i}", "home", "pi", 100 + i, "b", (Reading("t", T0 + 90_000 + i, 9.0, None),))
+        for i in range(10)
+    ]
+    twice = [Message(f"d{m.seq}", m.site, m.device, m.seq, m.boot, m.readings) for m in fresh]
+    assert len(again + fresh + twice) >= sqlite_store._BATCH_ROLLUP_ROWS
+    assert store.write([*again, *fresh, *twice], []).readings == 10
+    store.close()
+    assert_rollups_match(store.path)
+    assert sum(row[0] for row in rollup(store.path, "rollup_1h").values()) == 20
+
+
+def test_rows_inserted_by_an_older_writer_are_rolled_up_by_the_trigger(tmp_path: Path) -> None:
+    """Readings another writer inserts without aggregating (an older iotpipe) still count."""
+    rng = random.Random(11)
+    store = SQLiteStore(tmp_path / "t.db")
+    store.write([random_message(rng, n) for n in range(100)], [])
+    with sqlite3.connect(store.path) as conn:  # as an older iotpipe writes: rows only
+        conn.executemany(
+            sqlite_store._INSERT_READING,
+            sqlite_store.reading_rows([random_message(rng, n) for n in range(100, 200)]),
+        )
+    conn.close()
+    store.write([random_message(rng, n) for n in range(200, 300)], [])
+    store.close()
+    assert_rollups_match(store.path)
+    with sqlite3.connect(store.path) as conn:
+        marks = conn.execute("SELECT count(*) FROM meta WHERE key = 'rollups_by_writer'")
+        assert marks.fetchone() == (0,)  # the mark never outlives a transaction
+    conn.close()
+
+
+def test_a_trigger_written_before_is_replaced_on_open(tmp_path: Path) -> None:
+    """A store whose trigger counts every row is given the new one: no reading counted twice."""
+    rng = random.Random(5)
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    store.write([random_message(rng, n) for n in range(100)], [])
+    store.close()
+    old = sqlite_store._ROLLUP_TRIGGER.replace(
+        " AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'rollups_by_writer')", ""
+    )
+    assert old != sqlite_store._ROLLUP_TRIGGER
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TRIGGER readings_rollup")
+        conn.execute(old)
+    conn.close()
+    store = SQLiteStore(path)
+    store.write([random_message(rng, n) for n in range(100, 300)], [])
+    store.close()
+    assert_rollups_match(path)
+
+
 def make_v1(path: Path, messages: list[Message]) -> None:
     """A schema version 1 store holding ``messages``: no rollups, no feed, no triggers."""
     store = SQLiteStore(path)

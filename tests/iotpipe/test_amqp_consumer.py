@@ -12,9 +12,11 @@ from typing import Any
 
 import pika
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from iotpipe.amqp import DEAD_EXCHANGE, HEADER_ERROR, TELEMETRY_EXCHANGE, MessageProperties
-from iotpipe.amqp_consumer import BatchConsumer, Delivery, QueueSpec
+from iotpipe.amqp_consumer import BatchConsumer, Delivery, QueueSpec, batch_wait
 from iotpipe.errors import ConfigError, ConnectError
 from iotpipe.receipts import EXCHANGE as RECEIPTS_EXCHANGE
 from iotpipe.settings import AmqpSettings
@@ -187,21 +189,101 @@ def test_connect_declares_queue_and_delivers_with_properties(
     assert (d.redelivered, d.delivery_count) == (False, 0)
 
 
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        # nothing in hand: wait for a first delivery, up to max_wait in all
+        ({"buffered": 0, "waited": 0.0, "read": False, "drained": False}, 0.2),
+        ({"buffered": 0, "waited": 0.15, "read": True, "drained": False}, 0.2 - 0.15),
+        ({"buffered": 0, "waited": 0.2, "read": True, "drained": False}, None),
+        ({"buffered": 0, "waited": 0.3, "read": False, "drained": False}, 0.0),  # reads once
+        # deliveries in hand: read on without waiting until a read finds nothing new
+        ({"buffered": 1, "age": 0.0, "read": True, "drained": False}, 0.0),
+        ({"buffered": 1, "age": 0.0, "read": True, "drained": True}, None),
+        ({"buffered": 999, "age": 0.19, "read": True, "drained": False}, 0.0),
+        # cut by size, or by max_wait when deliveries keep coming faster than they are read
+        ({"buffered": 1000, "age": 0.0, "read": False, "drained": False}, None),
+        ({"buffered": 5, "age": 0.2, "read": True, "drained": False}, None),
+    ],
+)
+def test_batch_wait_cuts_a_batch_once_it_is_drained(
+    state: dict[str, Any], expected: float | None
+) -> None:
+    """A batch is handed out when drained, full, or max_wait old; only an empty one waits."""
+    arguments: dict[str, Any] = {"age": 0.0, "waited": 0.0} | state
+    buffered = arguments.pop("buffered")
+    assert batch_wait(buffered, 1000, 0.2, **arguments) == pytest.approx(expected)
+
+
+@given(
+    buffered=st.integers(0, 3000),
+    max_messages=st.integers(1, 2000),
+    max_wait=st.floats(0.0, 60.0),
+    age=st.floats(0.0, 120.0),
+    waited=st.floats(0.0, 120.0),
+    read=st.booleans(),
+    drained=st.booleans(),
+)
+def test_batch_wait_never_holds_deliveries_back(
+    buffered: int,
+    max_messages: int,
+    max_wait: float,
+    age: float,
+    waited: float,
+    read: bool,
+    drained: bool,
+) -> None:
+    """With deliveries in hand no read waits; no wait exceeds max_wait; a drained batch goes."""
+    wait = batch_wait(
+        buffered, max_messages, max_wait, age=age, waited=waited, read=read, drained=drained
+    )
+    if buffered:
+        assert wait in (None, 0.0)
+        if drained or buffered >= max_messages or age >= max_wait:
+            assert wait is None
+    else:
+        assert wait is None or 0.0 <= wait <= max_wait
+        if not read:
+            assert wait is not None  # next_batch always reads the socket once
+
+
 @pytest.mark.rabbitmq
-def test_batches_are_cut_by_size_then_by_time(site: Site, make_consumer: MakeConsumer) -> None:
-    """A backlog comes in full batches; the remainder comes once max_wait passes after it arrived."""
+def test_batches_are_cut_by_size_then_as_soon_as_drained(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """A backlog in hand comes in full batches, then the remainder at once, not after max_wait."""
     consumer = make_consumer(site.url, site.spec)
     consumer.connect()
     ids = site.publish(25)
-    sizes = []
-    got: list[Delivery] = []
-    while len(got) < 25:
-        batch = consumer.next_batch(10, 2.0)
-        sizes.append(len(batch))
-        got.extend(batch)
-    assert sizes == [10, 10, 5]
+
+    def buffered() -> int:
+        consumer.sleep(0.02)  # reading the socket is what buffers deliveries
+        return consumer.buffered
+
+    wait_for(lambda: buffered() == 25, 15, "25 deliveries buffered")
+    started = time.monotonic()
+    batches = [consumer.next_batch(10, 30.0) for _ in range(3)]
+    assert time.monotonic() - started < 10  # the last 5 did not wait out max_wait
+    assert [len(batch) for batch in batches] == [10, 10, 5]
+    got = [d for batch in batches for d in batch]
     assert [d.message_id for d in got] == ids
     assert [d.tag for d in got] == list(range(1, 26))
+    assert consumer.buffered == 0
+
+
+@pytest.mark.rabbitmq
+def test_a_lone_delivery_is_handed_out_without_waiting(
+    site: Site, make_consumer: MakeConsumer
+) -> None:
+    """One message arriving is returned as soon as it is read, not max_wait after it arrived."""
+    consumer = make_consumer(site.url, site.spec)
+    consumer.connect()
+    assert consumer.next_batch(1000, 0.05) == []
+    [message_id] = site.publish(1)
+    started = time.monotonic()
+    batch = consumer.next_batch(1000, 30.0)
+    assert time.monotonic() - started < 10
+    assert [d.message_id for d in batch] == [message_id]
 
 
 @pytest.mark.rabbitmq
@@ -482,8 +564,17 @@ def test_killed_node_reconnects_and_redelivers_everything_unacked(
 
     private_rabbit.kill()
     consumer.ack_through(before[-1])  # the connection is gone: nothing may raise
+    # Until a read notices the loss, what was buffered is still handed out: deliveries of the
+    # dead connection, whose acks do nothing (the broker redelivers them all below).
+    stale: list[Delivery] = []
+
+    def lost() -> bool:
+        stale.extend(consumer.next_batch(100, 0.5))
+        return not consumer.connected
+
+    wait_for(lost, 15, "the lost connection noticed")
+    assert all(d.epoch == 1 for d in stale)
     assert consumer.next_batch(100, 0.5) == []
-    assert not consumer.connected
     private_rabbit.start()
 
     after = collect(consumer, 50, timeout=60)
