@@ -795,14 +795,11 @@ class _HardenedBroker(TrimmedBroker, Mqtt311Broker):
 
     # -- counting: small overrides around amqtt's own code ------------------------------------
 
-    async def _handle_message_delivery(
-        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: Any
-    ) -> bool:
+    async def _accept(self, client_session: Session, message: Any) -> bool:
         # One integer per PUBLISH; amqtt's message_received plugin event would cost a task each.
-        if wait_deliver.result() is not None:
+        if message is not None:
             self.received += 1
-        ok: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
-        return ok
+        return await super()._accept(client_session, message)
 
     async def _delete_session(self, client_id: str) -> None:
         # amqtt calls this only when a clean_session=1 CONNECT takes over a client id.

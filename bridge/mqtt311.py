@@ -102,10 +102,9 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
 class Mqtt311Handler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no type hints
     """amqtt's broker-side protocol handler with MQTT 3.1.1's keep-alive and redelivery rules."""
 
-    #: Counts kept for :class:`bridge.broker.BrokerStats` (class-wide: one broker per process
-    #: in production; tests read differences).
+    #: Connections ended for a silent client (class-wide: one broker per process in
+    #: production; tests read differences).
     keepalive_timeouts = 0
-    redelivered = 0
 
     #: QoS 1/2 messages sent to this client and not acknowledged yet, at most (the broker sets
     #: it from ``max_inflight_messages``); the rest wait in the session's queue, in order.
@@ -316,7 +315,6 @@ class Mqtt311Handler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ship
             return
         pending = list(session.inflight_out.values())
         if pending:
-            Mqtt311Handler.redelivered += len(pending)
             log.info(
                 "broker redelivering client_id=%s messages=%d", session.client_id, len(pending)
             )
@@ -623,11 +621,8 @@ class Mqtt311Broker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
         queue = session.delivered_message_queue
         message = first
         while True:
-            if message is not None:
-                done = asyncio.get_running_loop().create_future()
-                done.set_result(message)
-                if not await self._handle_message_delivery(session, handler, done):
-                    return False
+            if message is not None and not await self._accept(session, message):
+                return False
             if queue.empty():
                 return True
             message = queue.get_nowait()
@@ -662,9 +657,15 @@ class Mqtt311Broker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
         handler: BrokerProtocolHandler,
         wait_deliver: asyncio.Future[Any],
     ) -> bool:
-        """amqtt's checks for an incoming PUBLISH, then a broadcast that knows the publish QoS."""
+        """amqtt's entry point for one received PUBLISH (see :meth:`_accept`)."""
         del handler
-        message = wait_deliver.result()
+        return await self._accept(client_session, wait_deliver.result())
+
+    async def _accept(self, client_session: Session, message: ApplicationMessage | None) -> bool:
+        """amqtt's checks for an incoming PUBLISH, then a broadcast that knows the publish QoS.
+
+        Returns False if the message broke the protocol (the connection must end).
+        """
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=message
         )
