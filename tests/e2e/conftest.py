@@ -280,6 +280,9 @@ class Services:
             "bindings": list(bindings),
             "batch_latency": 0.05,
             "durability": "process",
+            # A free port for whatever runs on this config without --http-port (the crashing
+            # consumer): the default 9182 may belong to a pipeline running on this machine.
+            "http_port": 0,
         } | more
         config = write_config(
             self.workdir / f"{name}.toml", {"amqp": {"url": amqp_url}, "consume": consume}
