@@ -558,7 +558,7 @@ class SessionQueueLimitPlugin(BasePlugin[BaseContext]):  # type: ignore[misc]  #
         self.drops = DropCounter()
         self._broker_context = context
         # Client ids whose queue overflows now: the first drop of each overflow is logged. An id
-        # leaves once its queue is seen below the limit again (its client came back meanwhile).
+        # leaves once its queue is seen below the limit (its client came back meanwhile).
         self._overflowing: set[str] = set()
 
     async def on_broker_retained_message(
@@ -581,7 +581,11 @@ class SessionQueueLimitPlugin(BasePlugin[BaseContext]):  # type: ignore[misc]  #
         queue: asyncio.Queue[Any] = session.retained_messages
         client_id = session.client_id
         if queue.qsize() <= self.limit:
-            self._overflowing.discard(client_id)
+            # A queue exactly at the limit may be one this overflow just trimmed: amqtt fires its
+            # events after the fact, several messages at once. Only a queue below the limit shows
+            # that the client came back and took its messages, so the overflow is over.
+            if queue.qsize() < self.limit:
+                self._overflowing.discard(client_id)
             return 0
         dropped = 0
         while queue.qsize() > self.limit:

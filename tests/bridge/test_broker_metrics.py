@@ -109,6 +109,45 @@ def test_drop_counter_logs_a_burst_once_then_every_thousandth(
     assert sum(DROP_LOG in r.getMessage() for r in caplog.records) == 1999
 
 
+def test_late_queue_events_do_not_start_a_new_burst(caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt fires its queue events after the fact: one overflow stays one WARNING.
+
+    The first event trims a queue of 9 to the limit of 5; the events of the messages it already
+    counted then see a queue at the limit, which must not end the overflow (CI once logged the
+    next drop as a second burst). A queue below the limit ends it: the client took its messages.
+    """
+    from types import SimpleNamespace
+
+    from bridge.broker import SessionQueueLimitPlugin
+
+    plugin = SessionQueueLimitPlugin.__new__(SessionQueueLimitPlugin)
+    plugin.limit, plugin.drops, plugin._overflowing = 5, DropCounter(), set()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    session: Any = SimpleNamespace(client_id="away", retained_messages=queue)
+
+    def queued(count: int) -> None:
+        for i in range(count):
+            queue.put_nowait(i)
+
+    with caplog.at_level(logging.WARNING, logger="bridge.broker"):
+        queued(9)
+        assert plugin.enforce(session) == 4
+        for _ in range(4):  # the late events of messages 6..9
+            assert plugin.enforce(session) == 0
+        queued(1)
+        assert plugin.enforce(session) == 1
+        assert len(_drop_warnings(caplog, "queue_full")) == 1
+
+        while not queue.empty():  # the client comes back and takes its messages
+            queue.get_nowait()
+        queued(1)
+        assert plugin.enforce(session) == 0
+        queued(5)
+        assert plugin.enforce(session) == 1
+    assert len(_drop_warnings(caplog, "queue_full")) == 2
+    assert plugin.drops.counts["queue_full"] == 6
+
+
 # -- each reason, through real clients --------------------------------------------------------
 
 
