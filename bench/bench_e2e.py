@@ -723,10 +723,9 @@ def watch_commits(db: str, poll_s: float, pipe: Connection) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # An instrument: on a busy machine a poll delayed by the scheduler stamps late. A higher
-    # priority (where allowed) keeps it on time; it uses a few percent of one core.
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, -5)
+    # Normal priority, like every process of the chain. Raised (nice -5) it seemed to delay the
+    # consumer's own commits: stored_ms p99 16-23 ms at 1,000 msg/s over four runs, 10-18 at
+    # normal priority, on a shared machine. A poll the scheduler delays shows in the windows.
     committed: dict[int, int] = {}
     windows: array[float] = array("d")
     newest = at_newest = polls = 0
