@@ -26,7 +26,7 @@ bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/python bench/bench_broker.py --profile  # embedded broker vs Mosquitto; py-spy
 	.venv/bin/python bench/bench_influx.py
 	.venv/bin/python bench/bench_consume.py
-	.venv/bin/python bench/bench_e2e.py --profile 1000,5000  # + the consumer under py-spy
+	.venv/bin/python bench/bench_e2e.py --influx --profile 1000,5000  # + VictoriaMetrics; py-spy
 	.venv/bin/python bench/bench_e2e.py --receipts --rates 1000,max  # receipt latency, overload
 	.venv/bin/python bench/bench_dashboard.py
 	.venv/bin/python bench/bench_edge.py

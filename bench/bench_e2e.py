@@ -2,24 +2,49 @@
 MQTT plugin feeding a bare consumer, both measured in the same run.
 
     .venv/bin/python bench/bench_e2e.py [--duration 20] [--warmup 3] [--rates 1000,5000,max]
-        [--window 1000] [--mosquitto-inflight 1000] [--profile RATES] [--no-save] [--no-plot]
+        [--influx] [--commit-poll-ms 2] [--window 1000] [--mosquitto-inflight 1000]
+        [--profile RATES] [--no-save] [--no-plot]
         [--receipts [--receipt-rate 1000] [--overload-factor 2] [--overload-duration 60]
          [--receipt-window 256]]
 
 Starts a private Mosquitto and a private RabbitMQ node with the MQTT plugin (the helpers of
-``bench_bridge.py``: free loopback ports, deleted at the end), then for each offered rate runs,
-interleaved so machine noise hits both paths alike:
+``bench_bridge.py``: free loopback ports, deleted at the end), with ``--influx`` a private
+VictoriaMetrics too (as the tests start it: ``tests/victoria.py``), then for each offered rate
+runs, interleaved so machine noise hits every path alike:
 
 (a) pipeline: a paho QoS 1 publisher -> Mosquitto -> ``iotpipe bridge`` (subprocess, default
     settings, own spool and client id) -> ``iotpipe.telemetry`` -> a fresh quorum queue ->
     ``iotpipe consume`` (subprocess, default settings: adaptive batches of at most 1000,
-    ``batch_latency`` 0.2 s, prefetch 2000, ``durability = "fsync"``) into a fresh SQLite file. A message's latency is the ``stored_ms``
-    of its row in the store's ``messages`` table (the consumer's wall clock, taken inside the
-    batch's transaction just before COMMIT) minus the envelope's ``ts``.
+    ``batch_latency`` 0.2 s, prefetch 2000, ``durability = "fsync"``) into a fresh SQLite
+    file. A message's latency ends when its batch is **committed**: the consumer acks it to
+    RabbitMQ only after that, and a reader of the store sees it from then on (below).
+(i) influx (with ``--influx``): the same, but ``iotpipe consume`` writes to VictoriaMetrics over
+    the InfluxDB v2 write API (``store = "influxdb://..."``, otherwise defaults), its dedupe
+    state in a fresh SQLite state file. Committed = the state file's transaction recording the
+    batch's ids, which the consumer opens only after the server answered 204 to the points;
+    it acks after it. VictoriaMetrics answers 204 once the samples are in its memory buffers;
+    they become searchable and reach its disk within about a second, which the figure does not
+    include. After the round every sample is read back (``/api/v1/export`` after
+    ``/internal/force_flush``; it keeps duplicates): ``server_samples`` must equal
+    ``server_samples_expected`` (3 per message): nothing lost, nothing written twice.
 (b) plugin: the same publisher -> RabbitMQ's MQTT listener -> ``amq.topic`` -> a fresh quorum
     queue declared like the consumer's -> a bare pika consumer in its own process (prefetch 1000,
     one multiple-ack per 250 messages or per 50 ms) that records each message's receive time.
     Latency = receive time - ``ts``: what RabbitMQ alone costs, the baseline.
+
+Committed, measured: the consumer commits each batch in one SQLite transaction (WAL mode) that
+inserts a row per message into the ``messages`` table (the store's, or the InfluxDB store's
+state file), with ``stored_ms``, its wall clock taken inside the transaction before COMMIT and
+its fsync. A commit watcher in a child process of the bench polls that file every
+``--commit-poll-ms`` (default 2): ``PRAGMA data_version``, and only when another connection
+committed, a read of the rows newer than the newest seen (via the ``stored_ms`` index). Each row
+is stamped with the wall clock after the poll that first returned it: never before its COMMIT,
+and late by at most the interval between the previous poll's start and this poll's end
+(``commit_resolution``: p50/p99/max of those intervals; they stretch beyond the poll interval
+when the machine is busy). WAL readers never block the writer. The watcher's CPU is reported
+like the other processes' (``commit_watcher``): 30-80 us per poll, mostly waking up, so 2-4% of
+one core at the default interval, whatever the rate.
+``latency_before_commit_ms`` keeps the old figure, ``stored_ms`` - ``ts``, for comparison.
 
 The publisher is single-threaded paho with inline ``client.loop()`` (at most ``--window``
 unacknowledged). Each message is a valid wire-1.0 envelope with 3 readings from one of 10 devices;
@@ -30,11 +55,12 @@ Each round publishes ``--warmup`` + ``--duration`` seconds; statistics cover the
 after the warm-up, then the bench waits until every message arrived. All clocks are wall clocks
 of this machine, shared by the processes.
 
-Reported per path and rate: the publisher's achieved rate, the stored (received) rate within the
-measured window (at saturation: the sustained rate of the whole chain), latency p50/p95/p99/max,
-how long the backlog took to drain after the last publish, and CPU microseconds per message of
-each process. On a 2-core machine all processes compete for the same cores, and at saturation the
-publisher alone takes most of one: the figures are for *this* machine, not a capacity plan.
+Reported per path and rate: the publisher's achieved rate, the stored (committed; plugin:
+received) rate within the measured window (at saturation: the sustained rate of the whole
+chain), latency p50/p95/p99/max, how long the backlog took to drain after the last publish, and
+CPU microseconds per message of each process. On a 2-core machine all processes compete for the
+same cores, and at saturation the publisher alone takes most of one: the figures are for *this*
+machine, not a capacity plan.
 
 Prints one JSON object and writes it to ``bench/results/e2e.json``, with a plot of latency
 against offered load, ``bench/results/e2e-latency.png`` (needs matplotlib: ``pip install -e
@@ -53,7 +79,8 @@ resends what no receipt covered within clamp(4 x p99 receipt latency, 5 s, 300 s
 (c) latency: ``--receipt-rate`` msg/s for ``--warmup`` + ``--duration`` s. Receipt latency =
     the device's first publish of an envelope -> the receipt covering it received by the device
     (p50/p95/p99/max over the envelopes generated after the warm-up); beside it the store
-    latency, comparable with the pipeline round at the same rate (devices ignoring receipts).
+    latency (to committed, and before commit), comparable with the pipeline round at the same
+    rate (devices ignoring receipts).
 (d) overload: ``--overload-factor`` x the sustained rate of this run (the pipeline's ``max``
     round, run first if ``max`` is not among ``--rates``) for ``--overload-duration`` s. Reported:
     envelopes lost (generated but not in the store; every one must be), stored twice (rows with
@@ -90,10 +117,12 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.parse
+import urllib.request
 import uuid
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from multiprocessing.connection import Connection
@@ -123,6 +152,7 @@ from iotpipe.amqp_consumer import QueueSpec
 from iotpipe.envelope import Envelope, decode
 from iotpipe.receipts import decode_receipt
 from tests.rabbitmq import PrivateRabbit
+from tests.victoria import Victoria
 
 RESULTS = ROOT / "bench" / "results" / "e2e.json"
 PLOT = ROOT / "bench" / "results" / "e2e-latency.png"
@@ -137,7 +167,8 @@ ACK_INTERVAL_S = 0.05
 BINDING = "iotpipe.v1.#"
 ID_DIGITS = 8  # ids are <4-character round tag><index, 8 digits>
 ID_SLICE = slice(17, 29)  # the id in every body: after '{"v":"1.0","id":"'
-PATHS = ("pipeline", "plugin")
+PATHS = ("pipeline", "influx", "plugin")
+COMMIT_POLL_MS = 2.0  # the commit watcher's poll interval: the resolution of committed latency
 IOTPIPE = str(Path(sys.executable).parent / "iotpipe")
 
 BODY = (
@@ -524,16 +555,31 @@ def run_devices(
 
 
 class ConsumerProcess:
-    """``iotpipe consume`` as a subprocess into a fresh SQLite file, on its own queue."""
+    """``iotpipe consume`` as a subprocess on its own queue, into a fresh SQLite file, or with
+    ``influx_url`` into that InfluxDB v2 write API with a fresh state file.
 
-    def __init__(self, amqp_url: str, queue: str, workdir: Path) -> None:
+    Either way :attr:`db` is the SQLite file whose ``messages`` table gets a row per message
+    stored, in the transaction that commits it (the SQLite store: with its readings; the
+    InfluxDB store: after the server accepted the points).
+    """
+
+    def __init__(
+        self, amqp_url: str, queue: str, workdir: Path, influx_url: str | None = None
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.db = workdir / "telemetry.db"
         self.log = workdir / "consumer.log"
         self.config = workdir / "consume.toml"
+        if influx_url is None:
+            self.db = workdir / "telemetry.db"
+            store = f'store = "sqlite:///{self.db}"\n'
+        else:
+            self.db = workdir / "state.db"
+            host = influx_url.removeprefix("http://")
+            store = f'store = "influxdb://{host}"\nstate_path = "{self.db}"\n'
         self.config.write_text(
             f'[amqp]\nurl = "{amqp_url}"\n'
-            f'[consume]\nstore = "sqlite:///{self.db}"\nqueue = "{queue}"\nhttp_port = 0\n'
+            f'[consume]\n{store}queue = "{queue}"\nhttp_port = 0\n'
+            + ('[influxdb]\ntoken = "bench"\n' if influx_url else "")
         )
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -653,6 +699,171 @@ def bare_consume(url: str, queue: str, pipe: Connection) -> None:
     pipe.send(("done", out.tobytes(), deliveries, time.process_time() - began))
 
 
+# -- when rows become committed --------------------------------------------------------------------
+
+
+def watch_commits(db: str, poll_s: float, pipe: Connection) -> None:
+    """Child process: stamp each row of ``db``'s ``messages`` table with the wall clock (ms) of
+    the first poll that sees it committed, until told to stop.
+
+    A poll is ``PRAGMA data_version`` (it changes when another connection commits) and, only
+    when it changed, one read transaction selecting the rows whose ``stored_ms`` is newer than
+    the newest seen (or equal to it, when more rows share that millisecond than were seen); the
+    index on ``stored_ms`` makes that cost the new rows only. In WAL mode readers never block
+    the consumer's writes. A row is stamped with the time *after* the poll that first returned
+    it, so a stamp is never earlier than the COMMIT; the commit happened after the start of the
+    previous poll, so the stamp is late by at most the gap between the two (``windows_ms``).
+
+    Sends ``("ready",)`` after the first poll; on ``("stop",)`` polls once more, checks that
+    every committed row was stamped (a row whose ``stored_ms`` is older than one already seen,
+    i.e. the wall clock stepped back, would be missed) and sends ``("done", committed_ms by
+    index as bytes of array('q'), unobserved, polls, windows_ms as bytes of array('d'))``:
+    ``windows_ms`` holds, for each poll that found rows, the interval in which those rows were
+    committed (this poll's stamp - the previous poll's start).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Normal priority, like every process of the chain. Raised (nice -5) it seemed to delay the
+    # consumer's own commits: stored_ms p99 16-23 ms at 1,000 msg/s over four runs, 10-18 at
+    # normal priority, on a shared machine. A poll the scheduler delays shows in the windows.
+    committed: dict[int, int] = {}
+    windows: array[float] = array("d")
+    newest = at_newest = polls = 0
+    version = -1
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+
+    def poll() -> float:
+        """Stamp what is newly committed; return the stamp (wall clock, s), or 0 if none."""
+        nonlocal newest, at_newest, version
+        now = conn.execute("PRAGMA data_version").fetchone()[0]
+        if now == version:  # nothing committed since the last poll: the usual, cheap case
+            return 0.0
+        version = now
+        conn.execute("BEGIN")  # one snapshot for the queries below
+        try:
+            rows = conn.execute(
+                "SELECT id, stored_ms FROM messages WHERE stored_ms > ?", (newest,)
+            ).fetchall()
+            # A later COMMIT rarely shares the newest millisecond; count before fetching it.
+            same = conn.execute(
+                "SELECT count(*) FROM messages WHERE stored_ms = ?", (newest,)
+            ).fetchone()[0]
+            if same != at_newest:
+                rows += conn.execute(
+                    "SELECT id, stored_ms FROM messages WHERE stored_ms = ?", (newest,)
+                ).fetchall()
+                at_newest = same
+        finally:
+            conn.execute("COMMIT")
+        seen = time.time()
+        seen_ms = int(seen * 1000)
+        found = 0
+        for message_id, _stored_ms in rows:
+            index = index_of(message_id)
+            if index not in committed:
+                committed[index] = seen_ms
+                found += 1
+        top = max((stored_ms for _, stored_ms in rows), default=newest)
+        if top > newest:
+            newest = top
+            at_newest = sum(1 for _, stored_ms in rows if stored_ms == top)
+        return seen if found else 0.0
+
+    previous = time.time()
+    poll()
+    pipe.send(("ready",))
+    tick = time.monotonic()
+    while polls % 16 or not pipe.poll():  # the pipe is looked at every 16 polls
+        tick = max(tick + poll_s, time.monotonic())  # steady ticks; none made up after a stall
+        time.sleep(max(0.0, tick - time.monotonic()))
+        started = time.time()
+        polls += 1
+        if seen := poll():
+            windows.append((seen - previous) * 1000)
+        previous = started
+    pipe.recv()
+    poll()
+    everything = {index_of(row[0]) for row in conn.execute("SELECT id FROM messages")}
+    conn.close()
+    unobserved = len(everything - committed.keys())
+    out: array[int] = array("q", bytes(8 * (max(committed, default=-1) + 1)))
+    for index, ms in committed.items():
+        out[index] = ms
+    pipe.send(("done", out.tobytes(), unobserved, polls, windows.tobytes()))
+
+
+@dataclass
+class Commits:
+    """What :func:`watch_commits` saw in one round."""
+
+    committed_ms: array[int]  # by message index; 0: never seen
+    polls: int
+    windows_ms: list[float]  # per poll that found rows: the interval their COMMIT fell in
+
+    def resolution(self, poll_ms: float) -> dict[str, float]:
+        """How late a committed stamp can be: the poll interval asked for, and the measured
+        intervals the COMMITs fell in (a stamp is late by at most its interval)."""
+        ordered = sorted(self.windows_ms)
+        return {
+            "poll_interval_ms": poll_ms,
+            "window_ms_p50": round(percentile(ordered, 50), 2) if ordered else 0.0,
+            "window_ms_p99": round(percentile(ordered, 99), 2) if ordered else 0.0,
+            "window_ms_max": round(ordered[-1], 2) if ordered else 0.0,
+            "polls": self.polls,
+        }
+
+
+class CommitWatcher:
+    """:func:`watch_commits` on ``db`` in a child process, from ``with`` until :meth:`finish`.
+
+    Attributes:
+        pid: the child's process id, to account its CPU like the other processes'.
+    """
+
+    def __init__(self, db: Path, poll_ms: float) -> None:
+        context = multiprocessing.get_context("fork")
+        self._pipe, child = context.Pipe()
+        self._process = context.Process(
+            target=watch_commits, args=(str(db), poll_ms / 1000, child), name="bench-commit-watcher"
+        )
+        self.db = db
+        self.pid = 0
+        self._finished = False
+
+    def __enter__(self) -> CommitWatcher:
+        self._process.start()
+        self.pid = self._process.pid or 0
+        if not self._pipe.poll(30) or self._pipe.recv() != ("ready",):
+            self.__exit__()
+            raise BenchError(f"the commit watcher did not start on {self.db}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._process.join(10 if self._finished else 0.1)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(10)
+
+    def finish(self, count: int) -> Commits:
+        """Stop watching; what was seen of messages 0 .. count-1."""
+        self._finished = True
+        self._pipe.send(("stop",))
+        if not self._pipe.poll(60):
+            raise BenchError("the commit watcher did not answer")
+        _, raw, unobserved, polls, raw_windows = self._pipe.recv()
+        if unobserved:
+            raise BenchError(
+                f"the commit watcher missed {unobserved} committed rows (did the wall clock "
+                "step back?)"
+            )
+        committed: array[int] = array("q")
+        committed.frombytes(raw)
+        committed.extend([0] * max(0, count - len(committed)))
+        windows: array[float] = array("d")
+        windows.frombytes(raw_windows)
+        return Commits(committed[:count], polls, list(windows))
+
+
 # -- one round ------------------------------------------------------------------------------------
 
 
@@ -669,9 +880,15 @@ class Round:
     drain_s: float  # last publish -> last arrival
     cpu_us: dict[str, float] = field(default_factory=dict)
     latencies: list[int] = field(default_factory=list, repr=False)
+    # Stores only: latency to the consumer's stored_ms, taken inside the transaction before its
+    # COMMIT (what latency_ms was before it ended at the COMMIT), and how late a committed
+    # stamp can be.
+    before_commit_ms: dict[str, float] | None = None
+    commit_resolution: dict[str, float] | None = None
+    checks: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "published_msg_s": round(self.published_msg_s),
             "stored_msg_s": round(self.stored_msg_s),
             "latency_ms": self.latency_ms,
@@ -680,14 +897,32 @@ class Round:
             "drain_s": round(self.drain_s, 2),
             "cpu_us_per_msg": self.cpu_us,
         }
+        if self.before_commit_ms is not None:
+            out["latency_before_commit_ms"] = self.before_commit_ms
+        if self.commit_resolution is not None:
+            out["commit_resolution"] = self.commit_resolution
+        return out | self.checks
 
 
-def percentile(ordered: list[int], p: float) -> float:
+def percentile(ordered: Sequence[float], p: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     if not ordered:
         return float("nan")
     rank = max(1, min(len(ordered), int(-(-p * len(ordered) // 100))))
     return float(ordered[rank - 1])
+
+
+def latency_stats(sent: Published, arrived_ms: array[int]) -> tuple[dict[str, float], list[int]]:
+    """Percentiles of arrival - ts over the measured messages, and the sorted latencies."""
+    lat = sorted(arrived_ms[i] - sent.ts_ms[i] for i in range(sent.measured_from, sent.count))
+    stats = {
+        "p50": percentile(lat, 50),
+        "p95": percentile(lat, 95),
+        "p99": percentile(lat, 99),
+        "max": float(lat[-1]),
+        "mean": round(sum(lat) / len(lat), 1),
+    }
+    return stats, lat
 
 
 def evaluate(
@@ -697,26 +932,65 @@ def evaluate(
     missing = sum(1 for ms in arrived_ms if ms == 0)
     if missing:
         raise BenchError(f"{missing} of {sent.count} messages never arrived")
-    lat = sorted(arrived_ms[i] - sent.ts_ms[i] for i in range(sent.measured_from, sent.count))
+    stats, lat = latency_stats(sent, arrived_ms)
     lo, hi = sent.window[0] * 1000, sent.window[1] * 1000
     in_window = sum(1 for ms in arrived_ms if lo <= ms < hi)
     return Round(
         offered=offered,
         published_msg_s=sent.measured / sent.seconds,
         stored_msg_s=in_window / sent.seconds,
-        latency_ms={
-            "p50": percentile(lat, 50),
-            "p95": percentile(lat, 95),
-            "p99": percentile(lat, 99),
-            "max": float(lat[-1]),
-            "mean": round(sum(lat) / len(lat), 1),
-        },
+        latency_ms=stats,
         measured=sent.measured,
         total=sent.count,
         drain_s=max(0.0, max(arrived_ms) / 1000 - sent.window[1]),
         cpu_us={k: round(v / sent.count * 1e6, 1) for k, v in cpu_s.items()},
         latencies=lat,
     )
+
+
+def stats(values: list[int]) -> dict[str, float]:
+    """p50/p95/p99/max of ``values`` (sorted in place); {} if empty."""
+    values.sort()
+    if not values:
+        return {}
+    return {
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": float(values[-1]),
+    }
+
+
+def check_commit_stamps(committed_ms: array[int], stored_ms: array[int]) -> None:
+    """A message is seen committed no earlier than the ``stored_ms`` its transaction took."""
+    early = sum(1 for c, s in zip(committed_ms, stored_ms, strict=True) if c and c < s)
+    if early:
+        raise BenchError(f"{early} messages were seen committed before their stored_ms")
+
+
+def victoria_samples(url: str, ts_ms: array[int]) -> dict[str, Any]:
+    """How many samples VictoriaMetrics holds for a round's readings (raw, via
+    ``/api/v1/export`` after ``/internal/force_flush``): READINGS per message if nothing was
+    lost and nothing written twice (it keeps duplicate samples)."""
+    with urllib.request.urlopen(f"{url}/internal/force_flush", timeout=30) as response:
+        response.read()
+    query = urllib.parse.urlencode(
+        {
+            "match[]": '{__name__=~"telemetry_.*",site="bench"}',
+            # Rounds are seconds apart: the margin takes in no other round's readings.
+            "start": f"{min(ts_ms) / 1000 - 1:.3f}",
+            "end": f"{max(ts_ms) / 1000 + 1:.3f}",
+        }
+    )
+    samples = 0
+    with urllib.request.urlopen(f"{url}/api/v1/export?{query}", timeout=120) as response:
+        for line in response:
+            if line.strip():
+                samples += len(json.loads(line)["timestamps"])
+    expected = READINGS * len(ts_ms)
+    if samples != expected:
+        print(f"VictoriaMetrics holds {samples} samples, expected {expected}", file=sys.stderr)
+    return {"server_samples": samples, "server_samples_expected": expected}
 
 
 def evaluate_devices(
@@ -728,17 +1002,6 @@ def evaluate_devices(
 ) -> dict[str, Any]:
     """One receipts round as a JSON-ready summary: latencies over the envelopes generated after
     the warm-up, loss and duplicates over all of them, drain times after the load stopped."""
-
-    def stats(values: list[int]) -> dict[str, float]:
-        values.sort()
-        if not values:
-            return {}
-        return {
-            "p50": percentile(values, 50),
-            "p95": percentile(values, 95),
-            "p99": percentile(values, 99),
-            "max": float(values[-1]),
-        }
 
     measured = range(done.measured_from, done.count)
     rows, distinct = store
@@ -790,6 +1053,8 @@ class Rig:
     warmup: float
     duration: float
     window: int
+    commit_poll_ms: float = COMMIT_POLL_MS
+    victoria: Victoria | None = None
     rounds_run: int = 0
     consumer_threads_cpu: dict[int, float] = field(default_factory=dict)
 
@@ -824,13 +1089,21 @@ class Rig:
 
     @contextlib.contextmanager
     def chain(
-        self, queue: str, directory: Path
+        self, queue: str, directory: Path, influx: bool = False
     ) -> Iterator[tuple[ConsumerProcess, BridgeProcess, list[tuple[str, list[int]]]]]:
-        """The consumer on ``queue`` and a bridge, running; yields them and the processes to
-        account CPU for. Afterwards the bridge's Mosquitto session and the queue are gone."""
+        """The consumer on ``queue`` (into VictoriaMetrics if ``influx``, else SQLite) and a
+        bridge, running; yields them and the processes to account CPU for. Afterwards the
+        bridge's Mosquitto session and the queue are gone."""
         client_id = ""
+        url = None
+        servers: list[tuple[str, list[int]]] = []
+        if influx:
+            assert self.victoria is not None
+            assert self.victoria.proc is not None
+            url = self.victoria.url
+            servers = [("victoria-metrics", [self.victoria.proc.pid])]
         try:
-            with ConsumerProcess(self.rabbit.url, queue, directory / "consumer") as consumer:
+            with ConsumerProcess(self.rabbit.url, queue, directory / "consumer", url) as consumer:
                 bridge = BridgeProcess(self.mosquitto.port, self.rabbit.url, directory / "bridge")
                 config = tomllib.loads((bridge.workdir / "bridge.toml").read_text())
                 client_id = config["bridge"]["client_id"]
@@ -841,6 +1114,7 @@ class Rig:
                         *self.accounts(),
                         ("bridge", [bridge.proc.pid]),
                         ("consumer", [consumer.proc.pid]),
+                        *servers,
                     ]
                     yield consumer, bridge, accounts
         finally:
@@ -849,20 +1123,26 @@ class Rig:
                     forget_session(self.mosquitto.port, client_id)
             self.delete_queue(queue)
 
-    def pipeline(self, rate: float | None, profile: Path | None = None) -> Round:
-        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite.
+    def pipeline(
+        self, rate: float | None, profile: Path | None = None, influx: bool = False
+    ) -> Round:
+        """Publisher -> Mosquitto -> bridge -> RabbitMQ -> iotpipe consume -> SQLite, or with
+        ``influx`` -> VictoriaMetrics (InfluxDB v2 write API).
 
-        With ``profile``, the consumer runs under ``py-spy record --idle`` (wall clock, waits
-        included), written there as speedscope JSON; :attr:`consumer_threads_cpu` then holds the
-        CPU seconds of each of its threads over the round.
+        Latency ends when the message's row is committed (:func:`watch_commits`); the
+        ``stored_ms``-based figure goes beside it. With ``profile``, the consumer runs under
+        ``py-spy record --idle`` (wall clock, waits included), written there as speedscope JSON;
+        :attr:`consumer_threads_cpu` then holds the CPU seconds of each of its threads.
         """
-        envelopes, queue, directory = self.fresh("pipeline")
-        with self.chain(queue, directory) as (consumer, bridge, accounts):
+        envelopes, queue, directory = self.fresh("influx" if influx else "pipeline")
+        with self.chain(queue, directory, influx) as (consumer, bridge, chain_accounts):
             assert bridge.proc is not None
             assert consumer.proc is not None
             with contextlib.ExitStack() as stack:
                 if profile is not None:
                     stack.enter_context(py_spy(consumer.proc.pid, profile))
+                watcher = stack.enter_context(CommitWatcher(consumer.db, self.commit_poll_ms))
+                accounts = [*chain_accounts, ("commit_watcher", [watcher.pid])]
                 threads_before = thread_cpu(consumer.proc.pid)
                 before = {name: cpu_seconds(pids) for name, pids in accounts}
                 sent = publish(
@@ -877,19 +1157,31 @@ class Rig:
                     time.sleep(0.2)
                 after = {name: cpu_seconds(pids) for name, pids in accounts}
                 threads_after = thread_cpu(consumer.proc.pid)
+                commits = watcher.finish(sent.count)
                 self.consumer_threads_cpu = {
                     tid: seconds - threads_before.get(tid, 0.0)
                     for tid, seconds in threads_after.items()
                 }
-        arrived = consumer.stored_ms(sent.count)
+        stored = consumer.stored_ms(sent.count)
+        check_commit_stamps(commits.committed_ms, stored)
         cpu = {"publisher": sent.cpu_s} | {k: after[k] - before[k] for k in before}
-        return evaluate(rate, sent, arrived, cpu)
+        r = evaluate(rate, sent, commits.committed_ms, cpu)
+        r.before_commit_ms = latency_stats(sent, stored)[0]
+        r.commit_resolution = commits.resolution(self.commit_poll_ms)
+        if influx:
+            assert self.victoria is not None
+            r.checks = victoria_samples(self.victoria.url, sent.ts_ms)
+        return r
 
     def devices(self, rate: float, warmup: float, duration: float, window: int) -> dict[str, Any]:
         """Receipt-speaking devices -> Mosquitto -> bridge (receipt relay on) -> RabbitMQ ->
         iotpipe consume (receipts on) -> SQLite, receipts back the same way."""
         envelopes, queue, directory = self.fresh("receipts")
-        with self.chain(queue, directory) as (consumer, _bridge, accounts):
+        with (
+            self.chain(queue, directory) as (consumer, _bridge, chain_accounts),
+            CommitWatcher(consumer.db, self.commit_poll_ms) as watcher,
+        ):
+            accounts = [*chain_accounts, ("commit_watcher", [watcher.pid])]
             before = {name: cpu_seconds(pids) for name, pids in accounts}
             done = run_devices(
                 self.mosquitto.port,
@@ -906,13 +1198,21 @@ class Rig:
             while consumer.stored() < done.count and time.monotonic() < deadline:
                 time.sleep(0.2)
             after = {name: cpu_seconds(pids) for name, pids in accounts}
+            commits = watcher.finish(done.count)
         with contextlib.closing(sqlite3.connect(f"file:{consumer.db}?mode=ro", uri=True)) as conn:
             rows, distinct = conn.execute(
                 "SELECT count(*), count(DISTINCT device || ':' || boot || ':' || seq) FROM messages"
             ).fetchone()
-        arrived = consumer.stored_ms(done.count)
+        stored = consumer.stored_ms(done.count)
+        check_commit_stamps(commits.committed_ms, stored)
         cpu = {"devices": done.cpu_s} | {k: after[k] - before[k] for k in before}
-        return evaluate_devices(rate, done, arrived, (rows, distinct), cpu)
+        out = evaluate_devices(rate, done, commits.committed_ms, (rows, distinct), cpu)
+        measured = range(done.measured_from, done.count)
+        out["store_latency_before_commit_ms"] = stats(
+            [stored[i] - done.ts_ms[i] for i in measured if stored[i]]
+        )
+        out["commit_resolution"] = commits.resolution(self.commit_poll_ms)
+        return out
 
     def plugin(self, rate: float | None) -> Round:
         """Publisher -> RabbitMQ's MQTT plugin -> amq.topic -> a bare pika consumer."""
@@ -1032,7 +1332,7 @@ def summarize_consumer_profile(
 
 
 def plot(results: dict[str, dict[str, Round]], path: Path, title: str) -> None:
-    """Latency percentiles and stored rate against offered load, both paths, in one PNG."""
+    """Latency percentiles and stored rate against offered load, every path, in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1041,10 +1341,11 @@ def plot(results: dict[str, dict[str, Round]], path: Path, title: str) -> None:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, (lat_ax, rate_ax) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
-    colors = {"pipeline": "tab:blue", "plugin": "tab:orange"}
+    colors = {"pipeline": "tab:blue", "influx": "tab:green", "plugin": "tab:orange"}
     labels = {
-        "pipeline": "iotpipe: Mosquitto -> bridge -> RabbitMQ -> consume -> SQLite",
-        "plugin": "baseline: RabbitMQ MQTT plugin -> bare consumer",
+        "pipeline": "iotpipe: Mosquitto -> bridge -> RabbitMQ -> consume -> SQLite, committed",
+        "influx": "iotpipe, consume -> VictoriaMetrics (InfluxDB v2 API), committed",
+        "plugin": "baseline: RabbitMQ MQTT plugin -> bare consumer, received",
     }
     styles = {"p50": "-", "p95": "--", "p99": ":"}
     ticks: set[float] = set()
@@ -1092,7 +1393,7 @@ def plot(results: dict[str, dict[str, Round]], path: Path, title: str) -> None:
         xscale="log",
         yscale="log",
         xlabel="offered load, msg/s (saturation: as reached by the publisher)",
-        ylabel="latency, device ts -> stored / received (ms)",
+        ylabel="latency, device ts -> committed / received (ms)",
         title="Latency percentiles (saturation: queueing, grows with --duration)",
     )
     highest = max(r.latency_ms["p99"] for rs in results.values() for r in rs.values())
@@ -1183,6 +1484,19 @@ def main() -> None:
         help="then one more pipeline round per rate with the consumer under py-spy record "
         "--idle; writes bench/results/e2e-consumer-profile-<rate>.txt",
     )
+    parser.add_argument(
+        "--influx",
+        action="store_true",
+        help="also each rate with iotpipe consume writing to a private VictoriaMetrics "
+        "(InfluxDB v2 write API)",
+    )
+    parser.add_argument(
+        "--commit-poll-ms",
+        type=float,
+        default=COMMIT_POLL_MS,
+        help="how often the commit watcher polls the store for committed rows (the resolution "
+        f"of committed latency; default {COMMIT_POLL_MS:g})",
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     args = parser.parse_args()
@@ -1225,6 +1539,7 @@ def receipts_rounds(
         "after clamp(4 x p99 receipt latency, 5 s, 300 s)",
         "receipt_latency": "first publish -> receipt received by the device (wall clock, ms); "
         "reading_to_receipt: envelope ts (entered the outbox) -> receipt; store_latency: "
+        "envelope ts -> committed (as in the rates rounds); store_latency_before_commit: "
         "envelope ts -> stored_ms",
         "receipt_window": args.receipt_window,
         "latency_round": latency,
@@ -1275,33 +1590,74 @@ def progress(name: str, offered: str, summary: dict[str, Any]) -> None:
     )
 
 
+@contextlib.contextmanager
+def private_victoria(workdir: Path, wanted: bool) -> Iterator[Victoria | None]:
+    """A private VictoriaMetrics (as the tests start it) if ``wanted``, stopped afterwards."""
+    if not wanted:
+        yield None
+        return
+    workdir.mkdir(parents=True)
+    try:
+        server = Victoria(workdir)
+    except FileNotFoundError:
+        raise BenchError(
+            "victoria-metrics is not installed: make setup (apt-get install victoria-metrics)"
+        ) from None
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     load_start = os.getloadavg()[0]  # other work on the machine skews every figure
-    results: dict[str, dict[str, Round]] = {name: {} for name in PATHS}
+    paths = [name for name in PATHS if name != "influx" or args.influx]
+    results: dict[str, dict[str, Round]] = {name: {} for name in paths}
     profiles: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    victoria_version = None
     try:
-        with PrivateMosquitto(args.mosquitto_inflight) as mosquitto:
+        with (
+            PrivateMosquitto(args.mosquitto_inflight) as mosquitto,
+            private_victoria(tmp / "victoria", args.influx) as victoria,
+        ):
             rabbit = PrivateRabbit(tmp / "rabbitmq", mqtt=True)
             try:
                 rabbit.start()
                 with pika.BlockingConnection(pika.URLParameters(rabbit.url)) as admin:
                     declare_topology(admin.channel())  # iotpipe.telemetry, iotpipe.dead
-                rig = Rig(mosquitto, rabbit, tmp, args.warmup, args.duration, args.window)
+                rig = Rig(
+                    mosquitto,
+                    rabbit,
+                    tmp,
+                    args.warmup,
+                    args.duration,
+                    args.window,
+                    args.commit_poll_ms,
+                    victoria,
+                )
                 runs: dict[str, Callable[[float | None], Round]] = {
                     "pipeline": rig.pipeline,
+                    "influx": lambda rate: rig.pipeline(rate, influx=True),
                     "plugin": rig.plugin,
                 }
-                for rate in args.rates:  # interleaved, so machine noise hits both paths alike
-                    for name, run_path in runs.items():
-                        r = run_path(rate)
+                for rate in args.rates:  # interleaved, so machine noise hits every path alike
+                    for name in paths:
+                        r = runs[name](rate)
                         results[name][rate_key(rate)] = r
+                        before = (
+                            f" (before COMMIT p50 {r.before_commit_ms['p50']:.0f} p99 "
+                            f"{r.before_commit_ms['p99']:.0f})"
+                            if r.before_commit_ms
+                            else ""
+                        )
                         print(
                             f"{name:8} offered {rate_key(rate):>5}: published "
                             f"{r.published_msg_s:7.0f}/s stored {r.stored_msg_s:7.0f}/s  "
                             f"p50 {r.latency_ms['p50']:6.0f} p95 {r.latency_ms['p95']:6.0f} "
-                            f"p99 {r.latency_ms['p99']:6.0f} ms  drain {r.drain_s:.1f} s",
+                            f"p99 {r.latency_ms['p99']:6.0f} ms{before}  drain {r.drain_s:.1f} s",
                             file=sys.stderr,
                         )
                 receipt_rounds = receipts_rounds(rig, args, results) if args.receipts else None
@@ -1311,6 +1667,17 @@ def run(args: argparse.Namespace) -> None:
             finally:
                 rabbit.kill()
             mosquitto_version = mosquitto.version()
+            if victoria is not None:
+                # Debian's build prints no version (-version, /metrics): ask the package.
+                victoria_version = (
+                    subprocess.run(
+                        ["dpkg-query", "-W", "-f", "${Version}", "victoria-metrics"],
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    ).stdout.strip()
+                    or "unknown"
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1329,8 +1696,13 @@ def run(args: argparse.Namespace) -> None:
         "fsync) -> SQLite",
         "plugin": "paho -> RabbitMQ MQTT plugin -> amq.topic -> quorum queue -> bare pika "
         "consumer (prefetch 1000, multiple ack per 250 or 50 ms)",
-        "latency": "pipeline: messages.stored_ms (taken just before the batch's COMMIT) - "
+        "latency": "pipeline and influx: committed - envelope ts, where committed is the wall "
+        "clock of the first poll of the store's messages table (a reader in its own process, "
+        f"every {args.commit_poll_ms:g} ms) that sees the message's row committed: never early, "
+        "late by at most commit_resolution.window_ms; latency_before_commit_ms: "
+        "messages.stored_ms (taken inside the transaction, before COMMIT and its fsync) - "
         "envelope ts; plugin: receive time - envelope ts; wall clock, ms",
+        "commit_poll_ms": args.commit_poll_ms,
         "results": {
             name: {key: r.summary() for key, r in rounds.items()}
             for name, rounds in results.items()
@@ -1344,6 +1716,22 @@ def run(args: argparse.Namespace) -> None:
         ),
         "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
+    if args.influx:
+        result["influx"] = (
+            "the pipeline with iotpipe consume writing to a private VictoriaMetrics over the "
+            "InfluxDB v2 write API (store influxdb://, defaults), its dedupe state in a fresh "
+            "SQLite file: committed = the state's messages row committed, after the server "
+            "answered 204 for the points (VictoriaMetrics: in its memory buffers, searchable and "
+            "on disk within about a second, not counted); server_samples: raw samples of the "
+            "round exported afterwards"
+        )
+        result["influx_vs_pipeline_stored_at_max"] = (
+            round(
+                results["influx"]["max"].stored_msg_s / results["pipeline"]["max"].stored_msg_s, 3
+            )
+            if "max" in results["influx"] and "max" in results["pipeline"]
+            else None
+        )
     if receipt_rounds is not None:
         result["receipts"] = receipt_rounds
     if profiles:
@@ -1354,6 +1742,7 @@ def run(args: argparse.Namespace) -> None:
         "pika": version("pika"),
         "mosquitto": mosquitto_version,
         "rabbitmq": rabbit_version,
+        **({"victoria_metrics": victoria_version} if victoria_version else {}),
         "machine": f"{platform.machine()} x{os.cpu_count() or 1}",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bench_seconds": round(time.monotonic() - started),
