@@ -1509,6 +1509,8 @@ def main() -> None:
                 file=sys.stderr,
             )
             args.no_plot = True
+    if args.profile and not (Path(sys.executable).parent / "py-spy").exists():
+        sys.exit("bench_e2e: --profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         run(args)
