@@ -73,8 +73,10 @@ __all__ = [
     "ResultHandler",
     "dead_letter_properties",
     "declare_topology",
+    "decode_properties",
     "describe_error",
     "encode_properties",
+    "encode_telemetry_properties",
     "telemetry_properties",
     "vhost_of",
 ]
@@ -231,6 +233,62 @@ def telemetry_properties(
     )
 
 
+def encode_telemetry_properties(
+    *,
+    message_id: str | None,
+    version: str,
+    site: str,
+    device: str,
+    topic: str,
+    kind: Kind | str,
+    received_at: float,
+) -> bytes:
+    """``encode_properties(telemetry_properties(...))`` of the same arguments, byte for byte.
+
+    Only the message id and the timestamp change from one message of a device to the next; the
+    rest (flags, content type, headers, delivery mode, type, app id) is encoded once per
+    version, site, device, topic and kind, and kept. The bridge's per-message path.
+
+    Raises:
+        ValueError: as :func:`telemetry_properties` and :func:`encode_properties` raise it.
+    """
+    head, tail = _telemetry_parts(version, site, device, topic, kind, message_id is not None)
+    timestamp = int(received_at)
+    middle = b"" if message_id is None else _short(message_id, "message_id")
+    try:
+        stamp = _PACK_U64(timestamp)
+    except struct.error as err:
+        raise ValueError(f"property out of range: {err}") from None
+    return b"".join((head, middle, stamp, tail))
+
+
+@lru_cache(maxsize=4096)
+def _telemetry_parts(  # noqa: PLR0917 - positional: the arguments are the cache's key
+    version: str, site: str, device: str, topic: str, kind: Kind | str, with_id: bool
+) -> tuple[bytes, bytes]:
+    """What comes before the message id (or the timestamp) and after the timestamp.
+
+    Memoised: the values repeat per device. The fields' order is the property list's.
+    """
+    props = telemetry_properties(
+        message_id="" if with_id else None,
+        version=version,
+        site=site,
+        device=device,
+        topic=topic,
+        kind=kind,
+        received_at=0,
+    )
+    encoded = _encode_properties(props)
+    # Everything up to the message id (an empty short string: one zero byte) or, without one,
+    # up to the timestamp (8 zero bytes), then everything after the timestamp.
+    tail = _short(str(props.type), "type") + _short(APP_ID, "app_id")
+    head = encoded[: len(encoded) - len(tail) - 8 - (1 if with_id else 0)]
+    if head + (b"\0" if with_id else b"") + bytes(8) + tail != encoded:
+        raise AssertionError("telemetry properties are not laid out as expected")
+    return head, tail
+
+
 def dead_letter_properties(
     error: str, *, topic: str, received_at: float, message_id: str | None = None
 ) -> MessageProperties:
@@ -263,6 +321,44 @@ def _pika_properties(props: MessageProperties) -> Any:
         type=props.type,
         app_id=props.app_id,
         headers=dict(props.headers) if props.headers is not None else None,
+    )
+
+
+#: pika's property names that MessageProperties has no field for.
+_UNKEPT_PROPERTIES = (
+    "content_encoding",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "user_id",
+    "cluster_id",
+)
+
+
+def decode_properties(data: bytes) -> MessageProperties:
+    """The inverse of :func:`encode_properties` (for encoded properties kept as bytes).
+
+    Raises:
+        ValueError: ``data`` is not an encoded property list, or sets a property beyond
+            :class:`MessageProperties`.
+    """
+    props = pika.spec.BasicProperties()
+    try:
+        props.decode(data)
+    except (struct.error, IndexError, KeyError) as err:
+        raise ValueError(f"not an AMQP property list: {err}") from None
+    extra = [name for name in _UNKEPT_PROPERTIES if getattr(props, name) is not None]
+    if extra:
+        raise ValueError(f"properties beyond MessageProperties: {', '.join(extra)}")
+    return MessageProperties(
+        message_id=props.message_id,
+        content_type=props.content_type,
+        type=props.type,
+        delivery_mode=props.delivery_mode if props.delivery_mode is not None else _PERSISTENT,
+        timestamp=props.timestamp,
+        app_id=props.app_id,
+        headers=props.headers,
     )
 
 

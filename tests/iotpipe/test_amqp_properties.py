@@ -1,0 +1,136 @@
+"""Encoded AMQP properties: the bridge's per-message encoder and the decoder agree with the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iotpipe.amqp import (
+    MessageProperties,
+    _pika_properties,
+    dead_letter_properties,
+    decode_properties,
+    encode_properties,
+    encode_telemetry_properties,
+    telemetry_properties,
+)
+from iotpipe.topics import Kind
+from tests.strategies import message_ids, names, versions
+
+
+def outcome(make: Any) -> tuple[str, object]:
+    """What ``make()`` returns, or the type and message of what it raises."""
+    try:
+        return ("ok", make())
+    except Exception as err:  # any exception, so a difference in kind shows too
+        return (type(err).__name__, str(err))
+
+
+def both(**fields: Any) -> tuple[tuple[str, object], tuple[str, object]]:
+    """The per-message encoder's outcome and that of encoding telemetry_properties()."""
+    return (
+        outcome(lambda: encode_telemetry_properties(**fields)),
+        outcome(lambda: encode_properties(telemetry_properties(**fields))),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    message_id=st.none() | message_ids(),
+    version=versions(),
+    site=names(),
+    device=names(),
+    kind=st.sampled_from([Kind.TELEMETRY, Kind.STATUS, "telemetry", "status"]),
+    received_at=st.floats(0, 2**40),
+    suffix=st.text(max_size=40),
+)
+def test_the_per_message_encoder_gives_the_bytes_of_encode_properties(
+    message_id: str | None,
+    version: str,
+    site: str,
+    device: str,
+    kind: Kind | str,
+    received_at: float,
+    suffix: str,
+) -> None:
+    """For any contract values the pre-encoded parts plus id and timestamp are the same bytes."""
+    fields = {
+        "message_id": message_id,
+        "version": version,
+        "site": site,
+        "device": device,
+        "topic": f"iotpipe/v1/{site}/{device}/{kind}{suffix}",
+        "kind": kind,
+        "received_at": received_at,
+    }
+    fast, full = both(**fields)
+    assert fast[0] == "ok"
+    assert fast == full
+    assert decode_properties(fast[1]) == telemetry_properties(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"message_id": "x" * 256},
+        {"message_id": "é" * 128},
+        {"received_at": -1.0},
+        {"received_at": 2.0**64},
+        {"received_at": -0.5},
+        {"received_at": float("nan")},
+        {"kind": "receipt"},
+        {"message_id": "x" * 300, "received_at": -5.0},
+        {"version": "\ud800"},
+    ],
+)
+def test_the_per_message_encoder_fails_as_encode_properties_does(change: dict[str, Any]) -> None:
+    """Values that do not fit AMQP (or the contract) raise the same error from both encoders."""
+    fields = {
+        "message_id": "m-1",
+        "version": "1.0",
+        "site": "home",
+        "device": "pi-1",
+        "topic": "iotpipe/v1/home/pi-1/telemetry",
+        "kind": "telemetry",
+        "received_at": 1_764_000_000.5,
+    } | change
+    fast, full = both(**fields)
+    assert fast == full
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        telemetry_properties(
+            message_id="m-1",
+            version="1.0",
+            site="home",
+            device="pi-1",
+            topic="iotpipe/v1/home/pi-1/telemetry",
+            kind=Kind.TELEMETRY,
+            received_at=1_764_000_000.9,
+        ),
+        dead_letter_properties("bad JSON: ünïcödé ✓", topic="a/b/c", received_at=5),
+        dead_letter_properties("x" * 5000, topic="t", received_at=5, message_id="id-1"),
+        MessageProperties(),
+        MessageProperties(headers={}, delivery_mode=1),
+        MessageProperties(content_type="text/plain", type="t", app_id="a", timestamp=0),
+    ],
+)
+def test_decoding_gives_back_the_encoded_properties(props: MessageProperties) -> None:
+    """decode_properties() inverts encode_properties() (pika's own encoding of them too)."""
+    assert decode_properties(encode_properties(props)) == props
+    assert decode_properties(b"".join(_pika_properties(props).encode())) == props
+
+
+def test_decoding_refuses_what_is_not_a_property_list() -> None:
+    """Truncated bytes, or properties MessageProperties cannot hold, raise ValueError."""
+    encoded = encode_properties(MessageProperties(message_id="m-1", headers={"a": "b"}))
+    with pytest.raises(ValueError, match="not an AMQP property list"):
+        decode_properties(encoded[: len(encoded) // 2])
+    priority = b"\x08\x00\x05"  # flags: priority only, then its octet
+    with pytest.raises(ValueError, match="beyond MessageProperties: priority"):
+        decode_properties(priority)
