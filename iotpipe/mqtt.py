@@ -9,7 +9,9 @@ exhausted, and every ``publish()`` result is checked: nothing is dropped silentl
 Under paho sits a buffered socket (one ``recv()`` for every packet the kernel holds; the PUBACKs
 of one pass of the bridge's loop sent in one ``send()``). It replaces a private attribute of
 paho (see :mod:`iotpipe.compat`), verified against paho-mqtt 2.2.0 only (pinned exactly); where
-it cannot be installed the client falls back to paho's own loop.
+it cannot be installed the client falls back to paho's own loop. With it in place, a QoS 1
+PUBACK is written to it directly (4 bytes, as paho would write them) whenever paho has nothing
+of its own waiting to be written, so the acknowledgements stay in order with paho's packets.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
@@ -106,6 +109,9 @@ class Subscriber(Protocol):
 SubscriberFactory = Callable[[MessageHandler], Subscriber]
 
 _READ_SIZE = 65536
+#: A PUBACK: fixed header (type 4, no flags), remaining length 2, packet id.
+_PUBACK = struct.Struct("!BBH")
+_PUBACK_HEADER = 0x40
 
 
 class _BufferedSocket:
@@ -148,6 +154,11 @@ class _BufferedSocket:
         """Bytes readable without waiting: buffered here plus, for TLS, inside the SSL object."""
         inner = self._inner_pending() if self._inner_pending is not None else 0
         return len(self._in) - self._pos + inner
+
+    def queue(self, data: bytes) -> None:
+        """Append ``data`` to what goes out at the next :meth:`flush` (corking the socket)."""
+        self.corked = True
+        self._out += data
 
     def send(self, data: bytes | bytearray) -> int:
         """Send ``data``, or queue all of it while corked or while earlier bytes still wait."""
@@ -250,6 +261,7 @@ class MqttClient:
         self.reconnects = 0
         self._inflight: set[int] = set()
         self._on_message = on_message
+        self._manual_ack = manual_ack
         self._connack: ReasonCode | None = None
         self._connected = False
         self._session_present = False
@@ -565,10 +577,16 @@ class MqttClient:
         The PUBACK goes out with the next :meth:`pump` (with every other one queued till then),
         or when the connection is closed; without the buffered socket, at once.
         """
-        sock = self._client.socket()
+        client = self._client
+        sock = client.socket()
         if isinstance(sock, _BufferedSocket):
+            if qos == 1 and self._manual_ack and not client.want_write():
+                # paho keeps no state for a QoS 1 message it delivered with manual acks: its
+                # ack() only writes this packet, through a queue and a write loop per message.
+                sock.queue(_PUBACK.pack(_PUBACK_HEADER, 2, mid))
+                return
             sock.corked = True
-        self._client.ack(mid, qos)
+        client.ack(mid, qos)
 
 
 def _paho_reason(rc: MQTTErrorCode | int) -> str:
