@@ -25,6 +25,9 @@ The hooks (library and verified release: the private name, who uses it, for what
 - pika 1.4.4: ``Connection._output_marshaled_frames``, overridden by ``iotpipe.amqp`` where
   :func:`pika_can_batch` says so, to write the frames of many publishes at once. Fallback: a
   write per frame, as pika does it.
+- pika 1.4.4: ``Connection._body_max_length`` (read), where :func:`pika_can_batch` says so, by
+  ``iotpipe.amqp``'s publish, which builds a message's three frames itself (pika builds five
+  objects per message for them) when the body fits one frame. Fallback: ``basic_publish``.
 - pika 1.4.4: ``BlockingConnection._impl.server_properties``, read by
   :func:`pika_server_version` for ``iotpipe.amqp_consumer``'s quorum-queue check. Fallback:
   version unknown, the check is left to the broker.

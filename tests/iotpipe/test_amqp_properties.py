@@ -1,13 +1,17 @@
-"""Encoded AMQP properties: the bridge's per-message encoder and the decoder agree with the rest."""
+"""Encoded properties and publish frames: the bridge's per-message path agrees with pika's."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pika.connection
+import pika.exceptions
+import pika.spec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from iotpipe import amqp
 from iotpipe.amqp import (
     MessageProperties,
     _pika_properties,
@@ -134,3 +138,71 @@ def test_decoding_refuses_what_is_not_a_property_list() -> None:
     priority = b"\x08\x00\x05"  # flags: priority only, then its octet
     with pytest.raises(ValueError, match="beyond MessageProperties: priority"):
         decode_properties(priority)
+
+
+class Channel:
+    """What the publisher needs of a pika channel; its basic_publish is pika's own path."""
+
+    def __init__(self, connection: Any, *, is_open: bool = True) -> None:
+        self.connection = connection
+        self.channel_number = 3
+        self.is_open = is_open
+
+    def basic_publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: Any, mandatory: bool
+    ) -> None:
+        """As pika.channel.Channel.basic_publish sends an open channel's message."""
+        if not self.is_open:
+            raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
+        method = pika.spec.Basic.Publish(
+            exchange=exchange, routing_key=routing_key, mandatory=mandatory
+        )
+        pika.connection.Connection._send_message(
+            self.connection, self.channel_number, method, (properties, body)
+        )
+
+
+def frames_written(publish: Any) -> bytes:
+    """The bytes a held connection collected while ``publish(connection)`` ran."""
+    connection = amqp._BatchingConnection.__new__(amqp._BatchingConnection)
+    connection._body_max_length = 131072 - 8  # pika's for the default frame_max
+    connection.hold()
+    publish(connection)
+    assert connection._held is not None
+    return b"".join(connection._held)
+
+
+@pytest.mark.parametrize("size", [1, 265, 131064, 131065, 300_000, 0])
+@pytest.mark.parametrize(
+    ("exchange", "routing_key"),
+    [("iotpipe.telemetry", "iotpipe.v1.home.pi-1.telemetry"), ("", "q"), ("e" * 255, "ü" * 127)],
+)
+def test_publish_frames_are_what_basic_publish_sends(
+    size: int, exchange: str, routing_key: str
+) -> None:
+    """Method, header and body frames are pika's bytes, for one body frame or several."""
+    body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    encoded = encode_properties(dead_letter_properties("e", topic="t", received_at=1))
+
+    def ours(connection: Any) -> None:
+        connection.publish(Channel(connection), exchange, routing_key, body, encoded)
+
+    def pikas(connection: Any) -> None:
+        Channel(connection).basic_publish(
+            exchange, routing_key, body, amqp._EncodedProperties(encoded), True
+        )
+
+    assert frames_written(ours) == frames_written(pikas)
+
+
+def test_publish_on_a_closed_channel_raises_as_pika_does() -> None:
+    """A closed channel refuses the publish with pika's error, and nothing is written."""
+    written = []
+
+    def closed(connection: Any) -> None:
+        with pytest.raises(pika.exceptions.ChannelWrongStateError):
+            connection.publish(Channel(connection, is_open=False), "e", "k", b"x", b"\0\0")
+        written.append(connection._held)
+
+    frames_written(closed)
+    assert written == [[]]
