@@ -9,9 +9,14 @@ exhausted, and every ``publish()`` result is checked: nothing is dropped silentl
 Under paho sits a buffered socket (one ``recv()`` for every packet the kernel holds; the PUBACKs
 of one pass of the bridge's loop sent in one ``send()``). It replaces a private attribute of
 paho (see :mod:`iotpipe.compat`), verified against paho-mqtt 2.2.0 only (pinned exactly); where
-it cannot be installed the client falls back to paho's own loop. With it in place, a QoS 1
-PUBACK is written to it directly (4 bytes, as paho would write them) whenever paho has nothing
-of its own waiting to be written, so the acknowledgements stay in order with paho's packets.
+it cannot be installed the client falls back to paho's own loop. With it in place, two paths
+skip paho's per-packet machinery, each leaving paho's state as paho's own path would:
+
+- reading: QoS 0/1 PUBLISH packets found whole in the buffer while paho is between packets are
+  parsed here (:func:`_parse_publish`, held to paho's results by a test over arbitrary byte
+  streams); paho reads every other packet, and everything where the hook is missing;
+- acknowledging: a QoS 1 PUBACK (4 bytes, as paho writes them) goes to the socket directly
+  whenever paho has nothing of its own waiting to be written, so the order of packets is kept.
 """
 
 from __future__ import annotations
