@@ -43,7 +43,9 @@ from iotpipe.amqp import (
     PublisherFactory,
     ResultHandler,
     dead_letter_properties,
-    telemetry_properties,
+    decode_properties,
+    encode_properties,
+    encode_telemetry_properties,
 )
 from iotpipe.envelope import Envelope, Rejection, Status, decode
 from iotpipe.errors import ConnectError
@@ -58,12 +60,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    """Where one message goes: exchange, routing key, the unchanged body and its properties."""
+    """Where one message goes: exchange, routing key, the unchanged body and its properties.
+
+    The properties are kept as they go on the wire (:func:`~iotpipe.amqp.encode_properties`):
+    encoded once, when the message is routed; :attr:`properties` reads them back.
+    """
 
     exchange: str
     routing_key: str
     body: bytes
-    properties: MessageProperties
+    encoded: bytes
+
+    @property
+    def properties(self) -> MessageProperties:
+        """The properties, decoded from :attr:`encoded`."""
+        return decode_properties(self.encoded)
 
     def to_spool(self, received_at: float) -> Entry:
         """The spool's form of this message (properties as a JSON-able dict)."""
@@ -82,7 +93,7 @@ class Routed:
     @staticmethod
     def from_spool(exchange: str, routing_key: str, body: bytes, fields: Any) -> Routed:
         """Rebuild a message read back from the spool."""
-        return Routed(exchange, routing_key, body, MessageProperties(**fields))
+        return Routed(exchange, routing_key, body, encode_properties(MessageProperties(**fields)))
 
 
 @dataclass(slots=True)
@@ -304,7 +315,7 @@ class Bridge:
         if self.publisher.connected:
             routed = inbound.routed
             self.publisher.publish(
-                routed.exchange, routed.routing_key, routed.body, routed.properties, inbound
+                routed.exchange, routed.routing_key, routed.body, routed.encoded, inbound
             )
         else:
             self._spool(inbound)
@@ -331,6 +342,7 @@ class Bridge:
         metrics = self.metrics
         to_delete: list[int] = []
         to_release: list[int] = []
+        forwarded = 0  # counted here, added once: an increment costs about what a message does
         while results:
             token, outcome = results.popleft()
             if isinstance(token, Drained):
@@ -348,22 +360,28 @@ class Bridge:
                 if token.routed.exchange == DEAD_EXCHANGE:
                     metrics.dead.labels(token.routed.routing_key.removeprefix("bridge.")).inc()
                 else:
-                    metrics.forwarded.inc()
+                    forwarded += 1
                 token.done = True
             else:
-                if outcome is Outcome.RETURNED:
-                    metrics.returned.inc()
-                    log.warning(
-                        "bridge unroutable: no queue bound exchange=%s routing_key=%s; spooling",
-                        token.routed.exchange,
-                        token.routed.routing_key,
-                    )
-                self._spool(token)
+                self._not_taken(token, outcome)
+        if forwarded:
+            metrics.forwarded.inc(forwarded)
         if to_delete:
             self.spool.delete(to_delete)
             self.metrics.drained.inc(len(to_delete))
         if to_release:
             self.spool.release(to_release)
+
+    def _not_taken(self, inbound: Inbound, outcome: Outcome) -> None:
+        """RabbitMQ did not take the message (returned, nacked, failed): spool it."""
+        if outcome is Outcome.RETURNED:
+            self.metrics.returned.inc()
+            log.warning(
+                "bridge unroutable: no queue bound exchange=%s routing_key=%s; spooling",
+                inbound.routed.exchange,
+                inbound.routed.routing_key,
+            )
+        self._spool(inbound)
 
     def _ack_in_order(self) -> None:
         pending = self._pending
@@ -392,7 +410,7 @@ class Bridge:
                 routed.exchange,
                 routed.routing_key,
                 routed.body,
-                routed.properties,
+                routed.encoded,
                 Drained(spooled.id),
             )
 
@@ -489,8 +507,13 @@ def route(message: Message, received_at: float) -> Routed:
         properties = dead_letter_properties(
             str(decoded), topic=message.topic, received_at=received_at
         )
-        return Routed(DEAD_EXCHANGE, f"bridge.{decoded.reason.value}", message.payload, properties)
-    properties = telemetry_properties(
+        return Routed(
+            DEAD_EXCHANGE,
+            f"bridge.{decoded.reason.value}",
+            message.payload,
+            encode_properties(properties),
+        )
+    encoded = encode_telemetry_properties(
         message_id=decoded.id if isinstance(decoded, Envelope) else None,
         version=decoded.v,
         site=decoded.site,
@@ -499,7 +522,7 @@ def route(message: Message, received_at: float) -> Routed:
         kind="status" if isinstance(decoded, Status) else "telemetry",
         received_at=received_at,
     )
-    return Routed(TELEMETRY_EXCHANGE, to_routing_key(message.topic), message.payload, properties)
+    return Routed(TELEMETRY_EXCHANGE, to_routing_key(message.topic), message.payload, encoded)
 
 
-_EMPTY = Routed("", "", b"", MessageProperties())
+_EMPTY = Routed("", "", b"", encode_properties(MessageProperties()))

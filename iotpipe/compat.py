@@ -16,9 +16,18 @@ The hooks (library and verified release: the private name, who uses it, for what
   proxy is resolved as bytes, so the edge agent never loads the 'idna' codec (with
   ``stringprep`` and ``unicodedata``, ~0.4 MB). Fallback: paho's own connection; the same
   socket, the codec loaded.
+- paho-mqtt 2.2.0: ``Client._in_packet`` (read) and ``Client._last_bytes_received`` (set), where
+  :func:`paho_can_read_ahead` says so, for ``iotpipe.mqtt``'s own reading of the QoS 0/1
+  PUBLISH packets already in its buffered socket (paho's reader builds three objects, takes
+  three locks and makes four calls into the socket per packet). Only while paho is between
+  packets; paho reads everything else. Fallback: paho reads every packet; slower, the same
+  messages.
 - pika 1.4.4: ``Connection._output_marshaled_frames``, overridden by ``iotpipe.amqp`` where
   :func:`pika_can_batch` says so, to write the frames of many publishes at once. Fallback: a
   write per frame, as pika does it.
+- pika 1.4.4: ``Connection._body_max_length`` (read), where :func:`pika_can_batch` says so, by
+  ``iotpipe.amqp``'s publish, which builds a message's three frames itself (pika builds five
+  objects per message for them) when the body fits one frame. Fallback: ``basic_publish``.
 - pika 1.4.4: ``BlockingConnection._impl.server_properties``, read by
   :func:`pika_server_version` for ``iotpipe.amqp_consumer``'s quorum-queue check. Fallback:
   version unknown, the check is left to the broker.
@@ -55,6 +64,7 @@ __all__ = [
     "VERIFIED",
     "check_version",
     "connect_paho_by_bytes",
+    "paho_can_read_ahead",
     "pika_answer_within",
     "pika_can_batch",
     "pika_server_version",
@@ -160,6 +170,24 @@ def connect_paho_by_bytes(client: Any) -> bool:
 
     client._create_socket_connection = create_socket_connection
     return True
+
+
+def paho_can_read_ahead(client: Any) -> bool:
+    """Whether paho's reading state is laid out as ``iotpipe.mqtt``'s reader expects.
+
+    In paho-mqtt 2.2.0 ``Client._in_packet`` is a dict whose ``"command"`` is 0 between packets
+    (a packet half read keeps its first byte there), and ``Client._last_bytes_received`` is the
+    ``time.monotonic()`` of the last read, which the keepalive check compares with. A reader that
+    takes whole packets off the socket while ``command`` is 0 leaves paho where it was, provided
+    it sets that time as paho's reader would.
+    """
+    check_version("paho-mqtt")
+    state = getattr(client, "_in_packet", None)
+    return (
+        isinstance(state, dict)
+        and state.get("command") == 0
+        and isinstance(getattr(client, "_last_bytes_received", None), float)
+    )
 
 
 # -- pika ----------------------------------------------------------------------------------------

@@ -9,7 +9,14 @@ exhausted, and every ``publish()`` result is checked: nothing is dropped silentl
 Under paho sits a buffered socket (one ``recv()`` for every packet the kernel holds; the PUBACKs
 of one pass of the bridge's loop sent in one ``send()``). It replaces a private attribute of
 paho (see :mod:`iotpipe.compat`), verified against paho-mqtt 2.2.0 only (pinned exactly); where
-it cannot be installed the client falls back to paho's own loop.
+it cannot be installed the client falls back to paho's own loop. With it in place, two paths
+skip paho's per-packet machinery, each leaving paho's state as paho's own path would:
+
+- reading: QoS 0/1 PUBLISH packets found whole in the buffer while paho is between packets are
+  parsed here (:func:`_parse_publish`, held to paho's results by a test over arbitrary byte
+  streams); paho reads every other packet, and everything where the hook is missing;
+- acknowledging: a QoS 1 PUBACK (4 bytes, as paho writes them) goes to the socket directly
+  whenever paho has nothing of its own waiting to be written, so the order of packets is kept.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import logging
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -106,6 +114,9 @@ class Subscriber(Protocol):
 SubscriberFactory = Callable[[MessageHandler], Subscriber]
 
 _READ_SIZE = 65536
+#: A PUBACK: fixed header (type 4, no flags), remaining length 2, packet id.
+_PUBACK = struct.Struct("!BBH")
+_PUBACK_HEADER = 0x40
 
 
 class _BufferedSocket:
@@ -144,10 +155,23 @@ class _BufferedSocket:
         self._pos = min(start + bufsize, len(self._in))
         return self._in[start : self._pos]
 
+    def unread(self) -> tuple[bytes, int]:
+        """The buffered bytes and the position of the first one not yet read."""
+        return self._in, self._pos
+
+    def skip_to(self, pos: int) -> None:
+        """Mark the buffered bytes before ``pos`` as read (they were parsed elsewhere)."""
+        self._pos = pos
+
     def pending(self) -> int:
         """Bytes readable without waiting: buffered here plus, for TLS, inside the SSL object."""
         inner = self._inner_pending() if self._inner_pending is not None else 0
         return len(self._in) - self._pos + inner
+
+    def queue(self, data: bytes) -> None:
+        """Append ``data`` to what goes out at the next :meth:`flush` (corking the socket)."""
+        self.corked = True
+        self._out += data
 
     def send(self, data: bytes | bytearray) -> int:
         """Send ``data``, or queue all of it while corked or while earlier bytes still wait."""
@@ -250,6 +274,8 @@ class MqttClient:
         self.reconnects = 0
         self._inflight: set[int] = set()
         self._on_message = on_message
+        self._manual_ack = manual_ack
+        self._read_ahead = False
         self._connack: ReasonCode | None = None
         self._connected = False
         self._session_present = False
@@ -375,6 +401,7 @@ class MqttClient:
             raise ConnectError(self.url.redacted(), _os_reason(err)) from None
         if _install_buffer(self._client) is None:
             log.debug("mqtt buffered socket not installed; using paho's own loop url=%s", self.url)
+        self._read_ahead = compat.paho_can_read_ahead(self._client)
         deadline = time.monotonic() + timeout
         while self._connack is None:
             if time.monotonic() > deadline:
@@ -461,9 +488,7 @@ class MqttClient:
             if ready[1]:
                 sock.flush()
         if readable:
-            rc = client.loop_read()
-            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock.pending():
-                rc = client.loop_read()
+            rc = self._read(client, sock)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
                 return rc
         if client.want_write():
@@ -471,6 +496,47 @@ class MqttClient:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return rc
         return client.loop_misc()
+
+    def _read(self, client: paho.Client, sock: _BufferedSocket) -> MQTTErrorCode:
+        """Read every packet the socket holds (paho's ``loop_read()`` fetches them).
+
+        While paho is between packets, the QoS 0 and (with manual acks) QoS 1 PUBLISH packets
+        found whole in the buffer are read here (:func:`_parse_publish`); paho reads the rest,
+        and the first packet of each burst, which fills the buffer.
+        """
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if not (self._read_ahead and sock.pending()):
+            rc = client.loop_read()
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock.pending():
+            if not (
+                self._read_ahead
+                and client._in_packet["command"] == 0  # paho is between packets (compat)
+                and cast(object, client.socket()) is sock  # not closed by paho meanwhile
+                and self._read_publishes(client, sock)
+            ):
+                rc = client.loop_read()
+        return rc
+
+    def _read_publishes(self, client: paho.Client, sock: _BufferedSocket) -> bool:
+        """Deliver the PUBLISH packets at the head of the buffer; False if there is none."""
+        data, pos = sock.unread()
+        end = len(data)
+        manual_ack = self._manual_ack
+        on_message = self._on_message
+        taken = False
+        while pos < end:
+            parsed = _parse_publish(data, pos, end, manual_ack)
+            if parsed is None:
+                break
+            pos, message = parsed
+            sock.skip_to(pos)  # first: a handler that raises leaves the next packet to read
+            if not taken:
+                taken = True
+                # What paho's reader sets; its keepalive check compares with it (compat).
+                client._last_bytes_received = time.monotonic()
+            if on_message is not None:
+                on_message(message)
+        return taken
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Publish one message, first waiting (pumping) while the in-flight window is full.
@@ -565,10 +631,54 @@ class MqttClient:
         The PUBACK goes out with the next :meth:`pump` (with every other one queued till then),
         or when the connection is closed; without the buffered socket, at once.
         """
-        sock = self._client.socket()
+        client = self._client
+        sock = client.socket()
         if isinstance(sock, _BufferedSocket):
+            if qos == 1 and self._manual_ack and not client.want_write():
+                # paho keeps no state for a QoS 1 message it delivered with manual acks: its
+                # ack() only writes this packet, through a queue and a write loop per message.
+                sock.queue(_PUBACK.pack(_PUBACK_HEADER, 2, mid))
+                return
             sock.corked = True
-        self._client.ack(mid, qos)
+        client.ack(mid, qos)
+
+
+def _parse_publish(data: bytes, pos: int, end: int, manual_ack: bool) -> tuple[int, Message] | None:
+    """The MQTT 3.1.1 PUBLISH packet whole in ``data[pos:end]``, as paho would deliver it.
+
+    Returns where the next packet starts and the message; None (leave it to paho) for any other
+    packet, one not whole yet, QoS 2 (paho keeps its state), QoS 1 that paho acknowledges itself
+    (no manual acks), and anything paho would refuse or deliver differently: a remaining length
+    over 4 bytes, an empty topic, a topic that is not UTF-8, a packet too short for its fields.
+    """
+    command = data[pos]
+    qos = (command >> 1) & 3
+    if command >> 4 != 3 or qos > (1 if manual_ack else 0):
+        return None
+    start = pos + 1
+    length = shift = 0
+    while True:
+        if start >= end or shift > 21:
+            return None
+        byte = data[start]
+        start += 1
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            break
+        shift += 7
+    stop = start + length
+    if stop > end or length < 2:
+        return None
+    topic_end = start + 2 + (data[start] << 8 | data[start + 1])
+    body = topic_end + 2 if qos else topic_end
+    if topic_end == start + 2 or body > stop:
+        return None
+    try:
+        topic = data[start + 2 : topic_end].decode()
+    except UnicodeDecodeError:
+        return None
+    mid = data[topic_end] << 8 | data[topic_end + 1] if qos else 0
+    return stop, Message(topic, data[body:stop], qos, bool(command & 1), bool(command & 8), mid)
 
 
 def _paho_reason(rc: MQTTErrorCode | int) -> str:

@@ -917,10 +917,11 @@ def test_python_construction_keeps_bools_and_ints() -> None:
 def test_validator_failure_becomes_an_internal_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Should the validator itself fail, decode reports an internal rejection instead of raising."""
 
-    def explode(_payload: bytes) -> Envelope:
-        raise RuntimeError("boom\nsecond line")
+    class Exploding:
+        def validate_json(self, _payload: bytes) -> Envelope:
+            raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(Envelope, "model_validate_json", explode)
+    monkeypatch.setattr(Envelope, "__pydantic_validator__", Exploding())
     assert decode_telemetry(dumps(envelope_doc())) == Rejection(
         Reason.INTERNAL, "validator failed: RuntimeError: boom second line"
     )

@@ -239,6 +239,32 @@ def test_tls_reads_span_records_and_want_read_reaches_paho(
 # -- installing it under paho, and the fallback --------------------------------------------------
 
 
+def test_direct_pubacks_are_the_bytes_paho_writes(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """ack() of a QoS 1 message writes paho's own PUBACK, behind bytes paho already sent."""
+    ours, peer = pair
+    direct = MqttClient(MqttSettings(), client_id="direct", manual_ack=True)
+    buffered = _BufferedSocket(ours)
+    direct._client._sock = buffered  # as connect() installs it
+    buffered.send(b"earlier")
+    for mid in (1, 258, 65535):
+        direct.ack(mid, 1)
+    assert read_all(peer) == b"earlier"  # corked until the next pump
+    buffered.flush()
+    sent = read_all(peer)
+
+    theirs, their_peer = socket.socketpair()
+    with theirs, their_peer:
+        theirs.setblocking(False)
+        their_peer.setblocking(False)
+        paho_client = MqttClient(MqttSettings(), client_id="paho", manual_ack=True)._client
+        paho_client._sock = theirs
+        for mid in (1, 258, 65535):
+            paho_client.ack(mid, 1)
+        assert sent == read_all(their_peer) == bytes.fromhex("40020001 40020102 4002ffff")
+
+
 def test_install_refuses_a_client_laid_out_differently() -> None:
     """Without paho 2.2's private ``_sock`` (or with a non-socket) nothing is replaced."""
 
