@@ -996,6 +996,10 @@ class BatchConsumer:
         for t in settled:
             awaiting.discard(t)
             self._confirms[t] = ack
+        if settled and not awaiting and self._connection is not None:
+            # process_data_events returns early only for events of the BlockingConnection's
+            # own; a timer due now is one, so publish_many stops waiting at once.
+            self._connection.call_later(0, _nothing)
 
     def _publish_confirmed(
         self,
@@ -1140,6 +1144,10 @@ def batch_wait(
     if read and waited >= max_wait:
         return None
     return max(max_wait - waited, 0.0)
+
+
+def _nothing() -> None:
+    """A callback that does nothing (it only ends a wait)."""
 
 
 def _reason(error: BaseException) -> str:

@@ -255,7 +255,12 @@ def pika_confirm_async(channel: Any, on_confirm: Callable[[bool, int, bool], obj
             bool(getattr(method, "multiple", False)),
         )
 
-    select(ack_nack_callback=on_frame, callback=lambda _frame: selected.append(True))
+    def on_select_ok(_frame: Any) -> None:
+        selected.append(True)
+        # A timer due now ends process_data_events at once (channel-level frames do not).
+        channel.connection.call_later(0, lambda: None)
+
+    select(ack_nack_callback=on_frame, callback=on_select_ok)
     while not selected and channel.is_open:
         channel.connection.process_data_events(time_limit=0.1)
     return bool(selected)
