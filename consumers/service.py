@@ -13,7 +13,8 @@ One thread does everything, in a loop (the HTTP endpoint has its own):
 4. only then acknowledge the batch (``basic.ack`` with ``multiple``);
 5. record every telemetry message the store now holds (stored or duplicate; not the dead-lettered
    or refused ones) in a :class:`~iotpipe.receipts.ReceiptBook` and publish the receipts that are
-   due to ``iotpipe.receipts``, with publisher confirms (``[consume].receipts``).
+   due to ``iotpipe.receipts``, with publisher confirms (``[consume].receipts``), all of them
+   before waiting for their confirms together.
    The time from each envelope's newest reading to its receipt's confirm feeds
    ``iotpipe_consumer_confirm_latency_seconds`` and a per-device summary the store keeps
    (:mod:`consumers.confirmations`), written at most once a second in a small transaction.
@@ -59,7 +60,7 @@ from consumers.store import (
 )
 from iotpipe import receipts
 from iotpipe.amqp import CONTENT_TYPE, HEADER_DEVICE, HEADER_SITE, HEADER_VERSION, MessageProperties
-from iotpipe.amqp_consumer import BatchConsumer, Delivery, DeliverySource, QueueSpec
+from iotpipe.amqp_consumer import BatchConsumer, Delivery, DeliverySource, Outgoing, QueueSpec
 from iotpipe.envelope import Envelope, Rejection, decode
 from iotpipe.errors import IotpipeError
 from iotpipe.health import HealthServer
@@ -379,14 +380,22 @@ class Consumer:
         if book is None:
             return
         due = book.due(self._clock(), int(self._wall_clock() * 1000), flush=flush)
+        # All published first, then their confirms awaited together: one round trip, not one
+        # per device (a stall of the consuming thread as long as the fleet is large).
+        confirmed = self.amqp.publish_many(
+            [
+                Outgoing(
+                    receipts.EXCHANGE,
+                    receipts.receipt_routing_key(receipt.site, receipt.device),
+                    receipts.encode_receipt(receipt),
+                    _receipt_properties(receipt),
+                )
+                for receipt in due
+            ]
+        )
         failed = 0
-        for receipt in due:
-            if self.amqp.publish(
-                receipts.EXCHANGE,
-                receipts.receipt_routing_key(receipt.site, receipt.device),
-                receipts.encode_receipt(receipt),
-                _receipt_properties(receipt),
-            ):
+        for receipt, ok in zip(due, confirmed, strict=True):
+            if ok:
                 self._note_confirmed(receipt.site, receipt.device)
                 continue
             failed += 1

@@ -35,6 +35,12 @@ The hooks (library and verified release: the private name, who uses it, for what
   :func:`pika_answer_within` to put a deadline on ``iotpipe.amqp_consumer``'s blocking calls
   (declaring, confirming a dead letter). Fallback: no deadline; a broker that accepts the
   connection and never answers is waited for (heartbeats still end a dead connection).
+- pika 1.4.4: ``BlockingChannel._impl`` (the underlying channel), whose ``confirm_delivery``
+  (with ``BlockingChannel._delivery_confirmation`` left False, so publishes do not wait)
+  :func:`pika_confirm_async` calls with a callback of its own, so that ``iotpipe.amqp_consumer``
+  can publish several receipts and then wait for all their confirms at once
+  (``BlockingChannel.confirm_delivery`` makes every publish wait for its own). Fallback: one
+  confirmed publish after the other, as before.
 - uvicorn 0.29 to before 1: ``Server.capture_signals``, overridden by :func:`uvicorn_server`
   so that SIGTERM and Ctrl-C stop ``iotpipe dashboard`` with exit status 0. Fallback: uvicorn's
   own handling, a graceful stop after which the process dies of the signal.
@@ -67,6 +73,7 @@ __all__ = [
     "paho_can_read_ahead",
     "pika_answer_within",
     "pika_can_batch",
+    "pika_confirm_async",
     "pika_server_version",
     "replace_paho_socket",
     "uvicorn_server",
@@ -244,6 +251,47 @@ def pika_answer_within(connection: Any, seconds: float, what: str) -> Iterator[N
         yield
     finally:
         ioloop.remove_timeout(timer)
+
+
+def pika_confirm_async(channel: Any, on_confirm: Callable[[bool, int, bool], object]) -> bool:
+    """Put a ``BlockingChannel`` in confirm mode with confirms going to ``on_confirm``.
+
+    ``on_confirm(ack, delivery_tag, multiple)`` is called for every ``basic.ack`` (``ack``
+    True) or ``basic.nack`` while the connection's I/O runs (``process_data_events``); the tags
+    count the channel's publishes from 1. The channel's ``basic_publish`` then returns without
+    waiting for the confirm. In pika 1.4.4 the ``BlockingChannel`` wraps a ``pika.channel.Channel``
+    in ``_impl``, whose ``confirm_delivery(ack_nack_callback, callback)`` this calls, waiting
+    for ``Confirm.SelectOk`` by running the connection's I/O. Returns False, changing nothing,
+    where the release lays it out differently.
+
+    Raises:
+        Whatever pika raises for a broken channel or connection while waiting.
+    """
+    import pika.spec  # type: ignore[import-untyped]
+
+    impl = getattr(channel, "_impl", None)
+    select = getattr(impl, "confirm_delivery", None)
+    if not callable(select) or getattr(channel, "_delivery_confirmation", True):
+        return False
+    selected: list[bool] = []
+
+    def on_frame(frame: Any) -> None:
+        method = frame.method
+        on_confirm(
+            isinstance(method, pika.spec.Basic.Ack),
+            int(method.delivery_tag),
+            bool(getattr(method, "multiple", False)),
+        )
+
+    def on_select_ok(_frame: Any) -> None:
+        selected.append(True)
+        # A timer due now ends process_data_events at once (channel-level frames do not).
+        channel.connection.call_later(0, lambda: None)
+
+    select(ack_nack_callback=on_frame, callback=on_select_ok)
+    while not selected and channel.is_open:
+        channel.connection.process_data_events(time_limit=0.1)
+    return bool(selected)
 
 
 # -- uvicorn -------------------------------------------------------------------------------------

@@ -36,14 +36,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from iotpipe.amqp import MessageProperties, Outcome, ResultHandler
-from iotpipe.amqp_consumer import Delivery
+from iotpipe.amqp_consumer import Delivery, Outgoing
 from iotpipe.errors import ConnectError
 from iotpipe.mqtt import Message, MessageHandler, MqttClient
 from iotpipe.recording import RecordedMessage, read_recording
@@ -639,6 +639,8 @@ class MemorySource:
             flip it at any time.
 
     Attributes:
+        refused_keys: routing keys :meth:`publish_many` does not confirm (the others it does,
+            as :meth:`publish`): a batch of publishes partly confirmed.
         acked: delivery tags acknowledged (dead-lettered ones included), in order.
         requeued: delivery tags requeued, in order.
         dead_letters: what was dead-lettered, in order.
@@ -654,6 +656,7 @@ class MemorySource:
     ) -> None:
         self.dead_letters_confirmed = dead_letters_confirmed
         self.publishes_confirmed = publishes_confirmed
+        self.refused_keys: set[str] = set()
         self.published: list[Published] = []
         self.unconfirmed: list[Published] = []
         self.acked: list[int] = []
@@ -801,6 +804,18 @@ class MemorySource:
             (self.published if confirmed else self.unconfirmed).append(message)
             self._changed.notify_all()
             return confirmed
+
+    def publish_many(self, messages: Sequence[Outgoing]) -> list[bool]:
+        """:meth:`publish` each; one whose routing key is in ``refused_keys`` is not confirmed."""
+        outcomes = []
+        for message in messages:
+            with self._changed:
+                refused = message.routing_key in self.refused_keys
+            outcomes.append(not refused and self.publish(*message))
+            if refused:
+                with self._changed:
+                    self.unconfirmed.append(Published(*message, None))
+        return outcomes
 
     def wait_published(self, count: int, timeout: float = 5.0) -> list[Published]:
         """Wait until ``count`` publishes were confirmed; returns a copy of :attr:`published`."""

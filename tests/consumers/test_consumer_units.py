@@ -327,6 +327,27 @@ def test_an_unconfirmed_receipt_is_kept_and_sent_again(tmp_path: Path) -> None:
     assert registry.get_sample_value("iotpipe_consumer_receipts_pending") == 0
 
 
+def test_receipts_of_one_round_are_settled_each_by_its_own_confirm(tmp_path: Path) -> None:
+    """Receipts published together: the confirmed ones count, the refused one alone is kept."""
+    clock = FakeClock()
+    consumer, source, _store = make(tmp_path, clock=clock)
+    source.refused_keys = {"iotpipe.v1.s1.d2.receipt"}
+    for device, seq in (("d1", 1), ("d2", 5), ("d3", 9)):
+        key = f"iotpipe.v1.s1.{device}.telemetry"
+        source.add(key, envelope("s1", device, seq), message_id=f"s1-{device}-{seq}")
+    consumer.process(source.next_batch(10, 0))
+    assert stored_in(source.published) == {"d1": [(1, 1)], "d3": [(9, 9)]}
+    assert stored_in(source.unconfirmed) == {"d2": [(5, 5)]}
+    registry = consumer.metrics.registry
+    assert registry.get_sample_value("iotpipe_consumer_receipts_published_total") == 2
+    assert registry.get_sample_value("iotpipe_consumer_receipt_failures_total") == 1
+    assert registry.get_sample_value("iotpipe_consumer_receipts_pending") == 1
+    source.refused_keys = set()
+    clock.now += 1.0
+    consumer.send_receipts()
+    assert stored_in(source.published[2:]) == {"d2": [(5, 5)]}
+
+
 def test_receipts_off_sends_none(tmp_path: Path) -> None:
     """A consumer that is not the store of record (receipts = false) publishes nothing."""
     clock = FakeClock()
