@@ -1365,8 +1365,13 @@ def plot(results: dict[str, dict[str, Round]], path: Path, title: str) -> None:
             rate_ax.plot(x, y, marker, color=colors[name])
         if "max" in rounds:
             r = rounds["max"]
-            rate_ax.annotate(
-                f"  {r.stored_msg_s:,.0f}/s sustained", (xs[-1], r.stored_msg_s), fontsize=8
+            rate_ax.annotate(  # left of and below the marker: the right edge is near
+                f"{r.stored_msg_s:,.0f}/s sustained",
+                (xs[-1], r.stored_msg_s),
+                xytext=(-6, -12),
+                textcoords="offset points",
+                ha="right",
+                fontsize=8,
             )
     top = max(r.offered or r.published_msg_s for rs in results.values() for r in rs.values())
     rate_ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
@@ -1377,7 +1382,7 @@ def plot(results: dict[str, dict[str, Round]], path: Path, title: str) -> None:
             *[Line2D([], [], color="black", linestyle=s, label=p) for p, s in styles.items()],
             Line2D([], [], color="black", marker="s", linestyle="", label="saturation"),
         ],
-        fontsize=8,
+        fontsize=7,
         loc="upper left",
     )
     rate_ax.legend(
@@ -1386,8 +1391,8 @@ def plot(results: dict[str, dict[str, Round]], path: Path, title: str) -> None:
             Line2D([], [], color="grey", linewidth=0.8, label="stored = offered"),
             Line2D([], [], color="black", marker="s", linestyle="", label="saturation"),
         ],
-        fontsize=8,
-        loc="upper left",
+        fontsize=7,
+        loc="lower right",  # the lines rise from lower left; the markers' labels are upper right
     )
     lat_ax.set(
         xscale="log",
