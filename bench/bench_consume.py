@@ -31,7 +31,8 @@ window (``/proc/<pid>/stat``, user + system, all threads) and the codec's CPU pe
 (``decode`` + ``Message.from_envelope``), so a slow path says where its time goes. The rates
 include RabbitMQ delivering from a quorum queue, which competes for the same 2 cores.
 ``--profile`` runs one more SQLite consume round under cProfile (slower: a distorted clock, but
-the shares are indicative) and writes ``bench/results/consume-profile.txt``.
+the shares are indicative) and writes ``bench/results/consume-profile.txt`` (with
+``--no-save``, prints it to stderr).
 
 Prints one JSON object: per store the medians of consume and raw readings/s, their ratio, the
 samples and the CPU cost; the target (``consume`` into SQLite >= 10,000 readings/s on this
@@ -619,8 +620,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{rig.readings} readings under cProfile: {sample.readings_s:,.0f} "
                         f"readings/s (cProfile slows pure-Python code; read the shares)",
                     )
-                    PROFILE.parent.mkdir(parents=True, exist_ok=True)
-                    PROFILE.write_text(profile_note)
+                    if args.no_save:
+                        print(profile_note, file=sys.stderr)
+                    else:
+                        PROFILE.parent.mkdir(parents=True, exist_ok=True)
+                        PROFILE.write_text(profile_note)
             finally:
                 rig.kill_all()
                 broker.delete_all()
