@@ -89,7 +89,7 @@ import pika  # type: ignore[import-untyped]
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/ is not an installed package; PrivateRabbit lives there
 
-from benchlib import PUMP_EVERY, paho_client, publish_windowed  # noqa: E402
+from benchlib import PUMP_EVERY, paho_client, publish_windowed, py_spy  # noqa: E402
 
 from iotpipe.envelope import Envelope, decode  # noqa: E402
 from iotpipe.receipts import EXCHANGE as RECEIPTS_EXCHANGE  # noqa: E402
@@ -548,27 +548,8 @@ class Rig:
             if feed:
                 feeder_pid, stop_feeder = stack.enter_context(receipt_feeder(self.rabbit.url, feed))
                 processes.append(("feeder", feeder_pid))
-            spy = None
             if profile is not None:
-                spy = subprocess.Popen(
-                    [
-                        str(Path(sys.executable).parent / "py-spy"),
-                        "record",
-                        "--pid",
-                        str(bridge.proc.pid),
-                        "--threads",
-                        "--gil",
-                        "--rate",
-                        "250",
-                        "--format",
-                        "speedscope",
-                        "--output",
-                        str(profile),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                time.sleep(1.0)  # py-spy attaches
+                stack.enter_context(py_spy(bridge.proc.pid, profile, "--gil"))
             before = thread_cpu(bridge.proc.pid)
             try:
                 yield processes
@@ -584,9 +565,6 @@ class Rig:
             finally:
                 after = thread_cpu(bridge.proc.pid)
                 self.thread_cpu = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
-                if spy is not None:
-                    spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-                    spy.wait(timeout=60)
 
     @contextlib.contextmanager
     def nothing(self) -> Iterator[list[tuple[str, int]]]:

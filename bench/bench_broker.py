@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from benchlib import PUMP_EVERY, paho_client, publish_windowed
+from benchlib import PUMP_EVERY, paho_client, publish_windowed, py_spy
 
 from bridge.broker import add_user
 
@@ -404,30 +404,8 @@ GROUPS = (
 def profile_round(rig: Rig, name: str, broker: BrokerProcess, count: int) -> str:
     """One more round with ``py-spy record`` attached to ``broker``; return the summary text."""
     raw = broker.workdir / "profile.raw"
-    spy = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "py-spy"),
-            "record",
-            "--pid",
-            str(broker.pid),
-            "--rate",
-            "250",
-            "--threads",
-            "--nolineno",
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(1.0)  # py-spy attaches
-    try:
+    with py_spy(broker.pid, raw, "--nolineno", fmt="raw"):
         profiled = rig.run(broker, count)
-    finally:
-        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-        spy.wait(timeout=60)
     settings = "logins and an ACL" if broker.credentials else "defaults: auth off, no ACL"
     header = (
         f"== {name}: {count} messages through `iotpipe broker` ({settings}) under py-spy "

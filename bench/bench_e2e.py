@@ -146,6 +146,7 @@ from bench_bridge import (
     group_pids,
     thread_cpu,
 )
+from benchlib import py_spy
 
 from iotpipe.amqp import declare_topology
 from iotpipe.amqp_consumer import QueueSpec
@@ -1140,7 +1141,9 @@ class Rig:
             assert consumer.proc is not None
             with contextlib.ExitStack() as stack:
                 if profile is not None:
-                    stack.enter_context(py_spy(consumer.proc.pid, profile))
+                    profile.parent.mkdir(parents=True, exist_ok=True)
+                    # --idle: the consuming thread's waits are part of the story.
+                    stack.enter_context(py_spy(consumer.proc.pid, profile, "--idle"))
                 watcher = stack.enter_context(CommitWatcher(consumer.db, self.commit_poll_ms))
                 accounts = [*chain_accounts, ("commit_watcher", [watcher.pid])]
                 threads_before = thread_cpu(consumer.proc.pid)
@@ -1256,36 +1259,6 @@ class Rig:
 
 
 # -- profile --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def py_spy(pid: int, output: Path) -> Iterator[None]:
-    """``py-spy record --idle`` of ``pid`` (every thread, waits included) into speedscope JSON."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    spy = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "py-spy"),
-            "record",
-            "--pid",
-            str(pid),
-            "--threads",
-            "--idle",
-            "--rate",
-            "250",
-            "--format",
-            "speedscope",
-            "--output",
-            str(output),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(1.0)  # py-spy attaches
-    try:
-        yield
-    finally:
-        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-        spy.wait(timeout=60)
 
 
 def summarize_consumer_profile(

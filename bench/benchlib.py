@@ -1,4 +1,5 @@
-"""What the MQTT benchmarks share: a paho client and the fastest windowed QoS 1 publish loop.
+"""What the benchmarks share: a paho client, the fastest windowed QoS 1 publish loop, and
+``py-spy record`` attached to a process for the length of a block.
 
 The scripts in ``bench/`` run as ``python bench/bench_X.py``, so this module is importable as
 ``benchlib`` (the script's directory is first on ``sys.path``).
@@ -6,8 +7,14 @@ The scripts in ``bench/`` run as ``python bench/bench_X.py``, so this module is 
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -67,3 +74,36 @@ def publish_windowed(
     while acked < len(messages):
         client.loop(0.01)
     return started, time.monotonic()
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, output: Path, *options: str, fmt: str = "speedscope") -> Iterator[None]:
+    """``py-spy record`` of every thread of ``pid`` at 250 Hz into ``output`` while the block runs.
+
+    ``options`` add to ``--threads`` (e.g. ``--gil``, ``--idle``); ``fmt`` is py-spy's
+    ``--format``. py-spy writes its file when it gets SIGINT, at the end of the block.
+    """
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--threads",
+            *options,
+            "--rate",
+            "250",
+            "--format",
+            fmt,
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
