@@ -907,7 +907,7 @@ class BatchConsumer:
             exchange,
             routing_key,
             body,
-            pika.BasicProperties(**dataclasses.asdict(properties)),
+            _pika_properties(properties),
             mandatory=mandatory,
         )
 
@@ -944,7 +944,7 @@ class BatchConsumer:
                         message.exchange,
                         message.routing_key,
                         message.body,
-                        pika.BasicProperties(**dataclasses.asdict(message.properties)),
+                        _pika_properties(message.properties),
                     )
                 while self._awaiting and channel.is_open:
                     self._connection.process_data_events(time_limit=_SLICE)
@@ -1148,6 +1148,11 @@ def batch_wait(
 
 def _nothing() -> None:
     """A callback that does nothing (it only ends a wait)."""
+
+
+def _pika_properties(properties: MessageProperties) -> Any:
+    """``properties`` as pika's ``BasicProperties``, for the consumer's own publishes."""
+    return pika.BasicProperties(**dataclasses.asdict(properties))
 
 
 def _reason(error: BaseException) -> str:
