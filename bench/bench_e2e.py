@@ -1396,6 +1396,14 @@ def plot(results: dict[str, dict[str, Round]], path: Path, title: str) -> None:
 # -- main -----------------------------------------------------------------------------------------
 
 
+def poll_ms(text: str) -> float:
+    """``--commit-poll-ms``: at least 0.5 ms (a watcher that never pauses takes a core)."""
+    value = float(text)
+    if not value >= 0.5:  # written so that nan is refused too
+        raise argparse.ArgumentTypeError(f"must be at least 0.5 ms: {text}")
+    return value
+
+
 def parse_rates(text: str) -> list[float | None]:
     """``1000,5000,max`` -> [1000.0, 5000.0, None]."""
     rates: list[float | None] = []
@@ -1470,7 +1478,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--commit-poll-ms",
-        type=float,
+        type=poll_ms,
         default=COMMIT_POLL_MS,
         help="how often the commit watcher polls the store for committed rows (the resolution "
         f"of committed latency; default {COMMIT_POLL_MS:g})",
