@@ -359,8 +359,10 @@ class Publisher:
                 client.publish(entry.topic, entry.payload, qos=1)
                 held.resent(entry, now)
             self._resent_out = resends
-            if allowed > self._resent_out:
-                self._round = self._fresh(allowed - self._resent_out)
+            if allowed > self._resent_out and fresh:
+                # Never more new envelopes than the receipt window has room for: tokens the
+                # resends' share left unused go back to the bucket, not to new data.
+                self._round = self._fresh(min(fresh, allowed - self._resent_out))
                 for fresh_entry in self._round:
                     client.publish(fresh_entry.topic, fresh_entry.payload, qos=1)
             bucket.give_back(allowed - self._resent_out - len(self._round))
