@@ -245,6 +245,7 @@ class BridgeProcess:
         workdir: Path,
         pythonpath: Path | None = None,
         receipts: bool = True,
+        extra_config: str = "",
     ) -> None:
         self.http_port = free_port()
         self.workdir = workdir
@@ -253,7 +254,7 @@ class BridgeProcess:
         config = workdir / "bridge.toml"
         config.write_text(
             f'[bridge]\nclient_id = "bench-bridge-{uuid.uuid4().hex[:10]}"\n'
-            f"receipts = {'true' if receipts else 'false'}\n"
+            f"receipts = {'true' if receipts else 'false'}\n{extra_config}"
         )
         self.argv = [
             str(Path(sys.executable).parent / "iotpipe"),
