@@ -149,7 +149,7 @@ def isolated_bridge(
 
 @contextlib.contextmanager
 def _running_bridge(
-    mosquitto_broker: BrokerInfo, rabbitmq_url: str, tmp_path: Path, unique: str
+    mosquitto_broker: BrokerInfo, rabbitmq_url: str, tmp_path: Path, unique: str, **fields: Any
 ) -> Iterator[RunningBridge]:
     site = f"s{unique}"
     queue, dead_queue = f"test.{unique}.telemetry", f"test.{unique}.dead"
@@ -165,6 +165,7 @@ def _running_bridge(
         client_id=f"bridge-{unique}",
         spool_path=tmp_path / "spool.db",
         http_port=0,
+        **fields,
     )
     bridge = Bridge.from_settings(
         MqttSettings(url=mosquitto_broker.url), AmqpSettings(url=rabbitmq_url), settings
