@@ -234,3 +234,20 @@ def test_parking_past_the_contract_limits_hands_back_what_was_parked() -> None:
     full = parked.park("home", "pi-1", receipt(BootReceipt("b", ((10_000, 10_000),))))
     assert full is not None
     assert full.stored == (BootReceipt("b", ranges),)
+
+
+def test_sample_limits_load_and_say_what_they_show(tmp_path: Path) -> None:
+    """configs/bridge.toml's [bridge.limits] sample, uncommented, loads as its comments say."""
+    sample = Path(__file__).resolve().parents[2] / "configs" / "bridge.toml"
+    block = sample.read_text().split("\n# [bridge.limits]")[1]
+    lines = [line.removeprefix("# ") for line in block.splitlines() if line.startswith("# ")]
+    config = tmp_path / "bridge.toml"
+    config.write_text("[bridge.limits]\n" + "\n".join(lines) + "\n")
+    limits = load(BridgeSettings, "bridge", config_file=config, environ={}).limits
+    assert set(LimitSettings.model_fields) - {"sites", "devices", "burst"} <= {
+        line.split(" = ")[0] for line in lines
+    }
+    assert limits.enabled
+    assert limits.resolve("lab", "x") == Limit("dead_letter", 2.0, 10.0, 0, 0)
+    assert limits.resolve("home", "pi-kitchen") == Limit("hold", 20.0, 20.0, 0, 2_000_000)
+    assert limits.resolve("home", "other") == Limit("hold", 0.0, 1.0, 0, 0)
