@@ -15,7 +15,8 @@ with defaults for everyone, overrides per site and per device (field by field), 
 - ``hold``: the envelope is forwarded (nothing is lost), but the device goes into debt and the
   receipt relay holds its receipts until the debt is repaid (:meth:`Limiter.held_until`). A
   device speaking receipts keeps at most its receipt window unreceipted, so it slows down to
-  about its rate at the source. Devices without receipts are not slowed by ``hold``.
+  about its rate at the source. What it resends while held is not charged again. Devices
+  without receipts are not slowed by ``hold``.
 
 Threads: :meth:`Limiter.admit` runs on the bridge thread only; the receipt relay's thread reads
 :meth:`Limiter.held_until`, and the metrics scrape reads the number of held devices. Those
@@ -62,9 +63,9 @@ RATE_LIMITED = "rate_limited"
 QUOTA_EXCEEDED = "quota_exceeded"
 
 MAX_HOLD = 300.0
-"""Longest hold a device's rate debt can earn, seconds: as long as an edge agent's longest
-resend timeout, so resends of a held window do not pile up debt for ever. (A quota hold lasts
-until its hour or day ends.)"""
+"""Longest hold a device's rate debt can earn, seconds (as long as an edge agent's longest
+resend timeout): however far over its rate a device went, it hears from the store again within
+this. (A quota hold lasts until its hour or day ends.)"""
 
 _SWEEP_EVERY = 30.0
 """Seconds between sweeps that forget idle devices."""
@@ -188,7 +189,17 @@ class Refusal:
 class _Device:
     """What the limiter knows of one device."""
 
-    __slots__ = ("day", "day_count", "hour", "hour_count", "limit", "over", "stamp", "tokens")
+    __slots__ = (
+        "day",
+        "day_count",
+        "hour",
+        "hour_count",
+        "limit",
+        "over",
+        "seqs",
+        "stamp",
+        "tokens",
+    )
 
     def __init__(self, limit: Limit, now: float) -> None:
         self.limit = limit
@@ -199,6 +210,7 @@ class _Device:
         self.day = -1
         self.day_count = 0
         self.over: str | None = None  # the limit it is over now, for one log line each way
+        self.seqs: dict[str | None, int] = {}  # highest seq seen per recent boot (policy hold)
 
 
 class LimitMetrics:
@@ -257,12 +269,16 @@ class Limiter:
 
     # -- the bridge thread -------------------------------------------------------------------
 
-    def admit(self, site: str, device: str, readings: int) -> Refusal | None:
+    def admit(
+        self, site: str, device: str, readings: int, boot: str | None = None, seq: int = -1
+    ) -> Refusal | None:
         """Account one telemetry envelope of ``readings`` readings; None: forward it.
 
         Under policy ``hold`` the answer is always None (the envelope goes on and the device's
-        receipts are held instead); under ``dead_letter`` an envelope over a limit is refused
-        and costs the device nothing.
+        receipts are held instead), and an envelope the device resends (``seq`` not above the
+        highest seen of its ``boot``) spends nothing: it is not new data, and charging it would
+        lengthen the very hold that made the device resend. Under ``dead_letter`` an envelope
+        over a limit is refused and costs the device nothing.
         """
         now = self._clock()
         if now >= self._next_sweep:
@@ -272,7 +288,7 @@ class Limiter:
         if state is None:
             state = self._devices[key] = _Device(self.settings.resolve(site, device), now)
         limit = state.limit
-        if limit.none:
+        if limit.none or (limit.policy == "hold" and _resent(state, boot, seq)):
             return None
         hold = 0.0  # seconds this envelope holds the device's receipts for
         over: str | None = None  # the limit it is over, under policy hold
@@ -399,3 +415,23 @@ class Limiter:
     def clock(self) -> Callable[[], float]:
         """The monotonic clock holds are measured on."""
         return self._clock
+
+
+_BOOTS_KEPT = 4
+"""Boots per device whose highest seq the limiter remembers (an agent that restarted may
+still resend envelopes of the boots before)."""
+
+
+def _resent(state: _Device, boot: str | None, seq: int) -> bool:
+    """Whether ``(boot, seq)`` was seen before, i.e. is not above its boot's highest seq; else
+    remember it."""
+    if seq < 0:
+        return False
+    seqs = state.seqs
+    highest = seqs.get(boot)
+    if highest is not None and seq <= highest:
+        return True
+    if highest is None and len(seqs) >= _BOOTS_KEPT:
+        del seqs[next(iter(seqs))]
+    seqs[boot] = seq
+    return False

@@ -330,7 +330,9 @@ class Bridge:
         routed = routed_as(message, decoded, now)
         if not isinstance(decoded, Envelope):
             return routed
-        refusal = self.limiter.admit(decoded.site, decoded.device, len(decoded.readings))
+        refusal = self.limiter.admit(
+            decoded.site, decoded.device, len(decoded.readings), decoded.boot, decoded.seq
+        )
         if refusal is None:
             return routed
         properties = dead_letter_properties(

@@ -130,6 +130,26 @@ def test_hold_forwards_everything_and_holds_until_the_debt_is_repaid() -> None:
     assert limits.held_count() == 0
 
 
+def test_hold_does_not_charge_resends() -> None:
+    """Under hold an envelope resent (seq not above its boot's highest) spends nothing."""
+    clocks = Clocks()
+    limits, registry = limiter(clocks, rate=1, burst=2, quota_hour=100)
+    for seq in range(4):
+        limits.admit("home", "pi-1", 10, "b1", seq)  # 2 owed
+    until = limits.held_until("home", "pi-1")
+    for seq in range(4):
+        limits.admit("home", "pi-1", 10, "b1", seq)  # the held window, resent
+    assert limits.held_until("home", "pi-1") == until
+    assert limited(registry, "rate", "hold") == 2
+    limits.admit("home", "pi-1", 10, "b2", 0)  # a new boot is new data
+    assert limits.held_until("home", "pi-1") == pytest.approx(until + 1)
+    for seq in range(5):  # 40 + 10 + 50: exactly the hour's 100, the resends not counted
+        limits.admit("home", "pi-1", 10, "b1", 4 + seq)
+    assert limited(registry, "quota", "hold") == 0
+    limits.admit("home", "pi-1", 10, "b1", 9)
+    assert limited(registry, "quota", "hold") == 1
+
+
 def test_hold_debt_stops_at_the_longest_hold() -> None:
     """However far over, one device is held for at most MAX_HOLD seconds."""
     clocks = Clocks()
