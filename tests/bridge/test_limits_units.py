@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +272,21 @@ def test_sample_limits_load_and_say_what_they_show(tmp_path: Path) -> None:
     assert limits.resolve("lab", "x") == Limit("dead_letter", 2.0, 10.0, 0, 0)
     assert limits.resolve("home", "pi-kitchen") == Limit("hold", 20.0, 20.0, 0, 2_000_000)
     assert limits.resolve("home", "other") == Limit("hold", 0.0, 1.0, 0, 0)
+
+
+def test_one_warning_when_over_and_one_info_when_back(caplog: pytest.LogCaptureFixture) -> None:
+    """Going over a limit logs one WARNING (not one per envelope); coming back, one INFO."""
+    clocks = Clocks()
+    limits, _ = limiter(clocks, policy="dead_letter", rate=1, burst=1)
+    with caplog.at_level(logging.INFO, logger="bridge.limits"):
+        for _ in range(10):
+            limits.admit("home", "pi-1", 1)
+        clocks.advance(1)
+        limits.admit("home", "pi-1", 1)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "device home/pi-1 over its rate limit 1/s (burst 1): dead-lettering the excess",
+        ),
+        ("INFO", "device home/pi-1 back within its limits"),
+    ]
