@@ -485,6 +485,18 @@ class Bridge:
         if self.receipts is not None:
             self.receipts.start()
         log.info("bridge running topics=%s", ",".join(self.settings.topics))
+        if self.limiter is not None:
+            limits = self.settings.limits
+            log.info(
+                "bridge per-device limits on: policy=%s rate=%g quota_hour=%d quota_day=%d "
+                "(+%d site, %d device overrides)",
+                limits.policy,
+                limits.rate,
+                limits.quota_hour,
+                limits.quota_day,
+                len(limits.sites),
+                len(limits.devices),
+            )
         try:
             while not self._stopping.is_set():
                 self._step()
