@@ -13,7 +13,8 @@ Threads, each with one job (paho and pika are each driven by exactly one thread)
 - ``iotpipe-spool`` (``SpoolWriter``): group commits to the SQLite spool.
 - ``iotpipe-http``: ``/metrics`` and ``/healthz``.
 - ``iotpipe-receipts`` (``ReceiptRelay``, :mod:`bridge.receipts`): receipts RabbitMQ -> MQTT, on
-  connections of its own; it shares nothing with the threads above but the metrics registry.
+  connections of its own; it shares nothing with the threads above but the metrics registry
+  and, with per-device limits on, the limiter's hold deadlines (:mod:`bridge.limits`).
 
 Outcomes travel back to the bridge thread through one ``deque`` (append and popleft are atomic),
 so neither pika's thread nor the spool's ever waits on MQTT.
@@ -31,6 +32,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge.limits import Limiter
 from bridge.receipts import ReceiptRelay
 from bridge.settings import BridgeSettings
 from bridge.spool import Entry, Spool, SpoolWriter
@@ -177,8 +179,9 @@ class Bridge:
             ``settings.dead_letter_queue``) that reports every outcome to the handler given.
         spool: the open spool; the bridge closes it when it stops.
         serve_http: serve ``/metrics`` and ``/healthz`` while running.
-        receipts: builds the receipt relay on the given metrics registry; it runs while the
-            bridge runs (None: no relay, as in tests with in-memory clients).
+        receipts: builds the receipt relay on the given metrics registry, handing it the
+            limiter (None while no limit is configured) whose held devices' receipts it holds;
+            it runs while the bridge runs (None: no relay, as in tests with in-memory clients).
     """
 
     def __init__(
@@ -189,11 +192,17 @@ class Bridge:
         publisher: PublisherFactory,
         spool: Spool,
         serve_http: bool = True,
-        receipts: Callable[[CollectorRegistry], ReceiptRelay] | None = None,
+        receipts: Callable[[CollectorRegistry, Limiter | None], ReceiptRelay] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = BridgeMetrics()
-        self.receipts = receipts(self.metrics.registry) if receipts is not None else None
+        # No limit configured: no limiter, and the hot path pays one `is None` test.
+        self.limiter = (
+            Limiter(settings.limits, self.metrics.registry) if settings.limits.enabled else None
+        )
+        self.receipts = (
+            receipts(self.metrics.registry, self.limiter) if receipts is not None else None
+        )
         # Label children looked up once: .labels() costs more than the increment itself.
         self._received = {
             kind: self.metrics.received.labels(kind)
@@ -269,7 +278,9 @@ class Bridge:
             publisher=publisher,
             spool=spool,
             serve_http=serve_http,
-            receipts=lambda registry: ReceiptRelay.from_settings(mqtt, amqp, settings, registry),
+            receipts=lambda registry, limiter: ReceiptRelay.from_settings(
+                mqtt, amqp, settings, registry, limiter=limiter
+            ),
         )
 
     # -- outcomes from other threads ------------------------------------------------------
@@ -299,7 +310,7 @@ class Bridge:
                     Inbound(message.mid, message.qos, self._generation, _EMPTY, now, done=True)
                 )
             return
-        routed = route(message, now)
+        routed = route(message, now) if self.limiter is None else self._route_limited(message, now)
         kind = (
             routed.routing_key.rsplit(".", 1)[-1]
             if routed.exchange == TELEMETRY_EXCHANGE
@@ -310,6 +321,29 @@ class Bridge:
         if message.qos > 0:
             self._pending.append(inbound)
         self._forward(inbound)
+
+    def _route_limited(self, message: Message, now: float) -> Routed:
+        """:func:`route`, then the device's limits: an envelope the limiter refuses goes to
+        ``iotpipe.dead`` as ``bridge.<reason>`` instead (status messages are not limited)."""
+        assert self.limiter is not None
+        decoded = decode(message.topic, message.payload)
+        routed = routed_as(message, decoded, now)
+        if not isinstance(decoded, Envelope):
+            return routed
+        refusal = self.limiter.admit(
+            decoded.site, decoded.device, len(decoded.readings), decoded.boot, decoded.seq
+        )
+        if refusal is None:
+            return routed
+        properties = dead_letter_properties(
+            refusal.error, topic=message.topic, received_at=now, message_id=decoded.id
+        )
+        return Routed(
+            DEAD_EXCHANGE,
+            f"bridge.{refusal.reason}",
+            message.payload,
+            encode_properties(properties),
+        )
 
     def _forward(self, inbound: Inbound) -> None:
         if self.publisher.connected:
@@ -451,6 +485,18 @@ class Bridge:
         if self.receipts is not None:
             self.receipts.start()
         log.info("bridge running topics=%s", ",".join(self.settings.topics))
+        if self.limiter is not None:
+            limits = self.settings.limits
+            log.info(
+                "bridge per-device limits on: policy=%s rate=%g quota_hour=%d quota_day=%d "
+                "(+%d site, %d device overrides)",
+                limits.policy,
+                limits.rate,
+                limits.quota_hour,
+                limits.quota_day,
+                len(limits.sites),
+                len(limits.devices),
+            )
         try:
             while not self._stopping.is_set():
                 self._step()
@@ -502,7 +548,13 @@ def route(message: Message, received_at: float) -> Routed:
     Valid messages go to ``iotpipe.telemetry`` with the routing key of their topic; invalid
     ones to ``iotpipe.dead`` with routing key ``bridge.<reason>``. The body is never changed.
     """
-    decoded = decode(message.topic, message.payload)
+    return routed_as(message, decode(message.topic, message.payload), received_at)
+
+
+def routed_as(
+    message: Message, decoded: Envelope | Status | Rejection, received_at: float
+) -> Routed:
+    """:func:`route` of a message already decoded (``decoded`` is what ``decode`` made of it)."""
     if isinstance(decoded, Rejection):
         properties = dead_letter_properties(
             str(decoded), topic=message.topic, received_at=received_at

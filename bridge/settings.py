@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from bridge.limits import LimitSettings
 from iotpipe.amqp import DEAD_LETTER_QUEUE
 from iotpipe.receipts import ALL_RECEIPTS
 from iotpipe.settings import Section
@@ -54,6 +55,10 @@ class BridgeSettings(Section):
     )
     receipt_ttl: int = Field(
         600, ge=1, description="seconds a receipt may wait for delivery before it is dropped"
+    )
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings,
+        description="per-device rate and quota ([bridge.limits]); none by default",
     )
 
     def model_post_init(self, _context: Any) -> None:
