@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from bridge.receipts import ReceiptRelay
 from bridge.settings import BridgeSettings
 from bridge.spool import Entry, Spool, SpoolWriter
+from bridge.uplink import PackingPublisher, own_uplink_queue
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
     TELEMETRY_EXCHANGE,
@@ -214,6 +215,8 @@ class Bridge:
             name="iotpipe-spool",
         )
         self.publisher = publisher(self._on_result)
+        # Packed uplink: the open pack is sent once its oldest message waited long enough.
+        self._tick = self.publisher.tick if isinstance(self.publisher, PackingPublisher) else None
         self.mqtt = subscriber(self._on_message)
         self._http = (
             HealthServer(settings.http_host, settings.http_port, self.metrics.registry, self.health)
@@ -258,6 +261,25 @@ class Bridge:
                 dead_letter_queue=settings.dead_letter_queue,
             )
 
+        def packing(on_result: ResultHandler) -> PackingPublisher:
+            def packs(on_pack: ResultHandler) -> ConfirmingPublisher:
+                return ConfirmingPublisher(
+                    amqp,
+                    on_result=on_pack,
+                    window=settings.window,
+                    dead_letter_queue=settings.dead_letter_queue,
+                    own_queue=own_uplink_queue(settings.uplink_queue),
+                )
+
+            return PackingPublisher(
+                packs,
+                on_result,
+                max_messages=settings.pack_max_messages,
+                max_bytes=settings.pack_max_bytes,
+                max_delay=settings.pack_max_delay,
+                level=settings.pack_level,
+            )
+
         spool = Spool(
             settings.spool_path,
             max_bytes=settings.spool_max_bytes,
@@ -266,7 +288,7 @@ class Bridge:
         return cls(
             settings,
             subscriber=subscriber,
-            publisher=publisher,
+            publisher=packing if settings.uplink == "packed" else publisher,
             spool=spool,
             serve_http=serve_http,
             receipts=lambda registry: ReceiptRelay.from_settings(mqtt, amqp, settings, registry),
@@ -477,6 +499,8 @@ class Bridge:
         if not self.publisher.connected and self.publisher.pending:
             self._reclaim_queued()
         self._drain()
+        if self._tick is not None:
+            self._tick()
 
     def _finish(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
