@@ -278,6 +278,7 @@ class Bridge:
                 max_bytes=settings.pack_max_bytes,
                 max_delay=settings.pack_max_delay,
                 level=settings.pack_level,
+                routing_key=settings.uplink_queue,
             )
 
         spool = Spool(

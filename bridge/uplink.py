@@ -43,7 +43,6 @@ from iotpipe.pack import CONTENT_TYPE, MESSAGE_TYPE, PackedMessage, PackEncoder,
 __all__ = [
     "HEADER_PACK_COUNT",
     "PACK_CONTRACT",
-    "PACK_ROUTING_KEY",
     "PackingPublisher",
     "own_uplink_queue",
     "pack_properties",
@@ -54,19 +53,20 @@ PACK_CONTRACT = "1.2"
 """The wire contract version that introduced packs (the ``x-iotpipe-version`` of a pack)."""
 HEADER_PACK_COUNT = "x-iotpipe-pack-count"
 """Header of a pack's AMQP message: how many messages it holds (a decimal string)."""
-PACK_ROUTING_KEY = "pack"
-"""Routing key of packs on :data:`~iotpipe.amqp.UPLINK_EXCHANGE`."""
 
 
 def uplink_queue(name: str = UPLINK_QUEUE) -> QueueSpec:
     """The uplink queue: durable, quorum, dead-lettering to ``iotpipe.dead`` after 5 deliveries.
+
+    Bound to ``iotpipe.uplink`` with its own name: packs sent with routing key = ``name`` reach
+    it, and only it (several uplink queues, say one per region, do not share packs).
 
     A pack that keeps failing (its unpacker crashes on it, say) ends in ``iotpipe.dead`` with
     routing key ``unpack.delivery_limit`` instead of blocking the queue.
     """
     return QueueSpec(
         name=name,
-        bindings=("#",),
+        bindings=(name,),
         exchange=UPLINK_EXCHANGE,
         dead_letter_routing_key="unpack.delivery_limit",
         dead_letter_queue=DEAD_LETTER_QUEUE,
@@ -121,7 +121,7 @@ class PackingPublisher:
             :meth:`tick`).
         level: zstd level.
         exchange: where packs go.
-        routing_key: their routing key.
+        routing_key: their routing key: the uplink queue's name.
         clock: monotonic seconds (tests inject their own).
 
     Attributes:
@@ -140,7 +140,7 @@ class PackingPublisher:
         max_delay: float = 0.05,
         level: int = 3,
         exchange: str = UPLINK_EXCHANGE,
-        routing_key: str = PACK_ROUTING_KEY,
+        routing_key: str = UPLINK_QUEUE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_messages < 1 or max_bytes < 1 or max_delay < 0:

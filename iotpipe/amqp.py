@@ -102,7 +102,8 @@ DEAD_LETTER_QUEUE = "iotpipe.dead"
 UPLINK_EXCHANGE = "iotpipe.uplink"
 """Topic exchange (durable) a site bridge in packed mode sends its packs to (contract 1.2)."""
 UPLINK_QUEUE = "iotpipe.uplink"
-"""The queue ``iotpipe unpack`` consumes packs from, bound with ``#`` to :data:`UPLINK_EXCHANGE`."""
+"""The queue ``iotpipe unpack`` consumes packs from, bound to :data:`UPLINK_EXCHANGE` with its
+name as binding key: packs are published with routing key = the uplink queue's name."""
 
 APP_ID = "iotpipe-bridge"
 CONTENT_TYPE = "application/json"
@@ -207,7 +208,8 @@ class OwnQueue:
 
     Attributes:
         name: the durable queue.
-        exchange: the durable topic exchange it is bound to with ``#``.
+        exchange: the durable topic exchange it is bound to, with its own name as binding key
+            (publish with routing key = the queue's name).
         arguments: its ``x-`` arguments; they must equal those of every other declaration of
             the queue (RabbitMQ refuses a declaration with other arguments).
     """
@@ -1004,7 +1006,7 @@ class ConfirmingPublisher:
             channel.queue_bind(
                 own.name,
                 own.exchange,
-                routing_key="#",
+                routing_key=own.name,
                 callback=lambda _frame: self._on_channel_ready(channel),
             )
 
