@@ -216,7 +216,10 @@ class Bridge:
         )
         self.publisher = publisher(self._on_result)
         # Packed uplink: the open pack is sent once its oldest message waited long enough.
-        self._tick = self.publisher.tick if isinstance(self.publisher, PackingPublisher) else None
+        self._tick: Callable[[], None] | None = None
+        if isinstance(self.publisher, PackingPublisher):
+            self._tick = self.publisher.tick
+            self._pack_metrics(self.publisher)
         self.mqtt = subscriber(self._on_message)
         self._http = (
             HealthServer(settings.http_host, settings.http_port, self.metrics.registry, self.health)
@@ -294,6 +297,16 @@ class Bridge:
             serve_http=serve_http,
             receipts=lambda registry: ReceiptRelay.from_settings(mqtt, amqp, settings, registry),
         )
+
+    def _pack_metrics(self, packer: PackingPublisher) -> None:
+        """Gauges read from the packing publisher's counters when /metrics is scraped."""
+        r = self.metrics.registry
+        for name, text, read in (
+            ("packs", "packs sealed and handed to the publisher", lambda: packer.packs_sent),
+            ("bytes_in", "uncompressed bytes of the packs sent", lambda: packer.bytes_in),
+            ("bytes_out", "bytes of the packs as sent (compressed)", lambda: packer.bytes_out),
+        ):
+            Gauge(f"iotpipe_bridge_uplink_{name}", text, registry=r).set_function(read)
 
     # -- outcomes from other threads ------------------------------------------------------
 

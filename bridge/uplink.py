@@ -125,7 +125,7 @@ class PackingPublisher:
         clock: monotonic seconds (tests inject their own).
 
     Attributes:
-        packs_sent: packs handed to the wrapped publisher (a pack re-sent counts again).
+        packs_sent: packs sealed and handed to the wrapped publisher.
         bytes_in: uncompressed bytes of those packs.
         bytes_out: their bytes as sent (header and zstd frame).
     """

@@ -214,6 +214,13 @@ def test_packed_uplink_delivers_what_messages_mode_delivers(
         wait_for(lambda: queues.depth(queues.uplink) == 0, 10, "uplink queue empty")
         assert isinstance(packed_bridge.publisher, PackingPublisher)
         assert packed_bridge.publisher.packs_sent < len(sent) / 10
+        registry = packed_bridge.metrics.registry
+        assert registry.get_sample_value("iotpipe_bridge_uplink_packs") == (
+            packed_bridge.publisher.packs_sent
+        )
+        sent_bytes = registry.get_sample_value("iotpipe_bridge_uplink_bytes_out")
+        assert sent_bytes is not None
+        assert 0 < sent_bytes < registry.get_sample_value("iotpipe_bridge_uplink_bytes_in")  # type: ignore[operator]
     assert queues.depth(queues.telemetry) == 0  # nothing more came: exactly once
 
     assert [b for _, b in packed] == [b for _, b in plain] == sent  # one publisher: order kept
