@@ -1,11 +1,19 @@
-"""PackingPublisher against the in-memory publisher: sealing, outcomes fanned out, withdraw."""
+"""PackingPublisher against the in-memory publisher: sealing, outcomes fanned out, withdraw;
+and the bridge in packed mode with in-memory transports."""
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from bridge.service import Bridge
+from bridge.settings import BridgeSettings
+from bridge.spool import Spool
 from bridge.uplink import HEADER_PACK_COUNT, PACK_CONTRACT, PackingPublisher
 from iotpipe import pack
 from iotpipe.amqp import (
@@ -16,7 +24,11 @@ from iotpipe.amqp import (
     decode_properties,
     encode_properties,
 )
-from iotpipe.testing import MemoryPublisher
+from iotpipe.testing import MemoryPublisher, MemorySubscriber
+from tests.bridge.test_bridge import envelope
+from tests.conftest import wait_for
+
+TOPIC = "iotpipe/v1/s1/d1/telemetry"
 
 _PROPS = encode_properties(MessageProperties(message_id="x", content_type="application/json"))
 
@@ -159,3 +171,95 @@ def test_properties_given_as_an_object_are_encoded() -> None:
     rig.packer.publish("iotpipe.dead", "bridge.invalid_json", b"x", MessageProperties(), "t")
     [[message]] = rig.packs()
     assert message.properties == encode_properties(MessageProperties())
+
+
+# -- the bridge in packed mode, with in-memory transports -------------------------------------
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> Iterator[tuple[Bridge, MemorySubscriber, MemoryPublisher]]:
+    """A running bridge whose publisher packs (3 messages, or 20 ms) into a MemoryPublisher."""
+    inner = MemoryPublisher()
+    settings = BridgeSettings(spool_path=tmp_path / "spool.db", spool_durability="process")
+    bridge = Bridge(
+        settings,
+        subscriber=MemorySubscriber().bind,
+        publisher=lambda on_result: PackingPublisher(
+            inner.bind, on_result, max_messages=3, max_delay=0.02
+        ),
+        spool=Spool(settings.spool_path, durability="process"),
+        serve_http=False,
+    )
+    thread = threading.Thread(target=bridge.run, name="test-bridge", daemon=True)
+    thread.start()
+    subscriber = bridge.mqtt
+    assert isinstance(subscriber, MemorySubscriber)
+    wait_for(lambda: subscriber.subscriptions, 5, "the bridge subscribed")
+    try:
+        yield bridge, subscriber, inner
+    finally:
+        bridge.stop()
+        inner.auto_confirm = True
+        inner.come_up()
+        inner.confirm()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "bridge did not stop"
+
+
+def _deliver(subscriber: MemorySubscriber, *seqs: int) -> list[int]:
+    return [subscriber.deliver(TOPIC, envelope("s1", "d1", seq)) for seq in seqs]
+
+
+def _seqs(inner: MemoryPublisher) -> list[list[int]]:
+    return [
+        [json.loads(m.body)["seq"] for m in pack.decode(p.body) if m.exchange != "iotpipe.dead"]
+        for p in inner.messages
+    ]
+
+
+def test_packed_bridge_acks_a_packs_members_in_order_after_its_confirm(
+    packed: tuple[Bridge, MemorySubscriber, MemoryPublisher],
+) -> None:
+    bridge, subscriber, inner = packed
+    mids = _deliver(subscriber, 1, 2, 3, 4, 5)
+    bad = subscriber.deliver(TOPIC, b"{not json")  # 6th: a dead letter, in the 2nd pack
+    inner.wait_unconfirmed(2)  # 1-3 by count; 4, 5 and the dead letter by count too
+    assert _seqs(inner) == [[1, 2, 3], [4, 5]]
+    [dead] = [m for m in pack.decode(inner.messages[1].body) if m.exchange == "iotpipe.dead"]
+    assert (dead.routing_key, dead.body) == ("bridge.bad_json", b"{not json")
+    inner.confirm(1, skip=1)  # the second pack first: nothing may be acked yet
+    subscriber.settle()
+    assert subscriber.acked == []
+    inner.confirm()
+    assert subscriber.wait_acked(6) == [*mids, bad]
+    registry = bridge.metrics.registry
+    assert registry.get_sample_value("iotpipe_bridge_forwarded_total") == 5
+    assert registry.get_sample_value("iotpipe_bridge_uplink_packs") == 2
+
+
+def test_packed_bridge_sends_a_lone_message_after_max_delay(
+    packed: tuple[Bridge, MemorySubscriber, MemoryPublisher],
+) -> None:
+    _bridge, subscriber, inner = packed
+    [mid] = _deliver(subscriber, 1)
+    inner.wait_unconfirmed(1)  # sent by the bridge loop's tick, not by count
+    inner.confirm()
+    assert subscriber.wait_acked(1) == [mid]
+
+
+def test_packed_bridge_spools_a_failed_pack_and_drains_it_in_packs(
+    packed: tuple[Bridge, MemorySubscriber, MemoryPublisher],
+) -> None:
+    bridge, subscriber, inner = packed
+    mids = _deliver(subscriber, 1, 2, 3)
+    inner.wait_unconfirmed(1)
+    inner.go_down()  # the pack is FAILED: its members go to the spool and are acked
+    assert subscriber.wait_acked(3) == mids
+    assert bridge.spool.depth == 3
+    more = _deliver(subscriber, 4)  # RabbitMQ away: spooled directly
+    assert subscriber.wait_acked(4) == [*mids, *more]
+    inner.come_up()
+    inner.wait_unconfirmed(2)  # 1-3 by count, then 4 after max_delay
+    inner.confirm()
+    wait_for(lambda: bridge.spool.depth == 0, 5, "the spool drained")
+    assert sorted(s for p in _seqs(inner)[1:] for s in p) == [1, 2, 3, 4]
