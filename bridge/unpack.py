@@ -24,6 +24,7 @@ is by envelope id). A crash never loses a message.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -241,7 +242,9 @@ class Unpacker:
 
         source = BatchConsumer(
             amqp,
-            uplink_queue(settings.queue),
+            dataclasses.replace(
+                uplink_queue(settings.queue), dead_letter_queue=settings.dead_letter_queue
+            ),
             prefetch=settings.prefetch,
             name="iotpipe-unpack",
             publish_exchanges=(DEAD_EXCHANGE,),
