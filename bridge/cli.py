@@ -225,3 +225,73 @@ def bridge(
 
 
 bridge.__doc__ = inspect.cleandoc(bridge.__doc__ or "") + _BRIDGE_EXAMPLES
+
+
+_UNPACK_EXAMPLES = """
+
+[bold]Examples[/bold]
+
+  [dim]# on the central RabbitMQ's host: packs from iotpipe.uplink -> iotpipe.telemetry[/dim]
+  iotpipe unpack
+
+  [dim]# remote RabbitMQ, pack ids remembered in state/unpack/packs.db[/dim]
+  iotpipe unpack --amqp amqps://iot:pw@rabbit.example.com:5671/telemetry
+
+  [dim]# everything from a file (commented sample: configs/unpack.toml)[/dim]
+  iotpipe unpack --config configs/unpack.toml
+"""
+
+
+def unpack(
+    *,
+    config: ConfigOption = None,
+    amqp: AmqpUrlOption = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue",
+            help="The queue packs arrive on. \\[default: iotpipe.uplink]",
+            show_default=False,
+        ),
+    ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            "--http-port",
+            help="Port of /metrics and /healthz; 0 = a free port. \\[default: 9185]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Unpack the packed WAN uplink: site bridges' packs in, standard telemetry messages out.
+
+    The central end of \\[bridge] uplink = "packed" (docs/bridge.md, "Lean WAN
+    uplink"): consumes packs from the iotpipe.uplink queue and publishes every
+    message in them to iotpipe.telemetry (or iotpipe.dead) with its exact body
+    and properties, with publisher confirms; a pack is acknowledged only after
+    all its messages were confirmed. A pack already unpacked (same pack id) is
+    acknowledged without publishing again; one that cannot be decoded goes to
+    iotpipe.dead (routing key unpack.bad_pack). SIGTERM or Ctrl-C: stop, exit 0
+    (a pack in hand is redelivered).
+    """
+    from bridge.settings import UnpackSettings
+    from bridge.unpack import Unpacker
+    from iotpipe.settings import AmqpSettings
+
+    path = config_path(config)
+    amqp_settings = load(AmqpSettings, "amqp", config_file=path, overrides={"url": amqp})
+    settings = load(
+        UnpackSettings,
+        "unpack",
+        config_file=path,
+        overrides={"queue": queue, "http_port": http_port},
+    )
+    service = Unpacker.from_settings(amqp_settings, settings)
+    run_in_foreground(
+        service,
+        f"iotpipe unpack {amqp_settings.broker} queue {settings.queue}; "
+        f"http://{settings.http_host}:{settings.http_port}/metrics",
+    )
+
+
+unpack.__doc__ = inspect.cleandoc(unpack.__doc__ or "") + _UNPACK_EXAMPLES

@@ -36,6 +36,7 @@ from bridge.limits import Limiter
 from bridge.receipts import ReceiptRelay
 from bridge.settings import BridgeSettings
 from bridge.spool import Entry, Spool, SpoolWriter
+from bridge.uplink import PackingPublisher, own_uplink_queue
 from iotpipe.amqp import (
     DEAD_EXCHANGE,
     TELEMETRY_EXCHANGE,
@@ -223,6 +224,11 @@ class Bridge:
             name="iotpipe-spool",
         )
         self.publisher = publisher(self._on_result)
+        # Packed uplink: the open pack is sent once its oldest message waited long enough.
+        self._tick: Callable[[], None] | None = None
+        if isinstance(self.publisher, PackingPublisher):
+            self._tick = self.publisher.tick
+            self._pack_metrics(self.publisher)
         self.mqtt = subscriber(self._on_message)
         self._http = (
             HealthServer(settings.http_host, settings.http_port, self.metrics.registry, self.health)
@@ -267,6 +273,26 @@ class Bridge:
                 dead_letter_queue=settings.dead_letter_queue,
             )
 
+        def packing(on_result: ResultHandler) -> PackingPublisher:
+            def packs(on_pack: ResultHandler) -> ConfirmingPublisher:
+                return ConfirmingPublisher(
+                    amqp,
+                    on_result=on_pack,
+                    window=settings.window,
+                    dead_letter_queue=settings.dead_letter_queue,
+                    own_queue=own_uplink_queue(settings.uplink_queue),
+                )
+
+            return PackingPublisher(
+                packs,
+                on_result,
+                max_messages=settings.pack_max_messages,
+                max_bytes=settings.pack_max_bytes,
+                max_delay=settings.pack_max_delay,
+                level=settings.pack_level,
+                routing_key=settings.uplink_queue,
+            )
+
         spool = Spool(
             settings.spool_path,
             max_bytes=settings.spool_max_bytes,
@@ -275,13 +301,23 @@ class Bridge:
         return cls(
             settings,
             subscriber=subscriber,
-            publisher=publisher,
+            publisher=packing if settings.uplink == "packed" else publisher,
             spool=spool,
             serve_http=serve_http,
             receipts=lambda registry, limiter: ReceiptRelay.from_settings(
                 mqtt, amqp, settings, registry, limiter=limiter
             ),
         )
+
+    def _pack_metrics(self, packer: PackingPublisher) -> None:
+        """Gauges read from the packing publisher's counters when /metrics is scraped."""
+        r = self.metrics.registry
+        for name, text, read in (
+            ("packs", "packs sealed and handed to the publisher", lambda: packer.packs_sent),
+            ("bytes_in", "uncompressed bytes of the packs sent", lambda: packer.bytes_in),
+            ("bytes_out", "bytes of the packs as sent (compressed)", lambda: packer.bytes_out),
+        ):
+            Gauge(f"iotpipe_bridge_uplink_{name}", text, registry=r).set_function(read)
 
     # -- outcomes from other threads ------------------------------------------------------
 
@@ -523,6 +559,8 @@ class Bridge:
         if not self.publisher.connected and self.publisher.pending:
             self._reclaim_queued()
         self._drain()
+        if self._tick is not None:
+            self._tick()
 
     def _finish(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

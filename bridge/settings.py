@@ -1,8 +1,10 @@
-"""Settings of the bridge's commands: ``[bridge]`` (``iotpipe bridge``) and ``[broker]`` (``iotpipe broker``).
+"""Settings of the bridge's commands: ``[bridge]`` (``iotpipe bridge``), ``[broker]``
+(``iotpipe broker``) and ``[unpack]`` (``iotpipe unpack``).
 
 Each section is a frozen model filled by :func:`iotpipe.settings.load` from defaults, the TOML
-file, ``IOTPIPE_BRIDGE__*`` / ``IOTPIPE_BROKER__*`` variables and flags; ``configs/bridge.toml``
-and ``configs/broker.toml`` are the commented samples.
+file, ``IOTPIPE_BRIDGE__*`` / ``IOTPIPE_BROKER__*`` / ``IOTPIPE_UNPACK__*`` variables and flags;
+``configs/bridge.toml``, ``configs/broker.toml`` and ``configs/unpack.toml`` are the commented
+samples.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from bridge.limits import LimitSettings
-from iotpipe.amqp import DEAD_LETTER_QUEUE
+from iotpipe.amqp import DEAD_LETTER_QUEUE, UPLINK_QUEUE
 from iotpipe.receipts import ALL_RECEIPTS
 from iotpipe.settings import Section
 from iotpipe.topics import STATUS_FILTER, TELEMETRY_FILTER, check_filter
 
-__all__ = ["BridgeSettings", "BrokerSettings"]
+__all__ = ["BridgeSettings", "BrokerSettings", "UnpackSettings"]
 
 
 class BridgeSettings(Section):
@@ -60,6 +62,27 @@ class BridgeSettings(Section):
         default_factory=LimitSettings,
         description="per-device rate and quota ([bridge.limits]); none by default",
     )
+    uplink: Literal["messages", "packed"] = Field(
+        "messages",
+        description="messages: one AMQP message per MQTT message; packed: many per AMQP message, "
+        "compressed, to iotpipe.uplink (a central `iotpipe unpack` restores them)",
+    )
+    uplink_queue: str = Field(
+        UPLINK_QUEUE, min_length=1, max_length=255, description="packed: the queue packs go to"
+    )
+    pack_max_messages: int = Field(
+        500, ge=1, le=100_000, description="packed: a pack is sent when it holds this many"
+    )
+    pack_max_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="packed: ... or would grow past this many bytes (uncompressed)",
+    )
+    pack_max_delay: float = Field(
+        0.05, ge=0, le=60, description="packed: ... or its oldest message waited this long (s)"
+    )
+    pack_level: int = Field(3, ge=1, le=19, description="packed: zstd compression level")
 
     def model_post_init(self, _context: Any) -> None:
         """Check every topic filter."""
@@ -135,3 +158,36 @@ class BrokerSettings(Section):
     def url(self) -> str:
         """The ``mqtt://host:port`` URL clients should use."""
         return f"mqtt://{self.host}:{self.port}"
+
+
+class UnpackSettings(Section):
+    """The ``[unpack]`` section: the central end of the packed uplink (``iotpipe unpack``)."""
+
+    queue: str = Field(
+        UPLINK_QUEUE, min_length=1, max_length=255, description="the queue packs arrive on"
+    )
+    prefetch: int = Field(
+        16, ge=1, le=1000, description="packs handed over unacknowledged at most (and per batch)"
+    )
+    window: int = Field(
+        5000, ge=1, le=60_000, description="unconfirmed AMQP publishes of unpacked messages"
+    )
+    dead_letter_queue: str = Field(
+        DEAD_LETTER_QUEUE, max_length=255, description="queue keeping iotpipe.dead; '' = none"
+    )
+    max_unpacked_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=1024 * 1024 * 1024,
+        description="a pack that would decompress to more is refused (dead-lettered)",
+    )
+    seen_path: Path = Field(
+        Path("state/unpack/packs.db"), description="SQLite file of the pack ids already unpacked"
+    )
+    seen_keep: int = Field(
+        100_000, ge=100, description="pack ids remembered (the newest); older ones are forgotten"
+    )
+    http_host: str = Field("127.0.0.1", description="address of /metrics and /healthz")
+    http_port: int = Field(
+        9185, ge=0, le=65535, description="port of /metrics and /healthz; 0 = a free port"
+    )

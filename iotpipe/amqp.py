@@ -65,9 +65,12 @@ __all__ = [
     "HEADER_TOPIC",
     "HEADER_VERSION",
     "TELEMETRY_EXCHANGE",
+    "UPLINK_EXCHANGE",
+    "UPLINK_QUEUE",
     "ConfirmingPublisher",
     "MessageProperties",
     "Outcome",
+    "OwnQueue",
     "Publisher",
     "PublisherFactory",
     "ResultHandler",
@@ -95,6 +98,12 @@ EXCHANGES: tuple[tuple[str, str], ...] = ((TELEMETRY_EXCHANGE, "topic"), (DEAD_E
 #: bridge's mandatory publishes would come back, and dead letters of the store queue be dropped.
 DEAD_LETTER_QUEUE = "iotpipe.dead"
 """The exchanges of wire contract 1.x as ``(name, type)``; both durable. Consumers own queues."""
+
+UPLINK_EXCHANGE = "iotpipe.uplink"
+"""Topic exchange (durable) a site bridge in packed mode sends its packs to (contract 1.2)."""
+UPLINK_QUEUE = "iotpipe.uplink"
+"""The queue ``iotpipe unpack`` consumes packs from, bound to :data:`UPLINK_EXCHANGE` with its
+name as binding key: packs are published with routing key = the uplink queue's name."""
 
 APP_ID = "iotpipe-bridge"
 CONTENT_TYPE = "application/json"
@@ -191,6 +200,23 @@ class Publisher(Protocol):
 
 #: Builds the publisher that reports each outcome to the given handler.
 PublisherFactory = Callable[[ResultHandler], Publisher]
+
+
+@dataclass(frozen=True, slots=True)
+class OwnQueue:
+    """A queue a publisher declares on every connect, so its messages always have a home.
+
+    Attributes:
+        name: the durable queue.
+        exchange: the durable topic exchange it is bound to, with its own name as binding key
+            (publish with routing key = the queue's name).
+        arguments: its ``x-`` arguments; they must equal those of every other declaration of
+            the queue (RabbitMQ refuses a declaration with other arguments).
+    """
+
+    name: str
+    exchange: str
+    arguments: Mapping[str, Any]
 
 
 def telemetry_properties(
@@ -639,6 +665,7 @@ class ConfirmingPublisher:
         dead_letter_queue: a durable queue to declare, bound with ``#`` to
             :data:`DEAD_EXCHANGE`, so that rejected messages have somewhere to go; ``""``
             declares none (another component owns it).
+        own_queue: another queue (and its exchange) to declare, e.g. the packed uplink's.
 
     Attributes:
         window: the most messages that may be unconfirmed at once.
@@ -663,6 +690,7 @@ class ConfirmingPublisher:
         backoff_max: float = 10.0,
         connection_name: str = "iotpipe-publisher",
         dead_letter_queue: str = "",
+        own_queue: OwnQueue | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -682,6 +710,7 @@ class ConfirmingPublisher:
         self._backoff = Backoff(backoff_base, backoff_max)
         self._connection_name = connection_name
         self._dead_letter_queue = dead_letter_queue
+        self._own_queue = own_queue
 
         # Shared with publishing threads: deque.append/popleft are atomic, the flags are plain
         # attribute reads and writes (a stale read costs at most one extra wake-up).
@@ -954,7 +983,7 @@ class ConfirmingPublisher:
     def _declare_dead_letter_queue(self, channel: Any) -> None:
         queue = self._dead_letter_queue
         if not queue:
-            self._on_channel_ready(channel)
+            self._declare_own_queue(channel)
             return
         channel.queue_declare(
             queue,
@@ -963,7 +992,30 @@ class ConfirmingPublisher:
                 queue,
                 DEAD_EXCHANGE,
                 routing_key="#",
+                callback=lambda _frame: self._declare_own_queue(channel),
+            ),
+        )
+
+    def _declare_own_queue(self, channel: Any) -> None:
+        own = self._own_queue
+        if own is None:
+            self._on_channel_ready(channel)
+            return
+
+        def bind(_frame: Any) -> None:
+            channel.queue_bind(
+                own.name,
+                own.exchange,
+                routing_key=own.name,
                 callback=lambda _frame: self._on_channel_ready(channel),
+            )
+
+        channel.exchange_declare(
+            exchange=own.exchange,
+            exchange_type="topic",
+            durable=True,
+            callback=lambda _frame: channel.queue_declare(
+                own.name, durable=True, arguments=dict(own.arguments), callback=bind
             ),
         )
 

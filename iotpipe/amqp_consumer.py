@@ -244,6 +244,9 @@ class DeliverySource(Protocol):
     def ack_through(self, last: Delivery) -> None:
         """Acknowledge ``last`` and every earlier unsettled delivery of its connection."""
 
+    def ack(self, d: Delivery) -> None:
+        """Acknowledge one delivery (no-op if stale or already settled)."""
+
     def requeue(self, d: Delivery) -> None:
         """Return one delivery to the queue (counts towards the delivery limit)."""
 

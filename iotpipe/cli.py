@@ -34,6 +34,10 @@ COMMANDS = {
         "bridge.cli:bridge",
         "Forward MQTT telemetry to RabbitMQ: nothing lost, nothing dropped silently.",
     ),
+    "unpack": LazyCommand(
+        "bridge.cli:unpack",
+        "Unpack the packed WAN uplink: site bridges' packs in, standard telemetry messages out.",
+    ),
     "simulate": LazyCommand(
         "simulator.cli:simulate",
         "Publish a simulated sensor fleet: realistic signals, faults on demand, every ack counted.",

@@ -9,6 +9,7 @@ traceback. Anything else is a bug and keeps its traceback.
     ├── ConnectError         a broker or server cannot be reached or refused us
     ├── RecordingError       a recording file is unreadable or malformed
     ├── DeliveryError        a broker refused or lost acknowledgements
+    ├── iotpipe.pack.PackError     bytes that are not a valid pack (the packed uplink)
     ├── edge.image.ImageError      an SD card image is unreadable or not a Pi OS image
     └── edge.bundle.BundleError    the offline bundle cannot be built
 

@@ -767,6 +767,14 @@ class MemorySource:
                 self.acked.append(tag)
             self._changed.notify_all()
 
+    def ack(self, d: Delivery) -> None:
+        """Acknowledge one delivery (no-op if stale or already settled)."""
+        with self._changed:
+            if d.epoch != self.epoch or self._unsettled.pop(d.tag, None) is None:
+                return
+            self.acked.append(d.tag)
+            self._changed.notify_all()
+
     def requeue(self, d: Delivery) -> None:
         """Put ``d`` back: it comes again with a new tag, one delivery more (no-op if stale)."""
         with self._changed:

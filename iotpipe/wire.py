@@ -71,8 +71,8 @@ __all__ = [
 
 VERSION = "1.0"
 """The contract version iotpipe's producers write in ``v`` of envelopes and statuses (unchanged in
-1.1, which only added receipts)."""
-CONTRACT = "1.1"
+1.1, which only added receipts, and in 1.2, which only added the packed uplink)."""
+CONTRACT = "1.2"
 """The newest contract version iotpipe implements (``docs/wire.md``)."""
 SUPPORTED_MAJOR = 1
 """The contract major version iotpipe's readers accept (any ``1.<minor>``)."""

@@ -32,7 +32,7 @@ def test_version() -> None:
     """--version prints the package version and the wire contract version."""
     result = iotpipe("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"iotpipe {__version__} (wire contract 1.1)"
+    assert result.stdout.strip() == f"iotpipe {__version__} (wire contract 1.2)"
 
 
 def test_root_help_lists_every_command() -> None:
