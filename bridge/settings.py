@@ -80,7 +80,7 @@ class BridgeSettings(Section):
         description="packed: ... or would grow past this many bytes (uncompressed)",
     )
     pack_max_delay: float = Field(
-        0.05, ge=0, le=60, description="packed: ... or its oldest message waited this long (s)"
+        0.25, ge=0, le=60, description="packed: ... or its oldest message waited this long (s)"
     )
     pack_level: int = Field(3, ge=1, le=19, description="packed: zstd compression level")
 

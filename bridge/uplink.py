@@ -137,7 +137,7 @@ class PackingPublisher:
         *,
         max_messages: int = 500,
         max_bytes: int = 256 * 1024,
-        max_delay: float = 0.05,
+        max_delay: float = 0.25,
         level: int = 3,
         exchange: str = UPLINK_EXCHANGE,
         routing_key: str = UPLINK_QUEUE,
