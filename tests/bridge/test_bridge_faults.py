@@ -169,7 +169,9 @@ class Publisher(threading.Thread):
 class BridgeProcess:
     """``iotpipe bridge`` as a subprocess; restartable on the same spool, client id and port."""
 
-    def __init__(self, workdir: Path, mqtt_url: str, amqp_url: str, site: str) -> None:
+    def __init__(
+        self, workdir: Path, mqtt_url: str, amqp_url: str, site: str, extra: str = ""
+    ) -> None:
         self.workdir = workdir
         self.mqtt_url = mqtt_url
         self.amqp_url = amqp_url
@@ -179,6 +181,7 @@ class BridgeProcess:
         self.config = workdir / "bridge.toml"
         self.config.write_text(
             f'[bridge]\ntopics = ["iotpipe/v1/{site}/+/telemetry"]\nclient_id = "bridge-{site}"\n'
+            + extra
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -380,8 +383,10 @@ def _rig(
     unique: str,
     rabbit: PrivateRabbit,
     broker: MosquittoProcess | EmbeddedBrokerProcess,
+    extra: str = "",
 ) -> Iterator[Rig]:
-    """``broker`` + private RabbitMQ with the queues declared + the bridge running."""
+    """``broker`` + private RabbitMQ with the queues declared + the bridge running (``extra``:
+    more lines of its ``[bridge]`` section)."""
     with contextlib.ExitStack() as cleanup:
         # Callbacks run in reverse order, each even if an earlier one raised; private_rabbit's
         # own teardown kills the node afterwards.
@@ -390,7 +395,7 @@ def _rig(
         site = f"f{unique}"
         queue, dead_queue = f"store-{unique}", f"dead-{unique}"
         _declare_topology(rabbit.url, queue, dead_queue)
-        bridge = BridgeProcess(tmp_path, f"mqtt://127.0.0.1:{broker.port}", rabbit.url, site)
+        bridge = BridgeProcess(tmp_path, f"mqtt://127.0.0.1:{broker.port}", rabbit.url, site, extra)
         cleanup.callback(bridge.kill)
         rig = Rig(site, broker, rabbit, bridge, queue, dead_queue)
         cleanup.callback(rig.close_probe)
@@ -413,6 +418,74 @@ def embedded_rig(tmp_path: Path, unique: str, private_rabbit: PrivateRabbit) -> 
     broker = EmbeddedBrokerProcess(tmp_path / "broker", free_port())
     with _rig(tmp_path, unique, private_rabbit, broker) as running:
         yield running
+
+
+class UnpackProcess:
+    """``iotpipe unpack`` as a subprocess on ``queue``; restartable on the same pack-id file."""
+
+    def __init__(self, workdir: Path, amqp_url: str, queue: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.stderr = workdir / "unpack.stderr"
+        self.config = workdir / "unpack.toml"
+        self.config.write_text(f'[unpack]\nseen_path = "{workdir / "packs.db"}"\n')
+        self.argv = [
+            *IOTPIPE,
+            "--log-level",
+            "info",
+            "unpack",
+            "--config",
+            str(self.config),
+            "--amqp",
+            amqp_url,
+            "--queue",
+            queue,
+            "--http-port",
+            "0",
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        """Start it and wait until it consumes."""
+        with self.stderr.open("ab") as err:
+            err.write(f"=== start {self.starts + 1}\n".encode())
+            err.flush()
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=_env(),
+            )
+        self.starts += 1
+        wait_for(
+            lambda: self.stderr.read_text().count("unpack running") >= self.starts,
+            timeout=30,
+            what=f"iotpipe unpack to run\n{_tail(self.stderr)}",
+        )
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def packed_rig(
+    tmp_path: Path, unique: str, private_rabbit: PrivateRabbit
+) -> Iterator[tuple[Rig, UnpackProcess]]:
+    """:func:`rig` with the bridge in packed mode, and ``iotpipe unpack`` running beside it."""
+    queue = f"uplink-{unique}"
+    mosquitto = MosquittoProcess(tmp_path / "mosquitto", free_port(), MOSQUITTO_CONFIG)
+    extra = f'uplink = "packed"\nuplink_queue = "{queue}"\npack_max_delay = 0.05\n'
+    unpack = UnpackProcess(tmp_path / "unpack", private_rabbit.url, queue)
+    with _rig(tmp_path, unique, private_rabbit, mosquitto, extra) as running:
+        try:
+            unpack.start()
+            yield running, unpack
+        finally:
+            unpack.kill()
 
 
 # -- counting what arrived ------------------------------------------------------------------------
@@ -601,3 +674,31 @@ def test_bridge_restarted_during_rabbitmq_outage_drains_when_it_returns(rig: Rig
     rig.wait(lambda: publisher.sent >= down_at + 1_000, "1000 more messages")
     rig.rabbit.start()
     _finish(rig, publisher, "bridge restart, rabbit down", timeout=30)
+
+
+def test_packed_uplink_loses_nothing_when_bridge_unpack_and_rabbitmq_are_killed(
+    packed_rig: tuple[Rig, UnpackProcess],
+) -> None:
+    """The packed uplink under the same faults: the bridge SIGKILLed twice, ``iotpipe unpack``
+    SIGKILLed twice and RabbitMQ SIGKILLed once, mid-stream: every message arrives unpacked on
+    the telemetry queue; only redeliveries repeat."""
+    rig, unpack = packed_rig
+    publisher = rig.publish(count=15_000, rate=3000)
+    faults: list[tuple[int, BridgeProcess | UnpackProcess]] = [
+        (2_000, rig.bridge),
+        (4_000, unpack),
+        (6_000, rig.bridge),
+        (8_000, unpack),
+    ]
+    for threshold, process in faults:
+        rig.wait_for_depth(threshold, before=f"killing {type(process).__name__}")
+        process.kill()
+        process.start()  # the same spool / pack-id file, right away
+    rig.wait_for_depth(10_000, before="killing RabbitMQ")
+    _outage(rig, publisher, rig.rabbit.kill, 1_000)
+    rig.rabbit.start()
+    tally = _finish(rig, publisher, "packed: bridge/unpack/rabbit kill")
+    assert tally.stored == publisher.count
+    assert unpack.starts == 3
+    assert rig.bridge.starts == 3
+    assert rig.bridge.terminate() == 0, f"SIGTERM: no clean exit\n{rig.diagnostics()}"
