@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from iotpipe.errors import ConfigError
+from iotpipe.schema import NestedConfigError
 from iotpipe.settings import Section
 from iotpipe.signals import SENSORS, Profiles, SensorName
 from iotpipe.wire import MAX_TAGS
@@ -23,6 +25,11 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 _Rate = Field(0.0, ge=0, le=1)
+
+
+def _refuse(field: str, value: object, allowed: str) -> NestedConfigError:
+    """A conflict between settings, reported as ``simulate.<field>=<value>: <allowed>``."""
+    return NestedConfigError(ConfigError(field, value, allowed))
 
 
 class FaultSettings(Section):
@@ -161,26 +168,32 @@ class SimulateSettings(Section):
         return self
 
     def _check_foreign(self) -> None:
-        """What a foreign format cannot do: receipts, batches, faults that need an envelope."""
+        """What a foreign format cannot do: receipts, batches, faults that need an envelope.
+
+        Raised as :class:`~iotpipe.schema.NestedConfigError` so the one-line error names the
+        setting that conflicts with the format, not the whole table.
+        """
         name = self.format
         if self.receipts == "on":
-            raise ValueError(
+            raise _refuse(
+                "receipts",
+                "on",
                 f"receipts are part of the iotpipe envelope contract; format {name} has none "
-                "(use receipts auto or off)"
+                "(use auto or off)",
             )
         if self.batch > 1:
-            raise ValueError(f"batch applies to envelopes only; format {name} sends one sample")
-        supported = format_faults(name)
-        refused = [
-            kind.value
-            for kind, rate in self.faults.rates().items()
-            if rate > 0 and kind not in supported
-        ]
-        if refused:
-            raise ValueError(
-                f"fault {', '.join(refused)} does not apply to format {name} (it takes: "
-                f"{', '.join(kind.value for kind in Fault if kind in supported)})"
+            raise _refuse(
+                "batch", self.batch, f"batches are for envelopes; format {name} sends one sample"
             )
+        supported = format_faults(name)
+        for kind, rate in self.faults.rates().items():
+            if rate > 0 and kind not in supported:
+                takes = ", ".join(k.value for k in Fault if k in supported)
+                raise _refuse(
+                    f"faults.{kind.value}",
+                    rate,
+                    f"does not apply to format {name} (it takes: {takes})",
+                )
 
     @property
     def foreign(self) -> bool:
