@@ -153,7 +153,7 @@ def format_faults(name: str) -> frozenset[Fault]:
     """The fault kinds format ``name`` supports (every kind for the envelope)."""
     if name == ENVELOPE:
         return frozenset(Fault)
-    return FORMATS[name](0).faults
+    return FORMATS[name].faults
 
 
 # -- rendering helpers ------------------------------------------------------------------------
@@ -231,10 +231,13 @@ class _Sensors:
         """Whether the device has any of ``names``."""
         return any(name in self.index for name in names)
 
-    def number(self, values: Sequence[float | bool], name: SensorName, scale: float = 1.0) -> bytes:
-        """A numeric reading, scaled (Pa -> hPa: 0.01, with two more decimals)."""
-        extra = 2 if scale == 0.01 else 0
-        return _number(values[self.index[name]] * scale, self.decimals[name] + extra)
+    def number(self, values: Sequence[float | bool], name: SensorName) -> bytes:
+        """A numeric reading as the simulator writes it."""
+        return _number(values[self.index[name]], self.decimals[name])
+
+    def hectopascals(self, values: Sequence[float | bool]) -> bytes:
+        """The pressure in hPa, with two more decimals than in Pa: it converts back exactly."""
+        return _number(values[self.index["pressure"]] / 100.0, self.decimals["pressure"] + 2)
 
 
 class _NoBirth:
@@ -300,9 +303,7 @@ class TasmotaDevice(_NoBirth):
         if am2301:
             members.append((b'"AM2301"', _object(am2301)))
         if "pressure" in s.index:
-            members.append(
-                (b'"BMP280"', _object([(b'"Pressure"', s.number(values, "pressure", 0.01))]))
-            )
+            members.append((b'"BMP280"', _object([(b'"Pressure"', s.hectopascals(values))])))
         if self.energy is not None:
             power = float(values[s.index["power"]])
             voltage, current = self.energy.sample(t_ms, power)
@@ -400,7 +401,8 @@ class ESPHomeDevice(_NoBirth):
             if _ESPHOME_COMPONENTS[name] == "binary_sensor":
                 parts.append((topic, _ON_OFF[bool(values[i])]))
             else:
-                parts.append((topic, s.number(values, name, 0.01 if name == "pressure" else 1.0)))
+                state = s.hectopascals(values) if name == "pressure" else s.number(values, name)
+                parts.append((topic, state))
         return tuple(parts)
 
     def status(self, state: State, t_ms: int) -> list[Publication]:
@@ -482,7 +484,7 @@ class Zigbee2MQTTDevice(_NoBirth):
         if "power" in index:
             members.append((b'"power"', s.number(values, "power")))
         if "pressure" in index:
-            members.append((b'"pressure"', s.number(values, "pressure", 0.01)))
+            members.append((b'"pressure"', s.hectopascals(values)))
         if "temperature" in index:
             members.append((b'"temperature"', s.number(values, "temperature")))
         return _object(members)
