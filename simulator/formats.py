@@ -19,9 +19,10 @@ The values are the simulator's signals (the same seed gives the same values as a
 written with the simulator's decimals (hPa with two more, so Pa converts back exactly): more
 digits than the firmwares' defaults, so tests can compare them with envelopes exactly.
 
-A format is a class with three class attributes (``name``, ``faults``: the fault kinds that
-make sense for it, ``multipart``: whether one sample is several publishes) and a method
-:meth:`Format.emitter` that makes one device's :class:`Emitter`. It is instantiated once per
+A format is a class with two class attributes (``name``, and ``faults``: the fault kinds that
+make sense for it) and a method :meth:`Format.emitter` that makes one device's
+:class:`Emitter`, whose :meth:`~Emitter.telemetry` renders a sample as one payload or, when a
+sample is several publishes (ESPHome), as ``(topic, payload)`` parts. It is instantiated once per
 run with the seed, so a format whose devices share state (a Sparkplug B edge node's ``seq``
 0..255 and ``bdSeq``, metric aliases) keeps that state on the instance; an emitter's
 :meth:`~Emitter.connect` returns what a device publishes once connected (Sparkplug's NBIRTH and
@@ -118,8 +119,6 @@ class Format(Protocol):
     name: ClassVar[str]
     #: The fault kinds that make sense for this format; the others are refused at start.
     faults: ClassVar[frozenset[Fault]]
-    #: Whether one sample is several publishes (ESPHome: one per sensor).
-    multipart: ClassVar[bool]
 
     def __init__(self, seed: int) -> None:
         """A format for one run with ``seed``."""
@@ -267,7 +266,6 @@ class Tasmota:
     faults: ClassVar[frozenset[Fault]] = frozenset(
         {Fault.DUPLICATE, Fault.REORDER, Fault.MALFORMED, Fault.SKEW, Fault.OFFLINE}
     )
-    multipart: ClassVar[bool] = False
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -371,7 +369,6 @@ class ESPHome:
     name: ClassVar[str] = "esphome"
     # A plain value has no syntax to break, and no time to skew.
     faults: ClassVar[frozenset[Fault]] = frozenset({Fault.DUPLICATE, Fault.REORDER, Fault.OFFLINE})
-    multipart: ClassVar[bool] = True
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -440,7 +437,6 @@ class Zigbee2MQTT:
     faults: ClassVar[frozenset[Fault]] = frozenset(
         {Fault.DUPLICATE, Fault.REORDER, Fault.MALFORMED, Fault.SKEW, Fault.OFFLINE}
     )
-    multipart: ClassVar[bool] = False
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -524,7 +520,6 @@ class Shelly:
     faults: ClassVar[frozenset[Fault]] = frozenset(
         {Fault.DUPLICATE, Fault.REORDER, Fault.MALFORMED, Fault.SKEW, Fault.OFFLINE}
     )
-    multipart: ClassVar[bool] = False
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -670,7 +665,6 @@ class Line:
     faults: ClassVar[frozenset[Fault]] = frozenset(
         {Fault.DUPLICATE, Fault.REORDER, Fault.MALFORMED, Fault.SKEW, Fault.OFFLINE}
     )
-    multipart: ClassVar[bool] = False
     measurement: ClassVar[str] = "sensors"
 
     def __init__(self, seed: int) -> None:
