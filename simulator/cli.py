@@ -149,6 +149,16 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
             panel=_TIMING,
         ),
     ] = None,
+    payload_format: Annotated[
+        str | None,
+        _option(
+            "What the devices publish: envelope (ours), or what a real device publishes: "
+            "tasmota, esphome, zigbee2mqtt, shelly, line (Telegraf's InfluxDB line protocol). "
+            "Foreign formats have no receipts. \\[default: envelope]",
+            "--format",
+            panel=_FLEET,
+        ),
+    ] = None,
     qos: Annotated[int | None, _option("MQTT QoS of telemetry (0, 1, 2). \\[default: 1]")] = None,
     ts_format: Annotated[
         str | None, _option("How ts is written: rfc3339 or epoch_ms. \\[default: rfc3339]")
@@ -202,6 +212,8 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
 
       iotpipe simulate --start 2026-11-01T00:00:00Z --duration 86400 --rate 0.1 --speed 1000
 
+      iotpipe simulate --format tasmota --devices 20   [dim]# what Tasmota plugs publish[/dim]
+
       iotpipe simulate -c configs/simulate.toml --seed 42
     """
     path = config_path(config)
@@ -221,6 +233,7 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
         "batch": batch,
         "speed": speed,
         "start": start,
+        "format": payload_format,
         "qos": qos,
         "ts_format": ts_format,
         "faults": _key_values("--fault", fault),

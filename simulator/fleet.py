@@ -10,6 +10,12 @@ building the dict). The output is ordinary compact JSON; the tests decode it wit
 Every random choice comes from a per-device :class:`random.Random` seeded with
 ``"{seed}/{site}/{device}"``, so a device's ids and readings depend only on the seed and its
 name, not on the size or order of the fleet.
+
+With a foreign ``format`` (:mod:`simulator.formats`) a device samples the very same signals and
+hands the values to its format's emitter instead of the envelope template, so a seed gives the
+same readings in every format. What a format needs beyond the signals (a Zigbee link quality,
+a mains voltage) comes from a second stream, ``"{seed}/{site}/{device}/{format}"``, leaving the
+signals' stream untouched.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from iotpipe import __version__, signals
 from iotpipe.errors import ConfigError
+from iotpipe.mqtt import Will
 from iotpipe.signals import Profiles, SensorName, build_signals
 from iotpipe.wire import (
     NAME_RULE,
@@ -33,6 +41,8 @@ from iotpipe.wire import (
     message_id,
     topic,
 )
+from simulator import faults
+from simulator.formats import FORMATS, DeviceSpec, Emitter, Format, Publication, Rendered
 from simulator.settings import SimulateSettings
 
 if TYPE_CHECKING:
@@ -82,8 +92,11 @@ class Device:
         index: position in the fleet, 0-based.
         site: site name.
         name: device name.
-        topic: telemetry topic.
-        status_topic: retained status topic.
+        topic: telemetry topic (the format's, with a foreign format).
+        status_topic: retained status topic of the envelope contract.
+        emitter: the foreign format's voice of this device, None for envelopes.
+        render: renders the next message, :meth:`message` or its foreign twin; the run calls
+            this.
         boot: this run's boot id; part of every message id, so ids never repeat across boots.
         seq: the next message's sequence number.
         link: index of the connection that carries this device.
@@ -101,6 +114,7 @@ class Device:
         seed: int,
         settings: SimulateSettings,
         stamper: Stamper,
+        fmt: Format | None = None,
     ) -> None:
         self.index = index
         self.site = site
@@ -120,7 +134,25 @@ class Device:
         ]
         self._stamp = stamper
         self.batch = settings.batch
-        self.template = self._template(settings)
+        self.emitter: Emitter | None = None
+        self.render: Callable[[int, int, Sequence[int]], Rendered] = self.message
+        if fmt is None:
+            self.template = self._template(settings)
+            return
+        self.template = b""
+        self.emitter = fmt.emitter(
+            DeviceSpec(
+                site=site,
+                name=name,
+                sensors=tuple(self.signals),
+                decimals={n: _decimals(n, settings.profiles) for n in self.signals},
+                tags=settings.tags,
+                rng=random.Random(f"{seed}/{site}/{name}/{fmt.name}"),
+            )
+        )
+        self.topic = self.emitter.topic
+        self._calls = list(self.signals.values())
+        self.render = self.foreign_message
 
     def _template(self, settings: SimulateSettings) -> bytes:
         readings = [
@@ -174,6 +206,20 @@ class Device:
                 args.append(ts)
         return self.template % tuple(args)
 
+    def foreign_message(self, t_ms: int, skew_ms: int = 0, step_ms: Sequence[int] = ()) -> Rendered:
+        """Render the next message in the device's foreign format and advance ``seq``.
+
+        Takes the arguments of :meth:`message`; ``step_ms`` is unused (no batches).
+
+        Returns:
+            A payload for :attr:`topic`, or (multipart formats) ``(topic, payload)`` parts.
+        """
+        del step_ms
+        assert self.emitter is not None
+        self.seq += 1
+        t = t_ms / 1000.0
+        return self.emitter.telemetry(t_ms, skew_ms, [signal(t) for signal in self._calls])
+
     def message_id(self, seq: int) -> str:
         """The id of this device's message number ``seq``."""
         return message_id(self.boot, seq)
@@ -187,6 +233,31 @@ class Device:
             ts=json.loads(self._stamp(t_ms)),
             agent=AGENT,
         )
+
+    def statuses(self, state: State, t_ms: int) -> list[Publication]:
+        """What the device publishes going ``state``: the envelope's retained status, or the
+        format's own availability message (none for formats without one)."""
+        if self.emitter is not None:
+            return self.emitter.status(state, t_ms)
+        return [Publication(self.status_topic, self.status(state, t_ms))]
+
+    def will(self, t_ms: int) -> Will | None:
+        """The last will of a connection that carries only this device, if it has one."""
+        if self.emitter is not None:
+            pub = self.emitter.will(t_ms)
+            return None if pub is None else Will(*pub)
+        return Will(self.status_topic, self.status("offline", t_ms), qos=1, retain=True)
+
+    def births(self, t_ms: int) -> list[Publication]:
+        """What the device publishes once connected, whatever ``status`` says (formats with
+        births, such as Sparkplug B; none of today's)."""
+        return [] if self.emitter is None else self.emitter.connect(t_ms)
+
+    def malform(self, payload: bytes, rng: random.Random) -> bytes:
+        """``payload`` cut short so that no reader of its format can parse it."""
+        if self.emitter is not None:
+            return self.emitter.malform(payload, rng)
+        return faults.truncate(payload, rng)
 
 
 def fleet_names(settings: SimulateSettings) -> list[tuple[str, str]]:
@@ -223,6 +294,23 @@ def fleet_names(settings: SimulateSettings) -> list[tuple[str, str]]:
     return names
 
 
+def _unique_across_sites(settings: SimulateSettings, names: list[tuple[str, str]]) -> None:
+    """Foreign formats' topics carry no site, so two sites must not share a device name.
+
+    Raises:
+        ConfigError: a device name is used on two sites.
+    """
+    counts = Counter(device for _site, device in names)
+    repeated = [device for device, n in counts.items() if n > 1]
+    if repeated:
+        raise ConfigError(
+            "simulate.device_pattern",
+            settings.device_pattern,
+            f"gives {repeated[0]} on two sites, but {settings.format} topics carry no site; "
+            "number devices across the fleet with {n} or put {site} in the pattern",
+        )
+
+
 def _format(field: str, pattern: str, **values: object) -> str:
     try:
         name = pattern.format(**values)
@@ -254,9 +342,21 @@ class Fleet:
             )
         self.seed = seed
         self.stamper = Stamper(settings.ts_format)
+        self.format: Format | None = FORMATS[settings.format](seed) if settings.foreign else None
+        names = fleet_names(settings)
+        if self.format is not None:
+            _unique_across_sites(settings, names)
         self.devices = [
-            Device(index, site, name, seed=seed, settings=settings, stamper=self.stamper)
-            for index, (site, name) in enumerate(fleet_names(settings))
+            Device(
+                index,
+                site,
+                name,
+                seed=seed,
+                settings=settings,
+                stamper=self.stamper,
+                fmt=self.format,
+            )
+            for index, (site, name) in enumerate(names)
         ]
 
     def __len__(self) -> int:

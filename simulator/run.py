@@ -46,6 +46,7 @@ from iotpipe.wire import State
 from simulator import faults
 from simulator.faults import REJECTED, Fault, FaultPlan, Outage, Reorderer
 from simulator.fleet import Device, Fleet, Outgoing
+from simulator.formats import Part, Publication, Rendered
 from simulator.link import Link, LinkFactory, MqttLink
 from simulator.progress import NoProgress, Progress, Snapshot
 from simulator.receipts import ReceiptTracker
@@ -184,7 +185,7 @@ class Simulation:
         self._sleep = sleep
         self.links: list[Link] = []
         self._counts = _Counts()
-        self._status_ms: dict[str, int] = {}
+        self._status_ms: dict[int, int] = {}
         self._plan = FaultPlan(settings.faults.rates())
         # Two fault streams, each consumed in message order whatever the block boundaries, so
         # a seed injects the same faults into the same messages in paced and unpaced runs:
@@ -255,16 +256,11 @@ class Simulation:
             for i in range(n_links):
                 will = None
                 if per_device and s.status:
-                    dev = devices[i]
-                    will = Will(
-                        dev.status_topic, dev.status("offline", start_ms), qos=1, retain=True
-                    )
+                    will = devices[i].will(start_ms)
                 self.links.append(self._link_factory(i, will))
                 self.links[-1].connect()
             self._negotiate()
-            if s.status:
-                for device in devices:
-                    self._publish_status(device, "online", start_ms)
+            self._announce(start_ms)
             self._started = self._clock()
             try:
                 self._loop(start_ms)
@@ -289,6 +285,16 @@ class Simulation:
                     log.debug("disconnect failed", exc_info=True)
             self.progress.close()
         return self._summary(elapsed, n_links)
+
+    def _announce(self, start_ms: int) -> None:
+        """Before the first message: every device's births (formats that have them), then its
+        retained ``online`` status (unless ``status`` is off)."""
+        devices = self.fleet.devices
+        for device in devices:
+            self._publish(device, device.births(start_ms))
+        if self.settings.status:
+            for device in devices:
+                self._publish_status(device, "online", start_ms)
 
     def _limit(self) -> int | None:
         s = self.settings
@@ -347,16 +353,21 @@ class Simulation:
                     if end <= k:
                         break
                     now = clock()
-                block: list[tuple[Device, Fault | None, bytes, int, int]] = []
+                block: list[tuple[Device, Fault | None, Rendered, int, int]] = []
                 for j in range(k, end):
                     dev = devices[j % n]
                     t_ms = start_ms + round(j * interval_ms)
                     fault = plan.choose(u) if p_any and (u := decide()) < p_any else None
                     skew_ms = faults.skew(skew_rng, skew_seconds) if fault is skew else 0
                     seq = dev.seq
-                    block.append((dev, fault, dev.message(t_ms, skew_ms, steps), t_ms, seq))
+                    block.append((dev, fault, dev.render(t_ms, skew_ms, steps), t_ms, seq))
                 for dev, fault, payload, t_ms, seq in block:
-                    if fault is None and dev.outage is None and dev.reorder is None:
+                    if (
+                        fault is None
+                        and dev.outage is None
+                        and dev.reorder is None
+                        and isinstance(payload, bytes)  # not the parts of a multipart format
+                    ):
                         link = links[dev.link]
                         try:
                             link.publish(dev.topic, payload, qos)
@@ -399,16 +410,18 @@ class Simulation:
         return min(end, max(k + 1, int((now - t0) / wall_interval) + 1))
 
     def _deliver(
-        self, dev: Device, fault: Fault | None, payload: bytes, t_ms: int, seq: int
+        self, dev: Device, fault: Fault | None, payload: Rendered, t_ms: int, seq: int
     ) -> None:
         """The slow path: a fault hits this message, or the device is offline or reordering."""
-        f = self.settings.faults
         rng = self._detail_rng
         counts = self._counts
         if dev.outage is not None and fault in (Fault.DUPLICATE, Fault.REORDER, Fault.OFFLINE):
             fault = None  # an offline device cannot duplicate, reorder or go offline again
+        if not isinstance(payload, bytes):
+            self._deliver_parts(dev, fault, payload, t_ms, seq)
+            return
         if fault is Fault.MALFORMED:
-            payload = faults.truncate(payload, rng)
+            payload = dev.malform(payload, rng)
         elif fault is Fault.SCHEMA:
             payload, _ = faults.break_schema(payload, rng)
         elif fault is Fault.OVERSIZE:
@@ -417,12 +430,30 @@ class Simulation:
             payload = faults.mismatch(payload)
         if fault is not None:
             counts.faults[fault.value] += 1
-        out: Outgoing = (dev.topic, payload, fault in REJECTED, seq)
+        self._dispatch(dev, fault, (dev.topic, payload, fault in REJECTED, seq), t_ms)
+
+    def _deliver_parts(
+        self, dev: Device, fault: Fault | None, parts: tuple[Part, ...], t_ms: int, seq: int
+    ) -> None:
+        """A message of several publishes (ESPHome: one per sensor): the fault, counted once,
+        hits each of them; an outage lasts ``offline_messages`` whole messages."""
+        if fault is not None:
+            self._counts.faults[fault.value] += 1
+        for topic, payload in parts:
+            # The first part of an offline message starts the outage, which buffers the rest.
+            self._dispatch(dev, fault, (topic, payload, False, seq), t_ms, len(parts))
+
+    def _dispatch(
+        self, dev: Device, fault: Fault | None, out: Outgoing, t_ms: int, parts: int = 1
+    ) -> None:
+        """Send, hold back, buffer or duplicate one publish as its fault and device say."""
+        f = self.settings.faults
+        counts = self._counts
         if dev.outage is not None:
             self._buffer(dev, out, t_ms)
             return
         if fault is Fault.OFFLINE:
-            dev.outage = Outage(remaining=f.offline_messages, resend=dev.last)
+            dev.outage = Outage(remaining=f.offline_messages * parts, resend=dev.last)
             if self.settings.status:
                 self._publish_status(dev, "offline", t_ms)
             self._buffer(dev, out, t_ms)
@@ -430,7 +461,7 @@ class Simulation:
         if fault is Fault.REORDER:
             if dev.reorder is None:
                 dev.reorder = Reorderer()
-            dev.reorder.hold(out, rng.randint(1, f.reorder_window))
+            dev.reorder.hold(out, self._detail_rng.randint(1, f.reorder_window))
             counts.held += 1
             return
         self._send(dev, out)
@@ -486,7 +517,7 @@ class Simulation:
         waiting up to ``capability_wait`` seconds for it (none: off, said once on stderr).
         """
         s = self.settings
-        if s.receipts == "off":
+        if s.receipts == "off" or s.foreign:  # receipts are the envelope contract's
             return
         devices = self.fleet.devices
         for i, link in enumerate(self.links):
@@ -656,15 +687,19 @@ class Simulation:
         # Each status of a device is strictly newer than its last one, so a reader that keeps
         # the newest status per device (the consumers' registry) always ends on the last one,
         # even when an outage ends and the run ends in the same millisecond.
-        t_ms = max(t_ms, self._status_ms.get(dev.status_topic, t_ms - 1) + 1)
-        self._status_ms[dev.status_topic] = t_ms
+        t_ms = max(t_ms, self._status_ms.get(dev.index, t_ms - 1) + 1)
+        self._status_ms[dev.index] = t_ms
+        self._publish(dev, dev.statuses(state, t_ms))
+
+    def _publish(self, dev: Device, publications: list[Publication]) -> None:
+        """Publish status messages (or births) on the device's link, counted as ``status``."""
         link = self.links[dev.link]
-        payload = dev.status(state, t_ms)
-        try:
-            link.publish(dev.status_topic, payload, 1, True)
-        except (ConnectError, DeliveryError) as err:
-            self._republish(link, dev.status_topic, payload, 1, retain=True, err=err)
-        self._counts.status += 1
+        for topic, payload, qos, retain in publications:
+            try:
+                link.publish(topic, payload, qos, retain)
+            except (ConnectError, DeliveryError) as err:
+                self._republish(link, topic, payload, qos, retain=retain, err=err)
+            self._counts.status += 1
 
     def _republish(
         self, link: Link, topic: str, payload: bytes, qos: int, *, retain: bool, err: Exception

@@ -11,10 +11,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from iotpipe.errors import ConfigError
+from iotpipe.schema import NestedConfigError
 from iotpipe.settings import Section
 from iotpipe.signals import SENSORS, Profiles, SensorName
 from iotpipe.wire import MAX_TAGS
 from simulator.faults import Fault
+from simulator.formats import ENVELOPE, format_faults, format_names
 
 MAX_DEVICES = 10_000
 MAX_READINGS = 1000  # per envelope (wire contract)
@@ -22,6 +25,11 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 _Rate = Field(0.0, ge=0, le=1)
+
+
+def _refuse(field: str, value: object, allowed: str) -> NestedConfigError:
+    """A conflict between settings, reported as ``simulate.<field>=<value>: <allowed>``."""
+    return NestedConfigError(ConfigError(field, value, allowed))
 
 
 class FaultSettings(Section):
@@ -82,6 +90,7 @@ class SimulateSettings(Section):
     count: int | None = Field(None, ge=1, description="stop after this many envelopes")
     duration: float | None = Field(None, gt=0, description="stop after this many simulated seconds")
     batch: int = Field(1, ge=1, le=MAX_READINGS, description="samples per sensor per envelope")
+    format: str = Field(ENVELOPE, description="payload format: envelope or a foreign device's")
     qos: Literal[0, 1, 2] = Field(1, description="MQTT QoS of telemetry")
     ts_format: Literal["rfc3339", "epoch_ms"] = Field("rfc3339", description="how ts is written")
     connections: int | None = Field(None, ge=1, le=MAX_DEVICES, description="MQTT connections")
@@ -109,6 +118,13 @@ class SimulateSettings(Section):
         if rate != "max" and not (isinstance(rate, float | int) and 0.1 <= rate <= 100):
             raise ValueError("must be 0.1..100 (samples per second per device) or max")
         return rate
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        if name not in format_names():
+            raise ValueError(f"unknown format; one of {', '.join(format_names())}")
+        return name
 
     @field_validator("start")
     @classmethod
@@ -142,12 +158,47 @@ class SimulateSettings(Section):
             raise ValueError(
                 f"sites x devices = {self.sites * self.devices}; at most {MAX_DEVICES}"
             )
+        if self.foreign:
+            self._check_foreign()
         if self.batch * len(self.sensors) > MAX_READINGS:
             raise ValueError(
                 f"batch x sensors = {self.batch * len(self.sensors)} readings per envelope; "
                 f"the wire contract allows {MAX_READINGS}"
             )
         return self
+
+    def _check_foreign(self) -> None:
+        """What a foreign format cannot do: receipts, batches, faults that need an envelope.
+
+        Raised as :class:`~iotpipe.schema.NestedConfigError` so the one-line error names the
+        setting that conflicts with the format, not the whole table.
+        """
+        name = self.format
+        if self.receipts == "on":
+            raise _refuse(
+                "receipts",
+                "on",
+                f"receipts are part of the iotpipe envelope contract; format {name} has none "
+                "(use auto or off)",
+            )
+        if self.batch > 1:
+            raise _refuse(
+                "batch", self.batch, f"batches are for envelopes; format {name} sends one sample"
+            )
+        supported = format_faults(name)
+        for kind, rate in self.faults.rates().items():
+            if rate > 0 and kind not in supported:
+                takes = ", ".join(k.value for k in Fault if k in supported)
+                raise _refuse(
+                    f"faults.{kind.value}",
+                    rate,
+                    f"does not apply to format {name} (it takes: {takes})",
+                )
+
+    @property
+    def foreign(self) -> bool:
+        """Whether devices publish a foreign format (not our envelope)."""
+        return self.format != ENVELOPE
 
     @property
     def total_devices(self) -> int:

@@ -182,3 +182,23 @@ def test_sigterm_drains_and_exits_cleanly(mosquitto_broker: BrokerInfo) -> None:
     assert summary["interrupted"] is True
     assert summary["unacknowledged"] == 0
     assert summary["published"] == summary["messages"] + summary["resent"]
+
+
+def test_format_flag_reaches_the_simulation(memory_links: list[MemoryLink]) -> None:
+    """--format tasmota publishes Tasmota SENSOR messages and LWTs; receipts are off."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate", "--format", "tasmota", "--devices", "2", "--connections", "1",
+            "--rate", "max", "-n", "4", "--seed", "5", "--json", "--no-progress",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["published"] == 4
+    assert summary["receipts"] is False
+    (link,) = memory_links
+    topics = [m.topic for m in link.messages]
+    assert topics.count("tele/dev-0001/SENSOR") == 2
+    assert topics.count("tele/dev-0002/LWT") == 2
+    assert "Time" in json.loads(link.messages[2].payload)

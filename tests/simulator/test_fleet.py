@@ -297,7 +297,7 @@ class _FakeClock:
         self.now += seconds
 
 
-def _published(settings: dict[str, Any]) -> list[Message]:
+def published_by(settings: dict[str, Any]) -> list[Message]:
     """Every message a simulation with ``settings`` publishes, on in-memory links."""
     clock = _FakeClock()
     links: list[MemoryLink] = []
@@ -318,7 +318,7 @@ def _published(settings: dict[str, Any]) -> list[Message]:
     return [m for link in links for m in link.messages]
 
 
-def _digest(messages: list[Message]) -> str:
+def digest_of(messages: list[Message]) -> str:
     h = hashlib.sha256()
     for m in messages:
         h.update(m.topic.encode() + b"\0" + m.payload + b"\0")
@@ -328,7 +328,7 @@ def _digest(messages: list[Message]) -> str:
 @pytest.mark.parametrize("name", sorted(SIMULATOR_DIGESTS))
 def test_simulator_bytes_for_a_seed_are_pinned(name: str) -> None:
     """A seeded simulation publishes exactly the bytes it published before the wire module."""
-    assert _digest(_published(DIGEST_SETTINGS[name])) == SIMULATOR_DIGESTS[name]
+    assert digest_of(published_by(DIGEST_SETTINGS[name])) == SIMULATOR_DIGESTS[name]
 
 
 def test_shipped_recording_is_what_the_simulator_publishes(shipped_recording: Path) -> None:
@@ -337,7 +337,7 @@ def test_shipped_recording_is_what_the_simulator_publishes(shipped_recording: Pa
     Only the final ``offline`` statuses' ``ts`` depends on how the recorded run was paced.
     """
     _header, recorded = read_recording(shipped_recording, allow_truncated=False)
-    produced = _published(RECORDING_SETTINGS)
+    produced = published_by(RECORDING_SETTINGS)
 
     def telemetry(messages: list[Message]) -> Counter[tuple[str, bytes]]:
         return Counter((m.topic, m.payload) for m in messages if m.topic.endswith("/telemetry"))
