@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bridge.mapping import FormatOutcome, Mapped, MappingError, Reading
@@ -68,13 +68,23 @@ _MAX_PENDING_REBIRTHS = 10_000
 _NOTHING = FormatOutcome()
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Alias:
-    """What a birth declared for one metric."""
+    """What a birth declared for one metric, and what it maps to (worked out once, at birth).
+
+    Attributes:
+        name: the metric's name.
+        datatype: its datatype.
+        sensor: its sensor name, None when it makes no valid one (its values are ``name`` errors).
+        unit: its unit.
+        reading: whether its values are readings (not ``bdSeq``, ``Node Control/*``, ...).
+    """
 
     name: str
     datatype: int | None
+    sensor: str | None
     unit: str | None
+    reading: bool
 
 
 @dataclass(slots=True)
@@ -97,6 +107,8 @@ class _Node:
 
     bdseq: int | None
     boot: str
+    site: str | None
+    device: str | None
     last_raw: int
     last_count: int
     start: int
@@ -164,7 +176,7 @@ class SparkplugIngest:
         if kind is MessageType.DBIRTH:
             assert parsed.device_id is not None
             device = _Device()
-            _learn(device.aliases, device.names, decoded, self._learn_unit)
+            self._learn(device, decoded, f"{parsed.device_id}/")
             node.devices[parsed.device_id] = device
             return self._data(parsed, node, decoded, received_ms, device)
         if kind is MessageType.NDATA:
@@ -201,8 +213,9 @@ class SparkplugIngest:
         boot = f"bdseq-{'none' if bdseq is None else bdseq}-{payload.timestamp or received_ms}"
         node = self._nodes.get(key)
         if node is None or node.boot != boot or not node.online:
-            node = _Node(bdseq, boot, payload.seq, payload.seq, payload.seq)
-            _learn(node.aliases, node.names, payload, self._learn_unit)
+            site, device = _name(topic.group_id), _name(topic.edge_node_id)
+            node = _Node(bdseq, boot, site, device, payload.seq, payload.seq, payload.seq)
+            self._learn(node, payload, "")
             self._nodes[key] = node
             self._rebirth_ms.pop(key, None)
         # else: this very birth again (a redelivery): placed in its boot like any message.
@@ -230,9 +243,25 @@ class SparkplugIngest:
             error=MappingError("no_birth", f"{why}: rebirth requested"), commands=commands
         )
 
-    def _learn_unit(self, metric: Metric) -> str | None:
-        unit = metric.properties.get("engUnit")
-        return unit if type(unit) is str and 0 < len(unit) <= MAX_UNIT_LENGTH else None
+    def _learn(self, scope: _Node | _Device, birth: Payload, prefix: str) -> None:
+        """Record each named metric of a birth under its alias and its name."""
+        for metric in birth.metrics:
+            if metric.name is not None:
+                declared = self._declare(metric.name, metric, prefix)
+                scope.names[metric.name] = declared
+                if metric.alias is not None:
+                    scope.aliases[metric.alias] = declared
+
+    def _declare(self, name: str, metric: Metric, prefix: str) -> _Alias:
+        """Work out a metric's sensor name and unit (the rule's ``units``, else its engUnit)."""
+        sensor = _sensor(prefix + name)
+        unit = self._units.get(sensor or "") or self._units.get(_sensor(name) or "")
+        if unit is None:
+            eng_unit = metric.properties.get("engUnit")
+            if type(eng_unit) is str and 0 < len(eng_unit) <= MAX_UNIT_LENGTH:
+                unit = eng_unit
+        reading = name != BDSEQ_METRIC and not name.startswith(_NOT_READINGS)
+        return _Alias(name, metric.datatype, sensor, unit, reading)
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -244,8 +273,7 @@ class SparkplugIngest:
         received_ms: int,
         scope: _Node | _Device,
     ) -> FormatOutcome:
-        site = _name(topic.group_id)
-        device = _name(topic.edge_node_id)
+        site, device = node.site, node.device
         if site is None or device is None:
             return _error(
                 "name",
@@ -257,12 +285,12 @@ class SparkplugIngest:
         prefix = "" if topic.device_id is None else f"{topic.device_id}/"
         readings: list[Reading] = []
         for metric in payload.metrics:
-            declared = _declared(metric, scope.aliases, scope.names)
+            declared = self._declared(metric, scope, prefix)
             if declared is None:
                 return self._no_birth(
                     topic, received_ms, f"alias {metric.alias!r} not in the birth"
                 )
-            reading = self._reading(prefix, declared, metric, envelope_ms)
+            reading = self._reading(declared, metric, envelope_ms)
             if isinstance(reading, MappingError):
                 return FormatOutcome(error=reading)
             if reading is not None:
@@ -293,11 +321,10 @@ class SparkplugIngest:
         return FormatOutcome(mapped=(mapped,))
 
     def _reading(
-        self, prefix: str, declared: _Alias, metric: Metric, envelope_ms: int
+        self, declared: _Alias, metric: Metric, envelope_ms: int
     ) -> Reading | MappingError | None:
-        """The reading of one metric; None for a metric that is not one (skipped)."""
-        name = declared.name
-        if name == BDSEQ_METRIC or name.startswith(_NOT_READINGS):
+        """The reading of one metric; None for a metric that is not one (or is skipped)."""
+        if not declared.reading:
             return None
         datatype = metric.datatype if metric.datatype is not None else declared.datatype
         value = typed_value(metric.value, datatype)
@@ -305,15 +332,24 @@ class SparkplugIngest:
             self.skipped += 1
             return None
         assert value is not None
-        metric_sensor = _sensor(name)
-        sensor = _sensor(prefix + name)
-        if sensor is None or metric_sensor is None:
-            return MappingError("name", f"metric {prefix + name!r} makes no valid sensor name")
+        if declared.sensor is None:
+            return MappingError("name", f"metric {declared.name!r} makes no valid sensor name")
         ts_ms = metric.timestamp
         if ts_ms is not None and not 0 <= ts_ms <= MAX_TS_MS:
-            return MappingError("time", f"metric {name!r} timestamp {ts_ms} is not epoch ms")
-        unit = self._units.get(sensor) or self._units.get(metric_sensor) or declared.unit
-        return Reading(sensor, value, unit, None if ts_ms == envelope_ms else ts_ms)
+            return MappingError(
+                "time", f"metric {declared.name!r} timestamp {ts_ms} is not epoch ms"
+            )
+        return Reading(
+            declared.sensor, value, declared.unit, None if ts_ms == envelope_ms else ts_ms
+        )
+
+    def _declared(self, metric: Metric, scope: _Node | _Device, prefix: str) -> _Alias | None:
+        """What the birth said of ``metric`` (by alias, else by name); None when it said nothing."""
+        if metric.alias is not None:
+            return scope.aliases.get(metric.alias)
+        if metric.name is None:
+            return None
+        return scope.names.get(metric.name) or self._declare(metric.name, metric, prefix)
 
     def _place(
         self, node: _Node, raw: int, *, has_readings: bool
@@ -361,33 +397,6 @@ def _forget_old(node: _Node) -> None:
     oldest = node.last_count - 256
     node.seqs = {c: s for c, s in node.seqs.items() if c > oldest}
     node.reserved = {c: s for c, s in node.reserved.items() if c > oldest}
-
-
-def _learn(
-    aliases: dict[int, _Alias],
-    names: dict[str, _Alias],
-    payload: Payload,
-    unit_of: Callable[[Metric], str | None],
-) -> None:
-    """Record each named metric of a birth under its alias and name."""
-    for metric in payload.metrics:
-        if metric.name is None:
-            continue
-        declared = _Alias(metric.name, metric.datatype, unit_of(metric))
-        names[metric.name] = declared
-        if metric.alias is not None:
-            aliases[metric.alias] = declared
-
-
-def _declared(
-    metric: Metric, aliases: Mapping[int, _Alias], names: Mapping[str, _Alias]
-) -> _Alias | None:
-    """What the birth said of ``metric`` (by alias, else by name); None when it said nothing."""
-    if metric.alias is not None:
-        return aliases.get(metric.alias)
-    if metric.name is not None:
-        return names.get(metric.name) or _Alias(metric.name, metric.datatype, None)
-    return None
 
 
 def _bdseq(payload: Payload) -> int | None:
