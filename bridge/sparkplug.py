@@ -218,7 +218,11 @@ class SparkplugIngest:
             self._learn(node, payload, "")
             self._nodes[key] = node
             self._rebirth_ms.pop(key, None)
-        # else: this very birth again (a redelivery): placed in its boot like any message.
+        else:
+            # This very birth again: a replay (Sparkplug sends births at QoS 0, so no broker
+            # redelivers one). Rewind to it, so the messages after it map to the counts, and so
+            # the ids, they had the first time; what was already mapped keeps its seq.
+            node.last_raw = node.last_count = node.start
         return self._data(topic, node, payload, received_ms, node)
 
     def _ndeath(self, key: tuple[str, str], payload: Payload) -> FormatOutcome:
@@ -307,7 +311,9 @@ class SparkplugIngest:
         identity = (
             f"{topic.group_id}\0{topic.edge_node_id}\0{topic.device_id or ''}\0{node.boot}\0{count}"
         )
-        digest = hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
+        digest = hashlib.blake2b(
+            identity.encode(errors="surrogatepass"), digest_size=16
+        ).hexdigest()
         mapped = Mapped(
             site=site,
             device=device,
@@ -365,9 +371,10 @@ class SparkplugIngest:
         elif delta <= SEQ_WINDOW:
             count = node.last_count + delta
             for missing in range(node.last_count + 1, count):
-                node.reserved[missing] = node.next_seq
-                node.next_seq += 1
-            self.gaps += delta - 1
+                if missing not in node.seqs and missing not in node.reserved:
+                    node.reserved[missing] = node.next_seq
+                    node.next_seq += 1
+                    self.gaps += 1
             node.last_raw, node.last_count = raw, count
         else:
             count = node.last_count - (256 - delta)

@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from bridge.mapping import FormatOutcome, Mapped, Reading
 from bridge.sparkplug import REBIRTH_INTERVAL_MS, SparkplugIngest
 from consumers.query import store_stats
@@ -260,6 +263,55 @@ def test_ids_are_the_same_in_a_second_bridge() -> None:
     assert len(set(runs[0])) == 5
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 255),
+    st.lists(
+        st.sampled_from(["ok", "ok", "ok", "lost", "twice", "swap"]), min_size=1, max_size=400
+    ),
+)
+def test_any_delivery_order_keeps_ids_and_counts_exactly_the_lost(
+    start: int, fates: list[str]
+) -> None:
+    """Losses, duplicates and swaps: one id per message, distinct seqs, store gaps = messages lost."""
+    node = EdgeNode()
+    sent = [
+        node.nbirth(T0, seq=start),
+        *(node.ndata(T0 + i, float(i)) for i in range(1, len(fates) + 1)),
+    ]
+    order = [0]
+    for index, fate in enumerate(fates, start=1):
+        if fate == "twice":
+            order += [index, index]
+        elif fate == "swap" and len(order) > 1 and order[-1] != 0:
+            order.insert(len(order) - 1, index)
+        elif fate != "lost":
+            order.append(index)
+    fmt = ingest()
+    ids: dict[int, str] = {}
+    seqs: dict[int, int] = {}
+    for index in order:
+        m = mapped(fmt.handle(*sent[index], T0))
+        assert ids.setdefault(index, m.id) == m.id
+        assert seqs.setdefault(index, m.seq) == m.seq
+    assert len(set(ids.values())) == len(ids)
+    assert len(set(seqs.values())) == len(seqs)
+    newest = max(seqs)
+    lost_before_newest = sum(1 for i in range(newest) if i not in seqs)
+    assert max(seqs.values()) - min(seqs.values()) + 1 - len(seqs) == lost_before_newest
+
+
+def test_a_long_recording_replayed_into_the_same_bridge_keeps_its_ids() -> None:
+    """300 messages (past the 8-bit seq's reach) replayed after themselves: the same ids again."""
+    node = EdgeNode()
+    messages = [node.nbirth(T0), *(node.ndata(T0 + i, float(i)) for i in range(1, 300))]
+    fmt = ingest()
+    runs = [[mapped(fmt.handle(t, p, T0)).id for t, p in messages] for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert len(set(runs[0])) == 300
+    assert fmt.gaps == 0
+
+
 def test_bad_input_gives_clean_errors() -> None:
     """Garbage, foreign topics, missing seq and unmappable names are MappingErrors; commands ignored."""
     fmt, node = ingest(), EdgeNode()
@@ -282,6 +334,37 @@ def test_bad_input_gives_clean_errors() -> None:
     long_name = node.message(MessageType.NDATA, [Metric("x" * 65, value=1.0)], ts=T0)
     assert what(*long_name) == "name"
     assert what(*node.message(MessageType.NDATA, [Metric("ok", value=1.0)], ts=10**16)) == "time"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(list(MessageType)),
+            st.sampled_from(["gw1", "gw\ud800", "g w"]),
+            st.none() | st.sampled_from(["pump", "x" * 70]),
+            st.binary(max_size=60)
+            | st.builds(
+                lambda seq, alias, value: encode_payload(
+                    Payload(T0, seq, (Metric(alias=alias, value=value),))
+                ),
+                st.integers(0, 255),
+                st.integers(0, 3),
+                st.floats(allow_nan=True) | st.integers(0, 2**63) | st.text(max_size=3),
+            ),
+        ),
+        max_size=20,
+    )
+)
+def test_handle_never_raises(messages: list[tuple[MessageType, str, str | None, bytes]]) -> None:
+    """Any mix of message types, topics and bytes gives an outcome, never an exception."""
+    fmt = ingest()
+    fmt.handle(*EdgeNode().nbirth(T0), T0)
+    for kind, node, device, payload in messages:
+        topic = f"spBv1.0/{GROUP}/{kind}/{node}" + ("" if device is None else f"/{device}")
+        out = fmt.handle(topic, payload, T0)
+        assert isinstance(out, FormatOutcome)
+        assert out.error is None or not out.mapped
 
 
 def test_values_out_of_the_contract_are_skipped() -> None:
