@@ -132,7 +132,8 @@ class SparkplugIngest:
         tags: static tags put on every envelope.
 
     Attributes:
-        gaps: messages missing from the seq sequences seen (lost before the bridge).
+        gaps: seq positions left free: messages lost before the bridge, or dead-lettered here
+            after their node's birth (a late arrival fills its position, the count stays).
         late: messages that arrived after a later one of the same edge node.
         rebirths: rebirth requests sent.
         skipped: metrics not mapped (unsupported type, null, a value out of the contract).
