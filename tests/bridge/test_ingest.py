@@ -434,3 +434,34 @@ def test_try_prints_envelopes_and_rejections(tmp_path: Path) -> None:
     assert "(rule plugs)" in bad.output
     usage = runner.invoke(app, ["ingest", "try", "-c", str(config), "--topic", "t"])
     assert usage.exit_code == 2
+
+
+def test_sample_config_rules_load_and_map(tmp_path: Path) -> None:
+    """configs/bridge.toml's [[bridge.ingest]] samples, uncommented, load and map their payloads."""
+    sample = Path(__file__).resolve().parents[2] / "configs" / "bridge.toml"
+    block = sample.read_text().split("\n## Ingest rules")[1]
+    lines = [line.removeprefix("# ") for line in block.splitlines() if line.startswith("# ")]
+    config = tmp_path / "bridge.toml"
+    config.write_text("\n".join(lines) + "\n")
+    settings = load(BridgeSettings, "bridge", config_file=config, environ={})
+    names = [r.name for r in settings.ingest]
+    assert names == ["plugs", "esphome", "zigbee", "relays", "telegraf", "boilers", "factory"]
+    ingest = Ingest(settings.ingest, stateful=lambda _rule: FakeStateful())
+    cases = {
+        "tele/p1/SENSOR": (TASMOTA, "plugs"),
+        "esp1/sensor/t/state": (b"1", "esphome"),
+        "zigbee2mqtt/k": (ZIGBEE, "zigbee"),
+        "shelly1/events/rpc": (SHELLY, "relays"),
+        "telegraf/lab/x": (LINES, "telegraf"),
+        "plant/s/b1/data": (b'{"temp":{"flow":60,"return":40},"ts":5,"n":1}', "boilers"),
+    }
+    for topic, (payload, name) in cases.items():
+        result = ingest.map(topic, payload, NOW_MS)
+        assert result is not None
+        assert result[0] == name
+        assert result[1].error is None, (topic, result[1].error)
+        for mapped in result[1].mapped:
+            as_envelope(mapped)
+    (boiler,) = ingest.map("plant/s/b1/data", cases["plant/s/b1/data"][0], NOW_MS)[1].mapped  # type: ignore[index]
+    assert values(boiler) == {"flow_temperature": (60, "Cel"), "return_temperature": (40, "Cel")}
+    assert boiler.device == "boiler-b1"
