@@ -4,6 +4,7 @@ document them, identity, config errors, the bridge's ack of multi-envelope messa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -327,16 +328,21 @@ class FakeStateful:
         )
 
 
-@pytest.fixture
-def memory_bridge(tmp_path: Path) -> Iterator[tuple[Bridge, MemorySubscriber, MemoryPublisher]]:
-    """A bridge with a line-protocol and a (fake) stateful rule, on in-memory clients."""
+BridgeParts = tuple[Bridge, MemorySubscriber, MemoryPublisher]
+
+
+@contextlib.contextmanager
+def running(tmp_path: Path, **fields: Any) -> Iterator[BridgeParts]:
+    """A bridge on its own thread between in-memory clients, with a line-protocol, a plain
+    and a (fake) stateful rule."""
     rules = (
         rule(name="tg", filter="telegraf/{site}", format="line"),
         rule(name="sp", filter="spBv1.0/#", format="sparkplug"),
+        rule(name="esp", preset="esphome", site="home"),
     )
     publisher = MemoryPublisher()
     settings = BridgeSettings(
-        spool_path=tmp_path / "spool.db", spool_durability="process", ingest=rules
+        spool_path=tmp_path / "spool.db", spool_durability="process", ingest=rules, **fields
     )
     bridge = Bridge(
         settings,
@@ -354,8 +360,16 @@ def memory_bridge(tmp_path: Path) -> Iterator[tuple[Bridge, MemorySubscriber, Me
     try:
         yield bridge, subscriber, publisher
     finally:
+        publisher.confirm()  # nothing left unconfirmed: the bridge stops without waiting
         bridge.stop()
         thread.join(10)
+        assert not thread.is_alive(), "bridge did not stop"
+
+
+@pytest.fixture
+def memory_bridge(tmp_path: Path) -> Iterator[BridgeParts]:
+    with running(tmp_path) as parts:
+        yield parts
 
 
 def forwarded(bridge: Bridge) -> float:
@@ -396,6 +410,35 @@ def test_bridge_acks_a_multi_envelope_message_after_every_confirm(
     assert dead.routing_key == "bridge.bad_topic"
     amqp.confirm()
     wait_for(lambda: data in mqtt.acked, 5, "mapped message acked")
+
+
+def test_a_redelivery_without_time_keeps_its_id_within_the_run(
+    memory_bridge: BridgeParts,
+) -> None:
+    """ESPHome has no time in its payload: the DUP flag of the redelivery finds the id."""
+    _bridge, mqtt, amqp = memory_bridge
+    topic = "node1/sensor/temperature/state"
+    mqtt.deliver(topic, b"21.5")
+    (first,) = amqp.wait_published(1)
+    mqtt.drop()  # unacknowledged: the broker sends it again, marked DUP
+    wait_for(lambda: mqtt.reconnects == 1, 5, "the bridge reconnected")
+    again = amqp.wait_published(2)[1]
+    assert again.body == first.body
+    mqtt.deliver(topic, b"21.5")  # the same value again, not a redelivery: a new message
+    third = amqp.wait_published(3)[2]
+    assert json.loads(third.body)["id"] != json.loads(first.body)["id"]
+    assert json.loads(third.body)["seq"] == json.loads(first.body)["seq"] + 1
+
+
+def test_per_device_limits_apply_to_mapped_envelopes(tmp_path: Path) -> None:
+    limits = {"policy": "dead_letter", "rate": 1.0, "burst": 1.0}
+    with running(tmp_path, limits=limits) as (_bridge, mqtt, amqp):
+        for value in (b"1", b"2"):
+            mqtt.deliver("node1/sensor/t/state", value)
+        first, second = amqp.wait_published(2)
+    assert first.routing_key == "iotpipe.v1.home.node1.telemetry"
+    assert second.exchange == "iotpipe.dead"
+    assert second.routing_key == "bridge.rate_limited"
 
 
 # -- iotpipe ingest try -------------------------------------------------------------------------
@@ -465,3 +508,30 @@ def test_sample_config_rules_load_and_map(tmp_path: Path) -> None:
     (boiler,) = ingest.map("plant/s/b1/data", cases["plant/s/b1/data"][0], NOW_MS)[1].mapped  # type: ignore[index]
     assert values(boiler) == {"flow_temperature": (60, "Cel"), "return_temperature": (40, "Cel")}
     assert boiler.device == "boiler-b1"
+
+
+def test_try_a_recording_of_a_mixed_fleet(tmp_path: Path) -> None:
+    from iotpipe.cli import app
+    from iotpipe.recording import RecordedMessage, write_recording
+
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        '[[bridge.ingest]]\nname = "plugs"\npreset = "tasmota"\nsite = "home"\n'
+        '[[bridge.ingest]]\nname = "tg"\nfilter = "telegraf/{site}"\nformat = "line"\n'
+    )
+    recording = tmp_path / "fleet.jsonl"
+    write_recording(
+        recording,
+        [
+            RecordedMessage(0.0, "tele/p1/SENSOR", TASMOTA),
+            RecordedMessage(0.1, "telegraf/lab", LINES),
+            RecordedMessage(0.2, "unknown/topic", b"1"),
+        ],
+    )
+    result = CliRunner().invoke(app, ["ingest", "try", "-c", str(config), "-r", str(recording)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert [json.loads(line)["device"] for line in lines[:3]] == ["p1", "pi-1", "pi-2"]
+    assert lines[3].startswith("rejected bridge.bad_topic:")
+    assert lines[3].endswith("(no rule matches)")
+    assert lines[4] == "3 messages: 3 envelopes, 1 rejected"
