@@ -9,8 +9,8 @@ the bridge with one line naming it.
 
 :class:`Ingest` holds the compiled rules of one bridge run: :meth:`Ingest.map` finds the first
 rule whose filter matches a topic and returns what its format made of the payload (Mapped
-envelopes' worth of readings, or a MappingError); :func:`routed_envelopes` turns Mapped into the
-messages the bridge publishes. Identity (the envelope id, its seq and boot) is decided here,
+envelopes' worth of readings, or a MappingError); ``bridge.service.routed_mapped`` turns a
+Mapped into the message the bridge publishes. Identity (the envelope id, its seq and boot) is decided here,
 once for every format; ``docs/ingest.md`` says what it guarantees per format.
 """
 
@@ -307,13 +307,13 @@ class _Rule:
         self.levels = rule.filter.split("/")
         self.stateful = stateful
         self._zone = ZoneInfo(rule.timezone) if rule.time_format == "local" else UTC
-        self._map: Callable[[str, bytes, dict[str, str]], list[_Group]] = {
+        # envelope and sparkplug rules are mapped by Ingest itself.
+        formats: dict[str, Callable[[str, bytes, dict[str, str]], list[_Group]]] = {
             "json": self._json,
             "plain": self._plain,
             "line": self._line,
-            "envelope": self._envelope,
-            "sparkplug": self._envelope,  # never called: stateful
-        }[rule.format]
+        }
+        self._map = formats.get(rule.format)
 
     def match(self, topic: str) -> dict[str, str] | None:
         """The captures if ``topic`` matches this rule's filter, else None."""
@@ -344,6 +344,8 @@ class _Rule:
         return found
 
     def groups(self, topic: str, payload: bytes, captures: dict[str, str]) -> list[_Group]:
+        """What a stateless format found in the payload, one group per device and time."""
+        assert self._map is not None
         return self._map(topic, payload, captures)
 
     def _site_device(self, captures: Mapping[str, str]) -> tuple[str, str]:
@@ -454,9 +456,6 @@ class _Rule:
             for field, value in line.fields.items():
                 group.readings.append((f"{line.measurement}{rule.separator}{field}", value))
         return list(groups.values())
-
-    def _envelope(self, topic: str, payload: bytes, captures: dict[str, str]) -> list[_Group]:
-        raise AssertionError("envelope rules are mapped by _map_envelope")  # pragma: no cover
 
 
 class Ingest:

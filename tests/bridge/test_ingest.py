@@ -535,3 +535,23 @@ def test_try_a_recording_of_a_mixed_fleet(tmp_path: Path) -> None:
     assert lines[3].startswith("rejected bridge.bad_topic:")
     assert lines[3].endswith("(no rule matches)")
     assert lines[4] == "3 messages: 3 envelopes, 1 rejected"
+
+
+def test_envelope_rule_keeps_the_envelopes_identity_and_refuses_a_broken_one() -> None:
+    from tests.bridge.test_bridge import envelope
+
+    ingest = Ingest([rule(filter="legacy/#", format="envelope", units={"t": "Cel"})])
+    body = envelope("home", "pi-1", 7, readings=[{"sensor": "t", "value": 1.5}])
+    (mapped,) = one(ingest, "legacy/pi-1", body)
+    sent = json.loads(body)
+    assert (mapped.id, mapped.seq, mapped.site, mapped.device) == (
+        sent["id"],
+        7,
+        "home",
+        "pi-1",
+    )
+    assert values(mapped) == {"t": (1.5, "Cel")}
+    refused = ingest.map("legacy/pi-1", envelope("home", "pi-1", 8, readings=[]), NOW_MS)
+    assert refused is not None
+    assert refused[1].error is not None
+    assert refused[1].error.what == "envelope"
