@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 import re
 import time
@@ -51,8 +52,11 @@ from iotpipe.wire import (
     MAX_UNIT_LENGTH,
     MAX_VALUE_LENGTH,
     Value,
+    is_valid_name,
     reading_problem,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PRESETS", "Ingest", "IngestRule", "check_rules"]
 
@@ -498,15 +502,20 @@ class Ingest:
     ) -> tuple[str, FormatOutcome] | None:
         """The first matching rule's name and what it made of the message; None if none matches.
 
-        Never raises for bad input: a payload that does not fit is a MappingError.
+        Never raises: a payload that does not fit is a MappingError, and so is a format's bug
+        (``internal``, logged), so that one odd message cannot stop the bridge.
         """
         for rule in self.rules:
             captures = rule.match(topic)
             if captures is None:
                 continue
-            return rule.name, self._apply(
-                rule, captures, Message(topic, payload, dup=dup), received_ms
-            )
+            message = Message(topic, payload, dup=dup)
+            try:
+                return rule.name, self._apply(rule, captures, message, received_ms)
+            except Exception as err:  # a bug must not stop the bridge
+                log.exception("ingest rule %s failed on topic %s", rule.name, topic)
+                error = MappingError("internal", f"mapping failed: {type(err).__name__}: {err}")
+                return rule.name, FormatOutcome(error=error)
         return None
 
     def _apply(
@@ -514,7 +523,12 @@ class Ingest:
     ) -> FormatOutcome:
         topic, payload = message.topic, message.payload
         if rule.stateful is not None:
-            return rule.stateful.handle(topic, payload, received_ms)
+            outcome = rule.stateful.handle(topic, payload, received_ms)
+            for made in outcome.mapped:
+                problem = _mapped_problem(made)
+                if problem is not None:
+                    return FormatOutcome(error=problem, commands=outcome.commands)
+            return outcome
         key = (rule.name, topic, payload)
         if message.dup and key in self._recent:  # a redelivery of a message mapped this run
             return FormatOutcome(self._recent[key])
@@ -598,6 +612,20 @@ class Ingest:
             decoded.boot,
             tags,
         )
+
+
+def _mapped_problem(mapped: Mapped) -> MappingError | None:
+    """Why a stateful format's Mapped cannot go on the wire (a format's bug), or None."""
+    if not (is_valid_name(mapped.site) and is_valid_name(mapped.device)):
+        return MappingError("name", f"invalid site/device {mapped.site!r}/{mapped.device!r}")
+    if not 1 <= len(mapped.readings) <= MAX_READINGS or len(mapped.tags) > MAX_TAGS:
+        return MappingError("value", f"{len(mapped.readings)} readings, {len(mapped.tags)} tags")
+    for r in mapped.readings:
+        ts_ms = r.ts_ms if r.ts_ms is not None else mapped.ts_ms
+        problem = reading_problem(r.sensor, r.value, r.unit, ts_ms)
+        if problem is not None:
+            return MappingError("value", problem)
+    return None
 
 
 def _readings(rule: _Rule, group: _Group, ts_ms: int) -> tuple[Reading, ...]:

@@ -555,3 +555,21 @@ def test_envelope_rule_keeps_the_envelopes_identity_and_refuses_a_broken_one() -
     assert refused is not None
     assert refused[1].error is not None
     assert refused[1].error.what == "envelope"
+
+
+def test_a_stateful_formats_bug_is_a_dead_letter_not_a_crash() -> None:
+    class Broken:
+        def handle(self, topic: str, payload: bytes, received_ms: int) -> FormatOutcome:
+            if payload == b"raise":
+                raise RuntimeError("boom")
+            bad = Mapped("a site", "d", received_ms, (Reading("t", 1),), "x", 0)
+            return FormatOutcome((bad,))
+
+    ingest = Ingest([rule(filter="sp/#", format="sparkplug")], stateful=lambda _r: Broken())
+    crashed = ingest.map("sp/x", b"raise", NOW_MS)
+    invalid = ingest.map("sp/x", b"ok", NOW_MS)
+    assert crashed is not None
+    assert crashed[1].error == MappingError("internal", "mapping failed: RuntimeError: boom")
+    assert invalid is not None
+    assert invalid[1].error is not None
+    assert invalid[1].error.what == "name"
