@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, ValidationError, model_validator
 
 from bridge.formats import (
     FormatError,
@@ -178,6 +178,30 @@ class IngestRule(Section):
             if data.get(key) is None and f"{{{key}}}" in levels:
                 data = {**data, key: f"{{{key}}}"}
         return data
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _named(cls, data: Any, handler: ModelWrapValidatorHandler[IngestRule]) -> IngestRule:
+        """Every error of a rule names the rule, not only its position in the list."""
+        try:
+            return handler(data)
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            nested = first.get("ctx", {}).get("error")
+            if isinstance(nested, NestedConfigError):
+                raise nested from None
+            name = data.get("name") if isinstance(data, dict) else None
+            field = ".".join(str(part) for part in first["loc"]) or "rule"
+            if first["type"] == "extra_forbidden":
+                allowed = "unknown setting (check the spelling)"
+            elif first["type"] == "missing":
+                allowed = "required"
+            else:
+                allowed = str(first["msg"]).removeprefix("Value error, ")
+            value = None if first["type"] == "missing" else first.get("input")
+            raise NestedConfigError(
+                ConfigError(field, value, f"rule {name!r}: {allowed}")
+            ) from None
 
     @model_validator(mode="after")
     def _check(self) -> IngestRule:
