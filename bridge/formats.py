@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from iotpipe.wire import MAX_VALUE_LENGTH, Value
 
-__all__ = ["FormatError", "Line", "json_leaves", "parse_json", "parse_lines", "plain_value"]
+__all__ = ["FormatError", "Line", "flatten_json", "parse_json", "parse_lines", "plain_value"]
 
 
 class FormatError(Exception):
@@ -30,24 +29,28 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # built once, not per message
+
+
 def parse_json(payload: bytes) -> object:
     """The payload as JSON (NaN and Infinity refused: the contract has no place for them)."""
     try:
-        return json.loads(payload, parse_constant=_refuse_constant)
+        return _DECODER.decode(payload.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise FormatError("json", f"payload is not JSON: {err}") from None
 
 
-def json_leaves(value: object, separator: str, prefix: str = "") -> Iterator[tuple[str, object]]:
-    """Every leaf of nested objects as ``(path, value)``, keys joined with ``separator``.
-
-    Lists are leaves too (the caller skips what is not a number, boolean or string).
-    """
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from json_leaves(item, separator, f"{prefix}{separator}{key}" if prefix else key)
-    else:
-        yield prefix, value
+def flatten_json(
+    value: dict[str, object], separator: str, out: dict[str, object], prefix: str = ""
+) -> None:
+    """Every leaf of nested objects into ``out`` as ``path: value``, keys joined with
+    ``separator`` (lists are leaves; the caller skips what is not a reading)."""
+    for key, item in value.items():
+        path = f"{prefix}{separator}{key}" if prefix else key
+        if type(item) is dict:
+            flatten_json(item, separator, out, path)
+        else:
+            out[path] = item
 
 
 def plain_value(payload: bytes) -> Value:
@@ -125,6 +128,8 @@ def parse_lines(payload: bytes) -> list[Line]:
 
 def _split(text: str, separator: str) -> list[str]:
     """Split at unescaped ``separator`` outside double quotes; escapes are kept."""
+    if "\\" not in text and '"' not in text:
+        return text.split(separator)  # the common case, without a character loop
     parts: list[str] = []
     current: list[str] = []
     quoted = False
@@ -150,6 +155,8 @@ def _split(text: str, separator: str) -> list[str]:
 
 
 def _unescape(text: str) -> str:
+    if "\\" not in text:
+        return text
     out = []
     index = 0
     while index < len(text):

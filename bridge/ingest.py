@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import math
 import os
 import re
 import time
@@ -33,7 +34,7 @@ from pydantic import Field, ModelWrapValidatorHandler, ValidationError, model_va
 
 from bridge.formats import (
     FormatError,
-    json_leaves,
+    flatten_json,
     parse_json,
     parse_lines,
     plain_value,
@@ -46,11 +47,14 @@ from iotpipe.schema import NestedConfigError
 from iotpipe.settings import Section
 from iotpipe.topics import check_filter
 from iotpipe.wire import (
+    ID_PATTERN,
+    MAX_INT,
     MAX_READINGS,
     MAX_TAGS,
     MAX_TS_MS,
     MAX_UNIT_LENGTH,
     MAX_VALUE_LENGTH,
+    MIN_INT,
     Value,
     is_valid_name,
     reading_problem,
@@ -309,6 +313,11 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
+_ID = re.compile(ID_PATTERN)
+_LEAF_TYPES = frozenset({int, float, bool})
+_PATHS_REMEMBERED = 4096  # per rule; beyond, new paths are worked out every time
+
+
 def _path_matches(path: str, entry: str, separator: str) -> bool:
     return path == entry or path.endswith(separator + entry)
 
@@ -335,6 +344,9 @@ class _Rule:
         self.levels = rule.filter.split("/")
         self.stateful = stateful
         self._zone = ZoneInfo(rule.timezone) if rule.time_format == "local" else UTC
+        # Payloads of one rule repeat their shape: each key path / sensor is worked out once.
+        self._json_paths: dict[str, str | None] = {}
+        self._sensors: dict[str, tuple[str, str | None]] = {}
         # envelope and sparkplug rules are mapped by Ingest itself.
         formats: dict[str, Callable[[str, bytes, dict[str, str]], list[_Group]]] = {
             "json": self._json,
@@ -390,7 +402,8 @@ class _Rule:
         if not isinstance(doc, dict):
             raise FormatError("json", "payload is not a JSON object")
         sep = rule.separator
-        leaves = dict(json_leaves(doc, sep))
+        leaves: dict[str, object] = {}
+        flatten_json(doc, sep, leaves)
         ts_ms, identity = None, b""
         if rule.time_field is not None and rule.time_field in leaves:
             raw = leaves[rule.time_field]
@@ -403,7 +416,6 @@ class _Rule:
                 raise FormatError("counter", f"{rule.counter_field} = {raw!r} is not a counter")
             counter = raw
             identity += f"c{raw}".encode()
-        skip = {rule.time_field, rule.counter_field}
         readings: list[tuple[str, Value]] = []
         if rule.values is not None:
             for path, sensor in rule.values.items():
@@ -411,18 +423,48 @@ class _Rule:
                 if isinstance(value, bool | int | float | str):
                     readings.append((sensor, value))
         else:
-            prefix = f"{rule.root}{sep}" if rule.root else ""
+            paths = self._json_paths
             for path, value in leaves.items():
-                if path in skip or not path.startswith(prefix):
+                if type(value) not in _LEAF_TYPES:
                     continue
-                if not isinstance(value, bool | int | float):
-                    continue
-                sensor = path[len(prefix) :]
-                if any(_path_matches(sensor, entry, sep) for entry in rule.ignore):
-                    continue
-                readings.append((sensor, value))
+                name = paths[path] if path in paths else self._json_sensor(path)
+                if name is not None:
+                    readings.append((name, value))  # type: ignore[arg-type]
         site, device = self._site_device(captures)
         return [_Group(site, device, ts_ms, readings, counter, None, identity)]
+
+    def _json_sensor(self, path: str) -> str | None:
+        """The sensor a JSON leaf path is read as (None: not a reading); remembered per path."""
+        rule = self.settings
+        sep = rule.separator
+        prefix = f"{rule.root}{sep}" if rule.root else ""
+        sensor: str | None = path[len(prefix) :]
+        if (
+            path in {rule.time_field, rule.counter_field}
+            or not path.startswith(prefix)
+            or any(_path_matches(path[len(prefix) :], entry, sep) for entry in rule.ignore)
+        ):
+            sensor = None
+        if len(self._json_paths) < _PATHS_REMEMBERED:
+            self._json_paths[path] = sensor
+        return sensor
+
+    def sensor(self, raw: str) -> tuple[str, str | None]:
+        """A raw sensor name made valid, and its unit; remembered per name.
+
+        Raises:
+            FormatError: the name is empty.
+        """
+        known = self._sensors.get(raw)
+        if known is not None:
+            return known
+        sensor = _sensor(raw)
+        if sensor is None:
+            raise FormatError("name", f"empty sensor name from {raw!r}")
+        known = (sensor, self.unit(raw))
+        if len(self._sensors) < _PATHS_REMEMBERED:
+            self._sensors[raw] = known
+        return known
 
     def _time(self, raw: object) -> int:
         rule = self.settings
@@ -640,6 +682,8 @@ class Ingest:
 
 def _mapped_problem(mapped: Mapped) -> MappingError | None:
     """Why a stateful format's Mapped cannot go on the wire (a format's bug), or None."""
+    if not _ID.fullmatch(mapped.id):
+        return MappingError("id", f"invalid envelope id {mapped.id!r}")
     if not (is_valid_name(mapped.site) and is_valid_name(mapped.device)):
         return MappingError("name", f"invalid site/device {mapped.site!r}/{mapped.device!r}")
     if not 1 <= len(mapped.readings) <= MAX_READINGS or len(mapped.tags) > MAX_TAGS:
@@ -654,14 +698,19 @@ def _mapped_problem(mapped: Mapped) -> MappingError | None:
 
 def _readings(rule: _Rule, group: _Group, ts_ms: int) -> tuple[Reading, ...]:
     """The group's values as contract readings: names made valid, units added, checked."""
+    if not 0 <= ts_ms <= MAX_TS_MS:
+        raise FormatError("time", f"time {ts_ms} is out of range")
     readings = []
     for raw_sensor, value in group.readings:
-        sensor = _sensor(raw_sensor)
-        if sensor is None:
-            raise FormatError("name", f"empty sensor name from {raw_sensor!r}")
-        unit = rule.unit(raw_sensor)
-        problem = reading_problem(sensor, value, unit, ts_ms)
-        if problem is not None:
+        sensor, unit = rule.sensor(raw_sensor)
+        kind = type(value)
+        # The contract's value rules, inline: this loop runs once per reading.
+        if (
+            (kind is float and not math.isfinite(value))  # type: ignore[arg-type]
+            or (kind is int and not MIN_INT <= value <= MAX_INT)  # type: ignore[operator]
+            or (kind is str and len(value) > MAX_VALUE_LENGTH)  # type: ignore[arg-type]
+        ):
+            problem = reading_problem(sensor, value, unit, ts_ms)
             raise FormatError("value", f"{raw_sensor}: {problem}")
         readings.append(Reading(sensor, value, unit))
     return tuple(readings)

@@ -23,11 +23,13 @@ so neither pika's thread nor the spool's ever waits on MQTT.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -743,19 +745,40 @@ def routed_mapped(message: Message, rule: str, mapped: Mapped, received_at: floa
         boot=mapped.boot,
         tags=mapped.tags or None,
     )
+    head, tail = _mapped_parts(mapped.site, mapped.device, message.topic, rule)
+    message_id = mapped.id.encode()
+    encoded = b"".join(
+        (head, bytes((len(message_id),)), message_id, _U64.pack(int(received_at)), tail)
+    )
+    routing_key = f"iotpipe.v1.{mapped.site}.{mapped.device}.telemetry"
+    return Routed(TELEMETRY_EXCHANGE, routing_key, body, encoded)
+
+
+_U64 = struct.Struct(">Q")
+
+
+@lru_cache(maxsize=4096)
+def _mapped_parts(site: str, device: str, topic: str, rule: str) -> tuple[bytes, bytes]:
+    """The encoded properties of a mapped envelope before its message id and after its
+    timestamp, which is all that changes between a device's envelopes (as
+    :func:`~iotpipe.amqp.encode_telemetry_properties` does for the native path)."""
     properties = telemetry_properties(
-        message_id=mapped.id,
+        message_id="",
         version=VERSION,
-        site=mapped.site,
-        device=mapped.device,
-        topic=message.topic,
+        site=site,
+        device=device,
+        topic=topic,
         kind="telemetry",
-        received_at=received_at,
+        received_at=0,
     )
     headers = {**(properties.headers or {}), HEADER_RULE: rule}
     encoded = encode_properties(replace(properties, headers=headers))
-    routing_key = f"iotpipe.v1.{mapped.site}.{mapped.device}.telemetry"
-    return Routed(TELEMETRY_EXCHANGE, routing_key, body, encoded)
+    # The property list ends: message_id (short string), timestamp (8 bytes), type, app_id.
+    tail_length = 2 + len(str(properties.type).encode()) + len(str(properties.app_id).encode())
+    head, tail = encoded[: -tail_length - 9], encoded[-tail_length:]
+    if head + bytes(9) + tail != encoded:
+        raise AssertionError("telemetry properties are not laid out as expected")
+    return head, tail
 
 
 def mapping_dead_letter(

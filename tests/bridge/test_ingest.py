@@ -572,3 +572,25 @@ def test_a_stateful_formats_bug_is_a_dead_letter_not_a_crash() -> None:
     assert invalid is not None
     assert invalid[1].error is not None
     assert invalid[1].error.what == "name"
+
+
+def test_mapped_envelope_properties_are_the_telemetry_ones_plus_the_rule() -> None:
+    from dataclasses import replace
+
+    from iotpipe.amqp import telemetry_properties
+
+    mapped = Mapped("home", "plug-1", NOW_MS, (Reading("t", 1.5, "Cel"),), "abc123", 4, "r1")
+    for received_at in (1_700_000_000.7, 1_800_000_000.0):
+        routed = routed_mapped(Message("tele/plug-1/SENSOR", b"{}"), "plugs", mapped, received_at)
+        expected = telemetry_properties(
+            message_id="abc123",
+            version="1.0",
+            site="home",
+            device="plug-1",
+            topic="tele/plug-1/SENSOR",
+            kind="telemetry",
+            received_at=received_at,
+        )
+        headers = {**(expected.headers or {}), "x-iotpipe-rule": "plugs"}
+        assert routed.properties == replace(expected, headers=headers)
+        assert routed.routing_key == "iotpipe.v1.home.plug-1.telemetry"
