@@ -62,7 +62,7 @@ from iotpipe.wire import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRESETS", "Ingest", "IngestRule", "check_rules"]
+__all__ = ["PRESETS", "RETAINED_COPY", "Ingest", "IngestRule", "check_rules"]
 
 Format = Literal["json", "plain", "line", "envelope", "sparkplug"]
 Preset = Literal["tasmota", "esphome", "zigbee2mqtt", "shelly"]
@@ -528,6 +528,10 @@ class _Rule:
         return list(groups.values())
 
 
+#: What :meth:`Ingest.map` returns for a retained copy it does not forward (compare with ``is``).
+RETAINED_COPY = FormatOutcome()
+
+
 class Ingest:
     """The compiled rules of one bridge run and the identity state they share.
 
@@ -564,9 +568,20 @@ class Ingest:
         return list(dict.fromkeys(rule.settings.subscription for rule in self.rules))
 
     def map(
-        self, topic: str, payload: bytes, received_ms: int, *, dup: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        received_ms: int,
+        *,
+        dup: bool = False,
+        retain: bool = False,
     ) -> tuple[str, FormatOutcome] | None:
         """The first matching rule's name and what it made of the message; None if none matches.
+
+        ``dup`` and ``retain`` are the MQTT flags. A retained copy (sent by the broker when the
+        bridge subscribes) of a payload with neither time nor counter is :data:`RETAINED_COPY`:
+        a stale state, not a new reading, and without an id that would recognise it as the
+        reading it once was.
 
         Never raises: a payload that does not fit is a MappingError, and so is a format's bug
         (``internal``, logged), so that one odd message cannot stop the bridge.
@@ -575,7 +590,7 @@ class Ingest:
             captures = rule.match(topic)
             if captures is None:
                 continue
-            message = Message(topic, payload, dup=dup)
+            message = Message(topic, payload, retain=retain, dup=dup)
             try:
                 return rule.name, self._apply(rule, captures, message, received_ms)
             except Exception as err:  # a bug must not stop the bridge
@@ -604,6 +619,8 @@ class Ingest:
                 mapped = (self._map_envelope(rule, payload),)
             else:
                 groups = rule.groups(topic, payload, captures)
+                if message.retain and not any(g.identity for g in groups):
+                    return RETAINED_COPY
                 mapped = tuple(self._mapped(rule, topic, payload, g, received_ms) for g in groups)
         except FormatError as err:
             return FormatOutcome(error=MappingError(err.what, err.message))

@@ -34,7 +34,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from bridge.ingest import Ingest, IngestRule
+from bridge.ingest import RETAINED_COPY, Ingest, IngestRule
 from bridge.limits import Limiter
 from bridge.mapping import Mapped, MappingError, StatefulFormat
 from bridge.receipts import ReceiptRelay
@@ -241,7 +241,7 @@ class Bridge:
         # Label children looked up once: .labels() costs more than the increment itself.
         self._received = {
             kind: self.metrics.received.labels(kind)
-            for kind in ("telemetry", "status", "rejected", "cleared", "mapped")
+            for kind in ("telemetry", "status", "rejected", "cleared", "mapped", "retained_copy")
         }
         self._results: deque[tuple[object, Outcome | None]] = deque()
         self._pending: deque[Inbound] = deque()
@@ -401,7 +401,13 @@ class Bridge:
     def _on_foreign(self, message: Message, now: float) -> None:
         """A message outside the contract's topics: the first matching ingest rule maps it."""
         assert self.ingest is not None
-        result = self.ingest.map(message.topic, message.payload, int(now * 1000), dup=message.dup)
+        result = self.ingest.map(
+            message.topic,
+            message.payload,
+            int(now * 1000),
+            dup=message.dup,
+            retain=message.retain,
+        )
         if result is None:  # no rule: dead-lettered as before rules existed
             self._received["rejected"].inc()
             self._accept(message, [route(message, now)], now)
@@ -413,7 +419,10 @@ class Bridge:
             self._received["rejected"].inc()
             self._accept(message, [mapping_dead_letter(message, rule, outcome.error, now)], now)
             return
-        self._received["mapped"].inc()
+        if outcome is RETAINED_COPY:
+            self._received["retained_copy"].inc()
+        else:
+            self._received["mapped"].inc()
         if outcome.mapped:
             self.metrics.mapped.labels(rule).inc(len(outcome.mapped))
         routes = [

@@ -440,6 +440,21 @@ def test_per_device_limits_apply_to_mapped_envelopes(tmp_path: Path) -> None:
     assert second.routing_key == "bridge.rate_limited"
 
 
+def test_a_retained_copy_without_time_is_counted_not_forwarded(
+    memory_bridge: BridgeParts,
+) -> None:
+    """ESPHome retains its states: the copy the broker sends at subscribe time is stale."""
+    bridge, mqtt, amqp = memory_bridge
+    stale = mqtt.deliver("node1/sensor/temperature/state", b"21.5", retain=True)
+    wait_for(lambda: mqtt.acked == [stale], 5, "the retained copy acked")
+    assert amqp.messages == []
+    assert bridge.metrics.received.labels("retained_copy")._value.get() == 1
+    ingest = Ingest([rule(preset="tasmota", site="home")])
+    timed = ingest.map("tele/p/SENSOR", TASMOTA, NOW_MS, retain=True)
+    assert timed is not None
+    assert len(timed[1].mapped) == 1  # with a time the id recognises it: forwarded
+
+
 # -- iotpipe ingest try -------------------------------------------------------------------------
 
 
