@@ -175,7 +175,9 @@ class IngestRule(Section):
         if preset is not None:  # an unknown preset: the Literal names the allowed ones
             merged = {**preset, **data}
             for key in ("units", "tags"):
-                merged[key] = {**preset.get(key, {}), **data.get(key, {})}
+                mine = data.get(key, {})
+                if isinstance(mine, dict):  # anything else: the field's own error
+                    merged[key] = {**preset.get(key, {}), **mine}
             data = merged
         levels = str(data.get("filter", "")).split("/")
         for key in ("site", "device", "sensor"):

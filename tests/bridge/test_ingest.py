@@ -279,6 +279,7 @@ def test_first_matching_rule_wins_and_captures_subscribe_as_plus() -> None:
             "at most 16 characters",
         ),
         ('name = "bad"\npreset = "tasmota"', "required"),
+        ('name = "bad"\npreset = "tasmota"\nsite = "s"\nunits = "W"', "valid dictionary"),
         ('name = "bad"\npreset = "tasmota"\nsite = "s"\ntimezone = "Mars/Olympus"', "IANA"),
         ('name = "bad"\npreset = "tasmota"\nsite = "s"\nsurprise = 1', "unknown setting"),
     ],
