@@ -23,16 +23,20 @@ so neither pika's thread nor the spool's ever waits on MQTT.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge.ingest import RETAINED_COPY, Ingest, IngestRule
 from bridge.limits import Limiter
+from bridge.mapping import Mapped, MappingError, StatefulFormat
 from bridge.receipts import ReceiptRelay
 from bridge.settings import BridgeSettings
 from bridge.spool import Entry, Spool, SpoolWriter
@@ -49,6 +53,7 @@ from iotpipe.amqp import (
     decode_properties,
     encode_properties,
     encode_telemetry_properties,
+    telemetry_properties,
 )
 from iotpipe.envelope import Envelope, Rejection, Status, decode
 from iotpipe.errors import ConnectError
@@ -57,6 +62,7 @@ from iotpipe.mqtt import Message, MessageHandler, MqttClient, SubscriberFactory
 from iotpipe.pacing import TokenBucket
 from iotpipe.settings import AmqpSettings, MqttSettings
 from iotpipe.topics import to_routing_key
+from iotpipe.wire import PREFIX, VERSION, encode_envelope
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +107,13 @@ class Routed:
 
 @dataclass(slots=True)
 class Inbound:
-    """One MQTT message on its way: acknowledged once ``done``."""
+    """One MQTT message on its way: acknowledged once ``done``.
+
+    A foreign message an ingest rule mapped to several envelopes is one Inbound in the ack
+    order (``routed`` empty, ``parts`` = how many envelopes are still on their way) and one
+    child per envelope (``parent`` set), published and spooled like any message: when the
+    last child is done, so is the parent.
+    """
 
     mid: int
     qos: int
@@ -110,6 +122,17 @@ class Inbound:
     received_at: float
     received: float = field(default_factory=time.monotonic)
     done: bool = False
+    parent: Inbound | None = None
+    parts: int = 0
+
+    def finish(self) -> None:
+        """Mark this message (or this envelope of a mapped message) done."""
+        self.done = True
+        parent = self.parent
+        if parent is not None:
+            parent.parts -= 1
+            if parent.parts == 0:
+                parent.done = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +185,12 @@ class BridgeMetrics:
         self.reconnects = Counter(
             "iotpipe_bridge_reconnects", "reconnections", ["side"], registry=r
         )
+        self.mapped = Counter(
+            "iotpipe_bridge_mapped",
+            "envelopes made from foreign messages by an ingest rule",
+            ["rule"],
+            registry=r,
+        )
 
 
 class Bridge:
@@ -183,6 +212,8 @@ class Bridge:
         receipts: builds the receipt relay on the given metrics registry, handing it the
             limiter (None while no limit is configured) whose held devices' receipts it holds;
             it runs while the bridge runs (None: no relay, as in tests with in-memory clients).
+        stateful: builds the stateful format of a ``format = "sparkplug"`` ingest rule
+            (default: :class:`bridge.sparkplug.SparkplugIngest`, imported only then).
     """
 
     def __init__(
@@ -194,9 +225,12 @@ class Bridge:
         spool: Spool,
         serve_http: bool = True,
         receipts: Callable[[CollectorRegistry, Limiter | None], ReceiptRelay] | None = None,
+        stateful: Callable[[IngestRule], StatefulFormat] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = BridgeMetrics()
+        # No ingest rule: no rule matching at all, the native path pays one `is None` test.
+        self.ingest = Ingest(settings.ingest, stateful=stateful) if settings.ingest else None
         # No limit configured: no limiter, and the hot path pays one `is None` test.
         self.limiter = (
             Limiter(settings.limits, self.metrics.registry) if settings.limits.enabled else None
@@ -207,7 +241,7 @@ class Bridge:
         # Label children looked up once: .labels() costs more than the increment itself.
         self._received = {
             kind: self.metrics.received.labels(kind)
-            for kind in ("telemetry", "status", "rejected", "cleared")
+            for kind in ("telemetry", "status", "rejected", "cleared", "mapped", "retained_copy")
         }
         self._results: deque[tuple[object, Outcome | None]] = deque()
         self._pending: deque[Inbound] = deque()
@@ -332,7 +366,10 @@ class Bridge:
 
     def _filters(self) -> list[tuple[str, int]]:
         group = self.settings.shared_group
-        return [(f"$share/{group}/{t}" if group else t, 1) for t in self.settings.topics]
+        topics = list(self.settings.topics)
+        if self.ingest is not None:
+            topics += [t for t in self.ingest.subscriptions if t not in topics]
+        return [(f"$share/{group}/{t}" if group else t, 1) for t in topics]
 
     def _on_message(self, message: Message) -> None:
         if self._stopping.is_set():
@@ -346,6 +383,9 @@ class Bridge:
                     Inbound(message.mid, message.qos, self._generation, _EMPTY, now, done=True)
                 )
             return
+        if self.ingest is not None and not message.topic.startswith(_OWN_TOPICS):
+            self._on_foreign(message, now)
+            return
         routed = route(message, now) if self.limiter is None else self._route_limited(message, now)
         kind = (
             routed.routing_key.rsplit(".", 1)[-1]
@@ -357,6 +397,80 @@ class Bridge:
         if message.qos > 0:
             self._pending.append(inbound)
         self._forward(inbound)
+
+    def _on_foreign(self, message: Message, now: float) -> None:
+        """A message outside the contract's topics: the first matching ingest rule maps it."""
+        assert self.ingest is not None
+        result = self.ingest.map(
+            message.topic,
+            message.payload,
+            int(now * 1000),
+            dup=message.dup,
+            retain=message.retain,
+        )
+        if result is None:  # no rule: dead-lettered as before rules existed
+            self._received["rejected"].inc()
+            self._accept(message, [route(message, now)], now)
+            return
+        rule, outcome = result
+        for topic, payload in outcome.commands:
+            self.mqtt.publish(topic, payload, qos=0)
+        if outcome.error is not None:
+            self._received["rejected"].inc()
+            self._accept(message, [mapping_dead_letter(message, rule, outcome.error, now)], now)
+            return
+        if outcome is RETAINED_COPY:
+            self._received["retained_copy"].inc()
+        else:
+            self._received["mapped"].inc()
+        if outcome.mapped:
+            self.metrics.mapped.labels(rule).inc(len(outcome.mapped))
+        routes = [
+            self._limited(message, routed_mapped(message, rule, m, now), m, now)
+            for m in outcome.mapped
+        ]
+        self._accept(message, routes, now)
+
+    def _limited(self, message: Message, routed: Routed, mapped: Mapped, now: float) -> Routed:
+        """A mapped envelope under the device's limits (as :meth:`_route_limited`)."""
+        if self.limiter is None:
+            return routed
+        refusal = self.limiter.admit(
+            mapped.site, mapped.device, len(mapped.readings), mapped.boot, mapped.seq
+        )
+        if refusal is None:
+            return routed
+        properties = dead_letter_properties(
+            refusal.error, topic=message.topic, received_at=now, message_id=mapped.id
+        )
+        return Routed(
+            DEAD_EXCHANGE, f"bridge.{refusal.reason}", routed.body, encode_properties(properties)
+        )
+
+    def _accept(self, message: Message, routes: list[Routed], now: float) -> None:
+        """Forward the envelopes one message became; it is acknowledged once all are done."""
+        tracked = message.qos > 0
+        if len(routes) == 1:
+            inbound = Inbound(message.mid, message.qos, self._generation, routes[0], now)
+            if tracked:
+                self._pending.append(inbound)
+            self._forward(inbound)
+            return
+        parent = Inbound(
+            message.mid,
+            message.qos,
+            self._generation,
+            _EMPTY,
+            now,
+            done=not routes,
+            parts=len(routes),
+        )
+        if tracked:
+            self._pending.append(parent)
+        for routed in routes:
+            self._forward(
+                Inbound(message.mid, message.qos, self._generation, routed, now, parent=parent)
+            )
 
     def _route_limited(self, message: Message, now: float) -> Routed:
         """:func:`route`, then the device's limits: an envelope the limiter refuses goes to
@@ -424,14 +538,14 @@ class Bridge:
             assert isinstance(token, Inbound)
             if outcome is None:  # committed to the spool
                 metrics.spooled.inc()
-                token.done = True
+                token.finish()
             elif outcome is Outcome.CONFIRMED:
                 metrics.confirm_latency.observe(time.monotonic() - token.received)
                 if token.routed.exchange == DEAD_EXCHANGE:
                     metrics.dead.labels(token.routed.routing_key.removeprefix("bridge.")).inc()
                 else:
                     forwarded += 1
-                token.done = True
+                token.finish()
             else:
                 self._not_taken(token, outcome)
         if forwarded:
@@ -616,3 +730,77 @@ def routed_as(
 
 
 _EMPTY = Routed("", "", b"", encode_properties(MessageProperties()))
+
+# Topics of the contract take the native path, never the ingest rules.
+_OWN_TOPICS = f"{PREFIX}/"
+
+#: The header naming the ingest rule that mapped (or refused) a foreign message.
+HEADER_RULE = "x-iotpipe-rule"
+
+
+def routed_mapped(message: Message, rule: str, mapped: Mapped, received_at: float) -> Routed:
+    """One envelope an ingest rule made of a foreign message, bound for ``iotpipe.telemetry``.
+
+    The usual telemetry properties (message id = the envelope id, ``x-iotpipe-topic`` = the
+    original MQTT topic) plus ``x-iotpipe-rule``.
+    """
+    body = encode_envelope(
+        id=mapped.id,
+        site=mapped.site,
+        device=mapped.device,
+        seq=mapped.seq,
+        ts=mapped.ts_ms,
+        readings=((r.sensor, r.value, r.unit, r.ts_ms) for r in mapped.readings),
+        boot=mapped.boot,
+        tags=mapped.tags or None,
+    )
+    head, tail = _mapped_parts(mapped.site, mapped.device, message.topic, rule)
+    message_id = mapped.id.encode()
+    encoded = b"".join(
+        (head, bytes((len(message_id),)), message_id, _U64.pack(int(received_at)), tail)
+    )
+    routing_key = f"iotpipe.v1.{mapped.site}.{mapped.device}.telemetry"
+    return Routed(TELEMETRY_EXCHANGE, routing_key, body, encoded)
+
+
+_U64 = struct.Struct(">Q")
+
+
+@lru_cache(maxsize=4096)
+def _mapped_parts(site: str, device: str, topic: str, rule: str) -> tuple[bytes, bytes]:
+    """The encoded properties of a mapped envelope before its message id and after its
+    timestamp, which is all that changes between a device's envelopes (as
+    :func:`~iotpipe.amqp.encode_telemetry_properties` does for the native path)."""
+    properties = telemetry_properties(
+        message_id="",
+        version=VERSION,
+        site=site,
+        device=device,
+        topic=topic,
+        kind="telemetry",
+        received_at=0,
+    )
+    headers = {**(properties.headers or {}), HEADER_RULE: rule}
+    encoded = encode_properties(replace(properties, headers=headers))
+    # The property list ends: message_id (short string), timestamp (8 bytes), type, app_id.
+    tail_length = 2 + len(str(properties.type).encode()) + len(str(properties.app_id).encode())
+    head, tail = encoded[: -tail_length - 9], encoded[-tail_length:]
+    if head + bytes(9) + tail != encoded:
+        raise AssertionError("telemetry properties are not laid out as expected")
+    return head, tail
+
+
+def mapping_dead_letter(
+    message: Message, rule: str, error: MappingError, received_at: float
+) -> Routed:
+    """A foreign message its rule could not map: ``iotpipe.dead``, ``bridge.mapping_<what>``."""
+    properties = dead_letter_properties(
+        f"{error.message} (rule {rule})", topic=message.topic, received_at=received_at
+    )
+    headers = {**(properties.headers or {}), HEADER_RULE: rule}
+    return Routed(
+        DEAD_EXCHANGE,
+        f"bridge.mapping_{error.what}",
+        message.payload,
+        encode_properties(replace(properties, headers=headers)),
+    )

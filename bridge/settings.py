@@ -14,9 +14,12 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from bridge.ingest import IngestRule
 from bridge.limits import LimitSettings
 from iotpipe.amqp import DEAD_LETTER_QUEUE, UPLINK_QUEUE
+from iotpipe.errors import ConfigError
 from iotpipe.receipts import ALL_RECEIPTS
+from iotpipe.schema import NestedConfigError
 from iotpipe.settings import Section
 from iotpipe.topics import STATUS_FILTER, TELEMETRY_FILTER, check_filter
 
@@ -83,6 +86,22 @@ class BridgeSettings(Section):
         0.25, ge=0, le=60, description="packed: ... or its oldest message waited this long (s)"
     )
     pack_level: int = Field(3, ge=1, le=19, description="packed: zstd compression level")
+    ingest: tuple[IngestRule, ...] = Field(
+        (),
+        description="[[bridge.ingest]] rules mapping foreign payloads to envelopes (docs/ingest.md)",
+    )
+
+    @field_validator("ingest")
+    @classmethod
+    def _unique_rules(cls, rules: tuple[IngestRule, ...]) -> tuple[IngestRule, ...]:
+        seen: set[str] = set()
+        for index, rule in enumerate(rules):
+            if rule.name in seen:
+                raise NestedConfigError(
+                    ConfigError(f"{index}.name", rule.name, "rule names must be unique")
+                )
+            seen.add(rule.name)
+        return rules
 
     def model_post_init(self, _context: Any) -> None:
         """Check every topic filter."""

@@ -38,6 +38,11 @@ COMMANDS = {
         "bridge.cli:unpack",
         "Unpack the packed WAN uplink: site bridges' packs in, standard telemetry messages out.",
     ),
+    "ingest": LazyCommand(
+        "bridge.ingest_cli:app",
+        "Ingest rules: map foreign MQTT payloads (Tasmota, ESPHome, Zigbee2MQTT, Shelly, line "
+        "protocol, Sparkplug B) to envelopes. See docs/ingest.md.",
+    ),
     "simulate": LazyCommand(
         "simulator.cli:simulate",
         "Publish a simulated sensor fleet: realistic signals, faults on demand, every ack counted.",

@@ -103,6 +103,10 @@ class Subscriber(Protocol):
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a received message (PUBACK)."""
 
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Publish one message (the bridge's ingest formats send commands, e.g. a rebirth)."""
+        ...
+
     def reconnect(self, deadline: float) -> None:
         """Re-establish a lost connection before ``deadline`` (monotonic), or raise ConnectError."""
 

@@ -305,6 +305,7 @@ class MemorySubscriber:
     Attributes:
         acked: message ids acknowledged, in the order the service acknowledged them.
         subscriptions: the filters subscribed, with their QoS.
+        published: the messages the service published, in order.
         pumps: how many times ``pump`` ran.
         reconnects: how many times ``reconnect`` succeeded.
     """
@@ -312,6 +313,7 @@ class MemorySubscriber:
     def __init__(self) -> None:
         self.acked: list[int] = []
         self.subscriptions: list[tuple[str, int]] = []
+        self.published: list[Message] = []
         self.pumps = 0
         self.reconnects = 0
         self._on_message: MessageHandler | None = None
@@ -331,6 +333,11 @@ class MemorySubscriber:
     def connected(self) -> bool:
         """Whether the service connected and the connection was not dropped since."""
         return self._connected
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Record a message the service publishes (see :attr:`published`)."""
+        self.published.append(Message(topic, payload, qos, retain))
+        return 0
 
     # -- the test's side --------------------------------------------------------------------
 

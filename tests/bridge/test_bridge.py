@@ -395,7 +395,8 @@ def test_sample_config_loads_as_the_defaults_and_lists_every_option(tmp_path: Pa
     assert load(MqttSettings, "mqtt", config_file=sample, environ={}) == MqttSettings()
     assert load(AmqpSettings, "amqp", config_file=sample, environ={}) == AmqpSettings()
     uncommented = tmp_path / "bridge.toml"
-    # [bridge.limits], the sample's last table, is examples, not defaults: test_limits_units.
+    # [bridge.limits] and [[bridge.ingest]], the last tables, are examples, not defaults
+    # (test_limits_units, test_ingest).
     text = sample.read_text().split("\n# [bridge.limits]")[0]
     uncommented.write_text(
         "\n".join(
@@ -405,7 +406,7 @@ def test_sample_config_loads_as_the_defaults_and_lists_every_option(tmp_path: Pa
         )
     )
     data = tomllib.loads(uncommented.read_text())
-    options = {*data["bridge"], "limits"}
+    options = {*data["bridge"], "limits", "ingest"}
     assert options == set(BridgeSettings.model_fields), "every option is in the sample"
     assert load(BridgeSettings, "bridge", config_file=uncommented, environ={}) == BridgeSettings()
 
