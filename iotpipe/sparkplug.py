@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from functools import lru_cache
+from math import isnan
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -519,7 +520,7 @@ def _python_type(value: Value) -> DataType:
     if type(value) is bool:
         return DataType.BOOLEAN
     if type(value) is int:
-        return DataType.INT64
+        return DataType.UINT64 if value >= 1 << 63 else DataType.INT64
     if type(value) is float:
         return DataType.DOUBLE
     return DataType.STRING
@@ -529,7 +530,9 @@ def _wire_value(value: Value, datatype: int | None) -> tuple[str, Value]:
     """The protobuf field and value that carry ``value`` as ``datatype``."""
     if datatype is None:
         datatype = _python_type(value)
-    if typed_value(value, datatype) != value or typed_value(value, datatype) is None:
+    typed = typed_value(value, datatype)
+    nan = isinstance(value, float) and isinstance(typed, float) and isnan(value) and isnan(typed)
+    if typed is None or (typed != value and not nan):
         raise ValueError(f"value {value!r} does not fit Sparkplug datatype {datatype}")
     width = _INTS.get(datatype)
     if width is not None:
