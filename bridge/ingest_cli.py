@@ -79,7 +79,9 @@ def try_rules(
     samples = _samples(topic, payload, payload_file, recording)
     settings = load(BridgeSettings, "bridge", config_file=config_path(config))
     mapped, rejected = _try(settings, samples)
-    typer.echo(f"{len(samples)} messages: {mapped} envelopes, {rejected} rejected")
+    typer.echo(
+        f"{_count(len(samples), 'message')}: {_count(mapped, 'envelope')}, {rejected} rejected"
+    )
     if rejected:
         raise typer.Exit(1)
 
@@ -144,12 +146,22 @@ def _try(settings: object, samples: list[tuple[str, bytes]]) -> tuple[int, int]:
                 headers = routed.properties.headers or {}
                 rule = headers.get(HEADER_RULE)
                 why = headers.get(HEADER_ERROR, "")
+                reason = routed.routing_key.removeprefix("bridge.")
+                why = why.removeprefix(f"{reason}: ")
                 if rule is not None:
                     why = why.removesuffix(f" (rule {rule})")
-                suffix = f" (rule {rule})" if rule is not None else " (no rule matches)"
+                    suffix = f" (rule {rule})"
+                elif topic.startswith(f"{PREFIX}/"):
+                    suffix = ""  # the contract's own topic: the native path rejected it
+                else:
+                    suffix = " (no rule matches)"
                 typer.echo(f"rejected {routed.routing_key}: {why}{suffix}")
                 rejected += 1
             else:
                 typer.echo(routed.body.decode())
                 envelopes += 1
     return envelopes, rejected
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -483,7 +483,7 @@ def test_try_prints_envelopes_and_rejections(tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.output
     lines = ok.output.strip().splitlines()
     assert json.loads(lines[0])["device"] == "p1"
-    assert lines[-1] == "1 messages: 1 envelopes, 0 rejected"
+    assert lines[-1] == "1 message: 1 envelope, 0 rejected"
     bad = runner.invoke(
         app, ["ingest", "try", "-c", str(config), "--topic", "tele/p1/SENSOR", "--payload", "{oops"]
     )
