@@ -14,6 +14,8 @@ class per format written from that project's published documentation of its MQTT
                  <device>/online          true / false (retained)
     line         telegraf/<device>/sensors  InfluxDB line protocol, as Telegraf's MQTT output
                  publishes one metric per message; no availability topic
+    sparkplug    spBv1.0/<site>/NDATA/<device>  Sparkplug B protobuf, metrics by alias;
+                 NBIRTH on connect, NDEATH as the will; answers NCMD rebirth requests
 
 The values are the simulator's signals (the same seed gives the same values as an envelope run),
 written with the simulator's decimals (hPa with two more, so Pa converts back exactly): more
