@@ -268,3 +268,13 @@ def test_sparkplug_node_through_mosquitto(mosquitto_broker: BrokerInfo, unique: 
     kinds = [decoded(m)[0].message_type for m in got]
     assert kinds == [MessageType.NBIRTH] + [MessageType.NDATA] * 50 + [MessageType.NDEATH]
     assert [decoded(m)[1].seq for m in got[:-1]] == list(range(51))
+
+
+def test_every_message_is_what_the_codec_encodes() -> None:
+    """The hand-written NDATA bytes (and the births, deaths) are exactly what
+    iotpipe.sparkplug.encode_payload makes of their decoded content."""
+    _, messages, _ = run(format="sparkplug", count=600, faults={"offline": 0.02})
+    assert any((decoded(m)[1].seq or 0) >= 128 for m in messages)  # two-byte seq varints
+    for m in messages:
+        _, payload = decoded(m)
+        assert sparkplug.encode_payload(payload) == m.payload
