@@ -360,7 +360,7 @@ class Fleet:
         self.stamper = Stamper(settings.ts_format)
         self.format: Format | None = FORMATS[settings.format](seed) if settings.foreign else None
         names = fleet_names(settings)
-        if self.format is not None:
+        if self.format is not None and not getattr(self.format, "topics_name_site", False):
             _unique_across_sites(settings, names)
         self.devices = [
             Device(

@@ -820,6 +820,8 @@ class Sparkplug:
     """
 
     name: ClassVar[str] = "sparkplug"
+    #: Its topics carry the site (the group), so device names may repeat across sites.
+    topics_name_site: ClassVar[bool] = True
     # No skew: the birth's and data's times come from one clock, ours.
     faults: ClassVar[frozenset[Fault]] = frozenset(
         {Fault.DUPLICATE, Fault.REORDER, Fault.MALFORMED, Fault.OFFLINE}

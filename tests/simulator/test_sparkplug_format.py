@@ -278,3 +278,10 @@ def test_every_message_is_what_the_codec_encodes() -> None:
     for m in messages:
         _, payload = decoded(m)
         assert sparkplug.encode_payload(payload) == m.payload
+
+
+def test_nodes_of_two_sites_may_share_a_name() -> None:
+    """Sparkplug topics carry the group (the site): dev-0001 on two sites is two edge nodes."""
+    _, messages, _ = run(format="sparkplug", sites=2, device_pattern="dev-{i}", count=8)
+    groups = {(t.group_id, t.edge_node_id) for t, _ in map(decoded, messages)}
+    assert groups == {(s, d) for s in ("site-01", "site-02") for d in ("dev-1", "dev-2")}
