@@ -153,8 +153,9 @@ def simulate(  # noqa: PLR0917 - typer maps every parameter to an option
         str | None,
         _option(
             "What the devices publish: envelope (ours), or what a real device publishes: "
-            "tasmota, esphome, zigbee2mqtt, shelly, line (Telegraf's InfluxDB line protocol). "
-            "Foreign formats have no receipts. \\[default: envelope]",
+            "tasmota, esphome, zigbee2mqtt, shelly, line (Telegraf's InfluxDB line protocol), "
+            "sparkplug (Sparkplug B edge nodes). Foreign formats have no receipts. "
+            "\\[default: envelope]",
             "--format",
             panel=_FLEET,
         ),

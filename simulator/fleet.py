@@ -135,6 +135,9 @@ class Device:
         self._stamp = stamper
         self.batch = settings.batch
         self.emitter: Emitter | None = None
+        #: Writes a session's sequence number into a message as it is dispatched (Sparkplug
+        #: B's ``seq``); None for formats whose messages are complete when rendered.
+        self.sequencer: Callable[[bytes, bool], bytes] | None = None
         self.render: Callable[[int, int, Sequence[int]], Rendered] = self.message
         if fmt is None:
             self.template = self._template(settings)
@@ -148,9 +151,12 @@ class Device:
                 decimals={n: _decimals(n, settings.profiles) for n in self.signals},
                 tags=settings.tags,
                 rng=random.Random(f"{seed}/{site}/{name}/{fmt.name}"),
+                units={n: signal.unit for n, signal in self.signals.items()},
             )
         )
         self.topic = self.emitter.topic
+        if self.emitter.sessions:
+            self.sequencer = self.emitter.stamp
         self._calls = list(self.signals.values())
         self.render = self.foreign_message
 
@@ -250,8 +256,18 @@ class Device:
 
     def births(self, t_ms: int) -> list[Publication]:
         """What the device publishes once connected, whatever ``status`` says (formats with
-        births, such as Sparkplug B; none of today's)."""
+        births: Sparkplug B's NBIRTH)."""
         return [] if self.emitter is None else self.emitter.connect(t_ms)
+
+    def deaths(self, t_ms: int) -> list[Publication]:
+        """What is published for the device when it drops off the network, whatever
+        ``status`` says (formats with sessions: Sparkplug B's NDEATH)."""
+        return [] if self.emitter is None else self.emitter.disconnect(t_ms)
+
+    @property
+    def sessions(self) -> bool:
+        """Whether the device's format numbers its messages per session (Sparkplug B)."""
+        return self.sequencer is not None
 
     def malform(self, payload: bytes, rng: random.Random) -> bytes:
         """``payload`` cut short so that no reader of its format can parse it."""
@@ -344,7 +360,7 @@ class Fleet:
         self.stamper = Stamper(settings.ts_format)
         self.format: Format | None = FORMATS[settings.format](seed) if settings.foreign else None
         names = fleet_names(settings)
-        if self.format is not None:
+        if self.format is not None and not getattr(self.format, "topics_name_site", False):
             _unique_across_sites(settings, names)
         self.devices = [
             Device(

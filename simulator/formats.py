@@ -14,6 +14,8 @@ class per format written from that project's published documentation of its MQTT
                  <device>/online          true / false (retained)
     line         telegraf/<device>/sensors  InfluxDB line protocol, as Telegraf's MQTT output
                  publishes one metric per message; no availability topic
+    sparkplug    spBv1.0/<site>/NDATA/<device>  Sparkplug B protobuf, metrics by alias;
+                 NBIRTH on connect, NDEATH as the will; answers NCMD rebirth requests
 
 The values are the simulator's signals (the same seed gives the same values as an envelope run),
 written with the simulator's decimals (hPa with two more, so Pa converts back exactly): more
@@ -33,11 +35,13 @@ when it goes offline or comes back (a rebirth). Register a new class with :func:
 from __future__ import annotations
 
 import random
+import struct
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol, TypeVar
 
+from iotpipe import sparkplug
 from iotpipe.signals import SensorName
 from iotpipe.wire import State
 from simulator.faults import Fault
@@ -70,6 +74,7 @@ class DeviceSpec:
         tags: static tags (line protocol writes them; the others have nowhere to put them).
         rng: the format's own random stream for what the signals do not give (Zigbee link
             quality, mains voltage, an energy counter's start), never the signals' stream.
+        units: each sensor's UCUM unit (Sparkplug's births carry them as ``engUnit``).
     """
 
     site: str
@@ -78,6 +83,7 @@ class DeviceSpec:
     decimals: Mapping[SensorName, int]
     tags: Mapping[str, str]
     rng: random.Random
+    units: Mapping[SensorName, str] = field(default_factory=dict)
 
 
 class Emitter(Protocol):
@@ -107,6 +113,27 @@ class Emitter(Protocol):
 
     def malform(self, payload: bytes, rng: random.Random) -> bytes:
         """``payload`` broken so that no reader of the format can parse it."""
+        ...
+
+    #: True when the format's messages are numbered per session at dispatch (Sparkplug B):
+    #: the run then calls :meth:`stamp` on each message as it goes out, and treats an outage
+    #: as a session ending (:meth:`disconnect`) and a new one starting (:meth:`connect`).
+    sessions: ClassVar[bool]
+
+    def stamp(self, payload: bytes, rejected: bool) -> bytes:
+        """``payload`` as it is dispatched now (only called when :attr:`sessions`)."""
+        ...
+
+    def disconnect(self, t_ms: int) -> list[Publication]:
+        """What is published for the device when it drops off the network (its will)."""
+        ...
+
+    def commands(self) -> list[str]:
+        """The topic filters the device subscribes to for commands."""
+        ...
+
+    def command(self, topic: str, payload: bytes, t_ms: int) -> list[Publication]:
+        """What the device publishes in answer to a command received on ``topic``."""
         ...
 
 
@@ -240,11 +267,32 @@ class _Sensors:
 
 
 class _NoBirth:
-    """The default for formats without births (all but Sparkplug B)."""
+    """The default for formats without births, sessions or commands (all but Sparkplug B)."""
+
+    sessions: ClassVar[bool] = False
 
     def connect(self, t_ms: int) -> list[Publication]:
         """Nothing: availability is :meth:`status`'s job."""
         del t_ms
+        return []
+
+    def stamp(self, payload: bytes, rejected: bool) -> bytes:
+        """``payload`` unchanged (never called: no sessions)."""
+        del rejected
+        return payload
+
+    def disconnect(self, t_ms: int) -> list[Publication]:
+        """Nothing: going offline is said by :meth:`status` (with ``--status``)."""
+        del t_ms
+        return []
+
+    def commands(self) -> list[str]:
+        """None: these devices take no commands."""
+        return []
+
+    def command(self, topic: str, payload: bytes, t_ms: int) -> list[Publication]:
+        """Nothing (never called: no subscriptions)."""
+        del topic, payload, t_ms
         return []
 
 
@@ -720,3 +768,218 @@ class LineDevice(_NoBirth):
         if space <= 1:
             return payload[:1]
         return payload[: rng.randrange(1, space)]
+
+
+# -- Sparkplug B ------------------------------------------------------------------------------
+
+_SEQ_FIELD = 0x18  # protobuf key of Payload.seq: field 3, varint
+
+
+_DOUBLE = struct.Struct("<d")
+
+
+def _varint(n: int) -> bytes:
+    """A non-negative integer as a protobuf varint."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _seq_field(seq: int) -> bytes:
+    """``Payload.seq`` encoded, to append to a payload encoded without it.
+
+    Protobuf writes fields in number order and seq (3) is the last field a payload here
+    carries, so appending it gives the very bytes :func:`iotpipe.sparkplug.encode_payload`
+    would.
+    """
+    return bytes((_SEQ_FIELD, seq)) if seq < 0x80 else bytes((_SEQ_FIELD, seq & 0x7F | 0x80, 1))
+
+
+@register
+class Sparkplug:
+    """Sparkplug B 3.0: each device is an edge node of its site's group.
+
+    ``spBv1.0/<site>/NBIRTH/<device>`` on connect: ``bdSeq``, ``Node Control/Rebirth``
+    (false) and one metric per sensor named after it, with an alias (1, 2, ... in sensor
+    order), its datatype (Double, Boolean for door and motion), its value and an ``engUnit``
+    property (the envelope's UCUM code); then ``spBv1.0/<site>/NDATA/<device>``: every metric
+    by alias only. Each payload carries its time (epoch ms) and ``seq``, 0..255 wrapping, one
+    counter per edge node: the NBIRTH has 0. The last will is the NDEATH with the birth's
+    ``bdSeq``; the node answers a rebirth request (NCMD ``Node Control/Rebirth`` = true) with a
+    fresh NBIRTH (same bdSeq, seq from 0 again).
+
+    ``seq`` is a session's count of messages *sent*, so it is written when a message is
+    dispatched (:meth:`SparkplugNode.stamp`), not when it is rendered: a message held through
+    an outage goes out after the new session's NBIRTH with that session's numbers, as an edge
+    node's store-and-forward does. An outage is a session: NDEATH when the node drops off,
+    then a new NBIRTH with ``bdSeq`` + 1 when it is back. The simulator never publishes
+    DBIRTH/DDATA (no Sparkplug devices under the nodes).
+    """
+
+    name: ClassVar[str] = "sparkplug"
+    #: Its topics carry the site (the group), so device names may repeat across sites.
+    topics_name_site: ClassVar[bool] = True
+    # No skew: the birth's and data's times come from one clock, ours.
+    faults: ClassVar[frozenset[Fault]] = frozenset(
+        {Fault.DUPLICATE, Fault.REORDER, Fault.MALFORMED, Fault.OFFLINE}
+    )
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def emitter(self, spec: DeviceSpec) -> Emitter:
+        """One edge node: group ``spec.site``, edge node id ``spec.name``."""
+        return SparkplugNode(spec)
+
+
+class SparkplugNode:
+    """One Sparkplug B edge node (see :class:`Sparkplug`).
+
+    Attributes:
+        bdseq: the current session's birth/death sequence number.
+        seq: the next message's ``seq``.
+    """
+
+    #: Its ``seq`` is per session and written at dispatch: the run calls :meth:`stamp`.
+    sessions: ClassVar[bool] = True
+
+    def __init__(self, spec: DeviceSpec) -> None:
+        self.group = spec.site
+        self.node = spec.name
+        self.topic = sparkplug.build_topic(spec.site, sparkplug.MessageType.NDATA, spec.name)
+        self.birth_topic = sparkplug.build_topic(spec.site, sparkplug.MessageType.NBIRTH, spec.name)
+        self.death_topic = sparkplug.build_topic(spec.site, sparkplug.MessageType.NDEATH, spec.name)
+        self.command_topic = sparkplug.build_topic(spec.site, sparkplug.MessageType.NCMD, spec.name)
+        self.sensors = spec.sensors
+        self.decimals = [spec.decimals.get(name, 0) for name in spec.sensors]
+        self.binary = [_ESPHOME_COMPONENTS[name] == "binary_sensor" for name in spec.sensors]
+        self.units = spec.units
+        # Each NDATA metric up to its value: key and length, alias, datatype, value's key.
+        self._heads = [
+            bytes((0x12, 6 if binary else 13, 0x10, i + 1, 0x20))
+            + bytes((sparkplug.DataType.BOOLEAN if binary else sparkplug.DataType.DOUBLE,))
+            for i, binary in enumerate(self.binary)
+        ]
+        self.bdseq = 0
+        self.seq = 0
+        self.values: list[float | bool] | None = None  # the last sample, for the births
+        self._birth_ms = -1
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _value(self, i: int, value: float | bool) -> float | bool:
+        # Rounded as the envelope writes it: the same seed gives the same values.
+        if self.binary[i]:
+            return bool(value)
+        return float(b"%.*f" % (self.decimals[i], value))
+
+    def telemetry(self, t_ms: int, skew_ms: int, values: Sequence[float | bool]) -> Rendered:
+        """An NDATA without its ``seq`` (:meth:`stamp` adds it): every metric by alias.
+
+        Written as bytes directly (the simulator's hot path; building protobuf messages is
+        about four times slower): the very bytes :func:`iotpipe.sparkplug.encode_payload`
+        makes of ``Metric(alias=.., datatype=.., value=..)`` each, which the tests check.
+        """
+        del skew_ms
+        self.values = list(values)
+        out = [b"\x08" + _varint(t_ms)]
+        for i, value in enumerate(values):
+            if self.binary[i]:
+                out.append(self._heads[i] + (b"\x70\x01" if value else b"\x70\x00"))
+            else:
+                out.append(
+                    self._heads[i]
+                    + b"\x69"
+                    + _DOUBLE.pack(float(b"%.*f" % (self.decimals[i], value)))
+                )
+        return b"".join(out)
+
+    def stamp(self, payload: bytes, rejected: bool) -> bytes:
+        """The payload as sent now: with the session's next ``seq`` (a malformed one only uses
+        it up: the node counted the message it sent, whatever the wire made of it)."""
+        seq = self.seq
+        self.seq = (seq + 1) % 256
+        return payload if rejected else payload + _seq_field(seq)
+
+    # -- births, deaths, commands ----------------------------------------------------------
+
+    def connect(self, t_ms: int) -> list[Publication]:
+        """The NBIRTH of the current session: ``seq`` 0, every metric with name and alias."""
+        # Each birth a later time than the last: the birth's time tells a rebirth from a
+        # replay of the same birth (``docs/ingest-sparkplug.md``).
+        t_ms = max(t_ms, self._birth_ms + 1)
+        self._birth_ms = t_ms
+        self.seq = 0
+        metrics = [
+            sparkplug.Metric(
+                sparkplug.BDSEQ_METRIC, datatype=sparkplug.DataType.INT64, value=self.bdseq
+            ),
+            sparkplug.Metric(
+                sparkplug.REBIRTH_METRIC, datatype=sparkplug.DataType.BOOLEAN, value=False
+            ),
+        ]
+        for i, name in enumerate(self.sensors):
+            unit = self.units.get(name)
+            metrics.append(
+                sparkplug.Metric(
+                    name,
+                    alias=i + 1,
+                    datatype=sparkplug.DataType.BOOLEAN
+                    if self.binary[i]
+                    else sparkplug.DataType.DOUBLE,
+                    # Before the first sample a birth has no values yet: null, as the spec allows.
+                    value=None if self.values is None else self._value(i, self.values[i]),
+                    is_null=self.values is None,
+                    properties={} if unit is None else {"engUnit": unit},
+                )
+            )
+        payload = sparkplug.encode_payload(
+            sparkplug.Payload(timestamp=t_ms, metrics=tuple(metrics))
+        )
+        return [Publication(self.birth_topic, self.stamp(payload, False), qos=0, retain=False)]
+
+    def _death(self, t_ms: int) -> Publication:
+        metric = sparkplug.Metric(
+            sparkplug.BDSEQ_METRIC, datatype=sparkplug.DataType.INT64, value=self.bdseq
+        )
+        payload = sparkplug.encode_payload(sparkplug.Payload(timestamp=t_ms, metrics=(metric,)))
+        return Publication(self.death_topic, payload, qos=1, retain=False)
+
+    def will(self, t_ms: int) -> Publication | None:
+        """The NDEATH with the current ``bdSeq`` (no seq, as the specification says)."""
+        return self._death(t_ms)
+
+    def disconnect(self, t_ms: int) -> list[Publication]:
+        """The NDEATH the broker publishes when the node drops off; the next session (its
+        birth) has ``bdSeq`` + 1."""
+        death = self._death(t_ms)
+        self.bdseq = (self.bdseq + 1) % 256
+        return [death]
+
+    def status(self, state: State, t_ms: int) -> list[Publication]:
+        """Nothing: Sparkplug's availability is its births and deaths."""
+        del state, t_ms
+        return []
+
+    def commands(self) -> list[str]:
+        """The topics the node subscribes to: its NCMD."""
+        return [self.command_topic]
+
+    def command(self, topic: str, payload: bytes, t_ms: int) -> list[Publication]:
+        """Answer a command: a rebirth request (``Node Control/Rebirth`` = true) with a new
+        NBIRTH (same bdSeq); anything else with nothing."""
+        if topic != self.command_topic:
+            return []
+        decoded = sparkplug.decode_payload(payload)
+        if isinstance(decoded, sparkplug.DecodeError):
+            return []
+        if any(m.name == sparkplug.REBIRTH_METRIC and m.value is True for m in decoded.metrics):
+            return self.connect(t_ms)
+        return []
+
+    def malform(self, payload: bytes, rng: random.Random) -> bytes:
+        """Bytes that are no protobuf: a first key of wire type 7 (none exists), then noise."""
+        return b"\x0f" + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, len(payload))))

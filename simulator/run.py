@@ -192,6 +192,8 @@ class Simulation:
         # which fault (and how much skew) is drawn when rendering, the details when delivering.
         self._decide_rng = random.Random(f"{self.fleet.seed}/faults")
         self._detail_rng = random.Random(f"{self.fleet.seed}/fault-details")
+        #: Command topic -> the device it is for (formats that take commands).
+        self._commanded: dict[str, Device] = {}
         self._stopping = False
         self._interrupted = False
         self._messages = 0
@@ -255,11 +257,13 @@ class Simulation:
         try:
             for i in range(n_links):
                 will = None
-                if per_device and s.status:
+                # A session format's will is its death certificate: set whatever --status says.
+                if per_device and (s.status or devices[i].sessions):
                     will = devices[i].will(start_ms)
                 self.links.append(self._link_factory(i, will))
                 self.links[-1].connect()
             self._negotiate()
+            self._listen()
             self._announce(start_ms)
             self._started = self._clock()
             try:
@@ -267,6 +271,9 @@ class Simulation:
             except KeyboardInterrupt:
                 self._interrupted = True
             self._drain()
+            for device in devices:
+                # A session format's orderly end: its death certificate (Sparkplug's NDEATH).
+                self._publish(device, device.deaths(self._now_ms))
             if s.status:
                 for device in devices:
                     self._publish_status(device, "offline", self._now_ms)
@@ -366,6 +373,7 @@ class Simulation:
                         fault is None
                         and dev.outage is None
                         and dev.reorder is None
+                        and dev.sequencer is None  # not numbered at dispatch (Sparkplug B)
                         and isinstance(payload, bytes)  # not the parts of a multipart format
                     ):
                         link = links[dev.link]
@@ -453,11 +461,20 @@ class Simulation:
             self._buffer(dev, out, t_ms)
             return
         if fault is Fault.OFFLINE:
-            dev.outage = Outage(remaining=f.offline_messages * parts, resend=dev.last)
+            resend = dev.last
+            if dev.sessions:
+                # The session ends: what the network still holds of it arrives first, and no
+                # message of it can be sent again in the next one (its seq would be wrong).
+                self._release_reordered(dev, everything=True)
+                resend = None
+            dev.outage = Outage(remaining=f.offline_messages * parts, resend=resend)
+            self._publish(dev, dev.deaths(t_ms))
             if self.settings.status:
                 self._publish_status(dev, "offline", t_ms)
             self._buffer(dev, out, t_ms)
             return
+        if dev.sequencer is not None:
+            out = _numbered(dev, out)
         if fault is Fault.REORDER:
             if dev.reorder is None:
                 dev.reorder = Reorderer()
@@ -469,10 +486,10 @@ class Simulation:
             self._send(dev, out)
         self._release_reordered(dev)
 
-    def _release_reordered(self, dev: Device) -> None:
+    def _release_reordered(self, dev: Device, *, everything: bool = False) -> None:
         if dev.reorder is None:
             return
-        for item in dev.reorder.tick():
+        for item in dev.reorder.drain() if everything else dev.reorder.tick():
             self._counts.held -= 1
             self._send(dev, item)
         if not dev.reorder:
@@ -489,13 +506,14 @@ class Simulation:
         if outage is None:
             return
         dev.outage = None
+        self._publish(dev, dev.births(t_ms))  # a session format's new session (NBIRTH)
         if self.settings.status:
             self._publish_status(dev, "online", t_ms)
         if outage.resend is not None:
             self._counts.resent += 1
         self._counts.held -= len(outage.buffered)
         for item in outage.release():
-            self._send(dev, item)
+            self._send(dev, item if dev.sequencer is None else _numbered(dev, item))
 
     def _drain(self) -> None:
         """Send whatever faults still hold: nothing generated is ever left behind."""
@@ -558,10 +576,39 @@ class Simulation:
         self._resend_clock = self._clock()
         self._take_messages()
 
-    def _subscribe(self, link: Link, filters: list[str]) -> None:
+    # -- commands to devices (Sparkplug B's rebirth requests) ----------------------------------
+
+    def _listen(self) -> None:
+        """Subscribe each link to the command topics of the devices it carries, if any."""
+        for i, link in enumerate(self.links):
+            filters: list[str] = []
+            for device in self.fleet.devices[i :: len(self.links)]:
+                if device.emitter is not None:
+                    for topic in device.emitter.commands():
+                        self._commanded[topic] = device
+                        filters.append(topic)
+            if filters:
+                self._subscribe(link, filters, qos=0)
+
+    def _answer_commands(self) -> None:
+        """Hand every command received to its device and publish the answers (births)."""
+        for link in self.links:
+            inbox = link.inbox
+            while inbox:
+                message = inbox.popleft()
+                dev = self._commanded.get(message.topic)
+                if dev is None or dev.emitter is None or dev.outage is not None:
+                    continue  # an offline device hears nothing; it births when back anyway
+                answer = dev.emitter.command(message.topic, message.payload, self._now_ms)
+                if answer:
+                    # What the network holds of the old numbering arrives before the new birth.
+                    self._release_reordered(dev, everything=True)
+                    self._publish(dev, answer)  # counted as status, as every birth
+
+    def _subscribe(self, link: Link, filters: list[str], qos: int = 1) -> None:
         while True:
             try:
-                link.subscribe([(f, 1) for f in filters])
+                link.subscribe([(f, qos) for f in filters])
                 return
             except ConnectError:
                 if link.connected:
@@ -741,6 +788,8 @@ class Simulation:
             self._pump(link, 0.0)
         if self.tracker is not None:
             self._service()
+        if self._commanded:
+            self._answer_commands()
         self._report(self._clock())
 
     def _report(self, now: float) -> None:
@@ -766,6 +815,8 @@ class Simulation:
                 self._sleep(min(remaining, 0.005))
             if self.tracker is not None:
                 self._service()
+            if self._commanded:
+                self._answer_commands()
             self._report(now)
 
     def _flush(self, deadline: float) -> None:
@@ -817,6 +868,12 @@ class Simulation:
             "receipt_latency_p50_s": round(t.latency(0.5), 3),
             "receipt_latency_p99_s": round(t.latency(0.99), 3),
         }
+
+
+def _numbered(dev: Device, out: Outgoing) -> Outgoing:
+    """``out`` with its session's sequence number written in, as it is dispatched."""
+    assert dev.sequencer is not None
+    return (out[0], dev.sequencer(out[1], out[2]), out[2], out[3])
 
 
 def _capability(message: Message) -> bool:

@@ -6,7 +6,7 @@ Run from the repository root with the project's interpreter::
 
 Unlike ``make_recording.py`` no broker is involved: each format's fleet runs in-process on
 in-memory links (``simulator.link.MemoryLink``) with a simulated clock, every publish is stamped
-with that clock, and the six runs are merged in time order into one recording. The file is
+with that clock, and the seven runs are merged in time order into one recording. The file is
 therefore a pure function of the settings below: regenerating it gives the same bytes, and
 ``tests/iotpipe/test_mixed_recording_data.py`` checks that the shipped file is exactly what this
 script makes. What each message looks like to a live subscriber is what it records: retained
@@ -80,6 +80,11 @@ FLEETS: dict[str, dict[str, Any]] = {
         "sensors": ["temperature", "humidity", "pressure", "power", "door"],
         "faults": {"duplicate": 0.05, "malformed": 0.06},
     },
+    "sparkplug": {
+        "device_pattern": "spb-{n}",
+        "sensors": ["temperature", "humidity", "pressure", "power", "door"],
+        "faults": {"duplicate": 0.1, "malformed": 0.06, "offline": 0.04},
+    },
 }
 
 #: The subscriptions that record all of it (the header's ``filters``).
@@ -93,6 +98,7 @@ FILTERS = (
     "+/events/rpc",
     "+/online",
     "telegraf/#",
+    "spBv1.0/#",
 )
 
 
@@ -182,6 +188,8 @@ def format_of(topic: str) -> str:
         return "zigbee2mqtt"
     if topic.startswith("telegraf/"):
         return "line"
+    if topic.startswith("spBv1.0/"):
+        return "sparkplug"
     if topic.startswith("shelly-"):
         return "shelly"
     if topic.startswith("esp-"):
@@ -192,11 +200,16 @@ def format_of(topic: str) -> str:
 _AVAILABILITY = ("/status", "/LWT", "/availability", "/online")
 
 
+def is_availability(topic: str) -> bool:
+    """Whether ``topic`` says a device is there or gone (Sparkplug: its births and deaths)."""
+    return topic.endswith(_AVAILABILITY) or "/NBIRTH/" in topic or "/NDEATH/" in topic
+
+
 def describe(messages: list[RecordedMessage], summaries: dict[str, Summary]) -> dict[str, Any]:
     """The properties tests/data/README.md documents, per format."""
     per: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for m in messages:
-        kind = "availability" if m.topic.endswith(_AVAILABILITY) else "telemetry"
+        kind = "availability" if is_availability(m.topic) else "telemetry"
         per[format_of(m.topic)][kind] += 1
     return {
         "messages": len(messages),

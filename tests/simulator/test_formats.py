@@ -27,7 +27,7 @@ from tests.simulator.test_fleet import DIGEST_SETTINGS, SIMULATOR_DIGESTS, diges
 
 START = datetime(2026, 11, 26, 9, 15, 2, tzinfo=UTC)
 START_MS = round(START.timestamp() * 1000)
-FOREIGN = ("tasmota", "esphome", "zigbee2mqtt", "shelly", "line")
+FOREIGN = ("tasmota", "esphome", "zigbee2mqtt", "shelly", "line", "sparkplug")
 
 #: A reading: sensor name -> value in the envelope's units (Pa, booleans as bool).
 Sample = dict[str, float | bool]
@@ -164,7 +164,7 @@ def test_envelope_is_the_default_and_byte_identical() -> None:
 
 
 def test_registry_names_every_format() -> None:
-    """--format accepts envelope and the five foreign formats, each registered by its name."""
+    """--format accepts envelope and the six foreign formats, each registered by its name."""
     assert format_names() == ("envelope", *FOREIGN)
     for name in FOREIGN:
         assert FORMATS[name](0).name == name

@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from bridge.sparkplug import SparkplugIngest
+from iotpipe import sparkplug
 from iotpipe.envelope import Envelope, decode
 from iotpipe.recording import read_recording, write_recording
 from tests.data import make_mixed_recording as mixed
@@ -21,6 +23,7 @@ EXPECTED = {
     "zigbee2mqtt": (64, 10, 2),
     "shelly": (63, 8, 3),
     "line": (64, 0, 4),
+    "sparkplug": (62, 10, 1),
 }
 
 
@@ -35,14 +38,14 @@ def test_recording_holds_every_format_as_documented() -> None:
     """Each format's topics, its availability messages and its unparseable payloads, counted."""
     header, messages = read_recording(SHIPPED, allow_truncated=False)
     assert header.extra["formats"] == list(EXPECTED)
-    assert len(messages) == sum(t + a for t, a, _m in EXPECTED.values()) == 559
+    assert len(messages) == sum(t + a for t, a, _m in EXPECTED.values()) == 631
     assert [m.offset for m in messages] == sorted(m.offset for m in messages)
     telemetry: Counter[str] = Counter()
     availability: Counter[str] = Counter()
     broken: Counter[str] = Counter()
     for m in messages:
         name = mixed.format_of(m.topic)
-        if m.topic.endswith(("/status", "/LWT", "/availability", "/online")):
+        if mixed.is_availability(m.topic):
             availability[name] += 1
             continue
         telemetry[name] += 1
@@ -51,6 +54,9 @@ def test_recording_holds_every_format_as_documented() -> None:
                 assert isinstance(decode(m.topic, m.payload), Envelope)
             elif name == "line":
                 parse_line(m.payload)
+            elif name == "sparkplug":
+                if isinstance(sparkplug.decode_payload(m.payload), sparkplug.DecodeError):
+                    raise ValueError(m.payload)
             elif name == "esphome":
                 assert m.payload in (b"ON", b"OFF") or float(m.payload) >= 0
             else:
@@ -61,3 +67,24 @@ def test_recording_holds_every_format_as_documented() -> None:
         assert telemetry[name] == published, name
         assert availability[name] == available, name
         assert broken[name] == malformed, name
+
+
+def test_sparkplug_nodes_map_through_the_bridge() -> None:
+    """The Sparkplug nodes' messages, in recorded order, map with the bridge's SparkplugIngest:
+    only the malformed one is refused, no data lacks its birth, no message is missing."""
+    _header, messages = read_recording(SHIPPED, allow_truncated=False)
+    ingest = SparkplugIngest("mixed", {}, {})
+    errors: Counter[str] = Counter()
+    ids: list[str] = []
+    for m in messages:
+        if mixed.format_of(m.topic) != "sparkplug":
+            continue
+        outcome = ingest.handle(m.topic, m.payload, 0)
+        if outcome.error is not None:
+            errors[outcome.error.what] += 1
+        if "/NDATA/" in m.topic:
+            ids.extend(e.id for e in outcome.mapped)
+    assert errors == {"sparkplug": EXPECTED["sparkplug"][2]}
+    assert len(ids) == EXPECTED["sparkplug"][0] - EXPECTED["sparkplug"][2]
+    assert len(set(ids)) == 60 - EXPECTED["sparkplug"][2]  # duplicates share their id
+    assert ingest.gaps == EXPECTED["sparkplug"][2]  # the malformed one, counted missing
