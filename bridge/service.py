@@ -431,17 +431,20 @@ class Bridge:
         ]
         self._accept(message, routes, now)
 
-    def _limited(self, message: Message, routed: Routed, mapped: Mapped, now: float) -> Routed:
-        """A mapped envelope under the device's limits (as :meth:`_route_limited`)."""
+    def _limited(
+        self, message: Message, routed: Routed, envelope: Envelope | Mapped, now: float
+    ) -> Routed:
+        """``routed`` under its device's limits: an envelope the limiter refuses goes to
+        ``iotpipe.dead`` as ``bridge.<reason>`` instead, body unchanged."""
         if self.limiter is None:
             return routed
         refusal = self.limiter.admit(
-            mapped.site, mapped.device, len(mapped.readings), mapped.boot, mapped.seq
+            envelope.site, envelope.device, len(envelope.readings), envelope.boot, envelope.seq
         )
         if refusal is None:
             return routed
         properties = dead_letter_properties(
-            refusal.error, topic=message.topic, received_at=now, message_id=mapped.id
+            refusal.error, topic=message.topic, received_at=now, message_id=envelope.id
         )
         return Routed(
             DEAD_EXCHANGE, f"bridge.{refusal.reason}", routed.body, encode_properties(properties)
@@ -473,27 +476,12 @@ class Bridge:
             )
 
     def _route_limited(self, message: Message, now: float) -> Routed:
-        """:func:`route`, then the device's limits: an envelope the limiter refuses goes to
-        ``iotpipe.dead`` as ``bridge.<reason>`` instead (status messages are not limited)."""
-        assert self.limiter is not None
+        """:func:`route`, then the device's limits (status messages are not limited)."""
         decoded = decode(message.topic, message.payload)
         routed = routed_as(message, decoded, now)
         if not isinstance(decoded, Envelope):
             return routed
-        refusal = self.limiter.admit(
-            decoded.site, decoded.device, len(decoded.readings), decoded.boot, decoded.seq
-        )
-        if refusal is None:
-            return routed
-        properties = dead_letter_properties(
-            refusal.error, topic=message.topic, received_at=now, message_id=decoded.id
-        )
-        return Routed(
-            DEAD_EXCHANGE,
-            f"bridge.{refusal.reason}",
-            message.payload,
-            encode_properties(properties),
-        )
+        return self._limited(message, routed, decoded, now)
 
     def _forward(self, inbound: Inbound) -> None:
         if self.publisher.connected:
