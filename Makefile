@@ -25,6 +25,7 @@ bench: setup  ## benchmarks (not tests): print JSON, write bench/results/
 	.venv/bin/python bench/bench_bridge.py --receipts  # receipts on vs off
 	.venv/bin/python bench/bench_uplink.py  # WAN bytes and CPU per reading, messages vs packed
 	.venv/bin/python bench/bench_limits.py  # a device at 20x its limit beside a fleet
+	.venv/bin/python bench/bench_ingest.py  # mapped JSON and Sparkplug B vs native envelopes
 	.venv/bin/python bench/bench_broker.py --profile  # embedded broker vs Mosquitto; py-spy
 	.venv/bin/python bench/bench_influx.py
 	.venv/bin/python bench/bench_consume.py

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -292,9 +293,15 @@ def check_rules(rules: Sequence[IngestRule]) -> None:
 
 
 def _render(template: str, captures: Mapping[str, str]) -> str:
+    if template.startswith("{") and template.endswith("}") and template.count("{") == 1:
+        found = captures.get(template[1:-1])  # the usual template, one whole capture
+        if found is not None:
+            return found
     return _CAPTURE.sub(lambda m: captures[m.group(1)], template)
 
 
+# Site and device names repeat with every message of a device: each is made valid once.
+@lru_cache(maxsize=4096)
 def _name(value: str) -> str | None:
     """A site or device name made valid: invalid characters -> ``_``, at most 64; None if empty."""
     fixed = _NOT_NAME.sub("_", value)[:64]
@@ -307,12 +314,12 @@ def _sensor(value: str) -> str | None:
 
 
 def _digest(*parts: bytes) -> str:
-    """A short, stable id: 24 hex digits of BLAKE2b over the parts (length-prefixed)."""
-    h = hashlib.blake2b(digest_size=12)
-    for part in parts:
-        h.update(len(part).to_bytes(4, "big"))
-        h.update(part)
-    return h.hexdigest()
+    """A short, stable id: 24 hex digits of BLAKE2b over the parts (length-prefixed).
+
+    One update of the joined parts: the same digest as one update per prefix and part.
+    """
+    joined = b"".join([len(part).to_bytes(4, "big") + part for part in parts])
+    return hashlib.blake2b(joined, digest_size=12).hexdigest()
 
 
 _ID = re.compile(ID_PATTERN)
@@ -700,19 +707,50 @@ class Ingest:
 
 
 def _mapped_problem(mapped: Mapped) -> MappingError | None:
-    """Why a stateful format's Mapped cannot go on the wire (a format's bug), or None."""
+    """Why a stateful format's Mapped cannot go on the wire (a format's bug), or None.
+
+    The contract's rules, with what repeats from message to message (names, sensor and unit
+    pairs) checked once: every reading that is not plainly valid gets the full check and its
+    one-line reason.
+    """
     if not _ID.fullmatch(mapped.id):
         return MappingError("id", f"invalid envelope id {mapped.id!r}")
-    if not (is_valid_name(mapped.site) and is_valid_name(mapped.device)):
+    if not _valid_names(mapped.site, mapped.device):
         return MappingError("name", f"invalid site/device {mapped.site!r}/{mapped.device!r}")
     if not 1 <= len(mapped.readings) <= MAX_READINGS or len(mapped.tags) > MAX_TAGS:
         return MappingError("value", f"{len(mapped.readings)} readings, {len(mapped.tags)} tags")
+    checked = _CHECKED_READINGS
     for r in mapped.readings:
         ts_ms = r.ts_ms if r.ts_ms is not None else mapped.ts_ms
+        value = r.value
+        kind = type(value)
+        if (
+            (r.sensor, r.unit) in checked
+            and type(ts_ms) is int
+            and 0 <= ts_ms <= MAX_TS_MS
+            and (
+                (kind is float and math.isfinite(value))  # type: ignore[arg-type]
+                or kind is bool
+                or (kind is int and MIN_INT <= value <= MAX_INT)  # type: ignore[operator]
+                or (kind is str and len(value) <= MAX_VALUE_LENGTH)  # type: ignore[arg-type]
+            )
+        ):
+            continue
         problem = reading_problem(r.sensor, r.value, r.unit, ts_ms)
         if problem is not None:
             return MappingError("value", problem)
+        if len(checked) < _PATHS_REMEMBERED:
+            checked.add((r.sensor, r.unit))  # valid with a valid value: the pair is valid
     return None
+
+
+#: (sensor, unit) pairs of readings found valid: the parts of the check that need no value.
+_CHECKED_READINGS: set[tuple[str, str | None]] = set()
+
+
+@lru_cache(maxsize=4096)
+def _valid_names(site: str, device: str) -> bool:
+    return is_valid_name(site) and is_valid_name(device)
 
 
 def _readings(rule: _Rule, group: _Group, ts_ms: int) -> tuple[Reading, ...]:

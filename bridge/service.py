@@ -243,6 +243,9 @@ class Bridge:
             kind: self.metrics.received.labels(kind)
             for kind in ("telemetry", "status", "rejected", "cleared", "mapped", "retained_copy")
         }
+        self._mapped = {
+            rule.name: self.metrics.mapped.labels(rule.name) for rule in settings.ingest
+        }
         self._results: deque[tuple[object, Outcome | None]] = deque()
         self._pending: deque[Inbound] = deque()
         self._generation = 0
@@ -424,7 +427,7 @@ class Bridge:
         else:
             self._received["mapped"].inc()
         if outcome.mapped:
-            self.metrics.mapped.labels(rule).inc(len(outcome.mapped))
+            self._mapped[rule].inc(len(outcome.mapped))
         routes = [
             self._limited(message, routed_mapped(message, rule, m, now), m, now)
             for m in outcome.mapped

@@ -448,15 +448,10 @@ def _metric(message: Any) -> Metric:
     if is_null:
         carried = None
     assert carried is None or isinstance(carried, bool | int | float | str)
-    return Metric(
-        name=name,
-        alias=alias,
-        timestamp=timestamp,
-        datatype=datatype,
-        value=typed_value(carried, datatype),
-        is_null=is_null,
-        properties=properties,
-    )
+    if datatype is not None and carried is not None:  # data messages usually carry neither
+        carried = typed_value(carried, datatype)
+    # Positional: keyword arguments cost measurably at seven per message.
+    return Metric(name, alias, timestamp, datatype, carried, is_null, properties)
 
 
 def decode_payload(data: bytes) -> Payload | DecodeError:

@@ -318,6 +318,10 @@ def encode_envelope(
             text = _float_repr(value)
         elif type(value) is int:
             text = _int_repr(value)
+        elif value is True:  # json's own spelling, without an encoder call per boolean
+            text = "true"
+        elif value is False:
+            text = "false"
         else:
             text = _value(value)
         if unit is None:
