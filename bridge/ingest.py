@@ -568,7 +568,10 @@ class Ingest:
         self.rules = [_Rule(r, build(r) if r.format == "sparkplug" else None) for r in rules]
         self.run = run or f"r{int(time.time()):x}{os.getpid() & 0xFFFF:04x}"
         self._seq: dict[tuple[str, str], int] = {}
-        self._recent: OrderedDict[tuple[str, str, bytes], tuple[Mapped, ...]] = OrderedDict()
+        # (rule, topic, bytes) -> the envelopes made, and whether the payload made their ids.
+        self._recent: OrderedDict[tuple[str, str, bytes], tuple[tuple[Mapped, ...], bool]] = (
+            OrderedDict()
+        )
         self._recent_size = recent
 
     @property
@@ -620,25 +623,32 @@ class Ingest:
                     return FormatOutcome(error=problem, commands=outcome.commands)
             return outcome
         key = (rule.name, topic, payload)
-        if message.dup and key in self._recent:  # a redelivery of a message mapped this run
-            return FormatOutcome(self._recent[key])
+        seen = self._recent.get(key)
+        if seen is not None and (message.dup or seen[1]):
+            # A redelivery (DUP) of a message mapped this run, or the same bytes again of a
+            # payload whose time or counter makes its id (a device's resend): the envelopes
+            # made the first time, same id and seq, so the store counts a duplicate, not a gap.
+            return FormatOutcome(seen[0])
         mapped: tuple[Mapped, ...]
         try:
             if rule.settings.format == "envelope":
-                mapped = (self._map_envelope(rule, payload),)
+                mapped, identity = (self._map_envelope(rule, payload),), True
             else:
                 groups = rule.groups(topic, payload, captures)
+                identity = all(g.identity for g in groups)
                 if message.retain and not any(g.identity for g in groups):
                     return RETAINED_COPY
                 mapped = tuple(self._mapped(rule, topic, payload, g, received_ms) for g in groups)
         except FormatError as err:
             return FormatOutcome(error=MappingError(err.what, err.message))
-        self._remember(key, mapped)
+        self._remember(key, mapped, identity)
         return FormatOutcome(mapped)
 
-    def _remember(self, key: tuple[str, str, bytes], mapped: tuple[Mapped, ...]) -> None:
+    def _remember(
+        self, key: tuple[str, str, bytes], mapped: tuple[Mapped, ...], identity: bool
+    ) -> None:
         recent = self._recent
-        recent[key] = mapped
+        recent[key] = (mapped, identity)
         if len(recent) > self._recent_size:
             recent.popitem(last=False)
 

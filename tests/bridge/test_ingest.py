@@ -112,6 +112,18 @@ def test_time_bearing_ids_are_deterministic_across_runs_and_distinct_per_time() 
     assert m2.boot == "b"
 
 
+def test_the_same_time_bearing_bytes_again_get_the_same_id_and_seq() -> None:
+    """A device's resend (same bytes, no DUP flag: the broker forwards it as a new message) is
+    the envelope made the first time, so the store counts a duplicate, not a gap in seq."""
+    ingest = Ingest([rule(preset="tasmota", site="home")], run="a")
+    later = TASMOTA.replace(b"12:00:00", b"12:05:00", 1)
+    (first,) = one(ingest, "tele/p/SENSOR", TASMOTA)
+    (resend,) = one(ingest, "tele/p/SENSOR", TASMOTA)
+    (after,) = one(ingest, "tele/p/SENSOR", later)
+    assert resend == first
+    assert (first.seq, after.seq) == (0, 1)  # no seq used up by the resend: no gap
+
+
 def test_esphome_plain_values_and_identity_without_time() -> None:
     ingest = Ingest([rule(preset="esphome", site="home")], run="run1")
     (temp,) = one(ingest, "livingroom/sensor/temperature/state", b"21.5")
