@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -356,6 +357,8 @@ class _Rule:
         # Payloads of one rule repeat their shape: each key path / sensor is worked out once.
         self._json_paths: dict[str, str | None] = {}
         self._sensors: dict[str, tuple[str, str | None]] = {}
+        # The static tags, shared (read-only) by the envelopes of a message without own tags.
+        self.tags: Mapping[str, str] = MappingProxyType(dict(rule.tags))
         # envelope and sparkplug rules are mapped by Ingest itself.
         formats: dict[str, Callable[[str, bytes, dict[str, str]], list[_Group]]] = {
             "json": self._json,
@@ -654,11 +657,13 @@ class Ingest:
             raise FormatError("too_many", f"more than {MAX_READINGS} values")
         ts_ms = group.ts_ms if group.ts_ms is not None else received_ms
         readings = _readings(rule, group, ts_ms)
-        tags = dict(rule.settings.tags)
-        for key, value in (group.tags or {}).items():
-            tag = _name(key)
-            if tag is not None and tag not in tags:
-                tags[tag] = value[:MAX_VALUE_LENGTH]
+        tags = rule.tags
+        if group.tags:
+            tags = dict(tags)
+            for key, value in group.tags.items():
+                tag = _name(key)
+                if tag is not None and tag not in tags:
+                    tags[tag] = value[:MAX_VALUE_LENGTH]
         if len(tags) > MAX_TAGS:
             raise FormatError("tags", f"more than {MAX_TAGS} tags")
         if group.counter is not None:  # the device's own counter
@@ -769,8 +774,12 @@ def _readings(rule: _Rule, group: _Group, ts_ms: int) -> tuple[Reading, ...]:
         ):
             problem = reading_problem(sensor, value, unit, ts_ms)
             raise FormatError("value", f"{raw_sensor}: {problem}")
-        readings.append(Reading(sensor, value, unit))
+        readings.append(_new_reading(Reading, (sensor, value, unit, None)))
     return tuple(readings)
+
+
+#: Builds a Reading from its four fields without the named tuple's ``__new__`` frame.
+_new_reading = tuple.__new__
 
 
 def _sparkplug(rule: IngestRule) -> StatefulFormat:
