@@ -356,7 +356,7 @@ class _Rule:
         self._zone = ZoneInfo(rule.timezone) if rule.time_format == "local" else UTC
         # Payloads of one rule repeat their shape: each key path / sensor is worked out once.
         self._json_paths: dict[str, str | None] = {}
-        self._sensors: dict[str, tuple[str, str | None]] = {}
+        self.sensors: dict[str, tuple[str, str | None]] = {}  # by raw name, see sensor()
         # The static tags, shared (read-only) by the envelopes of a message without own tags.
         self.tags: Mapping[str, str] = MappingProxyType(dict(rule.tags))
         # envelope and sparkplug rules are mapped by Ingest itself.
@@ -467,15 +467,15 @@ class _Rule:
         Raises:
             FormatError: the name is empty.
         """
-        known = self._sensors.get(raw)
+        known = self.sensors.get(raw)
         if known is not None:
             return known
         sensor = _sensor(raw)
         if sensor is None:
             raise FormatError("name", f"empty sensor name from {raw!r}")
         known = (sensor, self.unit(raw))
-        if len(self._sensors) < _PATHS_REMEMBERED:
-            self._sensors[raw] = known
+        if len(self.sensors) < _PATHS_REMEMBERED:
+            self.sensors[raw] = known
         return known
 
     def _time(self, raw: object) -> int:
@@ -763,8 +763,9 @@ def _readings(rule: _Rule, group: _Group, ts_ms: int) -> tuple[Reading, ...]:
     if not 0 <= ts_ms <= MAX_TS_MS:
         raise FormatError("time", f"time {ts_ms} is out of range")
     readings = []
+    known = rule.sensors  # the usual case inline: a method call per reading costs
     for raw_sensor, value in group.readings:
-        sensor, unit = rule.sensor(raw_sensor)
+        sensor, unit = known.get(raw_sensor) or rule.sensor(raw_sensor)
         kind = type(value)
         # The contract's value rules, inline: this loop runs once per reading.
         if (
