@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -355,7 +356,9 @@ class _Rule:
         self._zone = ZoneInfo(rule.timezone) if rule.time_format == "local" else UTC
         # Payloads of one rule repeat their shape: each key path / sensor is worked out once.
         self._json_paths: dict[str, str | None] = {}
-        self._sensors: dict[str, tuple[str, str | None]] = {}
+        self.sensors: dict[str, tuple[str, str | None]] = {}  # by raw name, see sensor()
+        # The static tags, shared (read-only) by the envelopes of a message without own tags.
+        self.tags: Mapping[str, str] = MappingProxyType(dict(rule.tags))
         # envelope and sparkplug rules are mapped by Ingest itself.
         formats: dict[str, Callable[[str, bytes, dict[str, str]], list[_Group]]] = {
             "json": self._json,
@@ -464,15 +467,15 @@ class _Rule:
         Raises:
             FormatError: the name is empty.
         """
-        known = self._sensors.get(raw)
+        known = self.sensors.get(raw)
         if known is not None:
             return known
         sensor = _sensor(raw)
         if sensor is None:
             raise FormatError("name", f"empty sensor name from {raw!r}")
         known = (sensor, self.unit(raw))
-        if len(self._sensors) < _PATHS_REMEMBERED:
-            self._sensors[raw] = known
+        if len(self.sensors) < _PATHS_REMEMBERED:
+            self.sensors[raw] = known
         return known
 
     def _time(self, raw: object) -> int:
@@ -664,11 +667,13 @@ class Ingest:
             raise FormatError("too_many", f"more than {MAX_READINGS} values")
         ts_ms = group.ts_ms if group.ts_ms is not None else received_ms
         readings = _readings(rule, group, ts_ms)
-        tags = dict(rule.settings.tags)
-        for key, value in (group.tags or {}).items():
-            tag = _name(key)
-            if tag is not None and tag not in tags:
-                tags[tag] = value[:MAX_VALUE_LENGTH]
+        tags = rule.tags
+        if group.tags:
+            tags = dict(tags)
+            for key, value in group.tags.items():
+                tag = _name(key)
+                if tag is not None and tag not in tags:
+                    tags[tag] = value[:MAX_VALUE_LENGTH]
         if len(tags) > MAX_TAGS:
             raise FormatError("tags", f"more than {MAX_TAGS} tags")
         if group.counter is not None:  # the device's own counter
@@ -768,8 +773,9 @@ def _readings(rule: _Rule, group: _Group, ts_ms: int) -> tuple[Reading, ...]:
     if not 0 <= ts_ms <= MAX_TS_MS:
         raise FormatError("time", f"time {ts_ms} is out of range")
     readings = []
+    known = rule.sensors  # the usual case inline: a method call per reading costs
     for raw_sensor, value in group.readings:
-        sensor, unit = rule.sensor(raw_sensor)
+        sensor, unit = known.get(raw_sensor) or rule.sensor(raw_sensor)
         kind = type(value)
         # The contract's value rules, inline: this loop runs once per reading.
         if (
@@ -779,8 +785,12 @@ def _readings(rule: _Rule, group: _Group, ts_ms: int) -> tuple[Reading, ...]:
         ):
             problem = reading_problem(sensor, value, unit, ts_ms)
             raise FormatError("value", f"{raw_sensor}: {problem}")
-        readings.append(Reading(sensor, value, unit))
+        readings.append(_new_reading(Reading, (sensor, value, unit, None)))
     return tuple(readings)
+
+
+#: Builds a Reading from its four fields without the named tuple's ``__new__`` frame.
+_new_reading = tuple.__new__
 
 
 def _sparkplug(rule: IngestRule) -> StatefulFormat:

@@ -10,17 +10,23 @@ unchanged, with the rule's name). Formats never raise for bad input.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import NamedTuple, Protocol
 
 from iotpipe.wire import Value
 
 __all__ = ["FormatOutcome", "Mapped", "MappingError", "Reading", "StatefulFormat"]
 
+#: The tags of a Mapped that has none (a named tuple's default is shared: it must be immutable).
+_NO_TAGS: Mapping[str, str] = MappingProxyType({})
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+
+class Reading(NamedTuple):
     """One measurement taken from a foreign payload.
+
+    A named tuple (immutable, and several times cheaper to build than a dataclass: a mapped
+    message makes one per value), in the order ``encode_envelope`` takes a reading in.
 
     Attributes:
         sensor: the contract's sensor name (1-64 of ``A-Z a-z 0-9 _ - .``).
@@ -35,9 +41,10 @@ class Reading:
     ts_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Mapped:
+class Mapped(NamedTuple):
     """The readings of one device from one foreign message: one envelope's worth.
+
+    A named tuple, like :class:`Reading` (one is built per mapped message).
 
     Attributes:
         site: the contract's site name.
@@ -58,7 +65,7 @@ class Mapped:
     id: str
     seq: int
     boot: str | None = None
-    tags: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = _NO_TAGS
 
 
 @dataclass(frozen=True, slots=True)

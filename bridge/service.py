@@ -741,7 +741,7 @@ def routed_mapped(message: Message, rule: str, mapped: Mapped, received_at: floa
         device=mapped.device,
         seq=mapped.seq,
         ts=mapped.ts_ms,
-        readings=((r.sensor, r.value, r.unit, r.ts_ms) for r in mapped.readings),
+        readings=mapped.readings,  # a Reading is the (sensor, value, unit, ts) it takes
         boot=mapped.boot,
         tags=mapped.tags or None,
     )

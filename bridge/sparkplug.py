@@ -36,6 +36,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from bridge.mapping import FormatOutcome, Mapped, MappingError, Reading
 from iotpipe.sparkplug import (
@@ -46,6 +47,7 @@ from iotpipe.sparkplug import (
     Payload,
     Topic,
     decode_payload,
+    parse_payload_message,
     parse_topic,
     rebirth_request,
     typed_value,
@@ -161,6 +163,10 @@ class SparkplugIngest:
         if kind in (MessageType.STATE, MessageType.NCMD, MessageType.DCMD):
             # A host's state and commands to edge nodes (our own rebirth requests among them).
             return _NOTHING
+        if kind is MessageType.NDATA or kind is MessageType.DDATA:
+            lean = _lean_data(payload)
+            if lean is not None:
+                return self._data_message(parsed, lean, received_ms)
         decoded = decode_payload(payload)
         if isinstance(decoded, DecodeError):
             return _error("sparkplug", decoded.message)
@@ -180,15 +186,28 @@ class SparkplugIngest:
             self._learn(device, decoded, f"{parsed.device_id}/")
             node.devices[parsed.device_id] = device
             return self._data(parsed, node, decoded, received_ms, device)
-        if kind is MessageType.NDATA:
-            return self._data(parsed, node, decoded, received_ms, node)
-        assert parsed.device_id is not None
-        device_state = node.devices.get(parsed.device_id)
         if kind is MessageType.DDEATH:
+            assert parsed.device_id is not None
+            device_state = node.devices.get(parsed.device_id)
             placed = self._place(node, decoded.seq, has_readings=False)
             if device_state is not None:
                 device_state.online = False
             return FormatOutcome(error=placed) if isinstance(placed, MappingError) else _NOTHING
+        return self._data_message(parsed, decoded, received_ms)
+
+    def _data_message(
+        self, parsed: Topic, decoded: Payload | _LeanPayload, received_ms: int
+    ) -> FormatOutcome:
+        """An NDATA or DDATA message (decoded either way): checked as :meth:`handle` does."""
+        node = self._nodes.get((parsed.group_id, parsed.edge_node_id))
+        if node is None or not node.online:
+            return self._no_birth(parsed, received_ms, "no NBIRTH seen for this edge node")
+        if decoded.seq is None or not 0 <= decoded.seq <= 255:
+            return _error("seq", f"{parsed.message_type} seq {decoded.seq!r} is not 0-255")
+        if parsed.message_type is MessageType.NDATA:
+            return self._data(parsed, node, decoded, received_ms, node)
+        assert parsed.device_id is not None
+        device_state = node.devices.get(parsed.device_id)
         if device_state is None:
             return self._no_birth(parsed, received_ms, f"no DBIRTH seen for {parsed.device_id!r}")
         return self._data(parsed, node, decoded, received_ms, device_state)
@@ -274,7 +293,7 @@ class SparkplugIngest:
         self,
         topic: Topic,
         node: _Node,
-        payload: Payload,
+        payload: Payload | _LeanPayload,
         received_ms: int,
         scope: _Node | _Device,
     ) -> FormatOutcome:
@@ -328,7 +347,7 @@ class SparkplugIngest:
         return FormatOutcome(mapped=(mapped,))
 
     def _reading(
-        self, declared: _Alias, metric: Metric, envelope_ms: int
+        self, declared: _Alias, metric: Metric | _LeanMetric, envelope_ms: int
     ) -> Reading | MappingError | None:
         """The reading of one metric; None for a metric that is not one (or is skipped)."""
         if not declared.reading:
@@ -350,11 +369,13 @@ class SparkplugIngest:
             declared.sensor, value, declared.unit, None if ts_ms == envelope_ms else ts_ms
         )
 
-    def _declared(self, metric: Metric, scope: _Node | _Device, prefix: str) -> _Alias | None:
+    def _declared(
+        self, metric: Metric | _LeanMetric, scope: _Node | _Device, prefix: str
+    ) -> _Alias | None:
         """What the birth said of ``metric`` (by alias, else by name); None when it said nothing."""
         if metric.alias is not None:
             return scope.aliases.get(metric.alias)
-        if metric.name is None:
+        if metric.name is None or not isinstance(metric, Metric):  # a lean one has an alias
             return None
         return scope.names.get(metric.name) or self._declare(metric.name, metric, prefix)
 
@@ -405,6 +426,61 @@ def _forget_old(node: _Node) -> None:
     oldest = node.last_count - 256
     node.seqs = {c: s for c, s in node.seqs.items() if c > oldest}
     node.reserved = {c: s for c, s in node.reserved.items() if c > oldest}
+
+
+class _LeanMetric(NamedTuple):
+    """A data message's metric of the usual shape: an alias, a value as carried, a timestamp."""
+
+    alias: int
+    timestamp: int | None
+    value: Value
+    name: None = None
+    datatype: None = None
+
+
+class _LeanPayload(NamedTuple):
+    """An NDATA/DDATA payload whose every metric is a :class:`_LeanMetric`."""
+
+    timestamp: int | None
+    seq: int | None
+    metrics: tuple[_LeanMetric, ...]
+
+
+_ALIAS_FIELD, _TIMESTAMP_FIELD = 2, 3
+_VALUE_FIELDS = range(10, 16)  # Metric's oneof value int_value ... string_value (not bytes)
+
+
+def _lean_data(data: bytes) -> _LeanPayload | None:
+    """A data payload decoded without building a ``Metric`` per metric (most of the decoding
+    cost), or None when any metric is not of the usual shape (alias, timestamp, a scalar value
+    and nothing else: a name, a datatype, null, properties, no value, a string that is not
+    UTF-8, ...) or the bytes do not parse: those take the full decoder, which reads the same
+    usual-shaped metrics as the same values (a value without a datatype is read as carried)."""
+    try:
+        message: Any = parse_payload_message(data)
+    except Exception:  # hostile bytes may fail anywhere inside protobuf: the full path says why
+        return None
+    metrics = []
+    for metric in message.metrics:
+        alias = timestamp = value = None
+        for descriptor, carried in metric.ListFields():
+            number = descriptor.number
+            if number == _ALIAS_FIELD:
+                alias = carried
+            elif number == _TIMESTAMP_FIELD:
+                timestamp = carried
+            elif number in _VALUE_FIELDS and type(carried) is not bytes:
+                value = carried
+            else:
+                return None
+        if alias is None or value is None:
+            return None
+        metrics.append(_LeanMetric(alias, timestamp, value))
+    return _LeanPayload(
+        message.timestamp if message.HasField("timestamp") else None,
+        message.seq if message.HasField("seq") else None,
+        tuple(metrics),
+    )
 
 
 def _bdseq(payload: Payload) -> int | None:

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.mapping import FormatOutcome, Mapped, Reading
-from bridge.sparkplug import REBIRTH_INTERVAL_MS, SparkplugIngest
+from bridge.sparkplug import REBIRTH_INTERVAL_MS, SparkplugIngest, _lean_data
 from consumers.query import store_stats
 from consumers.sqlite_store import SQLiteStore
 from consumers.store import Message
@@ -427,3 +428,66 @@ def test_store_counts_exactly_the_lost_message(tmp_path: Path) -> None:
     assert device.gaps == 1
     assert device.duplicates == 1
     assert device.messages == len(sent) - 1 - 1  # less the redelivery and the DDEATH
+
+
+def test_lean_data_decoding_maps_as_the_full_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data whose every metric is (alias, timestamp, value) is decoded without Metric objects;
+    any other shape (a name, a datatype, null, properties, no value) or bad bytes take the
+    full decoder. Both make the same outcomes, for a stream of both kinds."""
+    node = EdgeNode()
+    lean = [
+        node.ndata(T0 + 1000, 22.5),
+        node.message(
+            MessageType.NDATA,
+            [Metric(alias=2, timestamp=T0, value=(1 << 32) - 40), Metric(alias=1, value=1.5)],
+            ts=T0 + 1100,
+        ),
+        node.message(MessageType.NDATA, [Metric(alias=2, value=1 << 20)], ts=T0 + 1150),
+        node.message(MessageType.DDATA, [Metric(alias=5, value=3.25)], ts=T0 + 1200, device="d1"),
+        node.message(MessageType.DDATA, [Metric(alias=5, value=1.0)], ts=T0 + 1250, device="d9"),
+        node.message(MessageType.NDATA, [Metric(alias=77, value=1.0)], ts=T0 + 1300),
+        node.message(MessageType.NDATA, [Metric(alias=9, value="acme")], ts=T0 + 1350),
+        node.message(MessageType.NDATA, [Metric(alias=1, value=2.0)], ts=T0 + 1400, seq=300),
+    ]
+    full = [
+        node.message(MessageType.NDATA, [Metric("temperature", 1, T0, value=20.0)], ts=T0 + 2000),
+        node.message(MessageType.NDATA, [Metric("Motor/RPM", value=7)], ts=T0 + 2100),
+        node.message(
+            MessageType.NDATA,
+            [Metric(alias=1, value=1.0), Metric(alias=2, datatype=DataType.INT16, value=-36)],
+            ts=T0 + 2200,
+        ),
+        node.message(
+            MessageType.NDATA, [Metric(alias=1, value=1.0), Metric(alias=2, is_null=True)], ts=T0
+        ),
+        node.message(MessageType.NDATA, [Metric(alias=1, timestamp=T0)], ts=T0 + 2300),
+        node.message(
+            MessageType.DDATA,
+            [Metric(alias=5, value=2.0, properties={"engUnit": "V"})],
+            ts=T0 + 2400,
+            device="d1",
+        ),
+        node.message(MessageType.NDATA, [Metric("new/metric", value=4.5)], ts=T0 + 2500),
+        ("spBv1.0/plant/NDATA/gw1", b"\xff\xff\xff"),
+    ]
+    assert all(_lean_data(payload) is not None for _, payload in lean)
+    assert all(_lean_data(payload) is None for _, payload in full)
+    births = [
+        EdgeNode().nbirth(T0),
+        node.message(
+            MessageType.DBIRTH,
+            [Metric("x", 5, T0, DataType.FLOAT, 0.5)],
+            ts=T0 + 10,
+            device="d1",
+            seq=1,
+        ),
+    ]
+    stream = births + lean + full + lean
+    fast = ingest()
+    made = [fast.handle(topic, payload, T0 + 5000) for topic, payload in stream]
+    monkeypatch.setattr("bridge.sparkplug._lean_data", lambda data: None)
+    slow = ingest()
+    expected = [slow.handle(topic, payload, T0 + 5000) for topic, payload in stream]
+    assert made == expected
+    assert sum(len(outcome.mapped) for outcome in made) >= 10
+    assert {o.error.what for o in made if o.error is not None} >= {"no_birth", "seq"}
