@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import random
 import shutil
@@ -49,6 +50,23 @@ def pytest_runtest_makereport(
         return (yield)
     finally:
         gc.enable()
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_to_closed_streams() -> Iterator[None]:
+    """Drop root-logger handlers whose stream was closed during the test.
+
+    A command run in-process (typer's ``CliRunner``) sets up logging on the stderr it was
+    given, which the runner closes afterwards; left on the root logger, that handler makes every
+    later log record print a "Logging error" traceback, and when that happens in a finalizer
+    inside ``ast.parse`` CPython 3.11 fails the parse (see tests/test_interpreter.py).
+    """
+    yield
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        stream = getattr(handler, "stream", None)
+        if stream is not None and getattr(stream, "closed", False):
+            root.removeHandler(handler)
 
 
 #: Ports handed out by :func:`free_port`: below Linux's ephemeral range (32768-60999), so no

@@ -683,18 +683,21 @@ def test_packed_uplink_loses_nothing_when_bridge_unpack_and_rabbitmq_are_killed(
     SIGKILLed twice and RabbitMQ SIGKILLed once, mid-stream: every message arrives unpacked on
     the telemetry queue; only redeliveries repeat."""
     rig, unpack = packed_rig
-    publisher = rig.publish(count=15_000, rate=3000)
+    # 18 s of publishing: the four restarts and the RabbitMQ kill all land mid-stream, however
+    # slowly the processes restart on a loaded machine.
+    publisher = rig.publish(count=18_000, rate=1000)
     faults: list[tuple[int, BridgeProcess | UnpackProcess]] = [
-        (2_000, rig.bridge),
-        (4_000, unpack),
-        (6_000, rig.bridge),
-        (8_000, unpack),
+        (1_500, rig.bridge),
+        (3_000, unpack),
+        (4_500, rig.bridge),
+        (6_000, unpack),
     ]
     for threshold, process in faults:
         rig.wait_for_depth(threshold, before=f"killing {type(process).__name__}")
         process.kill()
         process.start()  # the same spool / pack-id file, right away
-    rig.wait_for_depth(10_000, before="killing RabbitMQ")
+    rig.wait_for_depth(7_500, before="killing RabbitMQ")
+    assert not publisher.finished, "the stream ended before the RabbitMQ kill: not mid-stream"
     _outage(rig, publisher, rig.rabbit.kill, 1_000)
     rig.rabbit.start()
     tally = _finish(rig, publisher, "packed: bridge/unpack/rabbit kill")
