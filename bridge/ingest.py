@@ -354,6 +354,7 @@ class _Rule:
         self.levels = rule.filter.split("/")
         self.stateful = stateful
         self._zone = ZoneInfo(rule.timezone) if rule.time_format == "local" else UTC
+        self._times: dict[str, int] = {}  # time string -> epoch ms, see _time
         # Payloads of one rule repeat their shape: each key path / sensor is worked out once.
         self._json_paths: dict[str, str | None] = {}
         self.sensors: dict[str, tuple[str, str | None]] = {}  # by raw name, see sensor()
@@ -479,6 +480,18 @@ class _Rule:
         return known
 
     def _time(self, raw: object) -> int:
+        if isinstance(raw, str):
+            # A time string repeats for every message of its second (Tasmota's have no
+            # fraction): parse each once. Deterministic for the rule (format, zone).
+            known = self._times.get(raw)
+            if known is None:
+                if len(self._times) >= 4096:
+                    self._times.clear()
+                known = self._times[raw] = self._parse_time(raw)
+            return known
+        return self._parse_time(raw)
+
+    def _parse_time(self, raw: object) -> int:
         rule = self.settings
         form = rule.time_format
         if form == "auto":
