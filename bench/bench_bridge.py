@@ -318,20 +318,25 @@ def publish(port: int, messages: list[tuple[str, bytes]], window: int) -> tuple[
     return started, finished
 
 
-def consume(url: str, queue: str, count: int, pipe: Connection) -> None:
+def consume(
+    url: str, queue: str, count: int, pipe: Connection, *, by_message_id: bool = False
+) -> None:
     """Child process: consume ``queue`` until ``count`` distinct ids arrived; report on ``pipe``.
+
+    The id is cut out of the body (:data:`ID_SLICE`), or with ``by_message_id`` read from the
+    AMQP ``message_id`` (for bodies that are not this bench's envelopes).
 
     Sends ``("ready",)`` once consuming, then ``("done", last_monotonic, deliveries, distinct,
     cpu_seconds)``.
     """
-    seen: set[bytes] = set()
+    seen: set[object] = set()
     deliveries = unacked = 0
     last = 0.0
     connection: Any = None
 
-    def on_message(channel: Any, method: Any, _props: Any, body: bytes) -> None:
+    def on_message(channel: Any, method: Any, props: Any, body: bytes) -> None:
         nonlocal deliveries, unacked, last
-        seen.add(body[ID_SLICE])
+        seen.add(props.message_id if by_message_id else body[ID_SLICE])
         deliveries += 1
         unacked += 1
         if len(seen) >= count:

@@ -58,7 +58,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +71,7 @@ from bench_bridge import (  # noqa: E402
     TELEMETRY_EXCHANGE,
     BridgeProcess,
     PrivateMosquitto,
+    consume,
     cpu_seconds,
     group_pids,
     publish,
@@ -104,7 +104,6 @@ DEVICES = 10
 READINGS = 7
 QUEUE = "bench.ingest"
 BINDING = "iotpipe.v1.#"
-ACK_EVERY = 250
 SITE = "bench"
 
 #: Per simulated variant: the simulator's format, device names and sensors (chosen so that each
@@ -309,50 +308,6 @@ def rules() -> list[IngestRule]:
     return [IngestRule.model_validate(table) for table in tables]
 
 
-# -- the consumer -------------------------------------------------------------------------------
-
-
-def consume(url: str, count: int, pipe: Connection) -> None:
-    """Child process: consume :data:`QUEUE` until ``count`` distinct message ids arrived.
-
-    Sends ``("ready",)`` once consuming, then ``("done", last_monotonic, deliveries, distinct,
-    cpu_seconds)``.
-    """
-    seen: set[str] = set()
-    deliveries = unacked = 0
-    last = 0.0
-    connection: Any = None
-
-    def on_message(channel: Any, method: Any, properties: Any, _body: bytes) -> None:
-        nonlocal deliveries, unacked, last
-        seen.add(properties.message_id)
-        deliveries += 1
-        unacked += 1
-        if len(seen) >= count:
-            last = time.monotonic()
-            channel.basic_ack(method.delivery_tag, multiple=True)
-            connection.close()
-        elif unacked >= ACK_EVERY:
-            channel.basic_ack(method.delivery_tag, multiple=True)
-            unacked = 0
-
-    def on_channel(channel: Any) -> None:
-        def go(_frame: object) -> None:
-            channel.basic_consume(QUEUE, on_message, callback=lambda _frame: pipe.send(("ready",)))
-
-        channel.basic_qos(prefetch_count=1000, callback=go)
-
-    connection = pika.SelectConnection(
-        pika.URLParameters(url),
-        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
-        on_close_callback=lambda c, _e: c.ioloop.stop(),
-    )
-    connection.ioloop.call_later(ROUND_TIMEOUT, connection.close)
-    began = time.process_time()
-    connection.ioloop.start()
-    pipe.send(("done", last, deliveries, len(seen), time.process_time() - began))
-
-
 # -- rounds -------------------------------------------------------------------------------------
 
 
@@ -394,7 +349,10 @@ class Rig:
         context = multiprocessing.get_context("fork")
         parent, child = context.Pipe()
         consumer = context.Process(
-            target=consume, args=(self.rabbit.url, envelopes, child), name="bench-consumer"
+            target=consume,
+            args=(self.rabbit.url, QUEUE, envelopes, child),
+            kwargs={"by_message_id": True},
+            name="bench-consumer",
         )
         with self.bridge(profile) as bridge_pid:
             consumer.start()
