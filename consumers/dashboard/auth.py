@@ -217,10 +217,11 @@ async def login(request: Request) -> Response:
 def logout(request: Request) -> Response:
     """End the session and clear its cookie; back to the login form."""
     auth = _auth(request)
-    if auth is not None and not _cross_site(request):
-        session_id = request.cookies.get(SESSION_COOKIE)
-        if session_id:
-            auth.sessions.close(session_id)
+    if auth is not None and _cross_site(request):
+        return _login_page("Refused: the form was posted from another site.", 403)
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if auth is not None and session_id:
+        auth.sessions.close(session_id)
     response = RedirectResponse("login" if auth is not None else "./", status_code=303)
     response.delete_cookie(
         SESSION_COOKIE,

@@ -208,13 +208,17 @@ def test_sessions_expire_and_end_with_their_token(store: Path, tokens: TokenFile
     assert page.get(DATA).status_code == 401
 
 
-def test_a_cross_site_login_post_is_refused(store: Path, tokens: TokenFile) -> None:
-    """A login form posted from another site (Sec-Fetch-Site: cross-site) opens no session."""
+def test_cross_site_login_and_logout_posts_are_refused(store: Path, tokens: TokenFile) -> None:
+    """Forms posted from another site (Sec-Fetch-Site: cross-site) neither log in nor out."""
     token = tokens.add("alice")
     page = client(store, tokens)
     response = page.post("/login", data={"token": token}, headers={"Sec-Fetch-Site": "cross-site"})
     assert response.status_code == 403
     assert "set-cookie" not in response.headers
+    page.post("/login", data={"token": token})
+    forged = page.post("/logout", headers={"Sec-Fetch-Site": "cross-site"})
+    assert forged.status_code == 403
+    assert page.get(DATA).status_code == 200
 
 
 # -- security headers ---------------------------------------------------------------------------
