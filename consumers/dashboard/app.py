@@ -86,6 +86,7 @@ def create_app(
     stopping: threading.Event | None = None,
     tokens: TokenFile | None = None,
     session_ttl: float = auth.SESSION_TTL,
+    loopback_only: bool = False,
 ) -> FastAPI:
     """Build the dashboard application for one SQLite store file.
 
@@ -100,6 +101,8 @@ def create_app(
         tokens: the token file; given, every route but the login form and the health check
             needs a token or a login session. None: no authentication.
         session_ttl: seconds a login session lasts.
+        loopback_only: without ``tokens``, answer only requests addressed to a loopback host
+            name (``iotpipe dashboard`` sets it; see :mod:`consumers.dashboard.auth`).
     """
     app = _Dashboard(
         title="iotpipe query API",
@@ -121,7 +124,7 @@ def create_app(
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(HTTPException)(_http_error)
     app.state.auth = None if tokens is None else auth.Auth(tokens, auth.Sessions(session_ttl))
-    app.add_middleware(auth.AuthGate, auth=app.state.auth)
+    app.add_middleware(auth.AuthGate, auth=app.state.auth, loopback_only=loopback_only)
     app.include_router(router)
     app.include_router(auth.router)
     # Last: the page catches every path the API does not.

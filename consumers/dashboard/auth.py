@@ -17,11 +17,17 @@ The cookie is ``HttpOnly`` and ``SameSite=Strict`` (no other site can send it, s
 read-only API needs no CSRF token), ``Secure`` when the request came over TLS (directly, or
 from a reverse proxy on loopback sending ``X-Forwarded-Proto: https``, which uvicorn trusts).
 The login and logout forms refuse cross-site posts (``Sec-Fetch-Site``).
+
+Without a token file the dashboard serves loopback only, and then answers only requests whose
+``Host`` is a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``): a web page elsewhere
+could otherwise make the browser of someone on this host read the data through a host name
+it re-points at 127.0.0.1 (DNS rebinding). Others get 421.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import threading
 import time
@@ -37,7 +43,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from consumers.dashboard.tokens import TokenFile
 
-__all__ = ["SESSION_COOKIE", "SESSION_TTL", "Auth", "AuthGate", "Sessions", "router"]
+__all__ = [
+    "SESSION_COOKIE",
+    "SESSION_TTL",
+    "Auth",
+    "AuthGate",
+    "Sessions",
+    "is_loopback",
+    "router",
+]
 
 SESSION_COOKIE = "iotpipe_session"
 SESSION_TTL = 12 * 3600.0
@@ -48,6 +62,26 @@ _OPEN_PATHS = frozenset({"/login", "/logout", "/app.css", "/api/v1/health"})
 _PAGE_PATHS = frozenset({"/", "/index.html"})
 _MAX_FORM_BYTES = 4096
 _CROSS_SITE = frozenset({"cross-site", "same-site"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name, IPv6 in brackets or not) is loopback.
+
+    ``localhost`` is; other names are not (they are not resolved).
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name of a ``Host`` header without its port: ``[::1]:8080`` -> ``::1``."""
+    if header.startswith("["):
+        return header[1 : header.find("]")]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
 def _digest(session_id: str) -> str:
@@ -128,18 +162,37 @@ def _user(request: Request) -> str | None:
 class AuthGate:
     """ASGI middleware: let a request through when authentication is off, it authenticates, or
     its path is open; answer 401 or redirect to the login form otherwise.
+
+    Args:
+        app: the application behind the gate.
+        auth: tokens and sessions; None: no authentication.
+        loopback_only: without authentication, answer 421 to a ``Host`` that is not loopback.
     """
 
-    def __init__(self, app: ASGIApp, auth: Auth | None) -> None:
+    def __init__(self, app: ASGIApp, auth: Auth | None, loopback_only: bool = False) -> None:
         self.app = app
         self.auth = auth
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check one request (HTTP only; lifespan events pass)."""
-        if self.auth is None or scope["type"] != "http":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        if self.auth is None:
+            if self.loopback_only and not is_loopback(_host_name(request.headers.get("host", ""))):
+                refused = JSONResponse(
+                    {
+                        "error": "without authentication this dashboard answers only to loopback "
+                        "host names (localhost, 127.0.0.1): create a token (docs/dashboard.md)"
+                    },
+                    status_code=421,
+                )
+                await refused(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
         user = self.auth.user(request)
         root = scope.get("root_path", "")
         path = scope["path"].removeprefix(root) if root else scope["path"]

@@ -11,7 +11,6 @@ shows "no store yet" (the API answers 503) until ``iotpipe consume`` creates it.
 from __future__ import annotations
 
 import inspect
-import ipaddress
 import socket
 import threading
 from pathlib import Path
@@ -103,16 +102,6 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (``localhost`` included; other names are not)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _sqlite_store(store: str | None, config: Path | None) -> tuple[str, Path]:
     """The store URL (from --store, else the config) and its SQLite file; InfluxDB refused."""
     if store is None:
@@ -191,7 +180,9 @@ def dashboard(
         return
     store, location = _sqlite_store(store, config)
     token_file = _token_file(tokens, store, config)
-    if not token_file.exists() and not _loopback(host):
+    from consumers.dashboard.auth import is_loopback
+
+    if not token_file.exists() and not is_loopback(host):
         raise ConfigError(
             "--host",
             host,
@@ -229,7 +220,13 @@ def dashboard(
     sock = _listen(host, port)
     guarded = token_file if token_file.exists() else None
     server_config = uvicorn.Config(
-        create_app(location, store_label=store, stopping=stopping, tokens=guarded),
+        create_app(
+            location,
+            store_label=store,
+            stopping=stopping,
+            tokens=guarded,
+            loopback_only=guarded is None,
+        ),
         log_config=None,  # keep iotpipe's logging (--log-level)
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -460,3 +460,60 @@ def test_command_serves_https_with_a_secure_cookie(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1:8080", 200),
+        ("localhost:8080", 200),
+        ("[::1]:8080", 200),
+        ("127.3.4.5", 200),
+        ("evil.example", 421),
+        ("evil.example:8080", 421),
+        ("192.0.2.1:8080", 421),
+    ],
+)
+def test_without_tokens_only_loopback_host_names_are_answered(
+    store: Path, host: str, status: int
+) -> None:
+    """No token file: a Host that is not loopback (DNS rebinding) gets 421, headers included."""
+    app = client(store, None, loopback_only=True)
+    for url in (DATA, "/"):
+        response = app.get(url, headers={"Host": host})
+        assert response.status_code == status, (url, response.text)
+        assert response.headers["x-frame-options"] == "DENY"
+    if status == 421:
+        assert "loopback host names" in app.get(DATA, headers={"Host": host}).json()["error"]
+
+
+def test_command_without_tokens_refuses_a_rebound_host_name(tmp_path: Path) -> None:
+    """``iotpipe dashboard`` on loopback without tokens answers 127.0.0.1, not another Host."""
+    import http.client
+
+    small_store(tmp_path / "t.db")
+    port = free_port()
+    proc = subprocess.Popen(
+        [*IOTPIPE, "dashboard", "--store", "t.db", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def status(host: str) -> int | None:
+        assert proc.poll() is None
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", DATA, headers={"Host": host})
+            return conn.getresponse().status
+        except OSError:
+            return None
+        finally:
+            conn.close()
+
+    try:
+        assert wait_for(lambda: status(f"127.0.0.1:{port}"), 30, "the dashboard") == 200
+        assert status(f"rebound.example:{port}") == 421
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
