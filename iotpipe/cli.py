@@ -67,7 +67,7 @@ COMMANDS = {
         "Show what a store holds: totals and per-device completeness.",
     ),
     "dashboard": LazyCommand(
-        "consumers.dashboard.cli:dashboard",
+        "consumers.dashboard.cli:app",
         "Serve the web dashboard and the query API (docs/api.md) over a SQLite store.",
     ),
     "up": LazyCommand(

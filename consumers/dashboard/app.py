@@ -6,6 +6,10 @@ the file read-only (:func:`~consumers.dashboard.queries.open_store`), so the das
 blocks or changes the consumer writing it. A missing file is not fatal: the API answers 503
 with a readable reason until the file appears, and the page shows that state.
 
+Every response carries the security headers of :mod:`consumers.dashboard.headers`. With a
+token file, :mod:`consumers.dashboard.auth` guards every route but the login form and
+``/api/v1/health``; without one, nothing is guarded (the command allows that on loopback only).
+
 Errors are ``{"error": "<one line>"}``: 400 for a bad or missing parameter (FastAPI's 422
 validation errors included), 404 for an unknown site, device or sensor, 503 for the store.
 """
@@ -20,9 +24,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
+from consumers.dashboard import auth
 from consumers.dashboard.api import DashboardConfig, router
+from consumers.dashboard.headers import SecurityHeaders
 from consumers.dashboard.queries import QueryError
+from consumers.dashboard.tokens import TokenFile
 from iotpipe import __version__
 
 __all__ = ["STATIC_DIR", "create_app"]
@@ -59,6 +67,15 @@ async def _http_error(_request: Request, err: HTTPException) -> Response:
     return _error(err.status_code, str(err.detail))
 
 
+class _Dashboard(FastAPI):
+    """FastAPI with :class:`SecurityHeaders` outside even Starlette's error middleware, so a
+    500 answer carries the headers too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """Starlette's stack, wrapped."""
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 def create_app(
     store: Path,
     *,
@@ -67,6 +84,9 @@ def create_app(
     keepalive: float = 15.0,
     static_dir: Path = STATIC_DIR,
     stopping: threading.Event | None = None,
+    tokens: TokenFile | None = None,
+    session_ttl: float = auth.SESSION_TTL,
+    loopback_only: bool = False,
 ) -> FastAPI:
     """Build the dashboard application for one SQLite store file.
 
@@ -78,8 +98,13 @@ def create_app(
         static_dir: the web page's directory, served at ``/``.
         stopping: set when the server shuts down: live streams then end (they never end by
             themselves, and the server waits for open responses before it exits).
+        tokens: the token file; given, every route but the login form and the health check
+            needs a token or a login session. None: no authentication.
+        session_ttl: seconds a login session lasts.
+        loopback_only: without ``tokens``, answer only requests addressed to a loopback host
+            name (``iotpipe dashboard`` sets it; see :mod:`consumers.dashboard.auth`).
     """
-    app = FastAPI(
+    app = _Dashboard(
         title="iotpipe query API",
         version=f"1 (iotpipe {__version__})",
         description="Read-only API over an iotpipe SQLite store; see docs/api.md.",
@@ -98,7 +123,10 @@ def create_app(
     app.exception_handler(QueryError)(_query_error)
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(HTTPException)(_http_error)
+    app.state.auth = None if tokens is None else auth.Auth(tokens, auth.Sessions(session_ttl))
+    app.add_middleware(auth.AuthGate, auth=app.state.auth, loopback_only=loopback_only)
     app.include_router(router)
+    app.include_router(auth.router)
     # Last: the page catches every path the API does not.
     app.mount("/", StaticFiles(directory=static_dir, html=True, check_dir=False), name="page")
     return app

@@ -106,13 +106,13 @@ def get_json(url: str) -> Any:
 
 
 @contextlib.contextmanager
-def dashboard(store: Path, logs: Path) -> Iterator[str]:
-    """``iotpipe dashboard`` on a free port; yields its base URL once it answers."""
+def dashboard(store: Path, logs: Path, *args: str) -> Iterator[str]:
+    """``iotpipe dashboard`` (with ``args``) on a free port; yields its base URL once it answers."""
     port = free_port()
     base = f"http://127.0.0.1:{port}/"
     with logs.open("wb") as log:
         proc = subprocess.Popen(
-            [*IOTPIPE, "dashboard", "--store", f"sqlite:///{store}", "--port", str(port)],
+            [*IOTPIPE, "dashboard", "--store", f"sqlite:///{store}", "--port", str(port), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -255,3 +255,92 @@ def test_page_shows_a_missing_store_until_it_appears(browser: Any, tmp_path: Pat
         expect(banner).to_be_hidden()
         assert uncaught == []
         page.close()
+
+
+def add_token(store: Path, name: str) -> str:
+    """``iotpipe dashboard token add``: the token it prints."""
+    done = subprocess.run(
+        [*IOTPIPE, "dashboard", "token", "add", name, "--store", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def watch_console(page: Any) -> list[str]:
+    """Console errors (CSP violations are reported there) and uncaught exceptions of a page."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda err: problems.append(f"uncaught: {err}"))
+    return problems
+
+
+def test_without_credentials_the_page_is_the_login_form_and_no_data(
+    browser: Any, tmp_path: Path
+) -> None:
+    """With a token file, a visitor without a login sees the login form and never any data."""
+    from playwright.sync_api import expect
+
+    store = tmp_path / "telemetry.db"
+    fill(store, time.time_ns() // 1_000_000)
+    add_token(store, "alice")
+    with dashboard(store, tmp_path / "dashboard.log") as base:
+        page = browser.new_page()
+        answered: list[tuple[str, int]] = []
+        page.on("response", lambda r: answered.append((urlsplit(r.url).path, r.status)))
+        page.goto(base + "#/")
+        expect(page).to_have_url(re.compile(r"/login(#.*)?$"))
+        expect(page.get_by_test_id("login")).to_be_visible()
+        expect(page.get_by_test_id("device-row")).to_have_count(0)
+        for _site, device in FLEET:
+            assert device not in page.content()
+        page.get_by_label("API token").fill("iotpipe_not-a-token")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("alert")).to_contain_text("not valid")
+        # the page's own scripts and the API are refused too, fetched directly
+        for path in ("js/app.js", "api/v1/devices"):
+            assert page.request.get(base + path).status == 401
+        assert [a for a in answered if a[0].startswith("/api/") and a[1] == 200] == []
+        page.close()
+
+
+def test_after_login_the_dashboard_shows_the_fleet_without_csp_violations(
+    browser: Any, tmp_path: Path
+) -> None:
+    """Logged in with a token, the fleet renders, no console error (CSP) occurs; logout ends it."""
+    from playwright.sync_api import expect
+
+    store = tmp_path / "telemetry.db"
+    fill(store, time.time_ns() // 1_000_000)
+    token = add_token(store, "alice")
+    with dashboard(store, tmp_path / "dashboard.log") as base:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        problems = watch_console(page)
+        page.goto(base)
+        page.get_by_label("API token").fill(token)
+        page.get_by_role("button", name="Log in").click()
+        rows = page.get_by_test_id("device-row")
+        expect(rows).to_have_count(len(FLEET), timeout=TIMEOUT_MS)
+        assert set(listed_devices(rows)) == {device for _site, device in FLEET}
+        expect(page.get_by_test_id("logout")).to_contain_text("alice")
+        cookie = next(c for c in context.cookies() if c["name"] == "iotpipe_session")
+        assert cookie["httpOnly"] is True
+        assert cookie["sameSite"] == "Strict"
+        assert token not in cookie["value"]
+        # a device view: charts (uPlot, canvas) and the live stream under the CSP
+        page.locator('[data-testid="device-row"][data-device="pi-kitchen"] a').click()
+        expect(page.get_by_test_id("chart")).to_have_count(3, timeout=TIMEOUT_MS)
+        expect(page.get_by_test_id("live")).to_have_attribute("data-state", "live")
+        screenshot = tmp_path / "logged-in.png"
+        page.screenshot(path=screenshot, full_page=True)
+        print(f"\nscreenshot: {screenshot}")
+        assert problems == []
+
+        page.get_by_role("button", name="Log out").click()
+        expect(page).to_have_url(re.compile(r"/login(#.*)?$"))
+        page.goto(base + "#/")
+        expect(page).to_have_url(re.compile(r"/login(#.*)?$"))
+        context.close()

@@ -58,6 +58,11 @@ export async function getJSON(path, params = {}, { signal } = {}) {
     throw new ApiError(`Cannot reach the dashboard server at ${location.host}.`, 0);
   }
   noteServerDate(response.headers.get("Date"));
+  if (response.status === 401) {
+    // The login expired, or its token was revoked: back to the login form.
+    location.assign(new URL("login", document.baseURI));
+    throw new ApiError("Logged out.", 401);
+  }
   let body = null;
   try {
     body = await response.json();
@@ -70,6 +75,21 @@ export async function getJSON(path, params = {}, { signal } = {}) {
   }
   if (body === null) throw new ApiError(`The server sent no JSON for ${path}.`, response.status);
   return body;
+}
+
+/** Show who is logged in and the logout button, when the dashboard requires a login. */
+export async function showSession() {
+  let session;
+  try {
+    const response = await fetch(new URL("session", document.baseURI), { headers: { Accept: "application/json" } });
+    if (!response.ok) return;
+    session = await response.json();
+  } catch {
+    return; // the views report an unreachable server themselves
+  }
+  if (!session.auth) return;
+  document.getElementById("user").textContent = session.user ?? "";
+  document.getElementById("logout").hidden = false;
 }
 
 /** Encode one path segment (site and device names may contain anything but "/"). */

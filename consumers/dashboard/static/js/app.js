@@ -1,5 +1,6 @@
 // Entry point: hash routing between the fleet overview and a device view.
 
+import { showSession } from "./api.js";
 import { h } from "./dom.js";
 import { DeviceView } from "./device.js";
 import { FleetView } from "./fleet.js";
@@ -43,3 +44,4 @@ if (typeof window.uPlot === "undefined") {
 }
 window.addEventListener("hashchange", route);
 route();
+showSession();
