@@ -41,7 +41,6 @@ import os
 import re
 import signal
 import socket
-import tempfile
 import threading
 import time
 import tomllib
@@ -81,6 +80,7 @@ from bridge.broker_store import (
 )
 from bridge.mqtt311 import KEEPALIVE_GRACE, Mqtt311Broker
 from bridge.settings import BrokerSettings
+from iotpipe.credentials import PasswordFormat, argon2_hasher, set_password
 from iotpipe.errors import ConfigError
 from iotpipe.topics import check_filter, is_valid_name
 
@@ -263,14 +263,6 @@ def load_acl(path: Path) -> Acl:
 # -- passwords --------------------------------------------------------------------------------
 
 
-def _hasher() -> Any:
-    from pwdlib.hashers.argon2 import Argon2Hasher
-
-    # OWASP's minimum for argon2id (19 MiB, 2 passes): ~25 ms per CONNECT here, and affordable on
-    # a Raspberry Pi, where amqtt's default 64 MiB x 3 would be slow and memory-hungry.
-    return Argon2Hasher(time_cost=2, memory_cost=19456, parallelism=1)
-
-
 def parse_password_file(text: str) -> dict[str, str]:
     """Parse ``user:hash`` lines (``#`` comments and blank lines ignored).
 
@@ -307,7 +299,7 @@ class PasswordFile:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
-        self._hasher = _hasher()
+        self._hasher = argon2_hasher()
         # Unknown users still cost one verification, so response time does not reveal them.
         self._decoy = self._hasher.hash(os.urandom(16).hex())
         try:
@@ -352,9 +344,7 @@ class PasswordFile:
 
 
 def add_user(path: Path, username: str, password: str) -> bool:
-    """Add a user to a password file, or replace their password; create the file if needed.
-
-    The file is rewritten atomically with mode 0600; other lines and comments are kept.
+    """Add a user to an amqtt-format password file, or replace their password (0600, atomic).
 
     Returns:
         True if the user was new, False if an existing password was replaced.
@@ -362,40 +352,7 @@ def add_user(path: Path, username: str, password: str) -> bool:
     Raises:
         ConfigError: the username or password is unusable, or the file cannot be written.
     """
-    if not username or ":" in username or any(c.isspace() for c in username):
-        raise ConfigError(
-            "--add-user", username, "a username must be non-empty, without ':' or spaces"
-        )
-    if not password:
-        raise ConfigError("password", "", "must not be empty")
-    line = f"{username}:{_hasher().hash(password)}"
-    try:
-        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    except OSError as err:
-        raise ConfigError(
-            "--password-file", str(path), f"cannot read it ({err.strerror})"
-        ) from None
-    lines: list[str] = []
-    new = True
-    for existing in old:
-        if existing.strip().partition(":")[0] == username and not existing.lstrip().startswith("#"):
-            lines.append(line)
-            new = False
-        else:
-            lines.append(existing)
-    if new:
-        lines.append(line)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise ConfigError(
-            "--password-file", str(path), f"cannot write it ({err.strerror})"
-        ) from None
-    return new
+    return set_password(path, username, password, PasswordFormat.AMQTT)
 
 
 # -- amqtt plugins ----------------------------------------------------------------------------

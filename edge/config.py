@@ -23,7 +23,14 @@ from iotpipe.errors import ConfigError
 from iotpipe.schema import Schema, replace, setting
 from iotpipe.topics import is_valid_name
 
-__all__ = ["AGENT", "EdgeSettings", "default_device", "default_state_dir", "mqtt_settings"]
+__all__ = [
+    "AGENT",
+    "EdgeSettings",
+    "default_device",
+    "default_state_dir",
+    "device_identity",
+    "mqtt_settings",
+]
 
 #: The ``agent`` field of our status messages.
 AGENT = f"iotpipe-edge/{__version__}"
@@ -39,6 +46,11 @@ def default_device() -> str:
     """The host name, made a valid device name (other characters become ``-``, 64 at most)."""
     name = _BAD_NAME_CHARS.sub("-", socket.gethostname().split(".")[0]).strip("-")[:64]
     return name or "device"
+
+
+def device_identity(edge: EdgeSettings) -> str:
+    """The MQTT user name of a device: ``{site}/{device}`` (docs/edge-flash.md)."""
+    return f"{edge.site}/{edge.device_name}"
 
 
 def default_state_dir() -> Path:
@@ -149,10 +161,13 @@ def mqtt_settings(
     """Complete ``[mqtt]`` for the agent: a fixed client id, and the password from a file.
 
     The password comes from the URL, else ``edge.mqtt_password_file``, else
-    ``$CREDENTIALS_DIRECTORY/mqtt-password`` (systemd ``LoadCredential=``) if it exists.
+    ``$CREDENTIALS_DIRECTORY/mqtt-password`` (systemd ``LoadCredential=``) if it exists. With a
+    password from a file and no user name in the URL, the agent logs in as its identity
+    ``{site}/{device}``: the user name ``iotpipe edge flash`` registers and the brokers' device
+    ACLs expect.
 
     Raises:
-        ConfigError: the password file cannot be read, or the URL has no user name for it.
+        ConfigError: the password file cannot be read.
     """
     env = os.environ if environ is None else environ
     update: dict[str, Any] = {}
@@ -173,9 +188,7 @@ def mqtt_settings(
             # An empty file means "no password": `iotpipe edge flash` always writes the
             # credential, because the systemd unit's LoadCredential= needs the file to exist.
             return replace(mqtt, **update) if update else mqtt
-        if not url.username:
-            raise ConfigError("mqtt.url", url.redacted(), "needs a user name for the password")
-        user = quote(url.username, safe="")
+        user = quote(url.username or device_identity(edge), safe="")
         update["url"] = (
             f"{url.scheme}://{user}:{quote(password, safe='')}@{url.host}:{url.port}{url.path}"
         )

@@ -133,6 +133,11 @@ class EdgeConfig:
     device: str | None  # None: the agent uses the host name
     mqtt: str  # the broker URL without its password
     mqtt_password: str | None = field(repr=False)
+    mqtt_user: str | None = None  # the user name in the URL
+
+    def identity(self, hostname: str) -> str:
+        """The device's MQTT identity ``{site}/{device}`` (device: the host name if unset)."""
+        return f"{self.site}/{self.device or hostname}"
 
 
 def load_edge_config(path: Path) -> EdgeConfig:
@@ -154,6 +159,7 @@ def load_edge_config(path: Path) -> EdgeConfig:
         device=edge.device or None,
         mqtt=broker.redacted(),
         mqtt_password=broker.password.get_secret_value() if broker.password else None,
+        mqtt_user=broker.username,
     )
 
 
@@ -216,6 +222,8 @@ class Provisioning:
     bundle: Path
     wifi: Wifi | None = None
     mqtt_password: str | None = field(default=None, repr=False)
+    #: The user name the agent logs in with (the URL's, else its identity {site}/{device}).
+    mqtt_user: str | None = None
 
     def __post_init__(self) -> None:
         if not _HOSTNAME_RE.fullmatch(self.hostname):
@@ -540,6 +548,7 @@ def provision(
         "site": p.config.site,
         "device": p.config.device,
         "mqtt": p.config.mqtt,
+        "mqtt_user": p.mqtt_user,
         "wifi_ssid": p.wifi.ssid if p.wifi else None,
         "config_txt": list(CONFIG_TXT_LINES),
         "cmdline_txt": CMDLINE_HOOK if style is Style.FIRSTRUN else None,

@@ -78,6 +78,10 @@ COMMANDS = {
         "iotpipe.status:status",
         "Show each pipeline component's health (/healthz) and main counters.",
     ),
+    "device": LazyCommand(
+        "iotpipe.device_cli:app",
+        "Device logins: give a device its own MQTT password, revoke it, list who may log in.",
+    ),
     "edge": LazyCommand(
         "edge.cli:app",
         "The Raspberry Pi edge agent: run it, check the wiring, build an offline bundle, and "
