@@ -82,6 +82,10 @@ COMMANDS = {
         "iotpipe.device_cli:app",
         "Device logins: give a device its own MQTT password, revoke it, list who may log in.",
     ),
+    "ca": LazyCommand(
+        "iotpipe.ca_cli:app",
+        "A local certificate authority: client certificates for devices, server ones for brokers.",
+    ),
     "edge": LazyCommand(
         "edge.cli:app",
         "The Raspberry Pi edge agent: run it, check the wiring, build an offline bundle, and "
