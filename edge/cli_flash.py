@@ -159,6 +159,17 @@ MosquittoPasswordFile = Annotated[
         dir_okay=False,
     ),
 ]
+ClientCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--client-cert",
+        metavar="CA_DIR",
+        help="Also give the device a client certificate (CN = {site}/{device}) issued by this "
+        "CA (`iotpipe ca init`), with the CA's certificate; used over mqtts://.",
+        show_default=False,
+        file_okay=False,
+    ),
+]
 StyleOption = Annotated[
     StyleChoice,
     typer.Option(
@@ -270,6 +281,7 @@ def _provisioning(
     hostname: str | None,
     wifi: Wifi | None,
     mqtt_password_file: Path | None,
+    client_ca: Path | None = None,
 ) -> tuple[Provisioning, MqttLogin]:
     """What to write to the card, and the MQTT login on it."""
     edge = load_edge_config(config)
@@ -280,6 +292,13 @@ def _provisioning(
             )
         hostname = hostname_for(edge.device)
     login = _mqtt_login(edge, hostname, mqtt_password_file)
+    tls: dict[str, bytes] = {}
+    if client_ca is not None:
+        from iotpipe.ca import issue_client
+
+        issued = issue_client(client_ca, edge.identity(hostname))
+        tls = {"client_cert": issued.cert_pem, "client_key": issued.key_pem}
+        tls["ca_cert"] = issued.ca_pem
     settings = Provisioning(
         hostname=hostname,
         user=user,
@@ -289,14 +308,21 @@ def _provisioning(
         wifi=wifi,
         mqtt_password=login.password,
         mqtt_user=login.user,
+        **tls,
     )
     return settings, login
 
 
-def _register(login: MqttLogin, brokers: BrokerFiles) -> None:
+def _register(settings: Provisioning, login: MqttLogin, brokers: BrokerFiles) -> None:
     """Write the device's login into the brokers' password files; say where (never the secret)."""
     made = "a fresh password" if login.fresh else "the given password"
     typer.echo(f"  mqtt login {login.user}: {made}, on the card as iotpipe/mqtt-password")
+    if settings.client_cert:
+        typer.echo(
+            f"  client certificate CN={settings.config.identity(settings.hostname)}: on the card "
+            "as iotpipe/mqtt-client.crt, .key and mqtt-ca.crt"
+            + ("" if settings.config.mqtt.startswith("mqtts://") else " (used over mqtts:// only)")
+        )
     written = brokers.register(login.user, login.password)
     for line in written:
         typer.echo(f"  registered in {line}")
@@ -404,6 +430,7 @@ def flash(
     mqtt_password_file: MqttPasswordFile = None,
     broker_password_file: BrokerPasswordFile = None,
     mosquitto_password_file: MosquittoPasswordFile = None,
+    client_cert: ClientCert = None,
     style: StyleOption = StyleChoice.AUTO,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
@@ -438,6 +465,7 @@ def flash(
             hostname=hostname,
             wifi=wifi,
             mqtt_password_file=mqtt_password_file,
+            client_ca=client_cert,
         )
         # Check the input before spending minutes on a copy.
         if not image.name.endswith(".xz"):
@@ -453,7 +481,7 @@ def flash(
             out.unlink(missing_ok=True)
             raise
     _report(manifest, str(out))
-    _register(login, BrokerFiles(broker_password_file, mosquitto_password_file))
+    _register(settings, login, BrokerFiles(broker_password_file, mosquitto_password_file))
 
 
 def seed(
@@ -479,6 +507,7 @@ def seed(
     mqtt_password_file: MqttPasswordFile = None,
     broker_password_file: BrokerPasswordFile = None,
     mosquitto_password_file: MosquittoPasswordFile = None,
+    client_cert: ClientCert = None,
     style: StyleOption = StyleChoice.AUTO,
 ) -> None:
     """Provision a freshly written card in place: the same files as flash, on its mounted boot partition.
@@ -501,12 +530,13 @@ def seed(
             hostname=hostname,
             wifi=wifi,
             mqtt_password_file=mqtt_password_file,
+            client_ca=client_cert,
         )
         files = BootDirectory(boot)
         chosen, reason = _style(files, style, str(boot))
         manifest = provision(files, settings, chosen, detection=reason)
     _report(manifest, str(boot))
-    _register(login, BrokerFiles(broker_password_file, mosquitto_password_file))
+    _register(settings, login, BrokerFiles(broker_password_file, mosquitto_password_file))
     typer.echo("  unmount the card before removing it (sync)")
 
 

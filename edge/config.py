@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from edge.sensors import SensorConfig
 from iotpipe import __version__
-from iotpipe.connection import MqttSettings
+from iotpipe.connection import MqttSettings, TlsSettings
 from iotpipe.errors import ConfigError
 from iotpipe.schema import Schema, replace, setting
 from iotpipe.topics import is_valid_name
@@ -38,6 +38,13 @@ AGENT = f"iotpipe-edge/{__version__}"
 #: systemd's ``LoadCredential=mqtt-password:...`` puts the secret in this file of
 #: ``$CREDENTIALS_DIRECTORY``.
 CREDENTIAL_NAME = "mqtt-password"
+#: The client certificate ``iotpipe edge flash --client-cert`` puts on a card, as credentials
+#: (``[mqtt.tls]`` field -> credential name); an empty file means none.
+TLS_CREDENTIALS = {
+    "cert_file": "mqtt-client.crt",
+    "key_file": "mqtt-client.key",
+    "ca_file": "mqtt-ca.crt",
+}
 
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -161,7 +168,9 @@ def mqtt_settings(
     """Complete ``[mqtt]`` for the agent: a fixed client id, and the password from a file.
 
     The password comes from the URL, else ``edge.mqtt_password_file``, else
-    ``$CREDENTIALS_DIRECTORY/mqtt-password`` (systemd ``LoadCredential=``) if it exists. With a
+    ``$CREDENTIALS_DIRECTORY/mqtt-password`` (systemd ``LoadCredential=``) if it exists.
+    ``[mqtt.tls]`` files not set come from the credentials ``mqtt-client.crt``,
+    ``mqtt-client.key``, ``mqtt-ca.crt`` when they are not empty. With a
     password from a file and no user name in the URL, the agent logs in as its identity
     ``{site}/{device}``: the user name ``iotpipe edge flash`` registers and the brokers' device
     ACLs expect.
@@ -173,6 +182,9 @@ def mqtt_settings(
     update: dict[str, Any] = {}
     if not mqtt.client_id:
         update["client_id"] = f"iotpipe-edge-{edge.site}-{edge.device_name}"[:64]
+    tls = _tls_from_credentials(mqtt, env.get("CREDENTIALS_DIRECTORY"))
+    if tls is not None:
+        update["tls"] = tls
     url = mqtt.broker
     field, path = "edge.mqtt_password_file", edge.mqtt_password_file
     if path is None and env.get("CREDENTIALS_DIRECTORY"):
@@ -193,3 +205,15 @@ def mqtt_settings(
             f"{url.scheme}://{user}:{quote(password, safe='')}@{url.host}:{url.port}{url.path}"
         )
     return replace(mqtt, **update) if update else mqtt
+
+
+def _tls_from_credentials(mqtt: MqttSettings, directory: str | None) -> TlsSettings | None:
+    """``[mqtt.tls]`` with the files it leaves unset taken from non-empty credentials, or None."""
+    if not directory:
+        return None
+    found: dict[str, Path] = {}
+    for name, credential in TLS_CREDENTIALS.items():
+        path = Path(directory) / credential
+        if getattr(mqtt.tls, name) is None and path.is_file() and path.stat().st_size > 0:
+            found[name] = path
+    return replace(mqtt.tls, **found) if found else None

@@ -22,11 +22,12 @@ from edge.cli_flash import flash, inspect, seed
 from edge.config import EdgeSettings, mqtt_settings
 from edge.image import FatImage, read_partitions, sha256_range
 from edge.provision import CMDLINE_HOOK, MANIFEST
+from iotpipe.ca import init_ca, issue_client, issue_server
 from iotpipe.credentials import list_users, set_password
 from iotpipe.errors import ConnectError, IotpipeError
 from iotpipe.mqtt import Message, MqttClient, pump_until
-from iotpipe.settings import MqttSettings
-from tests.conftest import MosquittoProcess, free_port
+from iotpipe.settings import MqttSettings, TlsSettings
+from tests.conftest import MosquittoProcess, free_port, wait_port
 from tests.edge.test_image import (
     BOOKWORM_FILES,
     BOOT_START,
@@ -196,9 +197,13 @@ def test_flash_trixie_writes_cloud_init_and_nothing_else(
     assert actions["iotpipe/install.sh"] == "added"
     assert manifest["secrets_removed_after_install"] == [
         "iotpipe/edge.toml",
+        "iotpipe/mqtt-ca.crt",
+        "iotpipe/mqtt-client.crt",
+        "iotpipe/mqtt-client.key",
         "iotpipe/mqtt-password",
         "network-config",
     ]
+    assert after["iotpipe/mqtt-client.key"] == b""  # no --client-cert: empty, as the unit needs it
 
 
 def test_flash_bookworm_writes_firstrun_and_the_hook(
@@ -557,3 +562,76 @@ def test_a_fresh_password_needs_the_device_identity_as_user(
     assert "mqtt login shared: the given password" in output
     assert (boot / "iotpipe" / "mqtt-password").read_text() == "given-secret"
     assert PasswordFile(passwd).verify("shared", "given-secret")
+
+
+@pytest.mark.mqtt
+@pytest.mark.mosquitto
+def test_a_client_certificate_on_the_card_logs_the_device_in_by_its_identity(
+    inputs: dict[str, Path], tmp_path: Path, unique: str
+) -> None:
+    """--client-cert puts a certificate for {site}/{device} on the card (key a secret); the agent
+    takes it from its credentials, and Mosquitto (use_identity_as_username) lets it publish under
+    its own topics over TLS."""
+    ca = tmp_path / "ca"
+    init_ca(ca)
+    boot = tmp_path / "bootfs"
+    boot.mkdir()
+    for name in ("config.txt", "cmdline.txt", "issue.txt"):
+        (boot / name).write_text(BOOKWORM_FILES[name])
+    inputs["config"].write_text(
+        f'[edge]\nsite = "{unique}"\ndevice = "pi-1"\n\n[mqtt]\nurl = "mqtts://gw.local:8883"\n'
+    )
+    output = run(
+        "seed", "--boot", boot, "--config", inputs["config"], "--ssh-key", inputs["key"],
+        "--bundle", inputs["bundle"], "--client-cert", ca,
+    )  # fmt: skip
+    assert f"client certificate CN={unique}/pi-1: on the card" in output
+    card = boot / "iotpipe"
+    assert "PRIVATE KEY" in (card / "mqtt-client.key").read_text()
+    assert (card / "mqtt-client.key").read_text() not in output
+    assert (card / "mqtt-ca.crt").read_bytes() == (ca / "ca.crt").read_bytes()
+    manifest = json.loads((card / "MANIFEST.json").read_text())
+    secret = {f["path"] for f in manifest["files"] if f.get("secret")}
+    assert {"iotpipe/mqtt-client.key", "iotpipe/mqtt-password"} <= secret
+    assert "mqtt-client.key" in (card / "firstboot.sh").read_text()  # moved root-only
+
+    server = issue_server(ca, ["127.0.0.1"])
+    server_cert, server_key = server.write(tmp_path / "server")
+    bridge_cert, bridge_key = issue_client(ca, "bridge").write(tmp_path / "bridge")
+    tls_port = free_port()
+    mosquitto = MosquittoProcess(
+        tmp_path / "mosquitto", free_port(),
+        f"acl_file {REPO / 'configs' / 'mosquitto' / 'acl'}\n"
+        f"listener {tls_port} 127.0.0.1\ncafile {ca / 'ca.crt'}\n"
+        f"certfile {server_cert}\nkeyfile {server_key}\n"
+        "require_certificate true\nuse_identity_as_username true\n",
+    )  # fmt: skip
+    mosquitto.start()
+    try:
+        wait_port(tls_port)
+        got: list[Message] = []
+        bridge = MqttClient(
+            MqttSettings(
+                url=f"mqtts://127.0.0.1:{tls_port}",
+                tls=TlsSettings(ca_file=ca / "ca.crt", cert_file=bridge_cert, key_file=bridge_key),
+            ),
+            on_message=got.append,
+        )
+        bridge.connect()
+        bridge.subscribe([(f"iotpipe/v1/{unique}/#", 1)])
+        agent = mqtt_settings(
+            MqttSettings(url=f"mqtts://127.0.0.1:{tls_port}"),
+            EdgeSettings(site=unique, device="pi-1"),
+            environ={"CREDENTIALS_DIRECTORY": str(card)},
+        )
+        assert agent.tls.key_file == card / "mqtt-client.key"
+        device = MqttClient(agent)
+        device.connect()
+        device.publish(f"iotpipe/v1/{unique}/pi-1/telemetry", b"own")  # needs user {unique}/pi-1
+        assert device.flush(timeout=10)
+        assert pump_until(bridge, lambda: len(got) >= 1, timeout=10)
+        assert [m.topic for m in got] == [f"iotpipe/v1/{unique}/pi-1/telemetry"]
+        device.disconnect()
+        bridge.disconnect()
+    finally:
+        mosquitto.stop()
