@@ -10,6 +10,8 @@ nothing but ``pip install iotpipe``. What this module adds to plain amqtt:
   :class:`IotpipeAuthPlugin` admits such clients without marking them anonymous.
 * **Password file** in amqtt's ``FileAuthPlugin`` format (``user:$argon2id$...``), verified off the
   event loop and re-read when it changes; :func:`add_user` writes it (``iotpipe broker --add-user``).
+  A connected user whose line is deleted or changed (``iotpipe device revoke``, a rotation) is
+  disconnected within :data:`REVOKE_CHECK_INTERVAL`.
 * **Per-device ACL** (:class:`Acl`, a commented TOML file): a device authenticates as
   ``{site}/{device}`` and may publish only under ``iotpipe/v1/{site}/{device}/``; named service
   users get their own rules. The same convention as Mosquitto's ``pattern write iotpipe/v1/%u/#``.
@@ -44,7 +46,7 @@ import socket
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -319,6 +321,11 @@ class PasswordFile:
 
     def __len__(self) -> int:
         return len(self._users)
+
+    @property
+    def users(self) -> Mapping[str, str]:
+        """Username -> hash as last loaded (a new mapping object after every change)."""
+        return self._users
 
     def _load(self) -> None:
         stat = self.path.stat()
@@ -828,6 +835,46 @@ async def _end_connections(broker: Broker, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+#: How often the password file is checked for revoked logins to disconnect (a stat call).
+REVOKE_CHECK_INTERVAL = 1.0
+
+
+def _auth_plugin(broker: Broker) -> IotpipeAuthPlugin | None:
+    return next(
+        (p for p in broker.plugins_manager.plugins if isinstance(p, IotpipeAuthPlugin)), None
+    )
+
+
+async def _end_revoked_logins(broker: Broker, passwords: PasswordFile) -> None:
+    """Disconnect a connected client whose password line was deleted or changed.
+
+    A new CONNECT is checked against the file anyway; this ends the connections opened before
+    ``iotpipe device revoke`` (or a rotation), as Mosquitto does on its reload. The connection
+    ends as if the client had dropped it (its will is published).
+    """
+    known = passwords.users
+    while True:
+        await asyncio.sleep(REVOKE_CHECK_INTERVAL)
+        passwords.refresh()
+        current = passwords.users
+        if current is known:
+            continue
+        withdrawn = {user for user, hashed in known.items() if current.get(user) != hashed}
+        known = current
+        for session, handler in list(broker.sessions.values()):
+            if (
+                session.username in withdrawn
+                and session.transitions.state == "connected"
+                and handler.reader is not None
+            ):
+                log.warning(
+                    "broker disconnected client_id=%s username=%s reason=credentials-withdrawn",
+                    session.client_id,
+                    session.username,
+                )
+                handler.reader.feed_eof()
+
+
 # -- state across restarts -------------------------------------------------------------------
 
 
@@ -1160,6 +1207,7 @@ class EmbeddedBroker:
     _broker: _HardenedBroker | None = field(default=None, init=False, repr=False)
     _store: BrokerStore | None = field(default=None, init=False, repr=False)
     _autosave: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _revoker: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     _quiet: logging.Filter = field(default_factory=_QuietAmqttErrors, init=False, repr=False)
 
     async def start(self) -> None:
@@ -1207,6 +1255,11 @@ class EmbeddedBroker:
                 self._autosave_loop(broker, store), name="iotpipe-broker-autosave"
             )
             self._log_restored(broker, state)
+        auth = _auth_plugin(broker)
+        if auth is not None and auth.passwords is not None:
+            self._revoker = asyncio.create_task(
+                _end_revoked_logins(broker, auth.passwords), name="iotpipe-broker-revoker"
+            )
         log.info("broker started url=%s", self.settings.url)
 
     async def stop(self) -> None:
@@ -1217,12 +1270,14 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         store, self._store = self._store, None
         autosave, self._autosave = self._autosave, None
+        revoker, self._revoker = self._revoker, None
         if broker is not None:
             stats = self._stats(broker)
-            if autosave is not None:
-                autosave.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await autosave
+            for task in (autosave, revoker):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await _end_connections(broker)
             if store is not None:
                 # Before amqtt's shutdown, which forgets every session and retained message.

@@ -187,9 +187,9 @@ def revoke(
 ) -> None:
     """Revoke a device: delete its login from the brokers' password files.
 
-    The embedded broker refuses its next connect at once (a connection already open lasts
-    until it ends: restart the broker to end it now); Mosquitto refuses it after a reload, which
-    also disconnects it. Exit 2 if the device is in none of the files.
+    The embedded broker refuses its next connect at once and ends its open connection within
+    a second; Mosquitto does both on its reload (--reload-pid). Exit 2 if the device is in none
+    of the files.
     """
     files = _files(broker_password_file, mosquitto_password_file)
     _signal(reload_pid, 0)  # a wrong pid fails before any file changes

@@ -42,9 +42,21 @@ def secret(path: Path) -> str:
     return path.read_text().strip()
 
 
+def dropped(client: MqttClient) -> bool:
+    """Whether the broker has closed ``client``'s connection (pumps it once)."""
+    try:
+        client.pump(0.05)
+    except ConnectError:
+        return True
+    return False
+
+
 @pytest.mark.mqtt
-def test_revoked_device_is_refused_by_the_embedded_broker(tmp_path: Path, unique: str) -> None:
-    """A device added logs in; after a rotation its old password fails; after revoke it is refused."""
+def test_revoked_device_is_dropped_and_refused_by_the_embedded_broker(
+    tmp_path: Path, unique: str
+) -> None:
+    """A rotation ends the connection made with the old password and refuses that password; a
+    revoke ends the device's connection and refuses its next connect; other devices stay."""
     passwd = tmp_path / "broker.passwd"
     for device in ("pi-1", "pi-2"):
         out = iotpipe(
@@ -63,27 +75,23 @@ def test_revoked_device_is_refused_by_the_embedded_broker(tmp_path: Path, unique
     ).start()
     port = broker.settings.port
     try:
-        login(port, f"{unique}/pi-1", secret(tmp_path / "pi-1"), f"a-{unique}").disconnect()
-
         old = secret(tmp_path / "pi-1")
-        iotpipe(
-            "device",
-            "add",
-            f"{unique}/pi-1",
-            "-o",
-            tmp_path / "pi-1",
-            "--broker-password-file",
-            passwd,
-        )
+        before = login(port, f"{unique}/pi-1", old, f"a-{unique}")
+        other = login(port, f"{unique}/pi-2", secret(tmp_path / "pi-2"), f"o-{unique}")
+        iotpipe("device", "add", f"{unique}/pi-1", "-o", tmp_path / "pi-1", "--broker-password-file", passwd)  # fmt: skip
         assert secret(tmp_path / "pi-1") != old
+        wait_for(lambda: dropped(before), timeout=10, what="the old password's connection to end")
         with pytest.raises(ConnectError, match="Not authorized"):
             login(port, f"{unique}/pi-1", old, f"b-{unique}")
-        login(port, f"{unique}/pi-1", secret(tmp_path / "pi-1"), f"c-{unique}").disconnect()
+        device = login(port, f"{unique}/pi-1", secret(tmp_path / "pi-1"), f"c-{unique}")
 
         out = iotpipe("device", "revoke", f"{unique}/pi-1", "--broker-password-file", passwd)
         assert f"{unique}/pi-1: removed from {passwd}" in out
+        wait_for(lambda: dropped(device), timeout=10, what="the revoked device's connection to end")
         with pytest.raises(ConnectError, match="Not authorized"):
             login(port, f"{unique}/pi-1", secret(tmp_path / "pi-1"), f"d-{unique}")
+        assert not dropped(other)  # the rest of the fleet stays connected
+        other.disconnect()
         login(port, f"{unique}/pi-2", secret(tmp_path / "pi-2"), f"e-{unique}").disconnect()
         listed = iotpipe("device", "list", "--broker-password-file", passwd)
         assert f"{unique}/pi-2" in listed
@@ -123,14 +131,7 @@ def test_revoked_device_is_dropped_and_refused_by_mosquitto(tmp_path: Path, uniq
         )  # fmt: skip
         assert f"sent SIGHUP to process {mosquitto.proc.pid}" in out
 
-        def dropped() -> bool:
-            try:
-                device.pump(0.05)
-            except ConnectError:
-                return True
-            return False
-
-        wait_for(dropped, timeout=10, what="Mosquitto to drop the revoked device")
+        wait_for(lambda: dropped(device), timeout=10, what="Mosquitto to drop the revoked device")
         with pytest.raises(ConnectError, match="Not authorized"):
             login(port, f"{unique}/pi-1", secret(tmp_path / "pi-1"), f"c-{unique}")
         assert not pump_until(other, lambda: not other.connected, timeout=0.5)
