@@ -10,6 +10,8 @@ nothing but ``pip install iotpipe``. What this module adds to plain amqtt:
   :class:`IotpipeAuthPlugin` admits such clients without marking them anonymous.
 * **Password file** in amqtt's ``FileAuthPlugin`` format (``user:$argon2id$...``), verified off the
   event loop and re-read when it changes; :func:`add_user` writes it (``iotpipe broker --add-user``).
+  A connected user whose line is deleted or changed (``iotpipe device revoke``, a rotation) is
+  disconnected within :data:`REVOKE_CHECK_INTERVAL`.
 * **Per-device ACL** (:class:`Acl`, a commented TOML file): a device authenticates as
   ``{site}/{device}`` and may publish only under ``iotpipe/v1/{site}/{device}/``; named service
   users get their own rules. The same convention as Mosquitto's ``pattern write iotpipe/v1/%u/#``.
@@ -41,11 +43,10 @@ import os
 import re
 import signal
 import socket
-import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,7 @@ from bridge.broker_store import (
 )
 from bridge.mqtt311 import KEEPALIVE_GRACE, Mqtt311Broker
 from bridge.settings import BrokerSettings
+from iotpipe.credentials import PasswordFormat, argon2_hasher, set_password
 from iotpipe.errors import ConfigError
 from iotpipe.topics import check_filter, is_valid_name
 
@@ -263,14 +265,6 @@ def load_acl(path: Path) -> Acl:
 # -- passwords --------------------------------------------------------------------------------
 
 
-def _hasher() -> Any:
-    from pwdlib.hashers.argon2 import Argon2Hasher
-
-    # OWASP's minimum for argon2id (19 MiB, 2 passes): ~25 ms per CONNECT here, and affordable on
-    # a Raspberry Pi, where amqtt's default 64 MiB x 3 would be slow and memory-hungry.
-    return Argon2Hasher(time_cost=2, memory_cost=19456, parallelism=1)
-
-
 def parse_password_file(text: str) -> dict[str, str]:
     """Parse ``user:hash`` lines (``#`` comments and blank lines ignored).
 
@@ -307,7 +301,7 @@ class PasswordFile:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
-        self._hasher = _hasher()
+        self._hasher = argon2_hasher()
         # Unknown users still cost one verification, so response time does not reveal them.
         self._decoy = self._hasher.hash(os.urandom(16).hex())
         try:
@@ -327,6 +321,11 @@ class PasswordFile:
 
     def __len__(self) -> int:
         return len(self._users)
+
+    @property
+    def users(self) -> Mapping[str, str]:
+        """Username -> hash as last loaded (a new mapping object after every change)."""
+        return self._users
 
     def _load(self) -> None:
         stat = self.path.stat()
@@ -352,9 +351,7 @@ class PasswordFile:
 
 
 def add_user(path: Path, username: str, password: str) -> bool:
-    """Add a user to a password file, or replace their password; create the file if needed.
-
-    The file is rewritten atomically with mode 0600; other lines and comments are kept.
+    """Add a user to an amqtt-format password file, or replace their password (0600, atomic).
 
     Returns:
         True if the user was new, False if an existing password was replaced.
@@ -362,40 +359,7 @@ def add_user(path: Path, username: str, password: str) -> bool:
     Raises:
         ConfigError: the username or password is unusable, or the file cannot be written.
     """
-    if not username or ":" in username or any(c.isspace() for c in username):
-        raise ConfigError(
-            "--add-user", username, "a username must be non-empty, without ':' or spaces"
-        )
-    if not password:
-        raise ConfigError("password", "", "must not be empty")
-    line = f"{username}:{_hasher().hash(password)}"
-    try:
-        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    except OSError as err:
-        raise ConfigError(
-            "--password-file", str(path), f"cannot read it ({err.strerror})"
-        ) from None
-    lines: list[str] = []
-    new = True
-    for existing in old:
-        if existing.strip().partition(":")[0] == username and not existing.lstrip().startswith("#"):
-            lines.append(line)
-            new = False
-        else:
-            lines.append(existing)
-    if new:
-        lines.append(line)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise ConfigError(
-            "--password-file", str(path), f"cannot write it ({err.strerror})"
-        ) from None
-    return new
+    return set_password(path, username, password, PasswordFormat.AMQTT)
 
 
 # -- amqtt plugins ----------------------------------------------------------------------------
@@ -871,6 +835,46 @@ async def _end_connections(broker: Broker, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+#: How often the password file is checked for revoked logins to disconnect (a stat call).
+REVOKE_CHECK_INTERVAL = 1.0
+
+
+def _auth_plugin(broker: Broker) -> IotpipeAuthPlugin | None:
+    return next(
+        (p for p in broker.plugins_manager.plugins if isinstance(p, IotpipeAuthPlugin)), None
+    )
+
+
+async def _end_revoked_logins(broker: Broker, passwords: PasswordFile) -> None:
+    """Disconnect a connected client whose password line was deleted or changed.
+
+    A new CONNECT is checked against the file anyway; this ends the connections opened before
+    ``iotpipe device revoke`` (or a rotation), as Mosquitto does on its reload. The connection
+    ends as if the client had dropped it (its will is published).
+    """
+    known = passwords.users
+    while True:
+        await asyncio.sleep(REVOKE_CHECK_INTERVAL)
+        passwords.refresh()
+        current = passwords.users
+        if current is known:
+            continue
+        withdrawn = {user for user, hashed in known.items() if current.get(user) != hashed}
+        known = current
+        for session, handler in list(broker.sessions.values()):
+            if (
+                session.username in withdrawn
+                and session.transitions.state == "connected"
+                and handler.reader is not None
+            ):
+                log.warning(
+                    "broker disconnected client_id=%s username=%s reason=credentials-withdrawn",
+                    session.client_id,
+                    session.username,
+                )
+                handler.reader.feed_eof()
+
+
 # -- state across restarts -------------------------------------------------------------------
 
 
@@ -1203,6 +1207,7 @@ class EmbeddedBroker:
     _broker: _HardenedBroker | None = field(default=None, init=False, repr=False)
     _store: BrokerStore | None = field(default=None, init=False, repr=False)
     _autosave: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _revoker: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     _quiet: logging.Filter = field(default_factory=_QuietAmqttErrors, init=False, repr=False)
 
     async def start(self) -> None:
@@ -1250,6 +1255,11 @@ class EmbeddedBroker:
                 self._autosave_loop(broker, store), name="iotpipe-broker-autosave"
             )
             self._log_restored(broker, state)
+        auth = _auth_plugin(broker)
+        if auth is not None and auth.passwords is not None:
+            self._revoker = asyncio.create_task(
+                _end_revoked_logins(broker, auth.passwords), name="iotpipe-broker-revoker"
+            )
         log.info("broker started url=%s", self.settings.url)
 
     async def stop(self) -> None:
@@ -1260,12 +1270,14 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         store, self._store = self._store, None
         autosave, self._autosave = self._autosave, None
+        revoker, self._revoker = self._revoker, None
         if broker is not None:
             stats = self._stats(broker)
-            if autosave is not None:
-                autosave.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await autosave
+            for task in (autosave, revoker):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await _end_connections(broker)
             if store is not None:
                 # Before amqtt's shutdown, which forgets every session and retained message.

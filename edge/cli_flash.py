@@ -14,6 +14,7 @@ import inspect as pyinspect
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +32,7 @@ from edge.image import (
 )
 from edge.provision import (
     MANIFEST,
+    EdgeConfig,
     Provisioning,
     Style,
     Wifi,
@@ -43,6 +45,7 @@ from edge.provision import (
     read_manifest,
     read_ssh_keys,
 )
+from iotpipe.credentials import PasswordFormat, new_password, set_password
 from iotpipe.errors import ConfigError
 
 __all__ = ["StyleChoice", "flash", "inspect", "seed"]
@@ -131,9 +134,40 @@ MqttPasswordFile = Annotated[
     typer.Option(
         "--mqtt-password-file",
         help=f"MQTT password for the LoadCredential= file (or ${MQTT_PASSWORD_ENV}) "
-        "\\[default: the password in \\[mqtt] url, else none]",
+        "\\[default: the password in \\[mqtt] url, else a fresh random one for this device]",
         show_default=False,
         dir_okay=False,
+    ),
+]
+BrokerPasswordFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--broker-password-file",
+        help="Register the device's login in this `iotpipe broker --password-file` (its line "
+        "added or replaced; the running broker picks it up at the next login).",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+MosquittoPasswordFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--mosquitto-password-file",
+        help="Register the device's login in this Mosquitto password_file (mosquitto_passwd "
+        "format; reload Mosquitto after: systemctl reload mosquitto).",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+ClientCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--client-cert",
+        metavar="CA_DIR",
+        help="Also give the device a client certificate (CN = {site}/{device}) issued by this "
+        "CA (`iotpipe ca init`), with the CA's certificate; used over mqtts://.",
+        show_default=False,
+        file_okay=False,
     ),
 ]
 StyleOption = Annotated[
@@ -176,6 +210,67 @@ def _wifi(
     return Wifi.from_passphrase(ssid, password, country)
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerFiles:
+    """The brokers' password files where a flashed device's login is registered."""
+
+    amqtt: Path | None = None
+    mosquitto: Path | None = None
+
+    def register(self, username: str, password: str) -> list[str]:
+        """Add or replace the login in each file; return what to tell the user (no secret)."""
+        done: list[str] = []
+        if self.amqtt is not None:
+            set_password(
+                self.amqtt, username, password, PasswordFormat.AMQTT, field="--broker-password-file"
+            )
+            done.append(f"{self.amqtt} (iotpipe broker: in force at the next login)")
+        if self.mosquitto is not None:
+            set_password(
+                self.mosquitto,
+                username,
+                password,
+                PasswordFormat.MOSQUITTO,
+                field="--mosquitto-password-file",
+            )
+            done.append(f"{self.mosquitto} (Mosquitto: systemctl reload mosquitto, or kill -HUP)")
+        return done
+
+
+@dataclass(frozen=True, slots=True)
+class MqttLogin:
+    """The user name and password a device logs in with; ``fresh``: made for this device."""
+
+    user: str
+    password: str = field(repr=False)
+    fresh: bool
+
+
+def _mqtt_login(edge: EdgeConfig, hostname: str, password_file: Path | None) -> MqttLogin:
+    """The user name and password the device logs in with.
+
+    An explicit password (file, environment, URL) is used as given. Otherwise each device gets a
+    fresh random one, for its identity {site}/{device}: one card's secret then opens no other
+    device's topics, and revoking one device leaves the fleet alone.
+    """
+    identity = edge.identity(hostname)
+    if password_file is not None:
+        explicit: str | None = _secret_file(password_file, "--mqtt-password-file")
+    else:
+        explicit = os.environ.get(MQTT_PASSWORD_ENV) or edge.mqtt_password
+    if explicit:
+        return MqttLogin(edge.mqtt_user or identity, explicit, fresh=False)
+    if edge.mqtt_user and edge.mqtt_user != identity:
+        raise ConfigError(
+            "mqtt.url",
+            edge.mqtt,
+            f"its user is not the device identity {identity!r} that a fresh per-device password "
+            "is made for: leave the user out of the URL (the agent then logs in as "
+            f"{identity}), or pass --mqtt-password-file",
+        )
+    return MqttLogin(identity, new_password(), fresh=True)
+
+
 def _provisioning(
     scratch: Path,
     *,
@@ -186,7 +281,9 @@ def _provisioning(
     hostname: str | None,
     wifi: Wifi | None,
     mqtt_password_file: Path | None,
-) -> Provisioning:
+    client_ca: Path | None = None,
+) -> tuple[Provisioning, MqttLogin]:
+    """What to write to the card, and the MQTT login on it."""
     edge = load_edge_config(config)
     if hostname is None:
         if not edge.device:
@@ -194,19 +291,46 @@ def _provisioning(
                 "--hostname", None, f"required: {config} has no [edge] device to derive it from"
             )
         hostname = hostname_for(edge.device)
-    if mqtt_password_file is not None:
-        mqtt_password: str | None = _secret_file(mqtt_password_file, "--mqtt-password-file")
-    else:
-        mqtt_password = os.environ.get(MQTT_PASSWORD_ENV) or edge.mqtt_password
-    return Provisioning(
+    login = _mqtt_login(edge, hostname, mqtt_password_file)
+    tls: dict[str, bytes] = {}
+    if client_ca is not None:
+        from iotpipe.ca import issue_client
+
+        issued = issue_client(client_ca, edge.identity(hostname))
+        tls = {"client_cert": issued.cert_pem, "client_key": issued.key_pem}
+        tls["ca_cert"] = issued.ca_pem
+    settings = Provisioning(
         hostname=hostname,
         user=user,
         ssh_keys=read_ssh_keys(ssh_key),
         config=edge,
         bundle=bundle_dir(bundle, scratch),
         wifi=wifi,
-        mqtt_password=mqtt_password,
+        mqtt_password=login.password,
+        mqtt_user=login.user,
+        **tls,
     )
+    return settings, login
+
+
+def _register(settings: Provisioning, login: MqttLogin, brokers: BrokerFiles) -> None:
+    """Write the device's login into the brokers' password files; say where (never the secret)."""
+    made = "a fresh password" if login.fresh else "the given password"
+    typer.echo(f"  mqtt login {login.user}: {made}, on the card as iotpipe/mqtt-password")
+    if settings.client_cert:
+        typer.echo(
+            f"  client certificate CN={settings.config.identity(settings.hostname)}: on the card "
+            "as iotpipe/mqtt-client.crt, .key and mqtt-ca.crt"
+            + ("" if settings.config.mqtt.startswith("mqtts://") else " (used over mqtts:// only)")
+        )
+    written = brokers.register(login.user, login.password)
+    for line in written:
+        typer.echo(f"  registered in {line}")
+    if not written and login.fresh:
+        typer.echo(
+            "  warning: registered with no broker (pass --broker-password-file or "
+            "--mosquitto-password-file); the device can log in only to a broker without passwords"
+        )
 
 
 def _style(boot: BootFiles, choice: StyleChoice, where: str) -> tuple[Style, str]:
@@ -304,6 +428,9 @@ def flash(
     wifi_password_file: WifiPasswordFile = None,
     wifi_country: WifiCountry = None,
     mqtt_password_file: MqttPasswordFile = None,
+    broker_password_file: BrokerPasswordFile = None,
+    mosquitto_password_file: MosquittoPasswordFile = None,
+    client_cert: ClientCert = None,
     style: StyleOption = StyleChoice.AUTO,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
@@ -314,8 +441,10 @@ def flash(
     config.txt, and the agent bundle with a first-boot script that installs it and enables
     iotpipe-edge.service. Trixie images get cloud-init files, Bookworm images firstrun.sh.
     Secrets (edge.toml, MQTT password, Wi-Fi PSK) end up root-only in /etc/iotpipe and are
-    deleted from the boot partition after install. Write --out to a card with Raspberry Pi
-    Imager ("Use custom", no OS customisation) or dd.
+    deleted from the boot partition after install. Unless a password is given, the device gets
+    a fresh random one of its own, for its identity {site}/{device}, registered in the broker's
+    password file(s) named (the password is never printed). Write --out to a card with
+    Raspberry Pi Imager ("Use custom", no OS customisation) or dd.
     """
     if not image.is_file():
         raise ConfigError("--image", image, "no such file")
@@ -327,7 +456,7 @@ def flash(
         raise ConfigError("--config", config, "no such file")
     wifi = _wifi(wifi_ssid, wifi_password, wifi_password_file, wifi_country)
     with tempfile.TemporaryDirectory(prefix="iotpipe-flash-") as tmp:
-        settings = _provisioning(
+        settings, login = _provisioning(
             Path(tmp),
             config=config,
             ssh_key=ssh_key,
@@ -336,6 +465,7 @@ def flash(
             hostname=hostname,
             wifi=wifi,
             mqtt_password_file=mqtt_password_file,
+            client_ca=client_cert,
         )
         # Check the input before spending minutes on a copy.
         if not image.name.endswith(".xz"):
@@ -351,6 +481,7 @@ def flash(
             out.unlink(missing_ok=True)
             raise
     _report(manifest, str(out))
+    _register(settings, login, BrokerFiles(broker_password_file, mosquitto_password_file))
 
 
 def seed(
@@ -374,11 +505,15 @@ def seed(
     wifi_password_file: WifiPasswordFile = None,
     wifi_country: WifiCountry = None,
     mqtt_password_file: MqttPasswordFile = None,
+    broker_password_file: BrokerPasswordFile = None,
+    mosquitto_password_file: MosquittoPasswordFile = None,
+    client_cert: ClientCert = None,
     style: StyleOption = StyleChoice.AUTO,
 ) -> None:
     """Provision a freshly written card in place: the same files as flash, on its mounted boot partition.
 
     For when the card was written with Raspberry Pi Imager (without its OS customisation) or dd.
+    Like flash, it gives the device a fresh MQTT password unless one is given.
     """
     if not boot.is_dir():
         raise ConfigError("--boot", boot, "no such directory (mount the card's boot partition)")
@@ -386,7 +521,7 @@ def seed(
         raise ConfigError("--config", config, "no such file")
     wifi = _wifi(wifi_ssid, wifi_password, wifi_password_file, wifi_country)
     with tempfile.TemporaryDirectory(prefix="iotpipe-seed-") as tmp:
-        settings = _provisioning(
+        settings, login = _provisioning(
             Path(tmp),
             config=config,
             ssh_key=ssh_key,
@@ -395,11 +530,13 @@ def seed(
             hostname=hostname,
             wifi=wifi,
             mqtt_password_file=mqtt_password_file,
+            client_ca=client_cert,
         )
         files = BootDirectory(boot)
         chosen, reason = _style(files, style, str(boot))
         manifest = provision(files, settings, chosen, detection=reason)
     _report(manifest, str(boot))
+    _register(settings, login, BrokerFiles(broker_password_file, mosquitto_password_file))
     typer.echo("  unmount the card before removing it (sync)")
 
 
@@ -482,5 +619,26 @@ flash.__doc__ = (
       --config edge.toml --ssh-key ~/.ssh/id_ed25519.pub --bundle dist/edge-bundle \\
       --wifi-ssid Home --wifi-password-file wifi.txt --wifi-country GB --out pi-kitchen.img
   iotpipe edge inspect pi-kitchen.img
+
+  [dim]# a fresh password for home/pi-kitchen, registered with the site's broker(s)[/dim]
+  iotpipe edge flash --image raspios.img.xz --config edge.toml --ssh-key ~/.ssh/id_ed25519.pub \\
+      --bundle dist/edge-bundle --out pi-kitchen.img \\
+      --broker-password-file /etc/iotpipe/broker.passwd \\
+      --mosquitto-password-file /etc/mosquitto/passwd
+  sudo systemctl reload mosquitto
+
+  [dim]# revoke it later: iotpipe device revoke home/pi-kitchen --mosquitto-password-file ...[/dim]
+"""
+)
+
+seed.__doc__ = (
+    pyinspect.cleandoc(seed.__doc__ or "")
+    + """
+
+[bold]Examples[/bold]
+
+  iotpipe edge seed --boot /media/$USER/bootfs --config edge.toml \\
+      --ssh-key ~/.ssh/id_ed25519.pub --bundle dist/edge-bundle \\
+      --broker-password-file /etc/iotpipe/broker.passwd
 """
 )

@@ -18,12 +18,19 @@ from urllib.parse import quote
 
 from edge.sensors import SensorConfig
 from iotpipe import __version__
-from iotpipe.connection import MqttSettings
+from iotpipe.connection import MqttSettings, TlsSettings
 from iotpipe.errors import ConfigError
 from iotpipe.schema import Schema, replace, setting
 from iotpipe.topics import is_valid_name
 
-__all__ = ["AGENT", "EdgeSettings", "default_device", "default_state_dir", "mqtt_settings"]
+__all__ = [
+    "AGENT",
+    "EdgeSettings",
+    "default_device",
+    "default_state_dir",
+    "device_identity",
+    "mqtt_settings",
+]
 
 #: The ``agent`` field of our status messages.
 AGENT = f"iotpipe-edge/{__version__}"
@@ -31,6 +38,13 @@ AGENT = f"iotpipe-edge/{__version__}"
 #: systemd's ``LoadCredential=mqtt-password:...`` puts the secret in this file of
 #: ``$CREDENTIALS_DIRECTORY``.
 CREDENTIAL_NAME = "mqtt-password"
+#: The client certificate ``iotpipe edge flash --client-cert`` puts on a card, as credentials
+#: (``[mqtt.tls]`` field -> credential name); an empty file means none.
+TLS_CREDENTIALS = {
+    "cert_file": "mqtt-client.crt",
+    "key_file": "mqtt-client.key",
+    "ca_file": "mqtt-ca.crt",
+}
 
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -39,6 +53,11 @@ def default_device() -> str:
     """The host name, made a valid device name (other characters become ``-``, 64 at most)."""
     name = _BAD_NAME_CHARS.sub("-", socket.gethostname().split(".")[0]).strip("-")[:64]
     return name or "device"
+
+
+def device_identity(edge: EdgeSettings) -> str:
+    """The MQTT user name of a device: ``{site}/{device}`` (docs/edge-flash.md)."""
+    return f"{edge.site}/{edge.device_name}"
 
 
 def default_state_dir() -> Path:
@@ -150,14 +169,22 @@ def mqtt_settings(
 
     The password comes from the URL, else ``edge.mqtt_password_file``, else
     ``$CREDENTIALS_DIRECTORY/mqtt-password`` (systemd ``LoadCredential=``) if it exists.
+    ``[mqtt.tls]`` files not set come from the credentials ``mqtt-client.crt``,
+    ``mqtt-client.key``, ``mqtt-ca.crt`` when they are not empty. With a
+    password from a file and no user name in the URL, the agent logs in as its identity
+    ``{site}/{device}``: the user name ``iotpipe edge flash`` registers and the brokers' device
+    ACLs expect.
 
     Raises:
-        ConfigError: the password file cannot be read, or the URL has no user name for it.
+        ConfigError: the password file cannot be read.
     """
     env = os.environ if environ is None else environ
     update: dict[str, Any] = {}
     if not mqtt.client_id:
         update["client_id"] = f"iotpipe-edge-{edge.site}-{edge.device_name}"[:64]
+    tls = _tls_from_credentials(mqtt, env.get("CREDENTIALS_DIRECTORY"))
+    if tls is not None:
+        update["tls"] = tls
     url = mqtt.broker
     field, path = "edge.mqtt_password_file", edge.mqtt_password_file
     if path is None and env.get("CREDENTIALS_DIRECTORY"):
@@ -173,10 +200,20 @@ def mqtt_settings(
             # An empty file means "no password": `iotpipe edge flash` always writes the
             # credential, because the systemd unit's LoadCredential= needs the file to exist.
             return replace(mqtt, **update) if update else mqtt
-        if not url.username:
-            raise ConfigError("mqtt.url", url.redacted(), "needs a user name for the password")
-        user = quote(url.username, safe="")
+        user = quote(url.username or device_identity(edge), safe="")
         update["url"] = (
             f"{url.scheme}://{user}:{quote(password, safe='')}@{url.host}:{url.port}{url.path}"
         )
     return replace(mqtt, **update) if update else mqtt
+
+
+def _tls_from_credentials(mqtt: MqttSettings, directory: str | None) -> TlsSettings | None:
+    """``[mqtt.tls]`` with the files it leaves unset taken from non-empty credentials, or None."""
+    if not directory:
+        return None
+    found: dict[str, Path] = {}
+    for name, credential in TLS_CREDENTIALS.items():
+        path = Path(directory) / credential
+        if getattr(mqtt.tls, name) is None and path.is_file() and path.stat().st_size > 0:
+            found[name] = path
+    return replace(mqtt.tls, **found) if found else None

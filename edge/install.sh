@@ -15,7 +15,9 @@
 # readable by anyone with the card) to the root-only files the unit loads:
 #   <boot>/iotpipe/secrets/edge.toml      -> <etc>/edge.toml                   (0600)
 #   <boot>/iotpipe/secrets/mqtt-password  -> <etc>/credentials/mqtt-password   (0600)
-# A different file already there is kept as *.bak.
+#   <boot>/iotpipe/secrets/mqtt-client.crt, mqtt-client.key, mqtt-ca.crt -> <etc>/credentials/
+# A different file already there is kept as *.bak. Client certificate files the unit loads but
+# nobody provided are created empty (no certificate), so an upgraded unit still starts.
 set -eu
 
 VERSION="@VERSION@"
@@ -94,6 +96,10 @@ mkdir -p "$ETC"
 (umask 077 && mkdir -p "$ETC/credentials")
 move_in "$BOOT/iotpipe/secrets/edge.toml" "$ETC/edge.toml"
 move_in "$BOOT/iotpipe/secrets/mqtt-password" "$ETC/credentials/mqtt-password"
+for name in mqtt-client.crt mqtt-client.key mqtt-ca.crt; do
+    move_in "$BOOT/iotpipe/secrets/$name" "$ETC/credentials/$name"
+    if [ ! -f "$ETC/credentials/$name" ]; then (umask 077 && : >"$ETC/credentials/$name"); fi
+done
 
 if [ "$SYSTEMD" = 0 ]; then
     say "installed $VERSION in $PREFIX (no systemd service: --no-systemd)"

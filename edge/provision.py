@@ -56,6 +56,8 @@ __all__ = [
 #: Where Raspberry Pi OS (Bookworm and Trixie) mounts the boot partition.
 BOOT_MOUNT = "/boot/firmware"
 MANIFEST = "iotpipe/MANIFEST.json"
+#: Files moved root-only to /etc/iotpipe/credentials/ at first boot (the unit's LoadCredential=).
+CREDENTIAL_FILES = ("mqtt-password", "mqtt-client.crt", "mqtt-client.key", "mqtt-ca.crt")
 #: Appended to config.txt (each line only if not already active): I2C bus 1 and 1-Wire on GPIO4.
 CONFIG_TXT_LINES = ("dtparam=i2c_arm=on", "dtoverlay=w1-gpio")
 _CONFIG_TXT_HEADER = "# iotpipe: I2C and 1-Wire for the edge agent's sensors"
@@ -133,6 +135,11 @@ class EdgeConfig:
     device: str | None  # None: the agent uses the host name
     mqtt: str  # the broker URL without its password
     mqtt_password: str | None = field(repr=False)
+    mqtt_user: str | None = None  # the user name in the URL
+
+    def identity(self, hostname: str) -> str:
+        """The device's MQTT identity ``{site}/{device}`` (device: the host name if unset)."""
+        return f"{self.site}/{self.device or hostname}"
 
 
 def load_edge_config(path: Path) -> EdgeConfig:
@@ -154,6 +161,7 @@ def load_edge_config(path: Path) -> EdgeConfig:
         device=edge.device or None,
         mqtt=broker.redacted(),
         mqtt_password=broker.password.get_secret_value() if broker.password else None,
+        mqtt_user=broker.username,
     )
 
 
@@ -216,6 +224,12 @@ class Provisioning:
     bundle: Path
     wifi: Wifi | None = None
     mqtt_password: str | None = field(default=None, repr=False)
+    #: The user name the agent logs in with (the URL's, else its identity {site}/{device}).
+    mqtt_user: str | None = None
+    #: A client certificate for the identity, its key and the CA's certificate (PEM; empty: none).
+    client_cert: bytes = b""
+    client_key: bytes = field(default=b"", repr=False)
+    ca_cert: bytes = b""
 
     def __post_init__(self) -> None:
         if not _HOSTNAME_RE.fullmatch(self.hostname):
@@ -411,8 +425,8 @@ exit 0
 def render_firstboot(scrub_files: list[str]) -> str:
     """``iotpipe/firstboot.sh`` (both styles): run the bundle's install.sh, then clean up.
 
-    install.sh moves ``iotpipe/edge.toml`` and ``iotpipe/mqtt-password`` to root-only files in
-    /etc/iotpipe (loaded by the unit with ``LoadCredential=``), installs the unit and starts it.
+    install.sh moves ``iotpipe/edge.toml`` and ``iotpipe/mqtt-password`` (and the client
+    certificate files) to root-only files in /etc/iotpipe (loaded by the unit with ``LoadCredential=``), installs the unit and starts it.
     Whatever happens, the exit trap leaves no secret on the boot partition (FAT: readable by
     anyone holding the card): what install.sh did not move is moved root-only by the trap.
     """
@@ -429,9 +443,11 @@ finish() {{
     if [ -f "$HERE/edge.toml" ]; then
         install -m 0600 -o root -g root "$HERE/edge.toml" /etc/iotpipe/edge.toml
     fi
-    if [ -f "$HERE/mqtt-password" ]; then
-        install -m 0600 -o root -g root "$HERE/mqtt-password" /etc/iotpipe/credentials/mqtt-password
-    fi
+    for name in {" ".join(CREDENTIAL_FILES)}; do
+        if [ -f "$HERE/$name" ]; then
+            install -m 0600 -o root -g root "$HERE/$name" "/etc/iotpipe/credentials/$name"
+        fi
+    done
 {scrub}
     sync
     echo "iotpipe firstboot finished: exit status $status"
@@ -494,10 +510,13 @@ def provision(
     # Where the bundle's install.sh picks them up (and moves them to /etc/iotpipe, 0600).
     writes: dict[str, bytes] = {
         "iotpipe/edge.toml": p.config.raw,
-        # The unit's LoadCredential= needs the file; empty means "no password".
+        # The unit's LoadCredential= needs each file; empty means "no password", "no certificate".
         "iotpipe/mqtt-password": (p.mqtt_password or "").encode(),
+        "iotpipe/mqtt-client.crt": p.client_cert,
+        "iotpipe/mqtt-client.key": p.client_key,
+        "iotpipe/mqtt-ca.crt": p.ca_cert,
     }
-    secret_files = ["iotpipe/edge.toml", "iotpipe/mqtt-password"]
+    secret_files = ["iotpipe/edge.toml", *(f"iotpipe/{name}" for name in CREDENTIAL_FILES)]
     writes.update(_style_files(boot, p, style, secret_files))
     config_txt = boot.read("config.txt")
     if config_txt is None:
@@ -540,6 +559,7 @@ def provision(
         "site": p.config.site,
         "device": p.config.device,
         "mqtt": p.config.mqtt,
+        "mqtt_user": p.mqtt_user,
         "wifi_ssid": p.wifi.ssid if p.wifi else None,
         "config_txt": list(CONFIG_TXT_LINES),
         "cmdline_txt": CMDLINE_HOOK if style is Style.FIRSTRUN else None,

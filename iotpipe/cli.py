@@ -78,6 +78,14 @@ COMMANDS = {
         "iotpipe.status:status",
         "Show each pipeline component's health (/healthz) and main counters.",
     ),
+    "device": LazyCommand(
+        "iotpipe.device_cli:app",
+        "Device logins: give a device its own MQTT password, revoke it, list who may log in.",
+    ),
+    "ca": LazyCommand(
+        "iotpipe.ca_cli:app",
+        "A local certificate authority: client certificates for devices, server ones for brokers.",
+    ),
     "edge": LazyCommand(
         "edge.cli:app",
         "The Raspberry Pi edge agent: run it, check the wiring, build an offline bundle, and "

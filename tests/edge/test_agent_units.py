@@ -124,12 +124,15 @@ def test_the_mqtt_password_comes_from_a_systemd_credential(tmp_path: Path) -> No
     assert url.password is not None
     assert url.password.get_secret_value() == "s3cr:t/"
     assert mqtt.client_id == "iotpipe-edge-home-pi1"
-    with pytest.raises(ConfigError, match="user name"):
-        mqtt_settings(
-            MqttSettings(url="mqtt://broker"),
-            edge,
-            environ={"CREDENTIALS_DIRECTORY": str(tmp_path)},
-        )
+    # No user in the URL: the device logs in as its identity, {site}/{device}.
+    anonymous = mqtt_settings(
+        MqttSettings(url="mqtt://broker"),
+        edge,
+        environ={"CREDENTIALS_DIRECTORY": str(tmp_path)},
+    ).broker
+    assert anonymous.username == "home/pi1"
+    assert anonymous.password is not None
+    assert anonymous.password.get_secret_value() == "s3cr:t/"
 
 
 def test_an_empty_password_credential_means_no_password(tmp_path: Path) -> None:

@@ -251,4 +251,7 @@ def test_install_offline_into_a_prefix(built: Bundle, tmp_path: Path) -> None:
 
     assert (etc / "edge.toml").read_text() == "# provisioned\n"
     assert (etc / "credentials" / "mqtt-password").stat().st_mode & 0o077 == 0
+    for name in ("mqtt-client.crt", "mqtt-client.key", "mqtt-ca.crt"):  # none given: empty
+        assert (etc / "credentials" / name).read_bytes() == b""
+        assert (etc / "credentials" / name).stat().st_mode & 0o077 == 0
     assert not (boot / "iotpipe" / "secrets" / "edge.toml").exists()

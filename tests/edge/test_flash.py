@@ -16,10 +16,18 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from bridge.broker import BrokerThread, PasswordFile
+from bridge.settings import BrokerSettings
 from edge.cli_flash import flash, inspect, seed
+from edge.config import EdgeSettings, mqtt_settings
 from edge.image import FatImage, read_partitions, sha256_range
 from edge.provision import CMDLINE_HOOK, MANIFEST
-from iotpipe.errors import IotpipeError
+from iotpipe.ca import init_ca, issue_client, issue_server
+from iotpipe.credentials import list_users, set_password
+from iotpipe.errors import ConnectError, IotpipeError
+from iotpipe.mqtt import Message, MqttClient, pump_until
+from iotpipe.settings import MqttSettings, TlsSettings
+from tests.conftest import MosquittoProcess, free_port, wait_port
 from tests.edge.test_image import (
     BOOKWORM_FILES,
     BOOT_START,
@@ -31,6 +39,7 @@ from tests.edge.test_image import (
     digest,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBm0aQ1vYgZbJ3GJ7oXq2M6Tt5ZrPj2kD9S8n1r7X0yT me@laptop"
 PASSPHRASE = "correct horse battery"
 MQTT_SECRET = "s3cr3t-mqtt"
@@ -188,9 +197,13 @@ def test_flash_trixie_writes_cloud_init_and_nothing_else(
     assert actions["iotpipe/install.sh"] == "added"
     assert manifest["secrets_removed_after_install"] == [
         "iotpipe/edge.toml",
+        "iotpipe/mqtt-ca.crt",
+        "iotpipe/mqtt-client.crt",
+        "iotpipe/mqtt-client.key",
         "iotpipe/mqtt-password",
         "network-config",
     ]
+    assert after["iotpipe/mqtt-client.key"] == b""  # no --client-cert: empty, as the unit needs it
 
 
 def test_flash_bookworm_writes_firstrun_and_the_hook(
@@ -383,17 +396,242 @@ def test_user_mistakes_are_one_line(
 
 
 def test_a_bundle_with_its_own_unit_keeps_it(inputs: dict[str, Path], tmp_path: Path) -> None:
-    """The bundle's unit is not replaced (its SHA256SUMS must still match); no password: empty."""
+    """The bundle's unit is not replaced (its SHA256SUMS must still match); no password: a fresh one."""
     (inputs["bundle"] / "iotpipe-edge.service").write_text("[Service]\nExecStart=/bin/true\n")
     inputs["config"].write_text('[edge]\nsite = "home"\n\n[mqtt]\nurl = "mqtt://gw:1883"\n')
     boot = tmp_path / "bootfs"
     boot.mkdir()
     for name in ("config.txt", "cmdline.txt", "issue.txt"):
         (boot / name).write_text(BOOKWORM_FILES[name])
-    run(
+    output = run(
         "seed", "--boot", boot, "--config", inputs["config"], "--ssh-key", inputs["key"],
         "--bundle", inputs["bundle"], "--hostname", "pi-shed",
     )  # fmt: skip
     assert (boot / "iotpipe" / "iotpipe-edge.service").read_text().endswith("/bin/true\n")
-    assert (boot / "iotpipe" / "mqtt-password").read_bytes() == b""
+    password = (boot / "iotpipe" / "mqtt-password").read_text()
+    assert len(password) == 32
+    assert password not in output
+    assert "mqtt login home/pi-shed: a fresh password" in output
+    assert "warning: registered with no broker" in output
     assert "set_hostname pi-shed" in (boot / "firstrun.sh").read_text()
+
+
+# -- a login per device ------------------------------------------------------------------------
+
+FLEET_TOML = """[edge]
+site = "home"
+device = "{device}"
+
+[mqtt]
+url = "mqtt://gateway.local:1883"
+"""
+
+
+def card_login(image_or_boot: Path, device: str, port: int) -> MqttClient:
+    """A client logging in as the flashed device's agent would, to 127.0.0.1:port.
+
+    The card's mqtt-password plays systemd's credential; the URL (no user) is the config's.
+    """
+    if image_or_boot.is_dir():
+        password = (image_or_boot / "iotpipe" / "mqtt-password").read_bytes()
+    else:
+        password = boot_files(image_or_boot)["iotpipe/mqtt-password"]
+    credentials = image_or_boot.parent / f"credentials-{device}"
+    credentials.mkdir(exist_ok=True)
+    (credentials / "mqtt-password").write_bytes(password)
+    settings = mqtt_settings(
+        MqttSettings(url=f"mqtt://127.0.0.1:{port}"),
+        EdgeSettings(site="home", device=device),
+        environ={"CREDENTIALS_DIRECTORY": str(credentials)},
+    )
+    return MqttClient(settings)
+
+
+@pytest.mark.mqtt
+@pytest.mark.mosquitto
+def test_each_flashed_device_gets_its_own_login_kept_to_its_own_topics(
+    images: dict[str, Path], inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """flash and seed give each device a fresh password, registered for {site}/{device} in both
+    brokers' files; each logs in, publishes under its own topics only, never to another's."""
+    amqtt_file, mosquitto_file = tmp_path / "broker.passwd", tmp_path / "mosquitto.passwd"
+    brokers = ["--broker-password-file", amqtt_file, "--mosquitto-password-file", mosquitto_file]
+    inputs["config"].write_text(FLEET_TOML.format(device="pi-kitchen"))
+    image = tmp_path / "pi-kitchen.img"
+    flashed = run(
+        "flash", "--image", images["trixie"], "--config", inputs["config"], "--out", image,
+        "--ssh-key", inputs["key"], "--bundle", inputs["bundle"], *brokers,
+    )  # fmt: skip
+    inputs["config"].write_text(FLEET_TOML.format(device="pi-shed"))
+    boot = tmp_path / "bootfs"
+    boot.mkdir()
+    for name in ("config.txt", "cmdline.txt", "issue.txt"):
+        (boot / name).write_text(BOOKWORM_FILES[name])
+    seeded = run(
+        "seed", "--boot", boot, "--config", inputs["config"], "--ssh-key", inputs["key"],
+        "--bundle", inputs["bundle"], *brokers,
+    )  # fmt: skip
+
+    kitchen_pw = boot_files(image)["iotpipe/mqtt-password"].decode()
+    shed_pw = (boot / "iotpipe" / "mqtt-password").read_text()
+    assert len(kitchen_pw) == len(shed_pw) == 32
+    assert kitchen_pw != shed_pw
+    for output, secret in ((flashed, kitchen_pw), (seeded, shed_pw)):
+        assert secret not in output
+        assert f"registered in {amqtt_file} (iotpipe broker" in output
+        assert f"registered in {mosquitto_file} (Mosquitto: systemctl reload mosquitto" in output
+    assert "mqtt login home/pi-kitchen: a fresh password" in flashed
+    assert (
+        list_users(amqtt_file) == list_users(mosquitto_file) == ["home/pi-kitchen", "home/pi-shed"]
+    )
+    assert json.loads(boot_files(image)[MANIFEST])["mqtt_user"] == "home/pi-kitchen"
+
+    set_password(amqtt_file, "bridge", "bridge-pw")
+    broker = BrokerThread(
+        BrokerSettings(
+            port=free_port(), http_port=0, password_file=amqtt_file,
+            acl_file=REPO / "configs" / "broker-acl.toml",
+        )
+    ).start()  # fmt: skip
+    try:
+        port = broker.settings.port
+        got: list[Message] = []
+        bridge = MqttClient(
+            MqttSettings(url=f"mqtt://bridge:bridge-pw@127.0.0.1:{port}"), on_message=got.append
+        )
+        bridge.connect()
+        bridge.subscribe([("iotpipe/#", 1)])
+        kitchen = card_login(image, "pi-kitchen", port)
+        kitchen.connect()
+        kitchen.publish("iotpipe/v1/home/pi-shed/telemetry", b"forged")
+        kitchen.publish("iotpipe/v1/home/pi-kitchen/telemetry", b"own")
+        assert kitchen.flush(timeout=10)
+        assert pump_until(bridge, lambda: len(got) >= 1, timeout=10)
+        assert [(m.topic, m.payload) for m in got] == [
+            ("iotpipe/v1/home/pi-kitchen/telemetry", b"own")
+        ]
+        assert broker.stats.denied_publishes == 1
+        with pytest.raises(ConnectError, match="Not authorized"):  # one card's secret, another name
+            MqttClient(
+                MqttSettings(url=f"mqtt://home%2Fpi-shed:{kitchen_pw}@127.0.0.1:{port}")
+            ).connect(timeout=5)
+        shed = card_login(boot, "pi-shed", port)
+        shed.connect()
+        shed.disconnect()
+        kitchen.disconnect()
+        bridge.disconnect()
+    finally:
+        broker.stop()
+
+    mosquitto = MosquittoProcess(
+        tmp_path / "mosquitto", free_port(),
+        f"allow_anonymous false\npassword_file {mosquitto_file}\n",
+    )  # fmt: skip
+    mosquitto.start()
+    try:
+        for where, device in ((image, "pi-kitchen"), (boot, "pi-shed")):
+            client = card_login(where, device, mosquitto.port)
+            client.connect(timeout=5)
+            client.disconnect()
+    finally:
+        mosquitto.stop()
+
+
+def test_a_fresh_password_needs_the_device_identity_as_user(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A URL user other than {site}/{device} is refused for a fresh password; an explicit
+    --mqtt-password-file is still used as given and registered for the URL's user."""
+    boot = tmp_path / "bootfs"
+    boot.mkdir()
+    for name in ("config.txt", "cmdline.txt", "issue.txt"):
+        (boot / name).write_text(BOOKWORM_FILES[name])
+    inputs["config"].write_text(
+        '[edge]\nsite = "home"\ndevice = "pi-1"\n\n[mqtt]\nurl = "mqtt://shared@gw:1883"\n'
+    )
+    passwd = tmp_path / "broker.passwd"
+    args: list[str | Path] = [
+        "seed", "--boot", boot, "--config", inputs["config"], "--ssh-key", inputs["key"],
+        "--bundle", inputs["bundle"], "--broker-password-file", passwd,
+    ]  # fmt: skip
+    error = fails(*args)
+    assert "not the device identity 'home/pi-1'" in str(error)
+    assert not passwd.exists()
+    (tmp_path / "pw.txt").write_text("given-secret\n")
+    output = run(*args, "--mqtt-password-file", tmp_path / "pw.txt")
+    assert "mqtt login shared: the given password" in output
+    assert (boot / "iotpipe" / "mqtt-password").read_text() == "given-secret"
+    assert PasswordFile(passwd).verify("shared", "given-secret")
+
+
+@pytest.mark.mqtt
+@pytest.mark.mosquitto
+def test_a_client_certificate_on_the_card_logs_the_device_in_by_its_identity(
+    inputs: dict[str, Path], tmp_path: Path, unique: str
+) -> None:
+    """--client-cert puts a certificate for {site}/{device} on the card (key a secret); the agent
+    takes it from its credentials, and Mosquitto (use_identity_as_username) lets it publish under
+    its own topics over TLS."""
+    ca = tmp_path / "ca"
+    init_ca(ca)
+    boot = tmp_path / "bootfs"
+    boot.mkdir()
+    for name in ("config.txt", "cmdline.txt", "issue.txt"):
+        (boot / name).write_text(BOOKWORM_FILES[name])
+    inputs["config"].write_text(
+        f'[edge]\nsite = "{unique}"\ndevice = "pi-1"\n\n[mqtt]\nurl = "mqtts://gw.local:8883"\n'
+    )
+    output = run(
+        "seed", "--boot", boot, "--config", inputs["config"], "--ssh-key", inputs["key"],
+        "--bundle", inputs["bundle"], "--client-cert", ca,
+    )  # fmt: skip
+    assert f"client certificate CN={unique}/pi-1: on the card" in output
+    card = boot / "iotpipe"
+    assert "PRIVATE KEY" in (card / "mqtt-client.key").read_text()
+    assert (card / "mqtt-client.key").read_text() not in output
+    assert (card / "mqtt-ca.crt").read_bytes() == (ca / "ca.crt").read_bytes()
+    manifest = json.loads((card / "MANIFEST.json").read_text())
+    secret = {f["path"] for f in manifest["files"] if f.get("secret")}
+    assert {"iotpipe/mqtt-client.key", "iotpipe/mqtt-password"} <= secret
+    assert "mqtt-client.key" in (card / "firstboot.sh").read_text()  # moved root-only
+
+    server = issue_server(ca, ["127.0.0.1"])
+    server_cert, server_key = server.write(tmp_path / "server")
+    bridge_cert, bridge_key = issue_client(ca, "bridge").write(tmp_path / "bridge")
+    tls_port = free_port()
+    mosquitto = MosquittoProcess(
+        tmp_path / "mosquitto", free_port(),
+        f"acl_file {REPO / 'configs' / 'mosquitto' / 'acl'}\n"
+        f"listener {tls_port} 127.0.0.1\ncafile {ca / 'ca.crt'}\n"
+        f"certfile {server_cert}\nkeyfile {server_key}\n"
+        "require_certificate true\nuse_identity_as_username true\n",
+    )  # fmt: skip
+    mosquitto.start()
+    try:
+        wait_port(tls_port)
+        got: list[Message] = []
+        bridge = MqttClient(
+            MqttSettings(
+                url=f"mqtts://127.0.0.1:{tls_port}",
+                tls=TlsSettings(ca_file=ca / "ca.crt", cert_file=bridge_cert, key_file=bridge_key),
+            ),
+            on_message=got.append,
+        )
+        bridge.connect()
+        bridge.subscribe([(f"iotpipe/v1/{unique}/#", 1)])
+        agent = mqtt_settings(
+            MqttSettings(url=f"mqtts://127.0.0.1:{tls_port}"),
+            EdgeSettings(site=unique, device="pi-1"),
+            environ={"CREDENTIALS_DIRECTORY": str(card)},
+        )
+        assert agent.tls.key_file == card / "mqtt-client.key"
+        device = MqttClient(agent)
+        device.connect()
+        device.publish(f"iotpipe/v1/{unique}/pi-1/telemetry", b"own")  # needs user {unique}/pi-1
+        assert device.flush(timeout=10)
+        assert pump_until(bridge, lambda: len(got) >= 1, timeout=10)
+        assert [m.topic for m in got] == [f"iotpipe/v1/{unique}/pi-1/telemetry"]
+        device.disconnect()
+        bridge.disconnect()
+    finally:
+        mosquitto.stop()

@@ -79,6 +79,7 @@ def test_unit_has_the_promised_settings() -> None:
         "SupplementaryGroups=i2c gpio",
         "StateDirectory=iotpipe-edge",
         "LoadCredential=mqtt-password:/etc/iotpipe/credentials/mqtt-password",
+        "LoadCredential=mqtt-client.key:/etc/iotpipe/credentials/mqtt-client.key",
         "LoadCredential=edge.toml:/etc/iotpipe/edge.toml",
         "ProtectSystem=strict",
         "DevicePolicy=closed",
