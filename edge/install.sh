@@ -83,7 +83,8 @@ cp VERSION "$PREFIX/VERSION"
 "$PREFIX/venv/bin/iotpipe" --version >/dev/null || die "$PREFIX/venv/bin/iotpipe does not start"
 
 # Secrets left on the boot partition (FAT: readable by anyone with the card) become root-only.
-# The flashing's firstboot.sh normally moves them before running this script.
+# The flashing's firstboot.sh moves them before running this script; a bundle installed by
+# hand may find them here.
 move_in() {  # <boot file> <destination>
     if [ ! -f "$1" ]; then return 0; fi
     if [ -f "$2" ] && ! cmp -s "$1" "$2"; then mv "$2" "$2.bak"; fi

@@ -425,10 +425,11 @@ exit 0
 def render_firstboot(scrub_files: list[str]) -> str:
     """``iotpipe/firstboot.sh`` (both styles): run the bundle's install.sh, then clean up.
 
-    install.sh moves ``iotpipe/edge.toml`` and ``iotpipe/mqtt-password`` (and the client
-    certificate files) to root-only files in /etc/iotpipe (loaded by the unit with ``LoadCredential=``), installs the unit and starts it.
-    Whatever happens, the exit trap leaves no secret on the boot partition (FAT: readable by
-    anyone holding the card): what install.sh did not move is moved root-only by the trap.
+    The secrets (``iotpipe/edge.toml``, ``iotpipe/mqtt-password`` and the client certificate
+    files) move to root-only files in /etc/iotpipe (loaded by the unit with ``LoadCredential=``)
+    before install.sh runs, so that it finds the config and starts the unit at once. Whatever
+    happens, the exit trap moves them again (if install.sh failed early) and scrubs the boot
+    partition (FAT: readable by anyone holding the card).
     """
     scrub = "\n".join(f"    rm -f {BOOT_MOUNT}/{name}" for name in scrub_files)
     return f"""#!/bin/bash
@@ -437,8 +438,7 @@ set -eu
 HERE={BOOT_MOUNT}/iotpipe
 exec >>/var/log/iotpipe-firstboot.log 2>&1
 echo "iotpipe firstboot ($1) $(date -Is)"
-finish() {{
-    status=$?
+move_secrets() {{
     install -d -m 0700 -o root -g root /etc/iotpipe /etc/iotpipe/credentials
     if [ -f "$HERE/edge.toml" ]; then
         install -m 0600 -o root -g root "$HERE/edge.toml" /etc/iotpipe/edge.toml
@@ -448,6 +448,10 @@ finish() {{
             install -m 0600 -o root -g root "$HERE/$name" "/etc/iotpipe/credentials/$name"
         fi
     done
+}}
+finish() {{
+    status=$?
+    move_secrets
 {scrub}
     sync
     echo "iotpipe firstboot finished: exit status $status"
@@ -457,6 +461,8 @@ trap finish EXIT
 echo i2c-dev >/etc/modules-load.d/iotpipe-i2c.conf
 modprobe i2c-dev || true
 systemctl enable ssh || true
+# Before install.sh: it starts the unit only when /etc/iotpipe/edge.toml is there.
+move_secrets
 sh "$HERE/install.sh"
 """
 

@@ -185,6 +185,8 @@ def test_flash_trixie_writes_cloud_init_and_nothing_else(
     firstboot = after["iotpipe/firstboot.sh"].decode()
     assert "rm -f /boot/firmware/network-config" in firstboot
     assert 'sh "$HERE/install.sh"' in firstboot
+    # The secrets are in /etc/iotpipe before install.sh runs: it starts the unit only then.
+    assert firstboot.index("\nmove_secrets\n") < firstboot.index('sh "$HERE/install.sh"')
     assert "trap finish EXIT" in firstboot
     assert "rm -f /boot/firmware/iotpipe/edge.toml" in firstboot
 
