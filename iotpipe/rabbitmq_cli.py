@@ -50,7 +50,7 @@ def setup(  # noqa: PLR0917 - typer maps every parameter to an option
             "--user",
             "-u",
             help=f"Component user to set up (repeatable; {', '.join(ROLES)}) "
-            "[default: all of them].",
+            "\\[default: all of them].",
             show_default=False,
         ),
     ] = None,
@@ -64,7 +64,7 @@ def setup(  # noqa: PLR0917 - typer maps every parameter to an option
         ),
     ] = None,
     consumer_queue: Annotated[
-        str, typer.Option(help="The queue the consumer reads ([consume] queue).")
+        str, typer.Option(help="The queue the consumer reads (\\[consume] queue).")
     ] = STORE_QUEUE,
     secrets_dir: Annotated[
         Path,
@@ -92,7 +92,7 @@ def setup(  # noqa: PLR0917 - typer maps every parameter to an option
     ] = "rabbitmqctl",
     node: Annotated[
         str | None,
-        typer.Option("--node", "-n", help="Node name for rabbitmqctl [default: its own]."),
+        typer.Option("--node", "-n", help="Node name for rabbitmqctl. \\[default: its own]"),
     ] = None,
 ) -> None:
     """Create a vhost and least-privilege users (bridge, consumer, unpack, readers) in RabbitMQ.
@@ -100,7 +100,7 @@ def setup(  # noqa: PLR0917 - typer maps every parameter to an option
     Each user may configure, write and read only the exchanges and queues its component
     declares and uses (docs/rabbitmq.md has the table); guest keeps no permission on the vhost.
     Passwords are generated once per user and written to SECRETS_DIR/USER (0600); they are
-    never printed: point a component at its file with [amqp] password_file (or
+    never printed: point a component at its file with \\[amqp] password_file (or
     IOTPIPE_AMQP__PASSWORD_FILE) and a URL without password, amqp://USER@HOST:5672/VHOST.
     Running setup again keeps the passwords and resets the permissions.
 
@@ -108,7 +108,7 @@ def setup(  # noqa: PLR0917 - typer maps every parameter to an option
 
       sudo iotpipe rabbitmq setup --secrets-dir /etc/iotpipe/rabbitmq
       iotpipe rabbitmq setup --reader grafana --reader audit
-      iotpipe rabbitmq setup --definitions definitions.json    # then: rabbitmqctl import_definitions definitions.json
+      iotpipe rabbitmq setup --definitions definitions.json    # for import_definitions
     """
     roles = roles_for(user or _DEFAULT_USERS, reader or (), consumer_queue=consumer_queue)
     if not vhost or len(vhost.encode()) > 255:

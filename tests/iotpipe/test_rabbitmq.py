@@ -395,3 +395,32 @@ def test_setup_again_keeps_passwords_and_permissions(users: Users) -> None:
         channel.exchange_declare(TELEMETRY_EXCHANGE, "topic", durable=True)
     listed = users.node.ctl("list_permissions", "-p", VHOST).stdout
     assert "guest" not in listed
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "rabbitmq-definitions.json"
+
+
+def test_example_definitions_grant_what_setup_grants() -> None:
+    """configs/rabbitmq-definitions.json holds the permissions setup grants, and no hash."""
+    example = json.loads(EXAMPLE.read_text())
+    made = definitions(
+        VHOST, [(r, "x") for r in roles_for(["bridge", "consumer", "unpack"], ["reader"])]
+    )
+    assert example["permissions"] == made["permissions"]
+    assert {u["password_hash"] for u in example["users"]} == {""}
+
+
+@pytest.mark.slow
+@pytest.mark.rabbitmq
+def test_example_definitions_import(users: Users, tmp_path: Path) -> None:
+    """RabbitMQ imports the example (its _comment key included), here under other names."""
+    text = EXAMPLE.read_text().replace('"iotpipe"', '"example"')
+    for user in ("bridge", "consumer", "unpack", "reader"):
+        text = text.replace(f'"{user}"', f'"{user}-example"')
+    copy = tmp_path / "example.json"
+    copy.write_text(text)
+    copy.chmod(0o644)
+    result = users.node.ctl("import_definitions", str(copy))
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = users.node.ctl("list_permissions", "-p", "example").stdout
+    assert all(f"{user}-example" in listed for user in ("bridge", "consumer", "unpack", "reader"))
