@@ -34,7 +34,6 @@ import os
 import re
 import secrets
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,8 +60,8 @@ DEFAULT_VHOST = "iotpipe"
 HASHING = "rabbit_password_hashing_sha256"
 """RabbitMQ's default password hashing: base64(salt + sha256(salt + password)), 4-byte salt."""
 
-Ctl = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
-"""Runs ``rabbitmqctl ARGS`` against one node and returns what it did."""
+Ctl = Callable[[Sequence[str], str | None], "subprocess.CompletedProcess[str]"]
+"""``ctl(args, stdin)`` runs ``rabbitmqctl ARGS`` against one node (``stdin`` its input)."""
 
 
 class Role(NamedTuple):
@@ -260,10 +259,15 @@ def rabbitmqctl(command: Sequence[str], *, node: str | None = None) -> Ctl:
     """A :data:`Ctl` running ``COMMAND [-n NODE] ARGS`` (``COMMAND`` e.g. ``["rabbitmqctl"]``)."""
     prefix = [*command, *(["-n", node] if node else [])]
 
-    def run(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    def run(args: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(  # noqa: S603 - our own argv, no shell
-                [*prefix, *args], capture_output=True, text=True, timeout=120, check=False
+                [*prefix, *args],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
             )
         except FileNotFoundError:
             raise ConfigError(
@@ -284,17 +288,16 @@ def apply(ctl: Ctl, document: dict[str, Any], *, vhost: str) -> None:
     """Import ``document`` into the node ``ctl`` talks to, and clear ``guest`` from ``vhost``.
 
     Importing adds the vhost and users, or updates them (password, permissions) when they exist;
-    it never deletes anything. The document holds only password hashes; it passes through a
-    ``0600`` temporary file that is removed at once.
+    it never deletes anything. The document (password hashes only) goes through rabbitmqctl's
+    standard input: no file to leave behind, and Debian's wrapper, which runs rabbitmqctl as the
+    ``rabbitmq`` user, need not be able to read one of ours.
 
     Raises:
         ConnectError: rabbitmqctl failed (its message, on one line).
     """
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="iotpipe-definitions-") as tmp:
-        json.dump(document, tmp)
-        tmp.flush()
-        _check(ctl(["import_definitions", tmp.name]), "import_definitions")
-    result = ctl(["clear_permissions", "-p", vhost, "guest"])
+    imported = ctl(["import_definitions", "--format", "json"], json.dumps(document))
+    _check(imported, "import_definitions")
+    result = ctl(["clear_permissions", "-p", vhost, "guest"], None)
     if result.returncode != 0 and "no_such_user" not in result.stdout + result.stderr:
         _check(result, "clear_permissions")
 

@@ -234,10 +234,13 @@ class PrivateRabbitNode:
         )
         return env
 
-    def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, timeout: float = 30.0, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """``rabbitmqctl -n NAME ARGS`` against this node (never the shared one)."""
         return subprocess.run(  # noqa: S603 - our own argv, no shell
             [str(self.bin / "rabbitmqctl"), "-n", self.name, *args],
+            input=stdin,
             env=self.env(),
             cwd=self.workdir,
             capture_output=True,
@@ -520,7 +523,9 @@ class Pipeline:
         roles = roles_for(("bridge", "consumer"), consumer_queue=queue)
         users = [(role, secret_file(secrets_dir, role.name)[1]) for role in roles]
         apply(
-            lambda args: node.ctl(*args), definitions(RABBITMQ_VHOST, users), vhost=RABBITMQ_VHOST
+            lambda args, stdin: node.ctl(*args, stdin=stdin),
+            definitions(RABBITMQ_VHOST, users),
+            vhost=RABBITMQ_VHOST,
         )
         self.rabbit_users = secrets_dir
         self.say(
