@@ -103,6 +103,28 @@ def test_setup_mistakes_exit_2_in_one_line(tmp_path: Path, args: list[str]) -> N
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("rabbitmqctl", "code", "says"),
+    [("/nonexistent/rabbitmqctl", 2, "not found"), ("/bin/false", 3, "import_definitions failed")],
+)
+def test_setup_without_a_working_rabbitmqctl_fails_in_one_line(
+    tmp_path: Path, rabbitmqctl: str, code: int, says: str
+) -> None:
+    """A rabbitmqctl that is missing or fails ends in one line naming what went wrong."""
+    result = subprocess.run(
+        [*IOTPIPE, "rabbitmq", "setup", "--rabbitmqctl", rabbitmqctl, "--secrets-dir", "s"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == code, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert says in last
+    assert "Traceback" not in result.stderr
+
+
 def test_definitions_file_is_private_and_passwords_are_not_echoed(tmp_path: Path) -> None:
     """--definitions writes a 0600 file; stdout and stderr name the password files, not passwords."""
     out = tmp_path / "definitions.json"
@@ -309,6 +331,11 @@ REFUSED: list[tuple[str, str, Callable[[Any], object]]] = [
         lambda ch: ch.exchange_delete(TELEMETRY_EXCHANGE),
     ),
     ("unpack", "read iotpipe.store", lambda ch: ch.basic_get("iotpipe.store")),
+    (
+        "reader",
+        "declare a server-named queue",
+        lambda ch: ch.queue_declare("", exclusive=True),
+    ),
 ]
 
 
