@@ -74,6 +74,10 @@ COMMANDS = {
         "iotpipe.up:up",
         "Run the whole pipeline here: edge broker, RabbitMQ, bridge, consumer, dashboard, fleet.",
     ),
+    "rabbitmq": LazyCommand(
+        "iotpipe.rabbitmq_cli:app",
+        "RabbitMQ for iotpipe: a vhost and one least-privilege user per component.",
+    ),
     "status": LazyCommand(
         "iotpipe.status:status",
         "Show each pipeline component's health (/healthz) and main counters.",

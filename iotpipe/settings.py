@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from iotpipe import schema
 from iotpipe.connection import BrokerUrl, MqttSettings, Secret, TlsSettings, parse_url
@@ -64,6 +64,11 @@ class AmqpSettings(Section):
     """How to reach RabbitMQ (or any AMQP 0-9-1 broker)."""
 
     url: str = Field("amqp://guest:guest@127.0.0.1:5672/", description="amqp:// or amqps:// URL")
+    password_file: Path | None = Field(
+        None,
+        description="file holding the password of the URL's user (first line), read at every "
+        "connect; instead of a password in the URL (see `iotpipe rabbitmq setup`)",
+    )
     tls: TlsSettings = TlsSettings()
 
     @field_validator("url")
@@ -72,10 +77,38 @@ class AmqpSettings(Section):
         parse_url(value, ("amqp", "amqps"))
         return value
 
+    @field_validator("password_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("file does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _user_for_password_file(self) -> AmqpSettings:
+        if (
+            self.password_file is not None
+            and parse_url(self.url, ("amqp", "amqps")).username is None
+        ):
+            raise ValueError("password_file needs a user in url (amqp://USER@host:port/vhost)")
+        return self
+
     @property
     def broker(self) -> BrokerUrl:
-        """The parsed URL."""
-        return parse_url(self.url, ("amqp", "amqps"))
+        """The parsed URL, with the password from :attr:`password_file` when that is set.
+
+        Raises:
+            ConfigError: the password file cannot be read.
+        """
+        url = parse_url(self.url, ("amqp", "amqps"))
+        if self.password_file is None:
+            return url
+        try:
+            password = self.password_file.read_text().splitlines()[0]
+        except (OSError, IndexError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "empty file"
+            raise ConfigError("amqp.password_file", self.password_file, str(reason)) from None
+        return url._replace(password=Secret(password))
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]

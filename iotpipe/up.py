@@ -45,6 +45,8 @@ from rich.text import Text
 
 from iotpipe.errors import ConfigError, ConnectError, IotpipeError
 from iotpipe.options import ConfigOption
+from iotpipe.rabbitmq import DEFAULT_VHOST as RABBITMQ_VHOST
+from iotpipe.rabbitmq import STORE_QUEUE, apply, definitions, roles_for, secret_file
 from iotpipe.schema import layered
 from iotpipe.settings import (
     DEFAULT_STORE_URL,
@@ -232,10 +234,13 @@ class PrivateRabbitNode:
         )
         return env
 
-    def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, timeout: float = 30.0, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """``rabbitmqctl -n NAME ARGS`` against this node (never the shared one)."""
         return subprocess.run(  # noqa: S603 - our own argv, no shell
             [str(self.bin / "rabbitmqctl"), "-n", self.name, *args],
+            input=stdin,
             env=self.env(),
             cwd=self.workdir,
             capture_output=True,
@@ -273,6 +278,7 @@ class Pipeline:
         self.components: list[Component] = []
         self.signals = 0
         self.rabbit: PrivateRabbitNode | None = None
+        self.rabbit_users: Path | None = None  # password files of the private node's users
         self.began = time.monotonic()
         self.clean = True
 
@@ -300,6 +306,22 @@ class Pipeline:
         env["IOTPIPE_MQTT__URL"] = self.mqtt.url
         env["IOTPIPE_AMQP__URL"] = self.amqp.url
         return env
+
+    def _amqp_url(self, user: str) -> str:
+        """The RabbitMQ URL (no password) the component of ``user`` connects with."""
+        if self.rabbit is None or self.rabbit_users is None:
+            return self.amqp.broker.redacted()
+        return f"amqp://{user}@127.0.0.1:{self.rabbit.port}/{RABBITMQ_VHOST}"
+
+    def _amqp_env(self, env: dict[str, str], user: str) -> dict[str, str]:
+        """``env`` with the RabbitMQ user ``user`` of our private node, if we set users up."""
+        if self.rabbit_users is None:
+            return env
+        return {
+            **env,
+            "IOTPIPE_AMQP__URL": self._amqp_url(user),
+            "IOTPIPE_AMQP__PASSWORD_FILE": str(self.rabbit_users / user),
+        }
 
     def _launch(self, component: Component, argv: list[str], env: dict[str, str]) -> None:
         assert component.log is not None
@@ -410,20 +432,20 @@ class Pipeline:
         )
         store = ["--store", self.store] if self.store else []
         args = ["--http-port", str(self.settings.consumer_http_port), *store]
-        self._launch(consumer, self._iotpipe("consume", *args), env)
+        self._launch(consumer, self._iotpipe("consume", *args), self._amqp_env(env, "consumer"))
         broker_host, broker_port = self.mqtt.broker.host, self.mqtt.broker.port
         self._wait_ready(broker, lambda: accepting(broker_host, broker_port))
         bridge = Component(
             "bridge",
             f"http://127.0.0.1:{self.settings.bridge_http_port}",
-            note=f"{self.mqtt.broker} -> {self.amqp.broker}",
+            note=f"{self.mqtt.broker} -> {self._amqp_url('bridge')}",
             http=f"http://127.0.0.1:{self.settings.bridge_http_port}",
             log=self.dir / "bridge.log",
         )
         self._launch(
             bridge,
             self._iotpipe("bridge", "--http-port", str(self.settings.bridge_http_port)),
-            env,
+            self._amqp_env(env, "bridge"),
         )
         for component in (consumer, bridge):
             assert component.http is not None
@@ -488,6 +510,28 @@ class Pipeline:
         bin_ = node.bin
         self._launch(component, [str(bin_ / "rabbitmq-server")], node.env())
         self._wait_ready(component, lambda: self._rabbit_booted(component, node))
+        self._set_up_users(node)
+
+    def _set_up_users(self, node: PrivateRabbitNode) -> None:
+        """Vhost ``iotpipe`` with a least-privilege user for the bridge and the consumer.
+
+        Passwords are made once and kept in ``state/up/rabbitmq/secrets`` (0600 files); the
+        consumer's user may read the queue the config names (``[consume] queue``).
+        """
+        secrets_dir = node.workdir / "secrets"
+        queue = _consume_queue(self.config)
+        roles = roles_for(("bridge", "consumer"), consumer_queue=queue)
+        users = [(role, secret_file(secrets_dir, role.name)[1]) for role in roles]
+        apply(
+            lambda args, stdin: node.ctl(*args, stdin=stdin),
+            definitions(RABBITMQ_VHOST, users),
+            vhost=RABBITMQ_VHOST,
+        )
+        self.rabbit_users = secrets_dir
+        self.say(
+            f"RabbitMQ vhost {RABBITMQ_VHOST!r}: users bridge and consumer "
+            f"(passwords in {secrets_dir})"
+        )
 
     def _rabbit_booted(self, component: Component, node: PrivateRabbitNode) -> bool:
         # `rabbitmqctl await_startup` fails at once until the node has registered with epmd and
@@ -856,6 +900,12 @@ def _consumer_store(config: Path | None) -> str:
     """The store ``iotpipe consume`` will use without ``--store``: env, else file, else default."""
     store = layered("consume", config_file=config).get("store")
     return store if isinstance(store, str) and store else DEFAULT_STORE_URL
+
+
+def _consume_queue(config: Path | None) -> str:
+    """The queue ``iotpipe consume`` will read: env, else file, else ``iotpipe.store``."""
+    queue = layered("consume", config_file=config).get("queue")
+    return queue if isinstance(queue, str) and queue else STORE_QUEUE
 
 
 def _already_running(state_dir: Path) -> int | None:

@@ -8,7 +8,7 @@ import pytest
 
 from iotpipe.errors import ConfigError
 from iotpipe.schema import layered
-from iotpipe.settings import AmqpSettings, MqttSettings, load, parse_url
+from iotpipe.settings import AmqpSettings, MqttSettings, Secret, load, parse_url
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -129,3 +129,38 @@ def test_percent_encoded_credentials_are_decoded() -> None:
     assert parsed.username == "dev/1"
     assert parsed.password is not None
     assert parsed.password.get_secret_value() == "p@ss"
+
+
+def test_amqp_password_file_gives_the_password(tmp_path: Path) -> None:
+    """[amqp] password_file supplies the URL user's password, read anew at each use."""
+    secret = tmp_path / "bridge"
+    secret.write_text("first\n")
+    settings = load(
+        AmqpSettings,
+        "amqp",
+        environ={
+            "IOTPIPE_AMQP__URL": "amqp://bridge@127.0.0.1:5672/iotpipe",
+            "IOTPIPE_AMQP__PASSWORD_FILE": str(secret),
+        },
+    )
+    assert settings.broker.password == Secret("first")
+    secret.write_text("second\n")
+    assert settings.broker.password == Secret("second")
+    assert "first" not in repr(settings.broker)
+
+
+@pytest.mark.parametrize(
+    ("url", "exists", "why"),
+    [
+        ("amqp://127.0.0.1:5672/", True, "needs a user"),
+        ("amqp://bridge@127.0.0.1:5672/", False, "does not exist"),
+    ],
+)
+def test_amqp_password_file_mistakes(tmp_path: Path, url: str, exists: bool, why: str) -> None:
+    """A password file without a user in the URL, or a missing file, is a ConfigError."""
+    secret = tmp_path / "pw"
+    if exists:
+        secret.write_text("x\n")
+    environ = {"IOTPIPE_AMQP__URL": url, "IOTPIPE_AMQP__PASSWORD_FILE": str(secret)}
+    with pytest.raises(ConfigError, match=why):
+        load(AmqpSettings, "amqp", environ=environ)

@@ -294,7 +294,8 @@ def test_sample_config_loads_as_the_defaults_and_lists_every_option(tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.mqtt
 def test_up_starts_and_stops_a_private_rabbitmq_node(tmp_path: Path, unique: str) -> None:
-    """--rabbitmq private boots a node with its data under state/, and stops it on exit."""
+    """--rabbitmq private boots a node with its data under state/, gives the bridge and the
+    consumer least-privilege users of their own (readings are stored), and stops it on exit."""
     if rabbitmq_bin() is None:
         pytest.fail("rabbitmq-server is not installed: run `make setup`", pytrace=False)
     config = tmp_path / "up.toml"
@@ -319,3 +320,15 @@ def test_up_starts_and_stops_a_private_rabbitmq_node(tmp_path: Path, unique: str
     assert "rabbitmq stopped" in result.stderr
     assert (tmp_path / "state/up/rabbitmq/mnesia").is_dir()
     assert not processes_in(tmp_path), result.stderr
+    secrets = tmp_path / "state/up/rabbitmq/secrets"
+    assert {p.name: p.stat().st_mode & 0o777 for p in secrets.iterdir()} == {
+        "bridge": 0o600,
+        "consumer": 0o600,
+    }
+    logs = tmp_path / "state/up"
+    assert re.search(r"amqp://bridge@127\.0\.0\.1:\d+/iotpipe", (logs / "bridge.log").read_text())
+    assert re.search(
+        r"amqp://consumer@127\.0\.0\.1:\d+/iotpipe", (logs / "consumer.log").read_text()
+    )
+    with contextlib.closing(sqlite3.connect(tmp_path / "state/telemetry.db")) as db:
+        assert db.execute("SELECT count(*) FROM readings").fetchone()[0] > 0
