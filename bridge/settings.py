@@ -152,6 +152,24 @@ class BrokerSettings(Section):
         "loses at most this much; a clean stop saves everything)",
     )
 
+    tls_port: int = Field(
+        0, ge=0, le=65535, description="port of an MQTT-over-TLS listener (8883 is usual); 0 = none"
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="server certificate (PEM, chain after it) of the tls_port listener"
+    )
+    tls_key_file: Path | None = Field(None, description="its private key (PEM, unencrypted)")
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_files(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        cert = info.data.get("tls_cert_file")
+        if info.data.get("tls_port") and (cert is None or value is None):
+            raise ValueError("tls_port needs tls_cert_file and tls_key_file")
+        if not info.data.get("tls_port") and (cert is not None or value is not None):
+            raise ValueError("TLS files without tls_port: set the port of the TLS listener")
+        return value
+
     @field_validator("host")
     @classmethod
     def _plain_host(cls, value: str) -> str:

@@ -7,6 +7,7 @@ traceback. Anything else is a bug and keeps its traceback.
     IotpipeError
     ├── ConfigError          a setting is invalid (names the field, the value, what is allowed)
     ├── ConnectError         a broker or server cannot be reached or refused us
+    │   └── CertificateError a server's TLS certificate failed verification (exit 2)
     ├── RecordingError       a recording file is unreadable or malformed
     ├── DeliveryError        a broker refused or lost acknowledgements
     ├── iotpipe.pack.PackError     bytes that are not a valid pack (the packed uplink)
@@ -18,6 +19,7 @@ Envelope validation failures are *values*, not exceptions: see ``iotpipe.envelop
 
 from __future__ import annotations
 
+import ssl
 from pathlib import PurePath
 
 
@@ -60,6 +62,49 @@ class ConnectError(IotpipeError):
         self.target = target
         self.reason = reason
         super().__init__(f"cannot connect to {target}: {reason}")
+
+
+class CertificateError(ConnectError):
+    """A server's TLS certificate failed verification: retrying cannot help, a person must act.
+
+    Raised at start-up for a wrong CA, an expired certificate or one for another host name,
+    instead of retrying as for a broker that is away.
+
+    Attributes:
+        link: which connection, ``mqtt``, ``amqp`` or ``influxdb``.
+        target: the URL, without credentials.
+        reason: what the TLS library said, e.g. ``certificate has expired``.
+    """
+
+    exit_code = 2
+
+    def __init__(self, link: str, target: str, reason: str) -> None:
+        self.link = link
+        self.target = target
+        self.reason = reason
+        IotpipeError.__init__(self, f"{link} ({target}): TLS certificate verify failed: {reason}")
+
+
+def certificate_problem(error: BaseException | None) -> str | None:
+    """Why the server's certificate was refused, if that is what ``error`` comes down to.
+
+    Follows ``__cause__``/``__context__`` and wrappers that keep the cause in ``reason``
+    (urllib3), ``exception`` or ``exceptions`` (pika), since clients wrap the
+    :class:`ssl.SSLCertVerificationError` differently.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen or not isinstance(err, BaseException):
+            continue
+        seen.add(id(err))
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return str(err.verify_message or err.reason or err)
+        todo += [err.__cause__, err.__context__, getattr(err, "reason", None)]
+        todo.append(getattr(err, "exception", None))
+        todo += list(getattr(err, "exceptions", None) or ())
+    return None
 
 
 class RecordingError(IotpipeError):

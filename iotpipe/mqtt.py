@@ -36,7 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from iotpipe import compat
 from iotpipe.connection import MqttSettings
-from iotpipe.errors import ConnectError, DeliveryError
+from iotpipe.errors import CertificateError, ConnectError, DeliveryError, certificate_problem
 from iotpipe.pacing import Backoff
 
 log = logging.getLogger(__name__)
@@ -397,11 +397,15 @@ class MqttClient:
 
         Raises:
             ConnectError: the broker is unreachable, refused us, or did not answer in time.
+            CertificateError: the broker's TLS certificate failed verification.
         """
         self._connack = None
         try:
             self._client.connect(self.url.host, self.url.port, self.settings.keepalive)
         except (OSError, ssl.SSLError) as err:
+            problem = certificate_problem(err)
+            if problem is not None:
+                raise CertificateError("mqtt", self.url.redacted(), problem) from None
             raise ConnectError(self.url.redacted(), _os_reason(err)) from None
         if _install_buffer(self._client) is None:
             log.debug("mqtt buffered socket not installed; using paho's own loop url=%s", self.url)

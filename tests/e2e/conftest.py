@@ -244,9 +244,11 @@ class Services:
         client_id: str,
         shared_group: str = "",
         topics: Sequence[str] | None = None,
+        sections: Mapping[str, Mapping[str, object]] | None = None,
         **more: object,
     ) -> Service:
-        """A bridge with its own client id and spool (not started yet); ``more``: [bridge] settings."""
+        """A bridge with its own client id and spool (not started yet); ``more``: [bridge] settings,
+        ``sections``: more sections of its config (e.g. ``{"mqtt.tls": {...}}``)."""
         bridge: dict[str, object] = {
             "client_id": client_id,
             "spool_path": self.workdir / f"{name}.spool.db",
@@ -259,7 +261,8 @@ class Services:
             bridge["topics"] = list(topics)
         config = write_config(
             self.workdir / f"{name}.toml",
-            {"mqtt": {"url": mqtt_url}, "amqp": {"url": amqp_url}, "bridge": bridge},
+            {"mqtt": {"url": mqtt_url}, "amqp": {"url": amqp_url}, "bridge": bridge}
+            | dict(sections or {}),
         )
         return self._add(Service(self.workdir, name, "bridge", config))
 
@@ -271,9 +274,11 @@ class Services:
         store: str,
         queue: str,
         bindings: Sequence[str],
+        sections: Mapping[str, Mapping[str, object]] | None = None,
         **more: object,
     ) -> Service:
-        """A consumer on ``queue`` writing to ``store`` (not started yet)."""
+        """A consumer on ``queue`` writing to ``store`` (not started yet); ``sections`` as for
+        :meth:`bridge`."""
         consume: dict[str, object] = {
             "store": store,
             "queue": queue,
@@ -285,7 +290,8 @@ class Services:
             "http_port": 0,
         } | more
         config = write_config(
-            self.workdir / f"{name}.toml", {"amqp": {"url": amqp_url}, "consume": consume}
+            self.workdir / f"{name}.toml",
+            {"amqp": {"url": amqp_url}, "consume": consume} | dict(sections or {}),
         )
         return self._add(Service(self.workdir, name, "consume", config))
 
