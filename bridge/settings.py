@@ -158,15 +158,17 @@ class BrokerSettings(Section):
     tls_cert_file: Path | None = Field(
         None, description="server certificate (PEM, chain after it) of the tls_port listener"
     )
-    tls_key_file: Path | None = Field(None, description="its private key (PEM, unencrypted)")
+    tls_key_file: Path | None = Field(
+        None, validate_default=True, description="its private key (PEM, unencrypted)"
+    )
 
     @field_validator("tls_key_file")
     @classmethod
     def _tls_files(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        cert = info.data.get("tls_cert_file")
-        if info.data.get("tls_port") and (cert is None or value is None):
+        files = (info.data.get("tls_cert_file"), value)
+        if info.data.get("tls_port") and None in files:
             raise ValueError("tls_port needs tls_cert_file and tls_key_file")
-        if not info.data.get("tls_port") and (cert is not None or value is not None):
+        if not info.data.get("tls_port") and files != (None, None):
             raise ValueError("TLS files without tls_port: set the port of the TLS listener")
         return value
 
