@@ -38,6 +38,7 @@ from pydantic import SecretStr
 from consumers.seen import Claim, RedisSeen
 from consumers.state import StateDB
 from consumers.store import DeviceStatus, Message, Reading, StoreUnavailable, WriteResult
+from iotpipe.connection import tls_context
 from iotpipe.errors import CertificateError, ConfigError, certificate_problem
 from iotpipe.settings import TlsSettings
 
@@ -198,9 +199,7 @@ class InfluxStore:
             timeout=int(timeout_s * 1000),
             retries=False,
             verify_ssl=not tls.insecure,
-            ssl_ca_cert=str(tls.ca_file) if tls.ca_file else None,
-            cert_file=str(tls.cert_file) if tls.cert_file else None,
-            cert_key_file=str(tls.key_file) if tls.key_file else None,
+            ssl_context=tls_context(tls, "influxdb.tls") if url.startswith("https://") else None,
         )
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
 

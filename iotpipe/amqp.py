@@ -48,6 +48,7 @@ from pika.adapters.select_connection import IOLoop  # type: ignore[import-untype
 from pika.adapters.utils import connection_workflow as pika_workflow  # type: ignore[import-untyped]
 
 from iotpipe import compat
+from iotpipe.connection import tls_context
 from iotpipe.errors import CertificateError, ConnectError, certificate_problem
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
@@ -598,13 +599,7 @@ def connection_parameters(
     )
     options: dict[str, Any] = {}
     if url.tls:
-        tls = settings.tls
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        if tls.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if tls.cert_file is not None:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        context = tls_context(settings.tls, "amqp.tls")
         options["ssl_options"] = pika.SSLOptions(context, server_hostname=url.host)
     if credentials is not None:
         options["credentials"] = credentials

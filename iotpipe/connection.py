@@ -7,13 +7,15 @@ small Pi without pydantic; :mod:`iotpipe.settings` re-exports every name, and py
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from iotpipe.errors import ConfigError
 from iotpipe.schema import Schema, setting
 
-__all__ = ["BrokerUrl", "MqttSettings", "Secret", "TlsSettings", "parse_url"]
+__all__ = ["BrokerUrl", "MqttSettings", "Secret", "TlsSettings", "parse_url", "tls_context"]
 
 
 class Secret:
@@ -116,6 +118,42 @@ class TlsSettings(Schema):
         None, "client private key (PEM) for mutual TLS", check=_existing_file
     )
     insecure: bool = setting(False, "skip server certificate verification (testing only)")
+
+
+def tls_context(tls: TlsSettings, section: str) -> ssl.SSLContext:
+    """The client TLS context of one link: the same rules for MQTT, AMQP and InfluxDB.
+
+    The server's certificate must chain to ``tls.ca_file`` (default: the system's CA bundle) and
+    name the host connected to, unless ``tls.insecure``; ``tls.cert_file`` and ``tls.key_file``
+    are presented to a server that asks for a client certificate.
+
+    Args:
+        tls: the link's TLS files.
+        section: where they were set, e.g. ``mqtt.tls``, for the error message.
+
+    Raises:
+        ConfigError: a file is not PEM, or the key does not belong to the certificate.
+    """
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"{section}.ca_file", tls.ca_file, f"not a PEM CA bundle ({err})"
+        ) from None
+    if tls.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file is not None:
+        key = str(tls.key_file) if tls.key_file else None
+        try:
+            context.load_cert_chain(str(tls.cert_file), key)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(
+                f"{section}.cert_file",
+                tls.cert_file,
+                f"cannot load it with key_file {key or '(none)'} ({err.strerror or err})",
+            ) from None
+    return context
 
 
 class MqttSettings(Schema):

@@ -35,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from iotpipe import compat
-from iotpipe.connection import MqttSettings
+from iotpipe.connection import MqttSettings, tls_context
 from iotpipe.errors import CertificateError, ConnectError, DeliveryError, certificate_problem
 from iotpipe.pacing import Backoff
 
@@ -301,14 +301,8 @@ class MqttClient:
             password = self.url.password.get_secret_value() if self.url.password else None
             client.username_pw_set(self.url.username, password)
         if self.url.tls:
-            tls = settings.tls
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
-            )
-            client.tls_insecure_set(tls.insecure)
+            client.tls_set_context(tls_context(settings.tls, "mqtt.tls"))
+            client.tls_insecure_set(settings.tls.insecure)
         if will is not None:
             client.will_set(will.topic, will.payload, will.qos, will.retain)
         client.on_connect = self._handle_connect

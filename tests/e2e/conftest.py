@@ -259,11 +259,12 @@ class Services:
             bridge["shared_group"] = shared_group
         if topics is not None:
             bridge["topics"] = list(topics)
-        config = write_config(
-            self.workdir / f"{name}.toml",
-            {"mqtt": {"url": mqtt_url}, "amqp": {"url": amqp_url}, "bridge": bridge}
-            | dict(sections or {}),
-        )
+        config_sections: dict[str, Mapping[str, object]] = {
+            "mqtt": {"url": mqtt_url},
+            "amqp": {"url": amqp_url},
+            "bridge": bridge,
+        }
+        config = write_config(self.workdir / f"{name}.toml", config_sections | dict(sections or {}))
         return self._add(Service(self.workdir, name, "bridge", config))
 
     def consumer(
@@ -289,10 +290,11 @@ class Services:
             # consumer): the default 9182 may belong to a pipeline running on this machine.
             "http_port": 0,
         } | more
-        config = write_config(
-            self.workdir / f"{name}.toml",
-            {"amqp": {"url": amqp_url}, "consume": consume} | dict(sections or {}),
-        )
+        config_sections: dict[str, Mapping[str, object]] = {
+            "amqp": {"url": amqp_url},
+            "consume": consume,
+        }
+        config = write_config(self.workdir / f"{name}.toml", config_sections | dict(sections or {}))
         return self._add(Service(self.workdir, name, "consume", config))
 
     def agent(self, name: str, *, mqtt_url: str, site: str, **edge: object) -> EdgeAgent:

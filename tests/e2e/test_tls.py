@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -117,6 +117,13 @@ def client_tls(ca: TestCa, trust: Path | None = None) -> dict[str, str]:
     }
 
 
+def client_settings(ca: TestCa, *, insecure: bool = False) -> TlsSettings:
+    """:func:`client_tls` as settings: the test CA and the client pair."""
+    return TlsSettings(
+        ca_file=ca.ca, cert_file=ca.client.cert, key_file=ca.client.key, insecure=insecure
+    )
+
+
 def roundtrip(url: str, tls: TlsSettings, topic: str) -> bytes:
     """Subscribe to ``topic`` over ``url``, publish to it, and return what came back."""
     got: list[bytes] = []
@@ -142,12 +149,23 @@ def test_mosquitto_takes_mqtts_with_a_client_certificate_and_refuses_it_without(
     """Mutual TLS to Mosquitto (require_certificate): with the client pair a message goes round;
     without it the handshake is refused (a connect error, not a certificate one)."""
     url = servers.url("mosquitto")
-    tls = TlsSettings(**client_tls(tls_ca))  # type: ignore[arg-type]
-    assert roundtrip(url, tls, f"tls/{unique}") == b"over tls"
+    assert roundtrip(url, client_settings(tls_ca), f"tls/{unique}") == b"over tls"
     bare = MqttClient(MqttSettings(url=url, tls=TlsSettings(ca_file=tls_ca.ca)))
     with pytest.raises(ConnectError) as refused:
         bare.connect(timeout=5)
     assert not isinstance(refused.value, CertificateError), refused.value
+
+
+def test_insecure_is_the_only_way_past_a_bad_certificate(
+    servers: TlsServers, tls_ca: TestCa, unique: str
+) -> None:
+    """The expired server refuses a default client; with insecure = true a message goes round."""
+    url = servers.url("mosquitto", "expired")
+    verified = MqttClient(MqttSettings(url=url, tls=client_settings(tls_ca)))
+    with pytest.raises(CertificateError, match="certificate has expired"):
+        verified.connect(timeout=5)
+    insecure = client_settings(tls_ca, insecure=True)
+    assert roundtrip(url, insecure, f"tls/{unique}") == b"over tls"
 
 
 def test_embedded_broker_serves_mqtts_next_to_mqtt(tls_ca: TestCa, unique: str) -> None:
@@ -217,9 +235,15 @@ def test_telemetry_over_mqtts_amqps_and_https_is_stored_once_each(
     wait_for(stored, 60, "every envelope to be stored over https")
     stats = store_stats(state)
     assert (stats.messages, stats.duplicates) == (300, 0)
-    series = servers.victoria.export(f'{{__name__=~"telemetry_.*",site=~"tls{unique}-.*"}}')
-    samples = sum(len(s.values) for s in series)
-    assert samples == summary["readings"], (samples, summary)
+    selector = f'{{__name__=~"telemetry_.*",site=~"tls{unique}-.*"}}'
+
+    def samples() -> int:
+        return sum(len(s.values) for s in servers.victoria.export(selector))
+
+    # Written points become searchable a moment after the write was acknowledged.
+    wait_for(lambda: samples() >= summary["readings"], 30, "every reading to be searchable")
+    counts = servers.victoria.sample_counts(selector)
+    assert (sum(counts.values()), max(counts.values())) == (summary["readings"], 1), summary
     assert bridge.terminate() == 0, services.logs()
     assert consumer.terminate() == 0, services.logs()
 
@@ -237,14 +261,20 @@ def _failing_config(
         config = write_config(workdir / "c.toml", {"mqtt": {"url": url}, "mqtt.tls": tls})
         return ["simulate", "--config", str(config), "--count", "1", "--no-progress"], url
     if link == "influxdb consume":
-        store = servers.url("victoria", cert)
-        consume = {"store": store, "http_port": 0, "state_path": str(workdir / "state.db")}
-        sections = {"consume": consume, "influxdb.tls": {"ca_file": tls["ca_file"]}}
+        influx = servers.url("victoria", cert)
+        consume = {"store": influx, "http_port": 0, "state_path": str(workdir / "state.db")}
+        sections: dict[str, Mapping[str, object]] = {
+            "consume": consume,
+            "influxdb.tls": {"ca_file": tls["ca_file"]},
+        }
         config = write_config(workdir / "c.toml", sections)
-        return ["consume", "--config", str(config)], store.replace("influxdbs://", "https://")
+        return ["consume", "--config", str(config)], influx.replace("influxdbs://", "https://")
     url = servers.url("rabbitmq", cert)
     shown = url.replace("guest:guest@", "guest@")  # the password never shows
-    amqp = {"amqp": {"url": url}, "amqp.tls": {"ca_file": tls["ca_file"]}}
+    amqp: dict[str, Mapping[str, object]] = {
+        "amqp": {"url": url},
+        "amqp.tls": {"ca_file": tls["ca_file"]},
+    }
     if link == "amqp bridge":
         bridge = {"spool_path": str(workdir / "spool.db"), "http_port": 0}
         config = write_config(workdir / "c.toml", amqp | {"bridge": bridge})
