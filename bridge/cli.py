@@ -32,6 +32,10 @@ _EXAMPLES = """
   iotpipe broker --host 0.0.0.0 --password-file passwd \\
       --acl-file configs/broker-acl.toml
 
+  [dim]# also MQTT over TLS for the LAN (mqtts://host:8883)[/dim]
+  iotpipe broker --host 0.0.0.0 --tls-port 8883 \\
+      --tls-cert broker.pem --tls-key broker.key --password-file passwd
+
   [dim]# sessions, queues and retained messages survive a restart[/dim]
   iotpipe broker --state-file state/broker/state.db
 
@@ -138,8 +142,7 @@ def broker(
 
     MQTT 3.1.1 only (docs/broker.md: how it corrects amqtt's deviations).
     With --state-file, sessions, queued and retained messages survive a restart.
-    TLS: --tls-port 8883 --tls-cert server.pem --tls-key server.key adds an mqtts:// listener
-    next to the plain one (docs/broker.md "TLS").
+    --tls-port adds an mqtts:// listener next to the plain one (docs/broker.md "TLS").
     Production sites: Mosquitto (configs/mosquitto/). SIGTERM or Ctrl-C stops it.
     """
     from bridge.broker import add_user as write_user
