@@ -189,6 +189,51 @@ def test_embedded_broker_serves_mqtts_next_to_mqtt(tls_ca: TestCa, unique: str) 
 
 
 @pytest.mark.slow
+def test_simulated_devices_publish_over_mqtts_to_an_iotpipe_broker_process(
+    tls_ca: TestCa, services: Services, tmp_path: Path
+) -> None:
+    """``iotpipe broker --tls-port ... --tls-cert ... --tls-key ...`` says it listens on mqtts://,
+    and ``iotpipe simulate`` over it gets every QoS 1 message acknowledged."""
+    port, tls_port = free_port(), free_port()
+    broker = services.spawn(
+        "broker",
+        [*IOTPIPE, "broker", "--port", str(port), "--http-port", "0", "--tls-port", str(tls_port),
+         "--tls-cert", str(tls_ca.server.cert), "--tls-key", str(tls_ca.server.key)],
+    )  # fmt: skip
+    log = tmp_path / "broker.log"
+    wait_for(lambda: "listening on" in log.read_text(), 30, "iotpipe broker to listen")
+    assert f"mqtt://127.0.0.1:{port} and mqtts://127.0.0.1:{tls_port}" in log.read_text()
+    url = f"mqtts://127.0.0.1:{tls_port}"
+    config = write_config(
+        tmp_path / "simulate.toml", {"mqtt": {"url": url}, "mqtt.tls": {"ca_file": str(tls_ca.ca)}}
+    )
+    summary = (
+        Simulator(
+            tmp_path,
+            [
+                "--config",
+                str(config),
+                "--devices",
+                "2",
+                "--count",
+                "40",
+                "--rate",
+                "20",
+                "--qos",
+                "1",
+            ],
+        )
+        .start()
+        .finish(timeout=60)
+    )
+    assert summary["messages"] == 40, summary
+    sent = summary["published"] + summary["status"]  # telemetry and the retained status messages
+    assert (summary["acknowledged"], summary["unacknowledged"]) == (sent, 0), summary
+    broker.terminate()
+    assert broker.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
 def test_telemetry_over_mqtts_amqps_and_https_is_stored_once_each(
     servers: TlsServers, tls_ca: TestCa, services: Services, tmp_path: Path, unique: str
 ) -> None:
