@@ -38,8 +38,8 @@ from pydantic import SecretStr
 from consumers.seen import Claim, RedisSeen
 from consumers.state import StateDB
 from consumers.store import DeviceStatus, Message, Reading, StoreUnavailable, WriteResult
-from iotpipe.connection import tls_context
-from iotpipe.errors import CertificateError, ConfigError, certificate_problem
+from iotpipe.connection import certificate_problem, tls_context
+from iotpipe.errors import CertificateError, ConfigError
 from iotpipe.settings import TlsSettings
 
 log = logging.getLogger(__name__)

@@ -48,8 +48,8 @@ from pika.adapters.select_connection import IOLoop  # type: ignore[import-untype
 from pika.adapters.utils import connection_workflow as pika_workflow  # type: ignore[import-untyped]
 
 from iotpipe import compat
-from iotpipe.connection import tls_context
-from iotpipe.errors import CertificateError, ConnectError, certificate_problem
+from iotpipe.connection import certificate_problem, tls_context
+from iotpipe.errors import CertificateError, ConnectError
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 from iotpipe.topics import Kind

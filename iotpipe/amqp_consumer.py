@@ -61,7 +61,8 @@ from iotpipe.amqp import (
     describe_error,
     vhost_of,
 )
-from iotpipe.errors import CertificateError, ConfigError, ConnectError, certificate_problem
+from iotpipe.connection import certificate_problem
+from iotpipe.errors import CertificateError, ConfigError, ConnectError
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 

@@ -1,8 +1,12 @@
 """Where a broker is: connection URLs, TLS files, and the ``[mqtt]`` section.
 
 Free of pydantic (:mod:`iotpipe.schema`), so the edge agent and :mod:`iotpipe.mqtt` load it on a
-small Pi without pydantic; :mod:`iotpipe.settings` re-exports every name, and pydantic sections
-(``[amqp]``) nest :class:`TlsSettings` as they would a model.
+small Pi without pydantic; :mod:`iotpipe.settings` re-exports the settings, and pydantic sections
+(``[amqp]``, ``[influxdb]``) nest :class:`TlsSettings` as they would a model.
+
+TLS is the same on every link (MQTT, AMQP, InfluxDB): :func:`tls_context` builds the client
+context (verification on unless ``insecure``), and :func:`certificate_problem` finds a refused
+server certificate in whatever a client library raised, so each link can stop with one line.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ from urllib.parse import unquote, urlsplit
 from iotpipe.errors import ConfigError
 from iotpipe.schema import Schema, setting
 
-__all__ = ["BrokerUrl", "MqttSettings", "Secret", "TlsSettings", "parse_url", "tls_context"]
+__all__ = [
+    "BrokerUrl",
+    "MqttSettings",
+    "Secret",
+    "TlsSettings",
+    "certificate_problem",
+    "parse_url",
+    "tls_context",
+]
 
 
 class Secret:
@@ -154,6 +166,28 @@ def tls_context(tls: TlsSettings, section: str) -> ssl.SSLContext:
                 f"cannot load it with key_file {key or '(none)'} ({err.strerror or err})",
             ) from None
     return context
+
+
+def certificate_problem(error: BaseException | None) -> str | None:
+    """Why the server's certificate was refused, if that is what ``error`` comes down to.
+
+    Follows ``__cause__``/``__context__`` and wrappers that keep the cause in ``reason``
+    (urllib3), ``exception`` or ``exceptions`` (pika), since clients wrap the
+    :class:`ssl.SSLCertVerificationError` differently.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen or not isinstance(err, BaseException):
+            continue
+        seen.add(id(err))
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return str(err.verify_message or err.reason or err)
+        todo += [err.__cause__, err.__context__, getattr(err, "reason", None)]
+        todo.append(getattr(err, "exception", None))
+        todo += list(getattr(err, "exceptions", None) or ())
+    return None
 
 
 class MqttSettings(Schema):

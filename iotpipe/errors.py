@@ -19,7 +19,6 @@ Envelope validation failures are *values*, not exceptions: see ``iotpipe.envelop
 
 from __future__ import annotations
 
-import ssl
 from pathlib import PurePath
 
 
@@ -83,28 +82,6 @@ class CertificateError(ConnectError):
         self.target = target
         self.reason = reason
         IotpipeError.__init__(self, f"{link} ({target}): TLS certificate verify failed: {reason}")
-
-
-def certificate_problem(error: BaseException | None) -> str | None:
-    """Why the server's certificate was refused, if that is what ``error`` comes down to.
-
-    Follows ``__cause__``/``__context__`` and wrappers that keep the cause in ``reason``
-    (urllib3), ``exception`` or ``exceptions`` (pika), since clients wrap the
-    :class:`ssl.SSLCertVerificationError` differently.
-    """
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [error]
-    while todo:
-        err = todo.pop()
-        if err is None or id(err) in seen or not isinstance(err, BaseException):
-            continue
-        seen.add(id(err))
-        if isinstance(err, ssl.SSLCertVerificationError):
-            return str(err.verify_message or err.reason or err)
-        todo += [err.__cause__, err.__context__, getattr(err, "reason", None)]
-        todo.append(getattr(err, "exception", None))
-        todo += list(getattr(err, "exceptions", None) or ())
-    return None
 
 
 class RecordingError(IotpipeError):

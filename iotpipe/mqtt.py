@@ -35,8 +35,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from iotpipe import compat
-from iotpipe.connection import MqttSettings, tls_context
-from iotpipe.errors import CertificateError, ConnectError, DeliveryError, certificate_problem
+from iotpipe.connection import MqttSettings, certificate_problem, tls_context
+from iotpipe.errors import CertificateError, ConnectError, DeliveryError
 from iotpipe.pacing import Backoff
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""The client TLS context every link uses (iotpipe.connection.tls_context), and how a refused
-certificate is recognised in what each client library raises (iotpipe.errors)."""
+"""The client TLS context every link uses, and how a refused certificate is recognised in what
+each client library raises (iotpipe.connection: tls_context, certificate_problem)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import ssl
 
 import pytest
 
-from iotpipe.connection import TlsSettings, tls_context
-from iotpipe.errors import ConfigError, certificate_problem
+from iotpipe.connection import TlsSettings, certificate_problem, tls_context
+from iotpipe.errors import ConfigError
 from tests.tlsca import TestCa
 
 
