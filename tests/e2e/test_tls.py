@@ -83,6 +83,7 @@ class TlsServers:
         node = PrivateRabbit(workdir, tls=tls)
         self._stops.append(node.kill)
         node.start()
+        self.rabbit = node
         return node.tls_url
 
     def _start_victoria(self, tls: ServerTls, workdir: Path) -> str:
@@ -237,8 +238,9 @@ def test_simulated_devices_publish_over_mqtts_to_an_iotpipe_broker_process(
 def test_telemetry_over_mqtts_amqps_and_https_is_stored_once_each(
     servers: TlsServers, tls_ca: TestCa, services: Services, tmp_path: Path, unique: str
 ) -> None:
-    """simulate -> Mosquitto (mqtts, client certificates) -> bridge -> RabbitMQ (amqps) ->
-    consumer -> VictoriaMetrics (https): every envelope is stored, each reading once."""
+    """simulate -> Mosquitto (mqtts, client certificates) -> bridge -> RabbitMQ (amqps, client
+    certificates) -> consumer -> VictoriaMetrics (https): every envelope is stored, each reading
+    once."""
     mqtt_url, amqp_url = servers.url("mosquitto"), servers.url("rabbitmq")
     store = servers.url("victoria")
     tls = client_tls(tls_ca)
@@ -251,7 +253,7 @@ def test_telemetry_over_mqtts_amqps_and_https_is_stored_once_each(
         bindings=["iotpipe.v1.#"],
         state_path=state,
         sections={
-            "amqp.tls": {"ca_file": str(tls_ca.ca)},
+            "amqp.tls": tls,
             "influxdb.tls": {"ca_file": str(tls_ca.ca)},
         },
     ).start()
@@ -261,10 +263,15 @@ def test_telemetry_over_mqtts_amqps_and_https_is_stored_once_each(
         mqtt_url=mqtt_url,
         amqp_url=amqp_url,
         client_id=f"bridge-{unique}",
-        sections={"mqtt.tls": tls, "amqp.tls": {"ca_file": str(tls_ca.ca)}},
+        sections={"mqtt.tls": tls, "amqp.tls": tls},
     ).start()
     bridge.wait_ready()
     wait_for(bridge.settled, 30, "the bridge to reach RabbitMQ over amqps")
+    listed = servers.rabbit.ctl("list_connections", "ssl", "peer_cert_subject").stdout
+    rows = listed.splitlines()[2:]  # after "Listing connections ..." and the column names
+    # The bridge (publisher, receipt relay) and the consumer, each with the client certificate.
+    assert len(rows) >= 2, listed
+    assert set(rows) == {"true\tCN=iotpipe-client"}, listed
     config = write_config(tmp_path / "simulate.toml", {"mqtt": {"url": mqtt_url}, "mqtt.tls": tls})
     sites = f"tls{unique}-{{n}}"
     summary = Simulator(
