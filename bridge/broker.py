@@ -43,6 +43,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import threading
 import time
 import tomllib
@@ -590,51 +591,79 @@ def amqtt_config(settings: BrokerSettings) -> dict[str, Any]:
         plugins[f"{__name__}.SessionQueueLimitPlugin"] = {
             "max_queued_messages": settings.max_queued_messages
         }
+    listeners: dict[str, dict[str, Any]] = {
+        "default": {"type": "tcp", "bind": f"{settings.host}:{settings.port}"}
+    }
+    if settings.tls_port:
+        listeners["tls"] = _tls_listener(settings)
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{settings.host}:{settings.port}"}},
+        "listeners": listeners,
         "session_expiry_interval": settings.session_expiry or None,
         "plugins": plugins,
     }
 
 
-def _bind_error(settings: BrokerSettings, err: OSError) -> ConfigError:
-    """Turn a failed bind into one line naming the setting to change."""
+def _tls_listener(settings: BrokerSettings) -> dict[str, Any]:
+    """amqtt's config of the ``tls_port`` listener, once its files are known to load.
+
+    Raises:
+        ConfigError: the certificate or the key is missing, unreadable or not a pair.
+    """
+    cert, key = settings.tls_cert_file, settings.tls_key_file
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as err:
+        reason = getattr(err, "strerror", None) or getattr(err, "reason", None) or str(err)
+        raise ConfigError(
+            "broker.tls_cert_file", str(cert), f"cannot load it with {key} ({reason})"
+        ) from None
+    return {
+        "type": "tcp",
+        "bind": f"{settings.host}:{settings.tls_port}",
+        "ssl": True,
+        "certfile": str(cert),
+        "keyfile": str(key),
+    }
+
+
+def _bind_error(settings: BrokerSettings, field: str, port: int, err: OSError) -> ConfigError:
+    """Turn a failed bind of ``port`` (setting ``field``) into one line naming the setting."""
     if isinstance(err, socket.gaierror):
         return ConfigError("broker.host", settings.host, "cannot resolve this name")
     if err.errno == errno.EADDRINUSE:
         return ConfigError(
-            "broker.port",
-            settings.port,
-            f"{settings.host}:{settings.port} is already in use (another broker running? pick --port)",
+            field,
+            port,
+            f"{settings.host}:{port} is already in use (another broker running? pick another port)",
         )
     if err.errno == errno.EADDRNOTAVAIL:
         return ConfigError("broker.host", settings.host, "not an address of this machine")
     if err.errno == errno.EACCES:
-        return ConfigError(
-            "broker.port", settings.port, "permission denied (ports below 1024 need root)"
-        )
-    return ConfigError(
-        "broker.host", f"{settings.host}:{settings.port}", f"cannot listen there ({err})"
-    )
+        return ConfigError(field, port, "permission denied (ports below 1024 need root)")
+    return ConfigError("broker.host", f"{settings.host}:{port}", f"cannot listen there ({err})")
 
 
 def check_bind(settings: BrokerSettings) -> None:
-    """Try to bind the listen address, so a busy port is one clear error and not a traceback.
+    """Try to bind the listen addresses, so a busy port is one clear error and not a traceback.
 
     Raises:
-        ConfigError: the address cannot be bound.
+        ConfigError: an address cannot be bound.
     """
-    try:
-        infos = socket.getaddrinfo(
-            settings.host, settings.port, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
-        for family, kind, proto, _, address in infos:
-            with socket.socket(family, kind, proto) as sock:
-                # The same option asyncio's start_server uses, so TIME_WAIT leftovers don't count.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(address)
-    except OSError as err:
-        raise _bind_error(settings, err) from None
+    ports = [("broker.port", settings.port)]
+    if settings.tls_port:
+        ports.append(("broker.tls_port", settings.tls_port))
+    for name, port in ports:
+        try:
+            infos = socket.getaddrinfo(
+                settings.host, port, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+            for family, kind, proto, _, address in infos:
+                with socket.socket(family, kind, proto) as sock:
+                    # The option asyncio's start_server uses, so TIME_WAIT leftovers don't count.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(address)
+        except OSError as err:
+            raise _bind_error(settings, name, port, err) from None
 
 
 class _QuietAmqttErrors(logging.Filter):
@@ -1246,7 +1275,7 @@ class EmbeddedBroker:
                 raise
             cause = err.__cause__
             if isinstance(cause, OSError):
-                raise _bind_error(self.settings, cause) from None
+                raise _bind_error(self.settings, "broker.port", self.settings.port, cause) from None
             raise ConfigError("broker", self.settings.url, f"amqtt cannot start ({err})") from None
         self._broker = broker
         if store is not None and state is not None:
@@ -1424,6 +1453,7 @@ def describe(settings: BrokerSettings, metrics_url: str | None = None) -> str:
         else "off (anyone may connect)"
     )
     acl = f"{settings.acl_file}" if settings.acl_file else "off"
+    tls = f" and mqtts://{settings.host}:{settings.tls_port}" if settings.tls_port else ""
     exposed = " (every interface!)" if settings.host == "0.0.0.0" else ""  # noqa: S104 - a warning, not a bind
     metrics = f"; {metrics_url}/metrics" if metrics_url else ""
     state = (
@@ -1432,7 +1462,7 @@ def describe(settings: BrokerSettings, metrics_url: str | None = None) -> str:
         else "state in memory (lost at restart)"
     )
     return (
-        f"iotpipe broker listening on {settings.url}{exposed}; MQTT 3.1.1 (amqtt); "
+        f"iotpipe broker listening on {settings.url}{tls}{exposed}; MQTT 3.1.1 (amqtt); "
         f"auth {auth}; acl {acl}; {state}{metrics}"
     )
 

@@ -32,6 +32,10 @@ _EXAMPLES = """
   iotpipe broker --host 0.0.0.0 --password-file passwd \\
       --acl-file configs/broker-acl.toml
 
+  [dim]# also MQTT over TLS for the LAN (mqtts://host:8883)[/dim]
+  iotpipe broker --host 0.0.0.0 --tls-port 8883 \\
+      --tls-cert broker.pem --tls-key broker.key --password-file passwd
+
   [dim]# sessions, queues and retained messages survive a restart[/dim]
   iotpipe broker --state-file state/broker/state.db
 
@@ -77,6 +81,33 @@ def broker(
             dir_okay=False,
         ),
     ] = None,
+    tls_port: Annotated[
+        int | None,
+        typer.Option(
+            "--tls-port",
+            help="Also listen for MQTT over TLS (mqtts://) on this port, e.g. 8883; needs "
+            "--tls-cert and --tls-key. \\[default: 0 = no TLS listener]",
+            show_default=False,
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            help="Server certificate (PEM; intermediates after it) of the --tls-port listener.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-key",
+            help="Private key (PEM, unencrypted) of --tls-cert.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
     http_port: Annotated[
         int | None,
         typer.Option(
@@ -111,6 +142,7 @@ def broker(
 
     MQTT 3.1.1 only (docs/broker.md: how it corrects amqtt's deviations).
     With --state-file, sessions, queued and retained messages survive a restart.
+    --tls-port adds an mqtts:// listener next to the plain one (docs/broker.md "TLS").
     Production sites: Mosquitto (configs/mosquitto/). SIGTERM or Ctrl-C stops it.
     """
     from bridge.broker import add_user as write_user
@@ -122,6 +154,9 @@ def broker(
         "port": port,
         "password_file": password_file,
         "acl_file": acl_file,
+        "tls_port": tls_port,
+        "tls_cert_file": tls_cert,
+        "tls_key_file": tls_key,
         "http_port": http_port,
         "state_file": state_file,
     }

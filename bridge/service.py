@@ -56,7 +56,7 @@ from iotpipe.amqp import (
     telemetry_properties,
 )
 from iotpipe.envelope import Envelope, Rejection, Status, decode
-from iotpipe.errors import ConnectError
+from iotpipe.errors import CertificateError, ConnectError
 from iotpipe.health import HealthServer
 from iotpipe.mqtt import Message, MessageHandler, MqttClient, SubscriberFactory
 from iotpipe.pacing import TokenBucket
@@ -611,10 +611,13 @@ class Bridge:
 
         Raises:
             ConnectError: a broker cannot be reached at start-up.
+            CertificateError: a broker's TLS certificate failed verification.
         """
         threading.current_thread().name = "iotpipe-bridge"
         try:
             self.publisher.start(retry=True)
+        except CertificateError:
+            raise  # a refused certificate is a person's to fix, not an outage to spool through
         except ConnectError as err:
             # RabbitMQ away at start-up is what the spool is for (the publisher keeps trying
             # in the background); MQTT away is fatal.

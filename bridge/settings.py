@@ -152,6 +152,26 @@ class BrokerSettings(Section):
         "loses at most this much; a clean stop saves everything)",
     )
 
+    tls_port: int = Field(
+        0, ge=0, le=65535, description="port of an MQTT-over-TLS listener (8883 is usual); 0 = none"
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="server certificate (PEM, chain after it) of the tls_port listener"
+    )
+    tls_key_file: Path | None = Field(
+        None, validate_default=True, description="its private key (PEM, unencrypted)"
+    )
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_files(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        files = (info.data.get("tls_cert_file"), value)
+        if info.data.get("tls_port") and None in files:
+            raise ValueError("tls_port needs tls_cert_file and tls_key_file")
+        if not info.data.get("tls_port") and files != (None, None):
+            raise ValueError("TLS files without tls_port: set the port of the TLS listener")
+        return value
+
     @field_validator("host")
     @classmethod
     def _plain_host(cls, value: str) -> str:

@@ -32,12 +32,15 @@ import urllib3
 from influxdb_client.client.influxdb_client import InfluxDBClient
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
+from influxdb_client.service.ping_service import PingService
 from pydantic import SecretStr
 
 from consumers.seen import Claim, RedisSeen
 from consumers.state import StateDB
 from consumers.store import DeviceStatus, Message, Reading, StoreUnavailable, WriteResult
-from iotpipe.errors import ConfigError
+from iotpipe.connection import certificate_problem, tls_context
+from iotpipe.errors import CertificateError, ConfigError
+from iotpipe.settings import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,7 @@ class InfluxStore:
         seen: seen ids shared with consumers on other hosts, or None for this host only.
         measurement: the measurement of every point.
         timeout_s: seconds a write request may take before the batch is retried.
+        tls: for ``https://``: CA bundle (default: the system's), client certificate, insecure.
         clock: epoch milliseconds now (the start of each id's retention window).
 
     Raises:
@@ -172,6 +176,7 @@ class InfluxStore:
         seen: RedisSeen | None = None,
         measurement: str = "telemetry",
         timeout_s: float = 10.0,
+        tls: TlsSettings | None = None,
         clock: Callable[[], int] = _now_ms,
     ) -> None:
         if not url.startswith(("http://", "https://")):
@@ -186,8 +191,15 @@ class InfluxStore:
         self.state = state
         self.seen = seen
         self._clock = clock
+        tls = tls or TlsSettings()
         self._client = InfluxDBClient(
-            url=url, token=secret, org=org, timeout=int(timeout_s * 1000), retries=False
+            url=url,
+            token=secret,
+            org=org,
+            timeout=int(timeout_s * 1000),
+            retries=False,
+            verify_ssl=not tls.insecure,
+            ssl_context=tls_context(tls, "influxdb.tls") if url.startswith("https://") else None,
         )
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
 
@@ -274,6 +286,25 @@ class InfluxStore:
         self.state.check()
         if self.seen is not None:
             self.seen.check()
+
+    def check_certificate(self) -> None:
+        """For ``https://``, ask ``/ping`` once and fail if the server's certificate is refused.
+
+        A server that is down or slow is left to the write path (batches are held and retried);
+        a certificate that fails verification would fail every retry, so it stops the start.
+
+        Raises:
+            CertificateError: the server's TLS certificate failed verification.
+        """
+        if not self.url.startswith("https://"):
+            return
+        try:
+            PingService(self._client.api_client).get_ping()  # type: ignore[no-untyped-call]
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as err:
+            problem = certificate_problem(err)
+            if problem is not None:
+                raise CertificateError("influxdb", self.url, problem) from None
+            log.info("influxdb not answering at start url=%s reason=%s", self.url, err)
 
     def close(self) -> None:
         """Close the HTTP client, the state file and the Redis connections."""

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 
 from iotpipe.errors import ConfigError
-from iotpipe.settings import DEFAULT_STORE_URL, Section
+from iotpipe.settings import DEFAULT_STORE_URL, Section, TlsSettings
 
 DAY_S = 86_400.0
 
@@ -177,3 +177,4 @@ class InfluxSettings(Section):
     token: SecretStr = Field(SecretStr(""), description="API token with write access")
     measurement: str = Field("telemetry", min_length=1, description="measurement name")
     timeout: float = Field(10.0, gt=0, le=300, description="seconds per write request")
+    tls: TlsSettings = TlsSettings()

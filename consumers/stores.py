@@ -11,6 +11,7 @@ def open_store(settings: ConsumeSettings, influx: InfluxSettings) -> Store:
 
     Raises:
         ConfigError: the store cannot be opened with these settings.
+        CertificateError: an ``influxdbs://`` server's TLS certificate failed verification.
     """
     target = settings.target
     if isinstance(target, InfluxTarget):
@@ -39,7 +40,7 @@ def _open_influx(target: InfluxTarget, settings: ConsumeSettings, influx: Influx
     seen = (
         RedisSeen(settings.dedupe, retention_ms=settings.retention_ms) if settings.dedupe else None
     )
-    return InfluxStore(
+    store = InfluxStore(
         target.url,
         org=influx.org,
         bucket=influx.bucket,
@@ -48,4 +49,7 @@ def _open_influx(target: InfluxTarget, settings: ConsumeSettings, influx: Influx
         seen=seen,
         measurement=influx.measurement,
         timeout_s=influx.timeout,
+        tls=influx.tls,
     )
+    store.check_certificate()
+    return store

@@ -48,7 +48,8 @@ from pika.adapters.select_connection import IOLoop  # type: ignore[import-untype
 from pika.adapters.utils import connection_workflow as pika_workflow  # type: ignore[import-untyped]
 
 from iotpipe import compat
-from iotpipe.errors import ConnectError
+from iotpipe.connection import certificate_problem, tls_context
+from iotpipe.errors import CertificateError, ConnectError
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 from iotpipe.topics import Kind
@@ -598,13 +599,7 @@ def connection_parameters(
     )
     options: dict[str, Any] = {}
     if url.tls:
-        tls = settings.tls
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        if tls.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if tls.cert_file is not None:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        context = tls_context(settings.tls, "amqp.tls")
         options["ssl_options"] = pika.SSLOptions(context, server_hostname=url.host)
     if credentials is not None:
         options["credentials"] = credentials
@@ -722,6 +717,7 @@ class ConfirmingPublisher:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._start_error: str | None = None
+        self._certificate_problem: str | None = None
         self._settled = threading.Condition()
         self._flushing = 0
         self._retry_start = False
@@ -763,6 +759,8 @@ class ConfirmingPublisher:
         Raises:
             ConnectError: the broker is unreachable, refused the login or the virtual host,
                 rejected the topology, or did not finish in time.
+            CertificateError: the broker's TLS certificate failed verification (also with
+                ``retry``: the publisher stops).
             RuntimeError: the publisher was already started.
         """
         if self._thread is not None:
@@ -776,11 +774,13 @@ class ConfirmingPublisher:
             self._start_error = f"not ready within {wait:g} s"
             if not retry:
                 self._ioloop.add_callback_threadsafe(self._begin_close)
-        if self._start_error is not None and retry:
+        if self._start_error is not None and retry and self._certificate_problem is None:
             raise ConnectError(self.url.redacted(), self._start_error)  # still trying
         if self._start_error is not None:
             self._thread.join(timeout=wait + 5)
             self._accepting = False
+            if self._certificate_problem is not None:
+                raise CertificateError("amqp", self.url.redacted(), self._certificate_problem)
             raise ConnectError(self.url.redacted(), self._start_error)
         log.info("amqp publisher ready url=%s window=%d", self.url, self.window)
 
@@ -941,9 +941,12 @@ class ConfirmingPublisher:
     def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
         self._connection = None
         reason = describe_error(error)
+        # A refused certificate stays refused: not retried even by start(retry=True).
+        problem = None if self._started.is_set() else certificate_problem(error)
         if self._closing:
             self._finish()
-        elif not self._started.is_set() and not self._retry_start:
+        elif not self._started.is_set() and (not self._retry_start or problem is not None):
+            self._certificate_problem = problem
             self._start_error = reason
             self._started.set()
             self._ioloop.stop()

@@ -61,7 +61,8 @@ from iotpipe.amqp import (
     describe_error,
     vhost_of,
 )
-from iotpipe.errors import ConfigError, ConnectError
+from iotpipe.connection import certificate_problem
+from iotpipe.errors import CertificateError, ConfigError, ConnectError
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
 
@@ -389,6 +390,7 @@ class BatchConsumer:
                 when ``timeout`` ran out).
             ConfigError: the queue exists with other arguments, or the broker is too old for
                 a quorum queue. Never retried: a person must fix it.
+            CertificateError: the broker's TLS certificate failed verification. Never retried.
         """
         if self.connected:
             return
@@ -402,6 +404,8 @@ class BatchConsumer:
             remaining = _CONNECT_TIMEOUT if deadline is None else deadline - time.monotonic()
             try:
                 self._open(min(_CONNECT_TIMEOUT, max(remaining, 0.1)))
+            except CertificateError:
+                raise  # a person must fix the certificate or the CA: retrying cannot help
             except ConnectError as err:
                 delay = self._backoff.next_delay()
                 if deadline is not None and time.monotonic() + delay >= deadline:
@@ -430,6 +434,9 @@ class BatchConsumer:
         try:
             connection = pika.BlockingConnection(params)
         except (pika_errors.AMQPError, OSError) as err:
+            problem = certificate_problem(err)
+            if problem is not None:
+                raise CertificateError("amqp", self.url.redacted(), problem) from None
             raise ConnectError(self.url.redacted(), describe_error(err)) from None
         try:
             version = compat.pika_server_version(connection)

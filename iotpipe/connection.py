@@ -1,19 +1,33 @@
 """Where a broker is: connection URLs, TLS files, and the ``[mqtt]`` section.
 
 Free of pydantic (:mod:`iotpipe.schema`), so the edge agent and :mod:`iotpipe.mqtt` load it on a
-small Pi without pydantic; :mod:`iotpipe.settings` re-exports every name, and pydantic sections
-(``[amqp]``) nest :class:`TlsSettings` as they would a model.
+small Pi without pydantic; :mod:`iotpipe.settings` re-exports the settings, and pydantic sections
+(``[amqp]``, ``[influxdb]``) nest :class:`TlsSettings` as they would a model.
+
+TLS is the same on every link (MQTT, AMQP, InfluxDB): :func:`tls_context` builds the client
+context (verification on unless ``insecure``), and :func:`certificate_problem` finds a refused
+server certificate in whatever a client library raised, so each link can stop with one line.
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from iotpipe.errors import ConfigError
 from iotpipe.schema import Schema, setting
 
-__all__ = ["BrokerUrl", "MqttSettings", "Secret", "TlsSettings", "parse_url"]
+__all__ = [
+    "BrokerUrl",
+    "MqttSettings",
+    "Secret",
+    "TlsSettings",
+    "certificate_problem",
+    "parse_url",
+    "tls_context",
+]
 
 
 class Secret:
@@ -116,6 +130,64 @@ class TlsSettings(Schema):
         None, "client private key (PEM) for mutual TLS", check=_existing_file
     )
     insecure: bool = setting(False, "skip server certificate verification (testing only)")
+
+
+def tls_context(tls: TlsSettings, section: str) -> ssl.SSLContext:
+    """The client TLS context of one link: the same rules for MQTT, AMQP and InfluxDB.
+
+    The server's certificate must chain to ``tls.ca_file`` (default: the system's CA bundle) and
+    name the host connected to, unless ``tls.insecure``; ``tls.cert_file`` and ``tls.key_file``
+    are presented to a server that asks for a client certificate.
+
+    Args:
+        tls: the link's TLS files.
+        section: where they were set, e.g. ``mqtt.tls``, for the error message.
+
+    Raises:
+        ConfigError: a file is not PEM, or the key does not belong to the certificate.
+    """
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"{section}.ca_file", tls.ca_file, f"not a PEM CA bundle ({err})"
+        ) from None
+    if tls.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file is not None:
+        key = str(tls.key_file) if tls.key_file else None
+        try:
+            context.load_cert_chain(str(tls.cert_file), key)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(
+                f"{section}.cert_file",
+                tls.cert_file,
+                f"cannot load it with key_file {key or '(none)'} ({err.strerror or err})",
+            ) from None
+    return context
+
+
+def certificate_problem(error: BaseException | None) -> str | None:
+    """Why the server's certificate was refused, if that is what ``error`` comes down to.
+
+    Follows ``__cause__``/``__context__`` and wrappers that keep the cause in ``reason``
+    (urllib3), ``exception`` or ``exceptions`` (pika), since clients wrap the
+    :class:`ssl.SSLCertVerificationError` differently.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen or not isinstance(err, BaseException):
+            continue
+        seen.add(id(err))
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return str(err.verify_message or err.reason or err)
+        todo += [err.__cause__, err.__context__, getattr(err, "reason", None)]
+        todo.append(getattr(err, "exception", None))
+        todo += list(getattr(err, "exceptions", None) or ())
+    return None
 
 
 class MqttSettings(Schema):

@@ -7,6 +7,7 @@ traceback. Anything else is a bug and keeps its traceback.
     IotpipeError
     ├── ConfigError          a setting is invalid (names the field, the value, what is allowed)
     ├── ConnectError         a broker or server cannot be reached or refused us
+    │   └── CertificateError a server's TLS certificate failed verification (exit 2)
     ├── RecordingError       a recording file is unreadable or malformed
     ├── DeliveryError        a broker refused or lost acknowledgements
     ├── iotpipe.pack.PackError     bytes that are not a valid pack (the packed uplink)
@@ -60,6 +61,27 @@ class ConnectError(IotpipeError):
         self.target = target
         self.reason = reason
         super().__init__(f"cannot connect to {target}: {reason}")
+
+
+class CertificateError(ConnectError):
+    """A server's TLS certificate failed verification: retrying cannot help, a person must act.
+
+    Raised at start-up for a wrong CA, an expired certificate or one for another host name,
+    instead of retrying as for a broker that is away.
+
+    Attributes:
+        link: which connection, ``mqtt``, ``amqp`` or ``influxdb``.
+        target: the URL, without credentials.
+        reason: what the TLS library said, e.g. ``certificate has expired``.
+    """
+
+    exit_code = 2
+
+    def __init__(self, link: str, target: str, reason: str) -> None:
+        self.link = link
+        self.target = target
+        self.reason = reason
+        IotpipeError.__init__(self, f"{link} ({target}): TLS certificate verify failed: {reason}")
 
 
 class RecordingError(IotpipeError):

@@ -35,8 +35,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from iotpipe import compat
-from iotpipe.connection import MqttSettings
-from iotpipe.errors import ConnectError, DeliveryError
+from iotpipe.connection import MqttSettings, certificate_problem, tls_context
+from iotpipe.errors import CertificateError, ConnectError, DeliveryError
 from iotpipe.pacing import Backoff
 
 log = logging.getLogger(__name__)
@@ -301,14 +301,8 @@ class MqttClient:
             password = self.url.password.get_secret_value() if self.url.password else None
             client.username_pw_set(self.url.username, password)
         if self.url.tls:
-            tls = settings.tls
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
-            )
-            client.tls_insecure_set(tls.insecure)
+            client.tls_set_context(tls_context(settings.tls, "mqtt.tls"))
+            client.tls_insecure_set(settings.tls.insecure)
         if will is not None:
             client.will_set(will.topic, will.payload, will.qos, will.retain)
         client.on_connect = self._handle_connect
@@ -397,11 +391,15 @@ class MqttClient:
 
         Raises:
             ConnectError: the broker is unreachable, refused us, or did not answer in time.
+            CertificateError: the broker's TLS certificate failed verification.
         """
         self._connack = None
         try:
             self._client.connect(self.url.host, self.url.port, self.settings.keepalive)
         except (OSError, ssl.SSLError) as err:
+            problem = certificate_problem(err)
+            if problem is not None:
+                raise CertificateError("mqtt", self.url.redacted(), problem) from None
             raise ConnectError(self.url.redacted(), _os_reason(err)) from None
         if _install_buffer(self._client) is None:
             log.debug("mqtt buffered socket not installed; using paho's own loop url=%s", self.url)

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_replay", "tests.rabbitmq", "tests.victoria"]
+pytest_plugins = ["tests.fixtures_replay", "tests.tlsca", "tests.rabbitmq", "tests.victoria"]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -38,6 +38,7 @@ import pytest
 from iotpipe.amqp import describe_error
 from iotpipe.settings import AmqpSettings
 from tests.conftest import free_port
+from tests.tlsca import ServerTls
 
 SHARED_URL = "amqp://guest:guest@127.0.0.1:5672/"
 URL_ENV = "IOTPIPE_TEST_AMQP_URL"
@@ -65,10 +66,18 @@ class PrivateRabbit:
         port: its AMQP port.
         dist_port: its Erlang distribution port.
         mqtt_port: its MQTT port, when started with the MQTT plugin (else None).
+        tls_port: its AMQPS port, when made with ``tls`` (else None).
         start_seconds: how long each :meth:`start` took, in order.
     """
 
-    def __init__(self, workdir: Path, *, mqtt: bool = False, mqtt_port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        mqtt: bool = False,
+        mqtt_port: int | None = None,
+        tls: ServerTls | None = None,
+    ) -> None:
         binaries = rabbitmq_bin()
         if binaries is None:
             raise RuntimeError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
@@ -95,6 +104,17 @@ class PrivateRabbit:
         if self.mqtt_port is not None:
             plugins.append("rabbitmq_mqtt")
             config.append(f"mqtt.listeners.tcp.1 = 127.0.0.1:{self.mqtt_port}")
+        self.tls_port = free_port() if tls is not None else None
+        if tls is not None:
+            # Clients with a certificate of the CA may present it; none is required.
+            config += [
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}",
+                f"ssl_options.cacertfile = {tls.ca}",
+                f"ssl_options.certfile = {tls.cert}",
+                f"ssl_options.keyfile = {tls.key}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = false",
+            ]
         (workdir / "rabbitmq.conf").write_text("\n".join(config) + "\n")
         (workdir / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         # Replaces /etc/rabbitmq/rabbitmq-env.conf, which names the shared node.
@@ -104,6 +124,12 @@ class PrivateRabbit:
     def url(self) -> str:
         """``amqp://guest:guest@127.0.0.1:PORT/`` (guest may log in over loopback)."""
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def tls_url(self) -> str:
+        """``amqps://guest:guest@127.0.0.1:TLS_PORT/`` (a node made with ``tls``)."""
+        assert self.tls_port is not None, "this node has no TLS listener"
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/"
 
     @property
     def running(self) -> bool:

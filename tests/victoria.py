@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -37,6 +38,7 @@ import pytest
 import redis
 
 from tests.conftest import free_port, wait_for
+from tests.tlsca import ServerTls
 
 BINARY = "victoria-metrics"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -61,18 +63,20 @@ class Victoria:
     """A private VictoriaMetrics process on ``127.0.0.1:port`` with its data under ``workdir``.
 
     Attributes:
-        url: ``http://127.0.0.1:PORT``, for ``InfluxStore`` and influxdb-client.
+        url: ``http://127.0.0.1:PORT`` (``https://`` when made with ``tls``), for
+            ``InfluxStore`` and influxdb-client.
         start_seconds: how long :meth:`start` took.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: ServerTls | None = None) -> None:
         binary = shutil.which(BINARY) or shutil.which(BINARY, path="/usr/bin:/usr/sbin")
         if binary is None:
             raise FileNotFoundError(f"{BINARY} is not installed")
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log = workdir / "victoria-metrics.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start_seconds = 0.0
@@ -93,6 +97,8 @@ class Victoria:
             "-selfScrapeInterval=0",
             "-loggerLevel=WARN",
         ]
+        if self.tls is not None:
+            args += ["-tls", f"-tlsCertFile={self.tls.cert}", f"-tlsKeyFile={self.tls.key}"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -161,7 +167,9 @@ class Victoria:
         return counts
 
     def _get(self, path: str) -> str:
-        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+        # The harness's own probes need no verification: what it serves may be a bad certificate.
+        context = ssl._create_unverified_context() if self.tls else None
+        with urllib.request.urlopen(self.url + path, timeout=10, context=context) as response:
             return str(response.read().decode())
 
 

@@ -8,7 +8,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+import bridge.broker
 from bridge.broker import (
     Acl,
     BrokerThread,
@@ -24,6 +26,7 @@ from iotpipe.mqtt import Message, Will, pump_until
 from iotpipe.settings import load
 from tests.bridge.conftest import CONFIGS, Credentials, StartBroker, client, password_of
 from tests.conftest import AmqttThread, amqtt_config, free_port, wait_for
+from tests.tlsca import TestCa
 
 # -- pure rules -------------------------------------------------------------------------------
 
@@ -195,10 +198,13 @@ def test_sample_broker_config_loads_and_documents_the_defaults(tmp_path: Path) -
     )
     data = tomllib.loads(uncommented.read_text())["broker"]
     assert set(data) == set(BrokerSettings.model_fields), "every option is in the sample"
-    settings = load(BrokerSettings, "broker", config_file=uncommented, environ={})
+    # The example TLS files need a TLS port (files without one are refused).
+    tls_on = {"IOTPIPE_BROKER__TLS_PORT": "8883"}
+    settings = load(BrokerSettings, "broker", config_file=uncommented, environ=tls_on)
     defaults = BrokerSettings()
+    off_with_example = ("password_file", "acl_file", "state_file", "tls_port", "tls_cert_file")
     for name in BrokerSettings.model_fields:
-        if name not in ("password_file", "acl_file", "state_file"):  # "off", with an example
+        if name not in (*off_with_example, "tls_key_file"):
             assert getattr(settings, name) == getattr(defaults, name), name
 
 
@@ -599,3 +605,23 @@ def test_mqtt5_clients_are_refused(embedded_broker: BrokerThread, unique: str) -
     finally:
         v5.disconnect()
     assert results == ["Unsupported protocol version"]
+
+
+def test_a_tls_listener_needs_its_port_and_both_files(tls_ca: TestCa) -> None:
+    """tls_port without a certificate and key, or the files without tls_port, are refused."""
+    with pytest.raises(ValidationError, match="tls_port needs tls_cert_file and tls_key_file"):
+        BrokerSettings(tls_port=8883, tls_cert_file=tls_ca.server.cert)
+    with pytest.raises(ValidationError, match="TLS files without tls_port"):
+        BrokerSettings(tls_cert_file=tls_ca.server.cert, tls_key_file=tls_ca.server.key)
+
+
+def test_a_key_that_is_not_the_certificates_is_one_config_error(tls_ca: TestCa) -> None:
+    """The TLS files are loaded before amqtt starts: a mismatched key names the setting."""
+    settings = BrokerSettings(
+        port=free_port(),
+        tls_port=free_port(),
+        tls_cert_file=tls_ca.server.cert,
+        tls_key_file=tls_ca.client.key,
+    )
+    with pytest.raises(ConfigError, match=r"broker\.tls_cert_file=.*cannot load it with"):
+        bridge.broker.amqtt_config(settings)

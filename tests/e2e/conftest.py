@@ -244,9 +244,11 @@ class Services:
         client_id: str,
         shared_group: str = "",
         topics: Sequence[str] | None = None,
+        sections: Mapping[str, Mapping[str, object]] | None = None,
         **more: object,
     ) -> Service:
-        """A bridge with its own client id and spool (not started yet); ``more``: [bridge] settings."""
+        """A bridge with its own client id and spool (not started yet); ``more``: [bridge] settings,
+        ``sections``: more sections of its config (e.g. ``{"mqtt.tls": {...}}``)."""
         bridge: dict[str, object] = {
             "client_id": client_id,
             "spool_path": self.workdir / f"{name}.spool.db",
@@ -257,10 +259,12 @@ class Services:
             bridge["shared_group"] = shared_group
         if topics is not None:
             bridge["topics"] = list(topics)
-        config = write_config(
-            self.workdir / f"{name}.toml",
-            {"mqtt": {"url": mqtt_url}, "amqp": {"url": amqp_url}, "bridge": bridge},
-        )
+        config_sections: dict[str, Mapping[str, object]] = {
+            "mqtt": {"url": mqtt_url},
+            "amqp": {"url": amqp_url},
+            "bridge": bridge,
+        }
+        config = write_config(self.workdir / f"{name}.toml", config_sections | dict(sections or {}))
         return self._add(Service(self.workdir, name, "bridge", config))
 
     def consumer(
@@ -271,9 +275,11 @@ class Services:
         store: str,
         queue: str,
         bindings: Sequence[str],
+        sections: Mapping[str, Mapping[str, object]] | None = None,
         **more: object,
     ) -> Service:
-        """A consumer on ``queue`` writing to ``store`` (not started yet)."""
+        """A consumer on ``queue`` writing to ``store`` (not started yet); ``sections`` as for
+        :meth:`bridge`."""
         consume: dict[str, object] = {
             "store": store,
             "queue": queue,
@@ -284,9 +290,11 @@ class Services:
             # consumer): the default 9182 may belong to a pipeline running on this machine.
             "http_port": 0,
         } | more
-        config = write_config(
-            self.workdir / f"{name}.toml", {"amqp": {"url": amqp_url}, "consume": consume}
-        )
+        config_sections: dict[str, Mapping[str, object]] = {
+            "amqp": {"url": amqp_url},
+            "consume": consume,
+        }
+        config = write_config(self.workdir / f"{name}.toml", config_sections | dict(sections or {}))
         return self._add(Service(self.workdir, name, "consume", config))
 
     def agent(self, name: str, *, mqtt_url: str, site: str, **edge: object) -> EdgeAgent:
