@@ -44,7 +44,7 @@ from rich.table import Table
 from rich.text import Text
 
 from iotpipe.errors import ConfigError, ConnectError, IotpipeError
-from iotpipe.options import ConfigOption
+from iotpipe.options import ConfigOption, warn_password_in_flag
 from iotpipe.schema import layered
 from iotpipe.settings import (
     DEFAULT_STORE_URL,
@@ -912,6 +912,7 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
             "--mqtt",
             help="Use this edge broker (mqtt:// or mqtts://) instead of starting one.",
             show_default=False,
+            callback=warn_password_in_flag("--mqtt", "mqtt"),
         ),
     ] = None,
     mosquitto: Annotated[
@@ -933,6 +934,7 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
             help="Use this RabbitMQ (amqp:// or amqps://). \\[default: the one on 127.0.0.1:5672, "
             "else a private node]",
             show_default=False,
+            callback=warn_password_in_flag("--amqp", "amqp"),
         ),
     ] = None,
     rabbitmq: Annotated[
