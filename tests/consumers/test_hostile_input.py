@@ -116,7 +116,7 @@ def test_nasty_bodies_are_dead_lettered_and_their_neighbours_stored(
     source.add(KEY, envelope("s1", "d1", 900_002), message_id="s1-d1-900002")
     _process(service, source)
     held = service.totals.messages + service.totals.duplicates
-    assert held - stored == 2 + 1  # + duplicate_keys: the last key wins
+    assert held - stored == 2
     dead = {d.delivery.message_id: d.reason for d in source.dead_letters[before:]}
-    assert set(dead) == set(nasty) - {"duplicate_keys"}
+    assert set(dead) == set(nasty)
     assert set(dead.values()) <= REASONS
