@@ -49,8 +49,12 @@ def warn_password_in_flag(flag: str, section: str) -> Callable[[str | None], str
     return check
 
 
+#: RabbitMQ's built-in login (loopback only), the default URL's: public, nothing to warn about.
+_PUBLIC_LOGIN = "://guest:guest@"
+
+
 def _has_password(url: str) -> bool:
-    return redact_url(url) != url
+    return redact_url(url) != url and _PUBLIC_LOGIN not in url
 
 
 ConfigOption = Annotated[

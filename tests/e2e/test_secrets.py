@@ -183,3 +183,5 @@ def test_a_password_in_a_url_flag_gets_one_warning_and_the_environment_none() ->
     assert "warning:" not in quiet.stderr
     no_password = _run("watch", "--mqtt", "mqtt://u@127.0.0.1:1", "--duration", "1", env=_env())
     assert "warning:" not in no_password.stderr
+    public = _run("watch", "--mqtt", "mqtt://guest:guest@127.0.0.1:1", "--duration", "1")
+    assert "warning:" not in public.stderr  # RabbitMQ's default login is no secret
