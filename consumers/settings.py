@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 
 from iotpipe.errors import ConfigError
+from iotpipe.schema import redact_url
 from iotpipe.settings import DEFAULT_STORE_URL, Section, TlsSettings
 
 DAY_S = 86_400.0
@@ -70,6 +71,12 @@ def parse_store(value: str, *, field: str = "--store") -> SqliteTarget | InfluxT
             raise ConfigError(field, value, "expected sqlite:///relative.db or sqlite:////abs.db")
         return SqliteTarget(Path(rest[1:]))
     if scheme in ("influxdb", "influxdbs"):
+        if "@" in value:  # credentials: refused before parsing, so no error can echo them
+            raise ConfigError(
+                field,
+                redact_url(value),
+                "expected influxdb://host:port (the token goes in [influxdb].token)",
+            )
         try:
             parts = urlsplit(value)
             port = parts.port or 8086

@@ -91,6 +91,16 @@ def parse_url(value: str, schemes: tuple[str, ...]) -> BrokerUrl:
     allowed = " or ".join(f"{s}://[user:pass@]host[:port]" for s in schemes)
     try:
         parts = urlsplit(value)
+    except ValueError as err:
+        raise ValueError(f"{err}; expected {allowed}") from None
+    if "@" not in parts.netloc and "@" in value.partition("://")[2]:
+        # urlsplit ended the host at a '/', '?' or '#' of the user name or password, which
+        # would then be taken for the host, port and path (and shown in errors and logs).
+        raise ValueError(
+            "'@' after the host: write '/', '?', '#' in a user name or password as "
+            f"%2F, %3F, %23, and '@' in a path as %40; expected {allowed}"
+        )
+    try:
         port = parts.port
     except ValueError as err:
         raise ValueError(f"{err}; expected {allowed}") from None

@@ -21,6 +21,7 @@ reason and wording the message only happens for rejected payloads.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -618,6 +619,11 @@ def _decode(model: type[_M], payload: bytes, expected: Topic | None) -> _M | Rej
             msg: _M = model.__pydantic_validator__.validate_json(payload)
         except ValidationError as err:
             return _classify(payload, err)
+        twice = _duplicate_key(payload)
+        if twice is not None:
+            return Rejection(
+                Reason.SCHEMA, f"{twice}: appears twice (readers differ on which one counts)"
+            )
         if expected is not None and (msg.site != expected.site or msg.device != expected.device):
             return Rejection(
                 Reason.TOPIC_MISMATCH,
@@ -627,6 +633,39 @@ def _decode(model: type[_M], payload: bytes, expected: Topic | None) -> _M | Rej
     except Exception as err:  # never let one payload stop the caller
         detail = " ".join(str(err).split())[:200]
         return Rejection(Reason.INTERNAL, f"validator failed: {type(err).__name__}: {detail}")
+
+
+#: The keys that say whose message it is. JSON readers differ on a key given twice (the last
+#: wins here and in JavaScript, the first in others), so a device could show the bridge its own
+#: site and device, matching its topic, and a consumer in another language someone else's (or
+#: another id, defeating dedupe): a payload with one of them twice is refused.
+_IDENTITY_KEYS = ("site", "device", "id")
+
+
+def _duplicate_key(payload: bytes) -> str | None:
+    """The first identity key the top-level object holds twice, else None.
+
+    Parses the payload again only when a quoted identity key occurs twice anywhere in it, or a
+    ``\\u`` escape could spell one: the common envelope costs three substring counts (<1 us).
+    """
+    count = payload.count
+    if (
+        b"\\u" not in payload
+        and count(b'"site"') < 2
+        and count(b'"device"') < 2
+        and count(b'"id"') < 2
+    ):
+        return None
+    found: list[str | None] = [None]
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # Called for every object, innermost first: the top level's call is the last.
+        keys = [key for key, _ in pairs]
+        found[0] = next((key for key in _IDENTITY_KEYS if keys.count(key) > 1), None)
+        return dict(pairs)
+
+    json.loads(payload, object_pairs_hook=check)
+    return found[0]
 
 
 def _classify(payload: bytes, err: ValidationError) -> Rejection:

@@ -7,12 +7,14 @@ mean the same thing everywhere. Logging set-up lives in :mod:`iotpipe.logs` (re-
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Protocol
 
 import typer
 
 from iotpipe.logs import KeyValueFormatter, setup_logging
+from iotpipe.schema import redact_url
 
 __all__ = [
     "AmqpUrlOption",
@@ -22,7 +24,38 @@ __all__ = [
     "Service",
     "run_in_foreground",
     "setup_logging",
+    "warn_password_in_flag",
 ]
+
+
+def warn_password_in_flag(flag: str, section: str) -> Callable[[str | None], str | None]:
+    """A typer callback for a URL flag: one line on stderr when the URL carries a password.
+
+    A command line is readable by every user of the machine (``ps``, ``/proc/<pid>/cmdline``);
+    the environment and a config file are not, so the warning points there. The value itself is
+    returned unchanged: the command still runs.
+    """
+
+    def check(value: str | None) -> str | None:
+        if value is not None and _has_password(value):
+            typer.echo(
+                f"warning: the password in {flag} is visible to every user in `ps`; "
+                f"set IOTPIPE_{section.upper()}__URL or [{section}] url in the config file "
+                "instead",
+                err=True,
+            )
+        return value
+
+    return check
+
+
+#: RabbitMQ's built-in login (loopback only), the default URL's: public, nothing to warn about.
+_PUBLIC_LOGIN = "://guest:guest@"
+
+
+def _has_password(url: str) -> bool:
+    return redact_url(url) != url and _PUBLIC_LOGIN not in url
+
 
 ConfigOption = Annotated[
     Path | None,
@@ -43,6 +76,7 @@ AmqpUrlOption = Annotated[
         help="RabbitMQ URL: amqp://user:pass@host:port/vhost or amqps://... "
         "\\[default: amqp://guest:guest@127.0.0.1:5672/]",
         show_default=False,
+        callback=warn_password_in_flag("--amqp", "amqp"),
     ),
 ]
 
@@ -53,6 +87,7 @@ MqttUrlOption = Annotated[
         help="MQTT broker URL: mqtt://\\[user:pass@]host\\[:port] or mqtts://... "
         "\\[default: mqtt://127.0.0.1:1883]",
         show_default=False,
+        callback=warn_password_in_flag("--mqtt", "mqtt"),
     ),
 ]
 

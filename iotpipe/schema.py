@@ -37,7 +37,6 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
-from urllib.parse import urlsplit
 
 from iotpipe.errors import ConfigError
 
@@ -632,11 +631,15 @@ def load(
 
 
 def redact_url(value: str) -> str:
-    """Hide the password part of a URL-looking value."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return "***"
-    if parts.password is None:
+    """Hide the password part of a URL-looking value.
+
+    Reads the URL as a person would, not as :func:`~urllib.parse.urlsplit` does: everything
+    between ``://`` and the last ``@`` is the user information, so a password holding an
+    unencoded ``/``, ``?`` or ``#`` (which ``urlsplit`` would take for the path) is hidden too.
+    """
+    scheme, sep, rest = value.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if not (sep and at and colon):
         return value
-    return value.replace(f":{parts.password}@", ":***@", 1)
+    return f"{scheme}://{user}:***@{host}"

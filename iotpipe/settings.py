@@ -48,7 +48,7 @@ __all__ = [
 DEFAULT_STORE_URL = "sqlite:///state/telemetry.db"
 """Where ``iotpipe consume`` writes readings, and ``stats``/``dashboard``/``up`` read them, by default."""
 
-_SECRET_FIELDS = frozenset({"password", "token", "url"})
+_SECRET_FIELDS = frozenset({"password", "token", "url", "store", "dedupe"})  # may hold one
 
 
 class Section(BaseModel):

@@ -44,7 +44,7 @@ from rich.table import Table
 from rich.text import Text
 
 from iotpipe.errors import ConfigError, ConnectError, IotpipeError
-from iotpipe.options import ConfigOption
+from iotpipe.options import ConfigOption, warn_password_in_flag
 from iotpipe.rabbitmq import DEFAULT_VHOST as RABBITMQ_VHOST
 from iotpipe.rabbitmq import STORE_QUEUE, apply, definitions, roles_for, secret_file
 from iotpipe.schema import layered
@@ -962,6 +962,7 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
             "--mqtt",
             help="Use this edge broker (mqtt:// or mqtts://) instead of starting one.",
             show_default=False,
+            callback=warn_password_in_flag("--mqtt", "mqtt"),
         ),
     ] = None,
     mosquitto: Annotated[
@@ -983,6 +984,7 @@ def up(  # noqa: PLR0917 - typer maps every parameter to an option
             help="Use this RabbitMQ (amqp:// or amqps://). \\[default: the one on 127.0.0.1:5672, "
             "else a private node]",
             show_default=False,
+            callback=warn_password_in_flag("--amqp", "amqp"),
         ),
     ] = None,
     rabbitmq: Annotated[

@@ -7,6 +7,7 @@ Each dict may carry unknown fields, as a newer 1.x producer would send.
 
 from __future__ import annotations
 
+import json
 import string
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -209,3 +210,83 @@ def telemetry_topic_of(message: dict[str, Any]) -> str:
 def status_topic_of(message: dict[str, Any]) -> str:
     """The status topic a status dict belongs on."""
     return topic(message["site"], message["device"], Kind.STATUS)
+
+
+# -- hostile input ---------------------------------------------------------------------------
+
+#: Characters that look like ASCII names or hide in them: Cyrillic a/e/o, zero-width joiner and
+#: space, right-to-left and left-to-right marks, a BOM, a fullwidth letter.
+LOOKALIKES = "\u0430\u0435\u043e\u200d\u200b\u200f\u200e\ufeff\uff41"
+_VALID_BODY = {
+    "v": "1.0",
+    "id": "s1-d1-1",
+    "site": "s1",
+    "device": "d1",
+    "seq": 1,
+    "ts": "2026-11-26T08:15:02.125Z",
+    "readings": [{"sensor": "temperature", "value": 21.5}],
+}
+
+
+def _with_field(key: str, raw: bytes) -> bytes:
+    """A valid envelope's JSON with ``key`` set to the raw JSON text ``raw`` (any bytes)."""
+    body = {k: v for k, v in _VALID_BODY.items() if k != key}
+    head = json.dumps(body, separators=(",", ":")).encode()[:-1]
+    return head + b',"' + key.encode() + b'":' + raw + b"}"
+
+
+def nasty_payloads() -> dict[str, bytes]:
+    """Named payloads that attack a parser: depth, size, number range, encoding, duplicates."""
+    return {
+        "deep_arrays": b"[" * 10_000 + b"]" * 10_000,
+        "deep_objects": b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+        "deep_extra_field": _with_field("x", b"[" * 10_000 + b"]" * 10_000),
+        "deep_objects_64": b'{"a":' * 65 + b"1" + b"}" * 65,
+        "max_size": b'{"x":"' + b"a" * (256 * 1024 - 8) + b'"}',
+        "over_size": b"[" + b"1," * (128 * 1024) + b"1]",
+        "huge_int_value": _with_field(
+            "readings", b'[{"sensor":"t","value":1' + b"0" * 4000 + b"}]"
+        ),
+        "huge_int_seq": _with_field("seq", b"1" + b"0" * 4000),
+        "huge_int_extra": _with_field("x", b"1" + b"0" * 5000),
+        "huge_float": _with_field("readings", b'[{"sensor":"t","value":1e99999}]'),
+        "nan": _with_field("readings", b'[{"sensor":"t","value":NaN}]'),
+        "infinity": _with_field("ts", b"-Infinity"),
+        "duplicate_site": b'{"site":"elsewhere",' + _with_field("seq", b"1")[1:],
+        "duplicate_id_escaped": b'{"\\u0069d":"other",' + _with_field("seq", b"1")[1:],
+        "invalid_utf8": _with_field("x", b'"\xff\xfe\xc0\x80"'),
+        "lone_surrogate": _with_field("x", b'"\\ud800"'),
+        "cyrillic_site": _with_field("site", '"s\u0430"'.encode()),
+        "zero_width_device": _with_field("device", '"d\u200d1"'.encode()),
+        "rtl_mark_sensor": _with_field("readings", '[{"sensor":"\u200ft","value":1}]'.encode()),
+        "line_protocol": b"m,host=d1 f=1" + b"0" * 5000 + b"i 1",
+        "quoted_line": b'm,host=d1 f="' + b"a" * (200 * 1024) + b'" 1',
+        "plain_huge_int": b"1" + b"0" * 4000,
+        "empty": b"",
+    }
+
+
+def hostile_payloads() -> st.SearchStrategy[bytes]:
+    """Bytes a broken or hostile device might send: random, near-JSON, or one of the nasty ones."""
+    near_json = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(LOOKALIKES + 'ab\\"'),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+        ),
+        max_leaves=20,
+    ).map(lambda value: json.dumps(value).encode())
+    return st.one_of(
+        st.binary(max_size=512),
+        near_json,
+        st.sampled_from(sorted(nasty_payloads().values())),
+    )
+
+
+def hostile_topics() -> st.SearchStrategy[str]:
+    """Topics of the contract with look-alike or random names, and topics outside it."""
+    name = st.text(NAME_ALPHABET + LOOKALIKES, min_size=1, max_size=8)
+    return st.one_of(
+        st.builds(lambda s, d: f"iotpipe/v1/{s}/{d}/telemetry", name, name),
+        st.builds(lambda s, d: f"iotpipe/v1/{s}/{d}/status", name, name),
+        st.text(max_size=40),
+    )

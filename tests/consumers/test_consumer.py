@@ -331,6 +331,19 @@ def test_bad_store_urls_say_what_is_allowed(url: str, problem: str) -> None:
         parse_store(url)
 
 
+@pytest.mark.parametrize("url", ["influxdb://u:T0ken-pw@h:8086", "influxdb://u:T0ken/pw@h:8086"])
+def test_a_store_url_with_credentials_is_refused_without_showing_them(url: str) -> None:
+    """The token belongs in [influxdb].token; the error names the URL with the secret hidden."""
+    from consumers.settings import ConsumeSettings
+    from iotpipe.errors import ConfigError
+    from iotpipe.settings import load
+
+    with pytest.raises(ConfigError, match="token goes in") as caught:
+        load(ConsumeSettings, "consume", overrides={"store": url}, environ={})
+    assert "T0ken" not in str(caught.value)
+    assert "u:***@h:8086" in str(caught.value)
+
+
 def test_influx_store_urls() -> None:
     from consumers.settings import InfluxTarget, parse_store
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from iotpipe.errors import ConfigError
-from iotpipe.schema import layered
+from iotpipe.schema import layered, redact_url
 from iotpipe.settings import AmqpSettings, MqttSettings, Secret, load, parse_url
 
 
@@ -164,3 +164,39 @@ def test_amqp_password_file_mistakes(tmp_path: Path, url: str, exists: bool, why
     environ = {"IOTPIPE_AMQP__URL": url, "IOTPIPE_AMQP__PASSWORD_FILE": str(secret)}
     with pytest.raises(ConfigError, match=why):
         load(AmqpSettings, "amqp", environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://iot:pw@rabbit:5672/", "amqp://iot:***@rabbit:5672/"),
+        ("mqtt://u:pa/ss@h:1", "mqtt://u:***@h:1"),  # urlsplit would call 'pa' the port
+        ("mqtt://site/dev:pass@h", "mqtt://site/dev:***@h"),  # and 'dev:pass@h' the path
+        ("amqp://u:p#w@h/", "amqp://u:***@h/"),
+        ("mqtt://u:p@w@h:1", "mqtt://u:***@h:1"),
+        ("mqtt://u@h:1", "mqtt://u@h:1"),
+        ("mqtt://h:1", "mqtt://h:1"),
+    ],
+)
+def test_redact_url_hides_any_password_however_it_is_written(url: str, shown: str) -> None:
+    """Everything between the user name's colon and the last '@' is hidden."""
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [("mqtt://u:Se/cret1@h:1", "Se/cret1"), ("mqtt://site/dev:Secret2@h", "Secret2"),
+     ("amqp://u:Se?cret3@h/", "Se?cret3")],
+)  # fmt: skip
+def test_an_unencoded_slash_in_a_password_is_refused_without_showing_it(
+    url: str, secret: str
+) -> None:
+    """The URL would split at the '/': a one-line error naming the fix, and no password in it."""
+    section = url.split(":", 1)[0]
+    model = MqttSettings if section == "mqtt" else AmqpSettings
+    with pytest.raises(ConfigError) as caught:
+        load(model, section, overrides={"url": url}, environ={})
+    message = str(caught.value)
+    assert "%2F" in message
+    assert secret not in message
+    assert secret.split("/", maxsplit=1)[0].split("?", maxsplit=1)[0] not in message
