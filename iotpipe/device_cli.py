@@ -192,6 +192,9 @@ def revoke(
     of the files.
     """
     files = _files(broker_password_file, mosquitto_password_file)
+    for path, _, option in files:
+        if not path.is_file():
+            raise ConfigError(option, path, "no such file")
     _signal(reload_pid, 0)  # a wrong pid fails before any file changes
     removed = [path for path, _, option in files if remove_user(path, identity, field=option)]
     if not removed:

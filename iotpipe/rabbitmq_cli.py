@@ -97,12 +97,15 @@ def setup(  # noqa: PLR0917 - typer maps every parameter to an option
 ) -> None:
     """Create a vhost and least-privilege users (bridge, consumer, unpack, readers) in RabbitMQ.
 
-    Each user may configure, write and read only the exchanges and queues its component
-    declares and uses (docs/rabbitmq.md has the table); guest keeps no permission on the vhost.
-    Passwords are generated once per user and written to SECRETS_DIR/USER (0600); they are
-    never printed: point a component at its file with \\[amqp] password_file (or
-    IOTPIPE_AMQP__PASSWORD_FILE) and a URL without password, amqp://USER@HOST:5672/VHOST.
-    Running setup again keeps the passwords and resets the permissions.
+    Each user may configure, write and read only the exchanges and queues
+    its component declares and uses (docs/rabbitmq.md has the table); guest
+    keeps no permission on the vhost.
+
+    Passwords are generated once per user and written to SECRETS_DIR/USER
+    (0600); they are never printed: point a component at its file with
+    \\[amqp] password_file (or IOTPIPE_AMQP__PASSWORD_FILE) and a URL
+    without password, amqp://USER@HOST:5672/VHOST. Running setup again keeps
+    the passwords and resets the permissions.
 
     [bold]Examples[/bold]
 

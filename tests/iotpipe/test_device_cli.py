@@ -148,6 +148,8 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path: Path) -> None:
     cases = [
         (["revoke", "home/pi-9", "--broker-password-file", str(passwd)], "no such login"),
         (["revoke", "home/pi-1"], "--mosquitto-password-file"),
+        (["revoke", "home/pi-1", "--broker-password-file", str(tmp_path / "nope")],
+         "no such file"),
         (["add", "pi-1", "-o", str(tmp_path / "pw"), "--broker-password-file", str(passwd)],
          "SITE/DEVICE"),
         (["revoke", "home/pi-1", "--mosquitto-password-file", str(passwd),
