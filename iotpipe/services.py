@@ -5,7 +5,7 @@ config (``etc/``) and the ``sysusers.d`` line of the ``iotpipe`` user they run a
 
     /etc/systemd/system/iotpipe-NAME.service   written (0644), ExecStart set to our iotpipe
     /etc/sysusers.d/iotpipe.conf               written (0644), then systemd-sysusers
-    /etc/iotpipe/                              0700; configs and empty secret files (0600),
+    /etc/iotpipe/                              0700; configs and login-less secret files (0600),
                                                only where missing: never overwritten
 
 then ``systemctl daemon-reload`` and, asked, ``systemctl enable``. Everything is relative to a
@@ -28,6 +28,7 @@ from iotpipe.errors import ConfigError, IotpipeError
 
 __all__ = [
     "DEFAULT_EXEC",
+    "INITIAL_SECRETS",
     "SERVICES",
     "Action",
     "ServiceError",
@@ -47,9 +48,9 @@ SERVICES = {
     "dashboard": "dashboard.toml",
 }
 
-#: Empty secret files a service's unit loads, created (0600) when missing so that it starts;
-#: empty means "nobody may log in" for both.
-EMPTY_SECRETS = {"broker": "broker-passwords", "dashboard": "dashboard-tokens"}
+#: Secret files a service's unit loads, copied (0600) when missing so that it starts: no
+#: logins in either, so nobody may connect until one is added.
+INITIAL_SECRETS = {"broker": "broker-passwords", "dashboard": "dashboard-tokens"}
 
 #: ExecStart's program in the shipped units, replaced by the installing iotpipe's path.
 DEFAULT_EXEC = "/opt/iotpipe/venv/bin/iotpipe"
@@ -144,13 +145,15 @@ def plan(
         steps.append(
             Action("write", root / UNIT_DIR / unit_name(name), unit_text(name, executable))
         )
-        files = [(SERVICES[name], _data("etc", SERVICES[name]))]
-        if name in EMPTY_SECRETS:
-            files.append((EMPTY_SECRETS[name], b""))
-        for filename, data in files:
+        files = [SERVICES[name]]
+        if name in INITIAL_SECRETS:
+            files.append(INITIAL_SECRETS[name])
+        for filename in files:
             path = etc / filename
             steps.append(
-                Action("keep", path) if path.exists() else Action("write", path, data, 0o600)
+                Action("keep", path)
+                if path.exists()
+                else Action("write", path, _data("etc", filename), 0o600)
             )
     units = [unit_name(name) for name in services]
     if reload and live:

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bridge.broker import PasswordFile
 from bridge.settings import BridgeSettings, BrokerSettings, UnpackSettings
+from consumers.dashboard.tokens import TokenFile
 from consumers.settings import ConsumeSettings
 from iotpipe import services
 from iotpipe.cli import app
@@ -136,9 +138,10 @@ def test_install_writes_units_user_and_configs(tmp_path: Path) -> None:
     etc = root / "etc/iotpipe"
     assert _mode(etc) == 0o700
     written = sorted(p.name for p in etc.iterdir())
-    assert written == sorted([*services.SERVICES.values(), *services.EMPTY_SECRETS.values()])
+    assert written == sorted([*services.SERVICES.values(), *services.INITIAL_SECRETS.values()])
     assert all(_mode(path) == 0o600 for path in etc.iterdir())
-    assert (etc / "dashboard-tokens").read_bytes() == b""
+    assert TokenFile(etc / "dashboard-tokens").entries() == []
+    assert PasswordFile(etc / "broker-passwords").users == {}
     assert "iotpipe:" in (root / "etc/passwd").read_text()
     assert _mode(root / "etc/sysusers.d/iotpipe.conf") == 0o644
 
