@@ -86,6 +86,7 @@ from bridge.settings import BrokerSettings
 from iotpipe.credentials import PasswordFormat, argon2_hasher, set_password
 from iotpipe.errors import ConfigError
 from iotpipe.topics import check_filter, is_valid_name
+from iotpipe.watchdog import Liveness, Supervisor
 
 if TYPE_CHECKING:
     from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -1481,10 +1482,14 @@ async def serve(settings: BrokerSettings, *, echo: Callable[[str], None] = print
         loop.add_signal_handler(sig, stop.set)
     broker = EmbeddedBroker(settings)
     endpoint: BrokerEndpoint | None = None
+    liveness = Liveness()
+    supervisor = Supervisor(liveness, "broker").start()  # sd_notify under systemd
+    turning = asyncio.create_task(_turn(liveness))
     try:
         await broker.start()
         endpoint = BrokerEndpoint(broker, loop).start()  # a busy http_port: ConfigError, stop
         echo(describe(settings, endpoint.url))
+        liveness.ready()
         if settings.password_file is None and settings.host not in ("127.0.0.1", "localhost"):
             log.warning(
                 "broker auth is off: any client that can reach %s may publish", settings.url
@@ -1494,16 +1499,27 @@ async def serve(settings: BrokerSettings, *, echo: Callable[[str], None] = print
                 "broker has no ACL: every authenticated user may publish and subscribe anywhere"
             )
         await stop.wait()
+        supervisor.stop()
         stats = broker.stats
         endpoint.stop()  # no scrape may wait on a loop that is shutting the broker down
         await broker.stop()
         echo(f"iotpipe broker stopped ({stats.summary()})")
     finally:
+        turning.cancel()
+        supervisor.stop()
+        supervisor.join()
         if endpoint is not None:
             endpoint.stop()
         await broker.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+async def _turn(liveness: Liveness, interval: float = 1.0) -> None:
+    """Tell the watchdog the event loop still runs: a blocked loop stops the pings."""
+    while True:
+        liveness.turn()
+        await asyncio.sleep(interval)
 
 
 def run(settings: BrokerSettings, *, echo: Callable[[str], None] = print) -> None:

@@ -62,6 +62,7 @@ from iotpipe.mqtt import Message, MessageHandler, MqttClient, SubscriberFactory
 from iotpipe.pacing import TokenBucket
 from iotpipe.settings import AmqpSettings, MqttSettings
 from iotpipe.topics import to_routing_key
+from iotpipe.watchdog import Liveness
 from iotpipe.wire import PREFIX, VERSION, encode_envelope
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,7 @@ class Bridge:
         self._pending: deque[Inbound] = deque()
         self._generation = 0
         self._stopping = threading.Event()
+        self.liveness = Liveness()
         self._drain_rate = TokenBucket(settings.drain_rate, setting="bridge.drain_rate")
         self._amqp_reconnects = 0
 
@@ -629,6 +631,7 @@ class Bridge:
         if self.receipts is not None:
             self.receipts.start()
         log.info("bridge running topics=%s", ",".join(self.settings.topics))
+        self.liveness.ready()
         if self.limiter is not None:
             limits = self.settings.limits
             log.info(
@@ -644,6 +647,7 @@ class Bridge:
         try:
             while not self._stopping.is_set():
                 self._step()
+                self.liveness.turn()
             self._finish()
         finally:
             self._close()
@@ -655,7 +659,8 @@ class Bridge:
             log.warning("bridge lost MQTT: %s", err.reason)
             self._generation += 1  # unacked messages will be redelivered by the broker
             self._pending.clear()
-            self.mqtt.reconnect(deadline=time.monotonic() + 3600)
+            with self.liveness.waiting():
+                self.mqtt.reconnect(deadline=time.monotonic() + 3600)
             self.metrics.reconnects.labels("mqtt").inc()
         if self.publisher.reconnects != self._amqp_reconnects:
             self.metrics.reconnects.labels("amqp").inc(

@@ -56,6 +56,7 @@ from iotpipe.health import HealthServer
 from iotpipe.pacing import Backoff
 from iotpipe.pack import PackedMessage, PackError, decode
 from iotpipe.settings import AmqpSettings
+from iotpipe.watchdog import Liveness
 
 __all__ = ["BAD_PACK_KEY", "PackIds", "Unpacker", "check_messages"]
 
@@ -212,6 +213,7 @@ class Unpacker:
         self._arrived = threading.Event()
         self.publisher = publisher(self._on_result)
         self._stopping = threading.Event()
+        self.liveness = Liveness()
         self._backoff = Backoff(0.2, 10.0)
         self._publisher_reconnects = 0
         self._http = (
@@ -294,11 +296,13 @@ class Unpacker:
             if self._http is not None:
                 self._http.start()
             log.info("unpack running queue=%s", self.settings.queue)
+            self.liveness.ready()
             while not self._stopping.is_set():
                 batch = self.source.next_batch(self.settings.prefetch, 0.1)
                 if batch:
                     self.handle(batch)
                 self._count_reconnects()
+                self.liveness.turn()
         finally:
             self._close()
 

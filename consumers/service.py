@@ -66,6 +66,7 @@ from iotpipe.errors import IotpipeError
 from iotpipe.health import HealthServer
 from iotpipe.pacing import Backoff
 from iotpipe.settings import AmqpSettings
+from iotpipe.watchdog import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class Consumer:
         self._confirmation_store = store if isinstance(store, ConfirmationStore) else None
         self._confirmations_saved = float("-inf")
         self.ready = threading.Event()
+        self.liveness = Liveness()
 
     @classmethod
     def from_settings(
@@ -259,6 +261,7 @@ class Consumer:
                     s.target,
                 )
             self.ready.set()
+            self.liveness.ready()
             next_prune = time.monotonic()
             while not self._stopping.is_set():
                 batch = self.amqp.next_batch(s.batch_size, s.batch_latency)
@@ -269,6 +272,7 @@ class Consumer:
                 if time.monotonic() >= next_prune:
                     self._prune()
                     next_prune = time.monotonic() + s.prune_interval
+                self.liveness.turn()
         finally:
             self.send_receipts(flush=True)
             self.amqp.close()
@@ -458,7 +462,8 @@ class Consumer:
                 self._store_error = str(err) or type(err).__name__
                 wait = backoff.next_delay()
                 log.info("store write retry in %.1fs", wait)
-                self.amqp.sleep(wait)
+                with self.liveness.waiting():
+                    self.amqp.sleep(wait)
                 if self._stopping.is_set():
                     return None
                 continue

@@ -44,7 +44,6 @@ from edge.config import AGENT, EdgeSettings
 from edge.envelopes import build_envelope, sample_problem
 from edge.outbox import FillRate, Outbox, OutboxEntry, OutboxError, Pending
 from edge.sensors.base import Driver, Sample, SensorError
-from edge.systemd_notify import Notifier
 from edge.unconfirmed import Unconfirmed, envelope_boot, receipts_capability
 from iotpipe import metrics
 from iotpipe.connection import MqttSettings
@@ -52,6 +51,7 @@ from iotpipe.errors import ConnectError, DeliveryError
 from iotpipe.mqtt import Message, MessageHandler, MqttClient, Will
 from iotpipe.pacing import Backoff, TokenBucket
 from iotpipe.receipts import CAPABILITY_TOPIC, decode_receipt, receipt_topic
+from iotpipe.systemd_notify import Notifier
 from iotpipe.wire import MAX_PAYLOAD, Kind, State, encode_status, topic
 
 if TYPE_CHECKING:

@@ -90,6 +90,10 @@ COMMANDS = {
         "iotpipe.ca_cli:app",
         "A local certificate authority: client certificates for devices, server ones for brokers.",
     ),
+    "services": LazyCommand(
+        "iotpipe.services_cli:app",
+        "systemd units for the central services: broker, bridge, unpack, consume, dashboard.",
+    ),
     "edge": LazyCommand(
         "edge.cli:app",
         "The Raspberry Pi edge agent: run it, check the wiring, build an offline bundle, and "

@@ -66,6 +66,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     import uvicorn
 
+    from iotpipe.watchdog import Liveness
+
 __all__ = [
     "VERIFIED",
     "check_version",
@@ -297,10 +299,14 @@ def pika_confirm_async(channel: Any, on_confirm: Callable[[bool, int, bool], obj
 # -- uvicorn -------------------------------------------------------------------------------------
 
 
-def uvicorn_server(on_exit: Callable[[], object]) -> type[uvicorn.Server]:
+def uvicorn_server(
+    on_exit: Callable[[], object], liveness: Liveness | None = None
+) -> type[uvicorn.Server]:
     """A ``uvicorn.Server`` subclass for which SIGTERM and Ctrl-C are a normal stop (exit 0).
 
-    ``on_exit()`` runs first when either signal arrives. uvicorn's own ``capture_signals``
+    ``on_exit()`` runs first when either signal arrives. ``liveness`` (for systemd's watchdog,
+    :mod:`iotpipe.watchdog`) is made ready once the server started and turned by uvicorn's main
+    loop tick (every 0.1 s). uvicorn's own ``capture_signals``
     re-raises the signal after its graceful shutdown, so the process would die of SIGTERM; the
     override here installs the same handlers and restores the previous ones, without re-raising.
     Where ``capture_signals`` is missing, uvicorn's own handling stays (graceful, but the exit
@@ -319,6 +325,13 @@ def uvicorn_server(on_exit: Callable[[], object]) -> type[uvicorn.Server]:
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             on_exit()
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if liveness is not None and self.started:
+                if not liveness.started.is_set():
+                    liveness.ready()
+                liveness.turn()
+            return await super().on_tick(counter)
 
     if hooked:
 

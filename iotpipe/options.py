@@ -15,6 +15,7 @@ import typer
 
 from iotpipe.logs import KeyValueFormatter, setup_logging
 from iotpipe.schema import redact_url
+from iotpipe.watchdog import Liveness, Supervisor
 
 __all__ = [
     "AmqpUrlOption",
@@ -93,7 +94,12 @@ MqttUrlOption = Annotated[
 
 
 class Service(Protocol):
-    """A long-running component (the bridge, a consumer): ``run`` blocks until ``stop``."""
+    """A long-running component (the bridge, a consumer): ``run`` blocks until ``stop``.
+
+    ``liveness`` is what its main loop reports to systemd's watchdog (:mod:`iotpipe.watchdog`).
+    """
+
+    liveness: Liveness
 
     def run(self) -> None:
         """Serve until stopped."""
@@ -103,8 +109,23 @@ class Service(Protocol):
 
 
 def run_in_foreground(service: Service, banner: str) -> None:
-    """Print ``banner`` to stderr and run ``service`` until SIGTERM or SIGINT stops it gracefully."""
+    """Print ``banner`` to stderr and run ``service`` until SIGTERM or SIGINT stops it gracefully.
+
+    Under systemd (``Type=notify``) it also sends ``READY=1`` once the service serves,
+    ``WATCHDOG=1`` while its main loop turns and ``STOPPING=1`` on the signal.
+    """
+    supervisor = Supervisor(service.liveness, type(service).__name__.lower())
+
+    def stop(*_: object) -> None:
+        supervisor.stop()
+        service.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: service.stop())
+        signal.signal(signum, stop)
     typer.echo(banner, err=True)
-    service.run()
+    supervisor.start()
+    try:
+        service.run()
+    finally:
+        supervisor.stop()
+        supervisor.join()

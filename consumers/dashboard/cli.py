@@ -211,11 +211,19 @@ def dashboard(
 
     from consumers.dashboard.app import create_app
     from iotpipe.compat import uvicorn_server
+    from iotpipe.watchdog import Liveness, Supervisor
 
     stopping = threading.Event()
+    liveness = Liveness()
+    supervisor = Supervisor(liveness, "dashboard")  # sd_notify under systemd
+
+    def on_exit() -> None:
+        stopping.set()
+        supervisor.stop()
+
     # live streams end at their next poll, so shutdown does not wait; SIGTERM and Ctrl-C are a
     # normal stop (exit 0) for iotpipe, not the signal's death uvicorn would re-raise
-    server_class = uvicorn_server(on_exit=stopping.set)
+    server_class = uvicorn_server(on_exit=on_exit, liveness=liveness)
 
     sock = _listen(host, port)
     guarded = token_file if token_file.exists() else None
@@ -240,7 +248,12 @@ def dashboard(
         f"iotpipe dashboard on {scheme}://{shown}:{sock.getsockname()[1]}/ ({store}; {access})",
         err=True,
     )
-    server_class(server_config).run(sockets=[sock])
+    supervisor.start()
+    try:
+        server_class(server_config).run(sockets=[sock])
+    finally:
+        supervisor.stop()
+        supervisor.join()
 
 
 dashboard.__doc__ = inspect.cleandoc(dashboard.__doc__ or "") + _EXAMPLES

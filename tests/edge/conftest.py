@@ -15,10 +15,10 @@ import pytest
 from edge.agent import Agent
 from edge.config import EdgeSettings
 from edge.sensors.base import Sample, SensorError, Value
-from edge.systemd_notify import Notifier
 from iotpipe.errors import ConnectError
 from iotpipe.mqtt import Message, MqttClient
 from iotpipe.settings import MqttSettings
+from iotpipe.systemd_notify import Notifier
 
 
 class FakeDriver:

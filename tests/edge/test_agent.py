@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edge.systemd_notify import Notifier
+from iotpipe.systemd_notify import Notifier
 from iotpipe.testing import Capture
 from tests.conftest import BrokerInfo, MosquittoProcess, free_port, wait_for
 from tests.edge.conftest import FakeDriver, Subscriber, make_settings

@@ -11,8 +11,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.agent import Agent
-from edge.systemd_notify import Notifier
 from iotpipe.settings import MqttSettings
+from iotpipe.systemd_notify import Notifier
 from tests.conftest import free_port
 from tests.edge.conftest import make_settings
 

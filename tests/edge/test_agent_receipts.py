@@ -20,7 +20,6 @@ from edge.agent import Agent, AgentStats, Publisher
 from edge.envelopes import build_envelope
 from edge.outbox import Outbox, Pending
 from edge.sensors.base import Sample
-from edge.systemd_notify import Notifier
 from edge.unconfirmed import Unconfirmed
 from iotpipe.connection import MqttSettings
 from iotpipe.mqtt import Message, MessageHandler, MqttClient, Will
@@ -32,6 +31,7 @@ from iotpipe.receipts import (
     encode_receipt,
     receipt_topic,
 )
+from iotpipe.systemd_notify import Notifier
 from tests.conftest import BrokerInfo, wait_for
 from tests.edge.conftest import Subscriber, make_settings
 from tests.edge.test_agent_process import committed_rows, start, write_config

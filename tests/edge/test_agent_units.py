@@ -13,10 +13,10 @@ import pytest
 from edge.config import EdgeSettings, default_device, mqtt_settings
 from edge.envelopes import build_envelope, sample_problem
 from edge.sensors.base import Sample
-from edge.systemd_notify import Notifier
 from iotpipe.envelope import Envelope, Status, decode_status, decode_telemetry
 from iotpipe.errors import ConfigError
 from iotpipe.settings import MqttSettings, load
+from iotpipe.systemd_notify import Notifier
 from iotpipe.wire import encode_status
 
 CONFIGS = Path(__file__).parents[2] / "configs"
