@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from consumers.settings import InfluxTarget, store_path
+from consumers.settings import InfluxTarget, PostgresTarget, store_path
 from iotpipe.errors import ConfigError
 from iotpipe.options import ConfigOption
 from iotpipe.settings import DEFAULT_STORE_URL
@@ -116,6 +116,13 @@ def _sqlite_store(store: str | None, config: Path | None) -> tuple[str, Path]:
             store,
             "the dashboard reads SQLite stores; for InfluxDB use Grafana "
             "(configs/grafana/, docs/grafana.md)",
+        )
+    if isinstance(location, PostgresTarget):
+        raise ConfigError(
+            "--store",
+            str(location),
+            "the dashboard reads SQLite stores; for PostgreSQL use iotpipe export/stats "
+            "or Grafana's PostgreSQL data source (docs/postgresql.md)",
         )
     return store, location
 
