@@ -227,6 +227,10 @@ ON CONFLICT (site, device) DO UPDATE SET
     last_ms = excluded.last_ms, p50_ms = excluded.p50_ms, p99_ms = excluded.p99_ms,
     envelopes = excluded.envelopes, confirmed_ms = excluded.confirmed_ms
 """
+_PARTITIONS = """
+SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'readings'::regclass
+"""
 _PRUNE = """
 DELETE FROM seen_ids WHERE id IN (SELECT id FROM seen_ids WHERE stored_ms < %s LIMIT %s)
 """
@@ -389,12 +393,19 @@ class PostgresStore:
             self._conn = None
 
     def _create_schema(self, conn: psycopg.Connection[Any]) -> None:
-        """Create missing tables under the schema lock; refuse a newer schema version."""
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        for statement in _SCHEMA:
-            conn.execute(statement)
+        """Create missing tables under the schema lock; refuse a newer schema version.
+
+        A database at this version is left alone: DDL such as ``CREATE INDEX IF NOT EXISTS``
+        takes a lock that waits for (and then holds up) the other hosts' write transactions.
+        """
         version = _schema_version(conn)
+        if version == PG_SCHEMA_VERSION:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        version = _schema_version(conn)  # another host may have created it meanwhile
         if version is None:
+            for statement in _SCHEMA:
+                conn.execute(statement)
             conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (PG_SCHEMA_VERSION,))
         elif version > PG_SCHEMA_VERSION:
             raise ConfigError(
@@ -410,6 +421,12 @@ class PostgresStore:
             month_range(reading.ts_ms) for message in messages for reading in message.readings
         }
         missing = sorted(p for p in needed if p[0] not in self._partitions)
+        if not missing:
+            return
+        with self._transaction() as conn:
+            # Created already (by another host): no DDL, which would lock the readings table.
+            self._partitions.update(row[0] for row in conn.execute(_PARTITIONS))
+        missing = [p for p in missing if p[0] not in self._partitions]
         if not missing:
             return
         with self._transaction() as conn:
