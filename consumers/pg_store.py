@@ -237,6 +237,8 @@ DELETE FROM seen_ids WHERE id IN (SELECT id FROM seen_ids WHERE stored_ms < %s L
 
 # Transient server states: the batch is retried by the consumer (StoreUnavailable).
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+# Connection failures that are a wrong URL or role, not an outage: refused at start-up.
+_MISTAKES = ("does not exist", "authentication failed", "no password supplied", "invalid")
 
 
 def _wall_clock_ms() -> int:
@@ -329,9 +331,12 @@ class PostgresStore:
         durability: ``"fsync"`` (``synchronous_commit = on``) or ``"process"`` (``off``).
         clock_ms: the consumer's clock (Unix epoch milliseconds), when ids were stored.
 
+    A server that cannot be reached at start-up is an outage: the store opens, and the schema
+    is created or checked by the first write (the consumer holds its batch and retries).
+
     Raises:
-        StoreUnavailable: the server cannot be reached now.
-        ConfigError: the database was written by a newer iotpipe.
+        ConfigError: the database or role does not exist, the password was refused, or the
+            database was written by a newer iotpipe.
     """
 
     def __init__(
@@ -350,8 +355,23 @@ class PostgresStore:
         self._clock_ms = clock_ms
         self._conn: psycopg.Connection[Any] | None = None
         self._partitions: set[str] = set()
-        with self._transaction() as conn:
-            self._create_schema(conn)
+        self._schema_ready = False
+        try:
+            self._ensure_schema()
+        except StoreUnavailable as err:
+            if any(word in str(err) for word in _MISTAKES):
+                raise ConfigError(
+                    "store", redact_url(url), _first_line(err.__cause__ or err)
+                ) from None
+            # A server down at start-up is an outage like any other: the first write retries.
+            log.warning("store unavailable at start-up, retrying on the first batch: %s", err)
+
+    def _ensure_schema(self) -> None:
+        """Create or check the schema once per store object."""
+        if not self._schema_ready:
+            with self._transaction() as conn:
+                self._create_schema(conn)
+            self._schema_ready = True
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -446,6 +466,7 @@ class PostgresStore:
         Returns:
             What was done. ``readings`` counts rows actually inserted.
         """
+        self._ensure_schema()
         self._ensure_partitions(messages)
         for attempt in range(1, _RETRIES + 1):
             try:
@@ -604,6 +625,7 @@ class PostgresStore:
 
     def record_confirmations(self, confirmations: Sequence[Confirmation]) -> None:
         """Replace these devices' confirmation summaries, in one small transaction."""
+        self._ensure_schema()
         rows = sorted(
             (c.site, c.device, c.last_ms, c.p50_ms, c.p99_ms, c.envelopes, c.confirmed_ms)
             for c in confirmations
@@ -615,6 +637,7 @@ class PostgresStore:
 
     def prune(self, now_ms: int) -> int:
         """Forget message ids older than the retention window, a chunk per transaction."""
+        self._ensure_schema()
         cutoff = now_ms - self.retention_ms
         dropped = 0
         while True:
@@ -626,6 +649,7 @@ class PostgresStore:
 
     def check(self) -> None:
         """Raise ``StoreUnavailable`` when the server cannot be reached."""
+        self._ensure_schema()
         with self._transaction() as conn:
             conn.execute("SELECT 1")
 

@@ -60,6 +60,16 @@ def scratch_database(server: str = SHARED) -> Iterator[str]:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def count_seen_ids(url: str) -> int:
+    """Message ids committed in a PostgreSQL store (0 before it exists or while it is down)."""
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            row = conn.execute("SELECT count(*) FROM seen_ids").fetchone()
+    except psycopg.Error:
+        return 0
+    return int(row[0]) if row else 0
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ from consumers.store import DeviceStatus, Message, StoreUnavailable, WriteResult
 from iotpipe.errors import ConfigError
 from tests.consumers.test_query_cli import config_error, run
 from tests.consumers.test_state import T0, msg
-from tests.postgres import scratch_database, shared_server_up
+from tests.postgres import SHARED, scratch_database, shared_server_up
 
 pytestmark = pytest.mark.skipif(not shared_server_up(), reason="no PostgreSQL on 127.0.0.1:5432")
 
@@ -223,9 +223,15 @@ def test_newer_schema_is_refused() -> None:
 
 
 def test_unreachable_server_is_unavailable_and_urls_are_checked() -> None:
-    """No server: StoreUnavailable (retry later); a URL without a database: a ConfigError."""
+    """No server: StoreUnavailable on write (retry later); no such database or a URL without
+    one: a ConfigError."""
+    down = PostgresStore("postgresql://iotpipe@127.0.0.1:1/x")  # opens: an outage, not a mistake
     with pytest.raises(StoreUnavailable, match="postgresql"):
-        PostgresStore("postgresql://iotpipe@127.0.0.1:1/x")
+        down.write([msg(0)], [])
+    with pytest.raises(StoreUnavailable, match="postgresql"):
+        down.check()
+    with pytest.raises(ConfigError, match="does not exist"):
+        PostgresStore(SHARED.rsplit("/", 1)[0] + "/iotpipe_no_such_db")
     assert parse_store("postgres://u@h/db") == PostgresTarget("postgres://u@h/db")
     with pytest.raises(ConfigError, match="no database"):
         parse_store("postgresql://u:secret@h:5432/")
