@@ -129,4 +129,10 @@ def test_sigkill_of_consumers_and_of_postgres_mid_stream_loses_and_doubles_nothi
     )
     assert (lost, doubled) == (0, 0)
     assert crashes >= 1, "the server was killed mid-stream"
+    outages = sum(
+        log.read_text(errors="replace").count("store unavailable, holding the batch")
+        for log in tmp_path.glob("*.log")
+    )
+    print(f"batches held through a server outage: {outages}")
+    assert outages >= 1, "a consumer saw the server go and held its batch"
     assert site_queue.dead_letters() == []
