@@ -280,9 +280,9 @@ def connect_readonly(url: str) -> psycopg.Connection[Any]:
     try:
         conn.execute("SET default_transaction_read_only = on")
         version = _schema_version(conn)
-    except BaseException:
+    except psycopg.Error as err:
         conn.close()
-        raise
+        raise ConfigError("store", redact_url(url), f"cannot read: {_first_line(err)}") from None
     if version is None:
         conn.close()
         raise ConfigError("store", redact_url(url), "not an iotpipe store (no schema_version)")
