@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pika  # type: ignore[import-untyped]
 import pytest
 
 from consumers.settings import PostgresTarget
@@ -42,6 +43,16 @@ pytestmark = [
 ]
 
 
+def consumers_of(queue: SiteQueue) -> int:
+    """How many consumers the queue has (0 before it is declared)."""
+    try:
+        with pika.BlockingConnection(pika.URLParameters(queue.url)) as conn:
+            declared = conn.channel().queue_declare(queue.name, passive=True)
+    except pika.exceptions.AMQPError:
+        return 0
+    return int(declared.method.consumer_count)
+
+
 @pytest.fixture(scope="module")
 def shared_db() -> Iterator[PostgresTarget]:
     with scratch_database() as url:
@@ -65,11 +76,13 @@ def test_two_consumer_hosts_with_redeliveries_store_every_reading_once(
     assert wait_for(lambda: all("consuming" in processes.log(n) for n in range(2)), 60), (
         processes.logs()
     )
+    # A third host dies right after its first commit, before the ack: RabbitMQ redelivers
+    # that batch to the two others, whose transactions find its ids claimed.
+    crasher = processes.crashing(config, after_commits=1)
+    assert wait_for(lambda: consumers_of(site_queue) == 3, 60), processes.logs()
     publisher = threading.Thread(target=publish, args=(site_queue.url, sent))
     publisher.start()
-    # A third host dies right after its commits, before the acks: RabbitMQ redelivers those
-    # batches to the two others, whose transactions find the ids claimed.
-    assert processes.crashing(config, after_commits=3).wait(60) == 99, processes.logs()
+    assert crasher.wait(60) == 99, processes.logs()
     publisher.join(120)
     assert wait_for(lambda: stored_messages(shared_db) >= distinct, 120), processes.logs()
     assert wait_for(lambda: site_queue.ready() == 0, 30)
