@@ -59,6 +59,7 @@ PG_SCHEMA_VERSION = 1
 """The layout this code writes in a PostgreSQL database."""
 
 _CONNECT_TIMEOUT_S = 10
+_DAY_MS = 86_400_000
 _RETRIES = 3  # attempts of a batch that hit a deadlock or serialization failure
 _PRUNE_CHUNK = 10_000
 _SCHEMA_LOCK = 0x10770E  # advisory lock key: schema creation and partition creation
@@ -150,7 +151,7 @@ _SCHEMA = [
 
 _CLAIM_IDS = """
 INSERT INTO seen_ids (id, site, device, boot, seq, stored_ms)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::bigint[], %b::bigint[])
 ORDER BY 1
 ON CONFLICT (id) DO NOTHING
 RETURNING id
@@ -158,30 +159,30 @@ RETURNING id
 _INSERT_READINGS = """
 INSERT INTO readings (site, device, sensor, ts_ms, value_num, value_bool, value_str, unit,
                       msg_id, tags)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::float8[],
-                     %s::smallint[], %s::text[], %s::text[], %s::text[], %s::text[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::float8[],
+                     %b::smallint[], %b::text[], %b::text[], %b::text[], %b::text[])
 ON CONFLICT DO NOTHING
 RETURNING site, device, sensor, ts_ms
 """
 _ROLLUP_ADD = """
 INSERT INTO {table} AS r (site, device, sensor, bucket_ms, n, sum, min, max)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],
-                     %s::float8[], %s::float8[], %s::float8[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::bigint[],
+                     %b::float8[], %b::float8[], %b::float8[])
 ON CONFLICT (site, device, sensor, bucket_ms) DO UPDATE SET
     n = r.n + excluded.n, sum = r.sum + excluded.sum,
     min = least(r.min, excluded.min), max = greatest(r.max, excluded.max)
 """
 _LOCK_STREAMS = """
 SELECT site, device, boot, max_seq FROM streams
-WHERE (site, device, boot) IN (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))
+WHERE (site, device, boot) IN (SELECT * FROM unnest(%b::text[], %b::text[], %b::text[]))
 ORDER BY site, device, boot
 FOR UPDATE
 """
 _ADD_STREAMS = """
 INSERT INTO streams AS s (site, device, boot, first_seq, max_seq, messages, out_of_order,
                           duplicates, first_ms, last_ms)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],
-                     %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::bigint[],
+                     %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])
 ON CONFLICT (site, device, boot) DO UPDATE SET
     first_seq = least(s.first_seq, excluded.first_seq),
     max_seq = greatest(s.max_seq, excluded.max_seq),
@@ -196,12 +197,12 @@ ON CONFLICT (site, device, boot) DO UPDATE SET
 """
 _SENSORS_OF = """
 SELECT site, device, sensor, kind FROM sensors
-WHERE (site, device) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+WHERE (site, device) IN (SELECT * FROM unnest(%b::text[], %b::text[]))
 """
 _ADD_SENSORS = """
 INSERT INTO sensors AS s (site, device, sensor, kind, unit, type_changes, last_ts_ms)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[],
-                     %s::bigint[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::bigint[],
+                     %b::bigint[])
 ON CONFLICT (site, device, sensor) DO UPDATE SET
     unit = coalesce(excluded.unit, s.unit),
     type_changes = s.type_changes + excluded.type_changes,
@@ -209,7 +210,7 @@ ON CONFLICT (site, device, sensor) DO UPDATE SET
 """
 _TOUCH_DEVICES = """
 INSERT INTO devices AS d (site, device, last_seen_ms)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[])
 ON CONFLICT (site, device) DO UPDATE SET
     last_seen_ms = greatest(d.last_seen_ms, excluded.last_seen_ms)
 """
@@ -437,9 +438,9 @@ class PostgresStore:
 
     def _ensure_partitions(self, messages: Sequence[Message]) -> None:
         """Create the monthly ``readings`` partitions this batch needs (own transaction)."""
-        needed = {
-            month_range(reading.ts_ms) for message in messages for reading in message.readings
-        }
+        # Distinct days first: a batch spans few, and month_range per reading costs.
+        days = {r.ts_ms // _DAY_MS for message in messages for r in message.readings}
+        needed = {month_range(day * _DAY_MS) for day in days}
         missing = sorted(p for p in needed if p[0] not in self._partitions)
         if not missing:
             return
