@@ -53,7 +53,7 @@ from iotpipe.schema import redact_url
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PG_SCHEMA_VERSION", "PostgresStore", "connect_readonly", "month_range"]
+__all__ = ["PG_SCHEMA_VERSION", "PostgresStore", "connect_readonly", "is_pg_error", "month_range"]
 
 PG_SCHEMA_VERSION = 1
 """The layout this code writes in a PostgreSQL database."""
@@ -260,6 +260,11 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     if not rows:
         return [[] for _ in range(width)]
     return [list(column) for column in zip(*rows, strict=True)]
+
+
+def is_pg_error(err: BaseException) -> bool:
+    """Whether ``err`` is a psycopg error (for readers that do not import psycopg)."""
+    return isinstance(err, psycopg.Error)
 
 
 def _floats(column: list[Any]) -> list[float | None]:

@@ -235,8 +235,13 @@ def _open(location: Location) -> _Reader:
     )
 
 
-def has_table(conn: sqlite3.Connection, name: str) -> bool:
-    """Whether the file has a table called ``name`` (a state file has no ``readings``)."""
+def has_table(conn: Any, name: str) -> bool:
+    """Whether the store has a table called ``name`` (a state file has no ``readings``).
+
+    ``conn``: a sqlite3 connection, or a reader with its own ``has_table`` (PostgreSQL).
+    """
+    if not isinstance(conn, sqlite3.Connection):
+        return bool(conn.has_table(name))
     sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
     return conn.execute(sql, (name,)).fetchone() is not None
 

@@ -102,8 +102,13 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _sqlite_store(store: str | None, config: Path | None) -> tuple[str, Path]:
-    """The store URL (from --store, else the config) and its SQLite file; InfluxDB refused."""
+PG_TOKENS = Path("state/dashboard.tokens.json")
+"""The token file of a dashboard on a PostgreSQL store, unless --tokens names one."""
+
+
+def _sqlite_store(store: str | None, config: Path | None) -> tuple[str, Path | PostgresTarget]:
+    """The store URL (from --store, else the config) and its SQLite file or PostgreSQL
+    database; InfluxDB refused."""
     if store is None:
         from consumers.settings import ConsumeSettings
         from iotpipe.settings import config_path, load
@@ -117,13 +122,6 @@ def _sqlite_store(store: str | None, config: Path | None) -> tuple[str, Path]:
             "the dashboard reads SQLite stores; for InfluxDB use Grafana "
             "(configs/grafana/, docs/grafana.md)",
         )
-    if isinstance(location, PostgresTarget):
-        raise ConfigError(
-            "--store",
-            str(location),
-            "the dashboard reads SQLite stores; for PostgreSQL use iotpipe export/stats "
-            "or Grafana's PostgreSQL data source (docs/postgresql.md)",
-        )
     return store, location
 
 
@@ -131,9 +129,12 @@ def _token_file(tokens: Path | None, store: str | None, config: Path | None) -> 
     """The token file of --tokens, else the one beside the store."""
     from consumers.dashboard.tokens import TokenFile, default_tokens_path
 
-    return TokenFile(
-        tokens if tokens is not None else default_tokens_path(_sqlite_store(store, config)[1])
-    )
+    if tokens is not None:
+        return TokenFile(tokens)
+    location = _sqlite_store(store, config)[1]
+    if isinstance(location, PostgresTarget):
+        return TokenFile(PG_TOKENS)  # no file beside a database: a fixed local path
+    return TokenFile(default_tokens_path(location))
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:
@@ -203,7 +204,11 @@ def dashboard(
 
         check_permissions(token_file.path)
         token_file.entries()  # refuse a broken file now, not per request
-    if location.exists():
+    if isinstance(location, PostgresTarget):
+        from consumers.pg_store import connect_readonly
+
+        connect_readonly(location.url).close()  # unreachable, foreign or newer: refused now
+    elif location.exists():
         from consumers.query import open_readonly
 
         open_readonly(location).close()  # refuse a foreign or newer file now, not per request

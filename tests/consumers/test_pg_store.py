@@ -255,3 +255,63 @@ def test_export_and_stats_commands_read_postgres(pg: PostgresStore, site: str) -
     assert mine[0]["gaps"] == 2
     bad = run("stats", "--store", "postgresql://iotpipe@127.0.0.1:1/x")
     assert "cannot connect" in config_error(bad)
+
+
+def test_dashboard_api_answers_the_same_on_postgres_as_on_sqlite(
+    pg: PostgresStore, site: str, tmp_path: Path
+) -> None:
+    """/api/v1 sites, devices, device and series (raw, 1 m and 1 h sources, strings) answer
+    the same JSON over a PostgreSQL store as over a SQLite store holding the same batches."""
+    from fastapi.testclient import TestClient
+
+    from consumers.dashboard.app import create_app
+
+    sqlite = SQLiteStore(tmp_path / "telemetry.db")
+    values_of = lambda s: {"t": s % 13 * 0.5, "on": s % 3 == 0, "mode": f"m{s % 4}"}  # noqa: E731
+    batch = [msg(s * 7, site=site, values=values_of(s)) for s in range(2000)]
+    status = [DeviceStatus(site, "pi-1", "online", T0, "edge/1")]
+    for i in range(0, len(batch), 500):
+        pg.write(batch[i : i + 500], status)
+        sqlite.write(batch[i : i + 500], status)
+    sqlite.close()
+    apps = [TestClient(create_app(PostgresTarget(pg.url))), TestClient(create_app(sqlite.path))]
+    span = {"from": T0, "to": T0 + 2000 * 7000}
+    sources: set[bool] = set()  # read from a rollup (True) or the raw readings (False)
+    hourly = False
+    for path, params in [
+        ("/api/v1/sites", {}),
+        ("/api/v1/devices", {"site": site}),
+        (f"/api/v1/devices/{site}/pi-1", {}),
+        ("/api/v1/series", {"site": site, "device": "pi-1", "sensor": "t", "points": 5000}),
+        ("/api/v1/series", {"site": site, "device": "pi-1", "sensor": "t", "points": 200}),
+        (
+            "/api/v1/series",  # 40 h in 10 points: 4 h buckets, from rollup_1h
+            {
+                "site": site,
+                "device": "pi-1",
+                "sensor": "on",
+                "points": 10,
+                "from": T0 - 20 * 3_600_000,
+                "to": T0 + 20 * 3_600_000,
+            },
+        ),
+        ("/api/v1/series", {"site": site, "device": "pi-1", "sensor": "mode", "points": 50}),
+    ]:
+        got, want = (app.get(path, params=span | params) for app in apps)
+        assert got.status_code == want.status_code == 200, (path, got.text)
+        body = got.json()
+        if path == "/api/v1/sites":
+            body = {"sites": [s for s in body["sites"] if s["site"] == site]}
+        assert body == want.json(), path
+        if path == "/api/v1/series" and "bucket_ms" in body and body["kind"] != "string":
+            sources.add(body["bucket_ms"] % 60_000 == 0)
+            hourly = hourly or body["bucket_ms"] % 3_600_000 == 0
+    assert (
+        apps[0]
+        .get("/api/v1/series", params=span | {"site": site, "device": "pi-1", "sensor": "nope"})
+        .status_code
+        == 404
+    )
+    assert sources == {True, False}
+    assert hourly, "one series read rollup_1h"
+    assert apps[0].get("/api/v1/live").status_code == 503  # no live feed in PostgreSQL
