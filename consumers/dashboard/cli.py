@@ -67,7 +67,8 @@ StoreOption = Annotated[
     str | None,
     typer.Option(
         "--store",
-        help="SQLite store: sqlite:///relative.db, sqlite:////abs.db or a file path. "
+        help="SQLite store (sqlite:///relative.db, sqlite:////abs.db or a file path) or "
+        "PostgreSQL store (postgresql://user@host/db). "
         f"\\[default: \\[consume] store of --config, else {DEFAULT_STORE_URL}]",
         show_default=False,
     ),
@@ -173,6 +174,9 @@ def dashboard(
     ] = None,
 ) -> None:
     """Serve the web dashboard and the query API (docs/api.md) over a SQLite store.
+
+    A postgresql:// store works too (no live view yet; tokens default to
+    state/dashboard.tokens.json).
 
     The page at / shows sites, devices with their completeness, charts of any
     sensor over any range (hourly/minutely rollups keep months fast) and a live
