@@ -135,6 +135,7 @@ def test_racing_hosts_store_each_reading_once(pg_url: str, site: str) -> None:
     messages = [msg(s // 5, site=site, device=f"d{s % 5}") for s in range(3000)]
     results: list[WriteResult] = []
     errors: list[BaseException] = []
+    retries: list[int] = []
 
     def host(seed: int) -> None:
         store = PostgresStore(pg_url)
@@ -142,12 +143,14 @@ def test_racing_hosts_store_each_reading_once(pg_url: str, site: str) -> None:
         random.Random(seed).shuffle(order)
         try:
             for i in range(0, len(order), 200):
-                while True:
+                for attempt in range(10):
                     try:
                         results.append(store.write(order[i : i + 200], []))
                         break
                     except StoreUnavailable:  # a deadlock victim: the consumer retries too
-                        continue
+                        retries.append(attempt)
+                else:
+                    raise AssertionError("a batch failed 10 times")
         except BaseException as err:
             errors.append(err)
         finally:
@@ -167,6 +170,7 @@ def test_racing_hosts_store_each_reading_once(pg_url: str, site: str) -> None:
     assert sum(d.gaps for d in stats) == 0
     ids = [row.id for row in iter_readings(PostgresTarget(pg_url), site=site)]
     assert len(ids) == len(set(ids)) == 3000
+    print(f"batches retried by the racing writers: {len(retries)}")
 
 
 def test_a_copy_waits_for_the_open_transaction_holding_its_id(pg_url: str, site: str) -> None:
