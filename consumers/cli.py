@@ -1,4 +1,4 @@
-"""``iotpipe consume``: the store writer (RabbitMQ -> SQLite or InfluxDB, exactly once)."""
+"""``iotpipe consume``: the store writer (RabbitMQ -> SQLite, PostgreSQL or InfluxDB, exactly once)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ _EXAMPLES = """
   [dim]# InfluxDB 2.x / 3.x / Cloud, or anything speaking its v2 write API[/dim]
   IOTPIPE_INFLUXDB__TOKEN=... iotpipe consume --store influxdb://influx:8086
 
+  [dim]# PostgreSQL shared by several consumer hosts (exactly once, no Redis)[/dim]
+  PGPASSWORD=... iotpipe consume --store postgresql://iotpipe@db:5432/iotpipe
+
   [dim]# everything from a file (commented sample: configs/consume.toml)[/dim]
   iotpipe consume --config configs/consume.toml
 """
@@ -38,7 +41,8 @@ def consume(
         typer.Option(
             "--store",
             help="sqlite:///path/telemetry.db (relative), sqlite:////abs/path.db, or "
-            "influxdb[s]://host:port (org, bucket, token from \\[influxdb]). "
+            "influxdb[s]://host:port (org, bucket, token from \\[influxdb]), or "
+            "postgresql://user@host:5432/db (shared by many consumer hosts). "
             f"\\[default: {DEFAULT_STORE_URL}]",
             show_default=False,
         ),

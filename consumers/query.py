@@ -11,18 +11,23 @@ A file that is missing, is not SQLite, or lacks iotpipe's ``meta`` table gives a
 :func:`store_stats`; the dashboard (:mod:`consumers.dashboard.queries`) builds on the same
 pieces per request: :func:`open_readonly`, :func:`has_table`, :func:`device_stats` and
 :func:`reading_value`.
+
+:func:`iter_readings`, :func:`store_stats` and :func:`seq_gaps` also read a PostgreSQL store
+(a :class:`~consumers.settings.PostgresTarget`) over a read-only session: the same SQL, with
+PostgreSQL's placeholders and its ``seen_ids`` table in place of ``messages``.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from consumers.settings import PostgresTarget
 from consumers.state import SCHEMA_VERSION
 from consumers.store import Value
 from iotpipe.errors import ConfigError
@@ -185,8 +190,58 @@ def _check_meta(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
-def has_table(conn: sqlite3.Connection, name: str) -> bool:
-    """Whether the file has a table called ``name`` (a state file has no ``readings``)."""
+Location = Path | PostgresTarget
+"""What the read side opens: a SQLite store or state file, or a PostgreSQL store."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    """An open store of either kind, with what differs between their SQL."""
+
+    rows: Callable[[str, Sequence[object]], Iterable[tuple[Any, ...]]]
+    close: Callable[[], None]
+    mark: str  # the parameter placeholder
+    seen_table: str  # where seen ids are kept
+    has_readings: bool
+    conn: Any  # the connection (sqlite3 or psycopg): device_stats runs on it
+
+
+def _open(location: Location) -> _Reader:
+    """Open a store read-only and check its schema version.
+
+    Raises:
+        ConfigError: the store is missing, unreachable, not iotpipe's, or newer than this code.
+    """
+    if isinstance(location, PostgresTarget):
+        from consumers.pg_store import connect_readonly
+
+        pg = connect_readonly(location.url)
+        return _Reader(
+            rows=lambda sql, params: pg.cursor().stream(sql, params),
+            close=pg.close,
+            mark="%s",
+            seen_table="seen_ids",
+            has_readings=True,
+            conn=pg,
+        )
+    conn = open_readonly(location)
+    return _Reader(
+        rows=conn.execute,
+        close=conn.close,
+        mark="?",
+        seen_table="messages",
+        has_readings=has_table(conn, "readings"),
+        conn=conn,
+    )
+
+
+def has_table(conn: Any, name: str) -> bool:
+    """Whether the store has a table called ``name`` (a state file has no ``readings``).
+
+    ``conn``: a sqlite3 connection, or a reader with its own ``has_table`` (PostgreSQL).
+    """
+    if not isinstance(conn, sqlite3.Connection):
+        return bool(conn.has_table(name))
     sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
     return conn.execute(sql, (name,)).fetchone() is not None
 
@@ -214,7 +269,7 @@ _SELECT_READINGS = (
 
 
 def iter_readings(
-    path: Path,
+    path: Location,
     *,
     site: str | None = None,
     device: str | None = None,
@@ -228,7 +283,7 @@ def iter_readings(
     then streamed, so an export of any size runs in constant memory.
 
     Args:
-        path: a SQLite store file.
+        path: a SQLite store file or a PostgreSQL store.
         site, device, sensor: keep only readings with these exact names.
         since_ms: keep readings at or after this time (Unix epoch milliseconds).
         until_ms: keep readings before this time.
@@ -237,18 +292,18 @@ def iter_readings(
         ConfigError: the file is missing, not an iotpipe store, or has no readings table (a
             state file of an InfluxDB consumer).
     """
-    conn = open_readonly(path)
-    if not has_table(conn, "readings"):
-        conn.close()
+    reader = _open(path)
+    if not reader.has_readings:
+        reader.close()
         raise ConfigError(
             "store",
             path,
             "a state file without readings (an InfluxDB consumer's); export reads SQLite stores",
         )
-    where, params = _filters(site, device, sensor, since_ms, until_ms)
-    # The clause holds ``?`` placeholders only; the values travel as parameters.
+    where, params = _filters(site, device, sensor, since_ms, until_ms, mark=reader.mark)
+    # The clause holds placeholders only; the values travel as parameters.
     sql = f"{_SELECT_READINGS}{where} ORDER BY site, device, sensor, ts_ms"
-    return _rows(conn, sql, params)
+    return _rows(reader, sql, params)
 
 
 def _filters(
@@ -257,27 +312,29 @@ def _filters(
     sensor: str | None,
     since_ms: int | None,
     until_ms: int | None,
+    *,
+    mark: str = "?",
 ) -> tuple[str, list[object]]:
-    """Build the WHERE clause (with ``?`` placeholders) and its parameters."""
+    """Build the WHERE clause (with ``mark`` placeholders) and its parameters."""
     clauses: list[str] = []
     params: list[object] = []
     for column, value in (("site", site), ("device", device), ("sensor", sensor)):
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(f"{column} = {mark}")
             params.append(value)
     if since_ms is not None:
-        clauses.append("ts_ms >= ?")
+        clauses.append(f"ts_ms >= {mark}")
         params.append(since_ms)
     if until_ms is not None:
-        clauses.append("ts_ms < ?")
+        clauses.append(f"ts_ms < {mark}")
         params.append(until_ms)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
-def _rows(conn: sqlite3.Connection, sql: str, params: list[object]) -> Iterator[ExportRow]:
+def _rows(reader: _Reader, sql: str, params: list[object]) -> Iterator[ExportRow]:
     """Stream the query's rows as :class:`ExportRow`; close the connection at the end."""
     try:
-        for msg_id, site, device, sensor, ts_ms, num, flag, text, unit, tags in conn.execute(
+        for msg_id, site, device, sensor, ts_ms, num, flag, text, unit, tags in reader.rows(
             sql, params
         ):
             yield ExportRow(
@@ -291,33 +348,43 @@ def _rows(conn: sqlite3.Connection, sql: str, params: list[object]) -> Iterator[
                 tags=json.loads(tags) if tags else {},
             )
     finally:
-        conn.close()
+        reader.close()
 
 
-_PER_DEVICE = """
+# Portable between SQLite and PostgreSQL: no two-argument max(), sums cast back to integers.
+_GAP = (
+    "CASE WHEN max_seq - first_seq + 1 - messages > 0"
+    " THEN max_seq - first_seq + 1 - messages ELSE 0 END"
+)
+_PER_DEVICE = f"""
 SELECT d.site, d.device, d.state, d.state_ts_ms, d.agent, d.last_seen_ms,
        coalesce(s.messages, 0), coalesce(s.gaps, 0), coalesce(s.duplicates, 0),
        coalesce(s.out_of_order, 0), coalesce(t.type_changes, 0), coalesce(s.boots, 0)
 FROM devices AS d
 LEFT JOIN (
-    SELECT site, device, sum(messages) AS messages,
-           sum(max(0, max_seq - first_seq + 1 - messages)) AS gaps,
-           sum(duplicates) AS duplicates, sum(out_of_order) AS out_of_order, count(*) AS boots
+    SELECT site, device, CAST(sum(messages) AS BIGINT) AS messages,
+           CAST(sum({_GAP}) AS BIGINT) AS gaps,
+           CAST(sum(duplicates) AS BIGINT) AS duplicates,
+           CAST(sum(out_of_order) AS BIGINT) AS out_of_order, count(*) AS boots
     FROM streams GROUP BY site, device
 ) AS s USING (site, device)
 LEFT JOIN (
-    SELECT site, device, sum(type_changes) AS type_changes FROM sensors GROUP BY site, device
+    SELECT site, device, CAST(sum(type_changes) AS BIGINT) AS type_changes
+    FROM sensors GROUP BY site, device
 ) AS t USING (site, device)
 ORDER BY d.site, d.device
-"""
+"""  # noqa: S608 (constants only)
 
 
-def device_stats(conn: sqlite3.Connection) -> list[DeviceStats]:
-    """Every registered device with its completeness figures, ordered by site and device."""
+def device_stats(conn: Any) -> list[DeviceStats]:
+    """Every registered device with its completeness figures, ordered by site and device.
+
+    ``conn``: a sqlite3 or psycopg connection (the query is portable).
+    """
     return [DeviceStats(*row) for row in conn.execute(_PER_DEVICE)]
 
 
-def store_stats(path: Path) -> StoreStats:
+def store_stats(path: Location) -> StoreStats:
     """Read totals and per-device completeness from a store or state file.
 
     Counting the readings reads the whole readings table: a few seconds for tens of millions.
@@ -325,16 +392,16 @@ def store_stats(path: Path) -> StoreStats:
     Raises:
         ConfigError: the file is missing or not an iotpipe store or state file.
     """
-    conn = open_readonly(path)
+    reader = _open(path)
     try:
-        devices = device_stats(conn)
+        devices = device_stats(reader.conn)
         readings = None
-        if has_table(conn, "readings"):
-            readings = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
-        seen_ids = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-        sensors = conn.execute("SELECT count(*) FROM sensors").fetchone()[0]
+        if reader.has_readings:
+            readings = _count(reader, "readings")
+        seen_ids = _count(reader, reader.seen_table)
+        sensors = _count(reader, "sensors")
     finally:
-        conn.close()
+        reader.close()
     return StoreStats(
         path=str(path),
         readings=readings,
@@ -349,17 +416,27 @@ def store_stats(path: Path) -> StoreStats:
     )
 
 
-_GAPS = "SELECT coalesce(sum(max(0, max_seq - first_seq + 1 - messages)), 0) FROM streams"
+def _count(reader: _Reader, table: str) -> int:
+    sql = f"SELECT count(*) FROM {table}"  # noqa: S608 (table names are constants)
+    return _scalar(reader, sql)
 
 
-def seq_gaps(path: Path) -> int:
+def _scalar(reader: _Reader, sql: str) -> int:
+    """The single integer a parameterless query answers (both drivers have ``execute``)."""
+    return int(reader.conn.execute(sql).fetchone()[0])
+
+
+_GAPS = f"SELECT CAST(coalesce(sum({_GAP}), 0) AS BIGINT) FROM streams"  # noqa: S608 (constant)
+
+
+def seq_gaps(path: Location) -> int:
     """Missing ``seq`` values over every device and boot (cheap: reads the streams table only).
 
     Raises:
         ConfigError: the file is missing or not an iotpipe store or state file.
     """
-    conn = open_readonly(path)
+    reader = _open(path)
     try:
-        return int(conn.execute(_GAPS).fetchone()[0])
+        return _scalar(reader, _GAPS)
     finally:
-        conn.close()
+        reader.close()

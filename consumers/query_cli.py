@@ -110,6 +110,9 @@ _EXPORT_EXAMPLES = """
   [dim]# one sensor over a fixed window (until is exclusive)[/dim]
   iotpipe export --store state/telemetry.db --sensor temperature \\
       --since 2026-11-26T00:00:00Z --until 2026-11-27T00:00:00Z
+
+  [dim]# the shared PostgreSQL store (password in PGPASSWORD or ~/.pgpass)[/dim]
+  iotpipe export --store postgresql://iotpipe@db:5432/iotpipe --since -1h
 """
 
 
@@ -119,7 +122,8 @@ def export(
         str,
         typer.Option(
             "--store",
-            help="SQLite store: sqlite:///relative.db, sqlite:////abs.db or a file path.",
+            help="SQLite store (sqlite:///relative.db, sqlite:////abs.db or a file path) "
+            "or PostgreSQL store (postgresql://user@host:5432/db).",
             show_default=False,
         ),
     ],
@@ -159,7 +163,7 @@ def export(
 ) -> None:
     """Export stored readings as JSON lines or CSV, ordered by site, device, sensor and time.
 
-    Reads the store file read-only: safe while iotpipe consume is writing it.
+    Reads the store read-only: safe while iotpipe consume is writing it.
     Each line has id, site, device, sensor, ts (RFC 3339 UTC), value, unit and tags.
     """
     location = store_path(store)
@@ -305,6 +309,9 @@ _STATS_EXAMPLES = """
   [dim]# an InfluxDB consumer: its local state file holds the figures[/dim]
   iotpipe stats --store influxdb://influx:8086 --state state/consumer/state.db
 
+  [dim]# the shared PostgreSQL store of several consumer hosts[/dim]
+  iotpipe stats --store postgresql://iotpipe@db:5432/iotpipe
+
   [dim]# for scripts and monitoring[/dim]
   iotpipe stats --store state/telemetry.db --json | jq '.gaps'
 """
@@ -316,7 +323,8 @@ def stats(
         str,
         typer.Option(
             "--store",
-            help="sqlite:///relative.db, sqlite:////abs.db, a file path, or influxdb[s]://host "
+            help="sqlite:///relative.db, sqlite:////abs.db, a file path, "
+            "postgresql://user@host/db, or influxdb[s]://host "
             f"(then --state is read). \\[default: {DEFAULT_STORE_URL}]",
             show_default=False,
         ),

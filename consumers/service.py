@@ -48,8 +48,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from consumers.confirmations import ConfirmLatency
-from consumers.query import seq_gaps
-from consumers.settings import ConsumeSettings, SqliteTarget
+from consumers.query import Location, seq_gaps
+from consumers.settings import ConsumeSettings, PostgresTarget, SqliteTarget
 from consumers.store import (
     ConfirmationStore,
     DeviceStatus,
@@ -322,7 +322,11 @@ class Consumer:
     def _seq_gaps(self) -> float:
         """Read at scrape time from the completeness table (on the HTTP thread, own connection)."""
         target = self.settings.target
-        path = target.path if isinstance(target, SqliteTarget) else self.settings.state_path
+        path: Location = self.settings.state_path
+        if isinstance(target, SqliteTarget):
+            path = target.path
+        elif isinstance(target, PostgresTarget):
+            path = target
         try:
             return float(seq_gaps(path))
         except (IotpipeError, sqlite3.Error):

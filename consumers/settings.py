@@ -9,6 +9,9 @@ Store URLs:
 - ``influxdb://host:8086`` (HTTP) or ``influxdbs://host:8086`` (HTTPS): InfluxDB 2.x/3.x, Cloud,
   or any server speaking the InfluxDB v2 write API. Org, bucket and token come from the
   ``[influxdb]`` section (or ``IOTPIPE_INFLUXDB__TOKEN``), never from the URL.
+- ``postgresql://user@host:5432/db`` (or ``postgres://``): a PostgreSQL database shared by any
+  number of consumer hosts; any libpq URL (``?sslmode=require`` ...). Keep the password in
+  ``PGPASSWORD`` or ``~/.pgpass`` rather than in the URL.
 """
 
 from __future__ import annotations
@@ -50,13 +53,28 @@ class InfluxTarget:
         return self.url
 
 
-def parse_store(value: str, *, field: str = "--store") -> SqliteTarget | InfluxTarget:
+@dataclass(frozen=True, slots=True)
+class PostgresTarget:
+    """A PostgreSQL database (a libpq connection URL)."""
+
+    url: str
+
+    def __str__(self) -> str:
+        return redact_url(self.url)
+
+
+def parse_store(
+    value: str, *, field: str = "--store"
+) -> SqliteTarget | InfluxTarget | PostgresTarget:
     """Parse a store URL (see the module docstring).
 
     Raises:
         ConfigError: the URL has another scheme, no path or no host.
     """
-    allowed = "sqlite:///path/to/telemetry.db, a file path, or influxdb[s]://host[:port]"
+    allowed = (
+        "sqlite:///path/to/telemetry.db, a file path, influxdb[s]://host[:port]"
+        " or postgresql://user@host[:port]/db"
+    )
     if value.startswith("sqlite:") and not value.startswith("sqlite://"):
         if value == "sqlite:":
             raise ConfigError(field, value, "no path; expected sqlite:///path/to/telemetry.db")
@@ -88,14 +106,30 @@ def parse_store(value: str, *, field: str = "--store") -> SqliteTarget | InfluxT
             )
         http = "https" if scheme == "influxdbs" else "http"
         return InfluxTarget(f"{http}://{parts.hostname}:{port}")
+    if scheme in ("postgresql", "postgres"):
+        return _postgres_target(value, field)
     raise ConfigError(field, value, f"unknown store type {scheme!r}; expected {allowed}")
 
 
-def store_path(value: str, *, field: str = "--store") -> Path | InfluxTarget:
+def _postgres_target(value: str, field: str) -> PostgresTarget:
+    """Check a PostgreSQL URL's shape (libpq checks the rest when connecting)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as err:
+        raise ConfigError(field, redact_url(value), f"{err}") from None
+    if not parts.path.strip("/"):
+        raise ConfigError(
+            field, redact_url(value), "no database; expected postgresql://user@host[:port]/db"
+        )
+    return PostgresTarget(value)
+
+
+def store_path(value: str, *, field: str = "--store") -> Path | InfluxTarget | PostgresTarget:
     """Resolve a store URL to a SQLite file path, or an InfluxDB target.
 
     Accepts what :func:`parse_store` accepts: ``sqlite:///relative.db``, ``sqlite:////absolute.db``,
-    ``sqlite:relative.db``, a plain path, ``influxdb[s]://host:port``.
+    ``sqlite:relative.db``, a plain path, ``influxdb[s]://host:port``, ``postgresql://...``.
 
     Raises:
         ConfigError: anything else.
@@ -166,7 +200,7 @@ class ConsumeSettings(Section):
         return value
 
     @property
-    def target(self) -> SqliteTarget | InfluxTarget:
+    def target(self) -> SqliteTarget | InfluxTarget | PostgresTarget:
         """The parsed store URL."""
         return parse_store(self.store, field="consume.store")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers.settings import ConsumeSettings, InfluxSettings, InfluxTarget
+from consumers.settings import ConsumeSettings, InfluxSettings, InfluxTarget, PostgresTarget
 from consumers.store import Store
 
 
@@ -16,6 +16,12 @@ def open_store(settings: ConsumeSettings, influx: InfluxSettings) -> Store:
     target = settings.target
     if isinstance(target, InfluxTarget):
         return _open_influx(target, settings, influx)
+    if isinstance(target, PostgresTarget):
+        from consumers.pg_store import PostgresStore
+
+        return PostgresStore(
+            target.url, retention_ms=settings.retention_ms, durability=settings.durability
+        )
     from consumers.sqlite_store import SQLiteStore
 
     return SQLiteStore(

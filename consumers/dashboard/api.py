@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -30,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from consumers.dashboard import queries
 from consumers.dashboard.queries import MAX_POINTS, MIN_POINTS, ParameterError, QueryError
+from consumers.query import Location
 from iotpipe.errors import ConfigError
 from iotpipe.timeparse import parse_time
 
@@ -46,14 +46,15 @@ class DashboardConfig:
     """What the routes of one dashboard application read and how the live stream behaves.
 
     Attributes:
-        store: the SQLite store file (it may not exist yet: routes answer 503 until it does).
+        store: the SQLite store file (it may not exist yet: routes answer 503 until it does)
+            or a PostgreSQL store.
         label: how ``/api/v1/health`` names the store.
         poll_interval: seconds between the live stream's polls of the store.
         keepalive: seconds between the live stream's keep-alive comments.
         stopping: set when the server shuts down; live streams then end.
     """
 
-    store: Path
+    store: Location
     label: str
     poll_interval: float
     keepalive: float

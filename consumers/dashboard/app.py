@@ -31,6 +31,7 @@ from consumers.dashboard.api import DashboardConfig, router
 from consumers.dashboard.headers import SecurityHeaders
 from consumers.dashboard.queries import QueryError
 from consumers.dashboard.tokens import TokenFile
+from consumers.query import Location
 from iotpipe import __version__
 
 __all__ = ["STATIC_DIR", "create_app"]
@@ -77,7 +78,7 @@ class _Dashboard(FastAPI):
 
 
 def create_app(
-    store: Path,
+    store: Location,
     *,
     store_label: str | None = None,
     poll_interval: float = 0.5,
@@ -88,10 +89,11 @@ def create_app(
     session_ttl: float = auth.SESSION_TTL,
     loopback_only: bool = False,
 ) -> FastAPI:
-    """Build the dashboard application for one SQLite store file.
+    """Build the dashboard application for one store (a SQLite file or a PostgreSQL database).
 
     Args:
-        store: the store file (it may not exist yet: the API answers 503 until it does).
+        store: the store file (it may not exist yet: the API answers 503 until it does), or a
+            PostgreSQL store (no live feed: ``/api/v1/live`` answers 503).
         store_label: how ``/api/v1/health`` names the store (default: the path).
         poll_interval: seconds between the live stream's polls of the store.
         keepalive: seconds between the live stream's keep-alive comments.
@@ -107,7 +109,7 @@ def create_app(
     app = _Dashboard(
         title="iotpipe query API",
         version=f"1 (iotpipe {__version__})",
-        description="Read-only API over an iotpipe SQLite store; see docs/api.md.",
+        description="Read-only API over an iotpipe store; see docs/api.md.",
         openapi_url="/api/v1/openapi.json",
         # FastAPI's docs pages load their scripts from a CDN: not here.
         docs_url=None,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from consumers.settings import InfluxTarget, store_path
+from consumers.settings import InfluxTarget, PostgresTarget, store_path
 from iotpipe.errors import ConfigError
 from iotpipe.options import ConfigOption
 from iotpipe.settings import DEFAULT_STORE_URL
@@ -67,7 +67,8 @@ StoreOption = Annotated[
     str | None,
     typer.Option(
         "--store",
-        help="SQLite store: sqlite:///relative.db, sqlite:////abs.db or a file path. "
+        help="SQLite store (sqlite:///relative.db, sqlite:////abs.db or a file path) or "
+        "PostgreSQL store (postgresql://user@host/db). "
         f"\\[default: \\[consume] store of --config, else {DEFAULT_STORE_URL}]",
         show_default=False,
     ),
@@ -102,8 +103,13 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _sqlite_store(store: str | None, config: Path | None) -> tuple[str, Path]:
-    """The store URL (from --store, else the config) and its SQLite file; InfluxDB refused."""
+PG_TOKENS = Path("state/dashboard.tokens.json")
+"""The token file of a dashboard on a PostgreSQL store, unless --tokens names one."""
+
+
+def _sqlite_store(store: str | None, config: Path | None) -> tuple[str, Path | PostgresTarget]:
+    """The store URL (from --store, else the config) and its SQLite file or PostgreSQL
+    database; InfluxDB refused."""
     if store is None:
         from consumers.settings import ConsumeSettings
         from iotpipe.settings import config_path, load
@@ -124,9 +130,12 @@ def _token_file(tokens: Path | None, store: str | None, config: Path | None) -> 
     """The token file of --tokens, else the one beside the store."""
     from consumers.dashboard.tokens import TokenFile, default_tokens_path
 
-    return TokenFile(
-        tokens if tokens is not None else default_tokens_path(_sqlite_store(store, config)[1])
-    )
+    if tokens is not None:
+        return TokenFile(tokens)
+    location = _sqlite_store(store, config)[1]
+    if isinstance(location, PostgresTarget):
+        return TokenFile(PG_TOKENS)  # no file beside a database: a fixed local path
+    return TokenFile(default_tokens_path(location))
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:
@@ -166,6 +175,9 @@ def dashboard(
 ) -> None:
     """Serve the web dashboard and the query API (docs/api.md) over a SQLite store.
 
+    A postgresql:// store works too (no live view yet; tokens default to
+    state/dashboard.tokens.json).
+
     The page at / shows sites, devices with their completeness, charts of any
     sensor over any range (hourly/minutely rollups keep months fast) and a live
     view. Reads the store read-only: safe while iotpipe consume is writing. A
@@ -196,7 +208,11 @@ def dashboard(
 
         check_permissions(token_file.path)
         token_file.entries()  # refuse a broken file now, not per request
-    if location.exists():
+    if isinstance(location, PostgresTarget):
+        from consumers.pg_store import connect_readonly
+
+        connect_readonly(location.url).close()  # unreachable, foreign or newer: refused now
+    elif location.exists():
         from consumers.query import open_readonly
 
         open_readonly(location).close()  # refuse a foreign or newer file now, not per request

@@ -1,8 +1,10 @@
-"""The dashboard's reads of a SQLite store: sites, devices, downsampled series, the live feed.
+"""The dashboard's reads of a store: sites, devices, downsampled series, the live feed.
 
 Every function takes a connection from :func:`open_store` (read-only, ``mode=ro``: it never
 blocks or changes a running consumer) and returns JSON-able dicts shaped as ``docs/api.md``
-says. Errors are :class:`QueryError` subclasses carrying their HTTP status::
+says. A PostgreSQL store (:class:`~consumers.settings.PostgresTarget`) is read through
+:class:`PgReader`, which takes the same SQL (``?`` and ``:name`` placeholders) in one read-only
+repeatable-read transaction; it has no live feed (``/api/v1/live`` answers 503). Errors are :class:`QueryError` subclasses carrying their HTTP status::
 
     QueryError                 (an IotpipeError)
     ├── ParameterError         400: a query parameter is malformed or out of range
@@ -17,13 +19,21 @@ at most a few thousand rows whatever the data rate.
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from consumers.query import DeviceStats, device_stats, has_table, open_readonly, reading_value
+from consumers.query import (
+    DeviceStats,
+    Location,
+    device_stats,
+    has_table,
+    open_readonly,
+    reading_value,
+)
+from consumers.settings import PostgresTarget
 from consumers.sqlite_store import ROLLUPS
 from iotpipe.errors import ConfigError, IotpipeError
 
@@ -80,14 +90,50 @@ class StoreUnreadableError(QueryError):
 # -- opening ------------------------------------------------------------------------------------
 
 
+_NAMED = re.compile(r"(?<![:\w]):([a-z_]+)")
+
+
+class PgReader:
+    """A psycopg connection taking the sqlite3-style SQL of this module.
+
+    ``?`` becomes ``%s``, ``:name`` becomes ``%(name)s`` and a literal ``%`` (SQL's modulo)
+    ``%%``, only when parameters are given (psycopg leaves SQL without them untouched).
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        """Run one statement; returns the psycopg cursor (iterable, ``fetchone``, ``fetchall``)."""
+        if not params:
+            return self._conn.execute(sql)
+        converted = _NAMED.sub(r"%(\1)s", sql.replace("%", "%%").replace("?", "%s"))
+        return self._conn.execute(converted, params)
+
+    def has_table(self, name: str) -> bool:
+        """Whether the database has this table (or view)."""
+        row = self._conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+        return row is not None and row[0] is not None
+
+
+Reader = sqlite3.Connection | PgReader
+"""What :func:`open_store` yields and every query takes."""
+
+
 @contextmanager
-def open_store(path: Path) -> Iterator[sqlite3.Connection]:
+def open_store(path: Location) -> Iterator[Reader]:
     """Open the store read-only for one request, in one read transaction (a consistent view).
 
+    Yields a sqlite3 connection, or a :class:`PgReader` for a PostgreSQL store.
+
     Raises:
-        StoreUnreadableError: the file is missing, not an iotpipe store with readings, or SQLite
-            failed while the block ran.
+        StoreUnreadableError: the file is missing, not an iotpipe store with readings, the
+            server cannot be reached, or the database failed while the block ran.
     """
+    if isinstance(path, PostgresTarget):
+        with _open_pg(path) as reader:
+            yield reader
+        return
     if not path.is_file():
         raise StoreUnreadableError(
             f"store {path} does not exist (yet): is iotpipe consume writing to it?"
@@ -100,12 +146,31 @@ def open_store(path: Path) -> Iterator[sqlite3.Connection]:
         if not has_table(conn, "readings"):
             raise StoreUnreadableError(
                 f"store {path} has no readings (an InfluxDB consumer's state file?): "
-                "the dashboard reads SQLite stores"
+                "the dashboard reads SQLite and PostgreSQL stores"
             )
         conn.execute("BEGIN")
         yield conn
     except sqlite3.Error as err:
         raise StoreUnreadableError(f"store {path}: {err}") from err
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _open_pg(target: PostgresTarget) -> Iterator[PgReader]:
+    from consumers.pg_store import connect_readonly, is_pg_error
+
+    try:
+        conn = connect_readonly(target.url)
+    except ConfigError as err:
+        raise StoreUnreadableError(f"store {target}: {err.allowed}") from None
+    try:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        yield PgReader(conn)
+    except Exception as err:
+        if is_pg_error(err):
+            raise StoreUnreadableError(f"store {target}: {err}") from err
+        raise
     finally:
         conn.close()
 
@@ -139,7 +204,7 @@ def _device_dict(
 
 
 def _confirmations(
-    conn: sqlite3.Connection,
+    conn: Reader,
 ) -> dict[tuple[str, str], tuple[int, int, int, int, int]]:
     """(last, p50, p99, envelopes, confirmed_ms) per device; none in a store without the table."""
     if not has_table(conn, "confirmations"):
@@ -153,7 +218,7 @@ def _confirmations(
     }
 
 
-def _all_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def _all_devices(conn: Reader) -> list[dict[str, Any]]:
     """Every registered device with its completeness and confirmation figures, by site, device."""
     counts = {
         (site, device): n
@@ -172,7 +237,7 @@ def _all_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     ]
 
 
-def sites(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def sites(conn: Reader) -> list[dict[str, Any]]:
     """One entry per site: devices, how many are ``online``, the latest reading time."""
     out: dict[str, dict[str, Any]] = {}
     for row in _all_devices(conn):
@@ -187,7 +252,7 @@ def sites(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def devices(conn: sqlite3.Connection, site: str | None = None) -> list[dict[str, Any]]:
+def devices(conn: Reader, site: str | None = None) -> list[dict[str, Any]]:
     """Every device (of ``site``, when given) with its completeness figures.
 
     Raises:
@@ -202,7 +267,7 @@ def devices(conn: sqlite3.Connection, site: str | None = None) -> list[dict[str,
     return mine
 
 
-def device(conn: sqlite3.Connection, site: str, name: str) -> dict[str, Any]:
+def device(conn: Reader, site: str, name: str) -> dict[str, Any]:
     """One device as in :func:`devices`, plus ``sensor_list``.
 
     Raises:
@@ -251,7 +316,7 @@ def bucket_width(from_ms: int, to_ms: int, points: int) -> int:
     return width
 
 
-def _sensor(conn: sqlite3.Connection, site: str, name: str, sensor: str) -> tuple[str, str | None]:
+def _sensor(conn: Reader, site: str, name: str, sensor: str) -> tuple[str, str | None]:
     """(kind, unit) of a sensor; :class:`NotFoundError` naming what is unknown."""
     row = conn.execute(
         "SELECT kind, unit FROM sensors WHERE site = ? AND device = ? AND sensor = ?",
@@ -272,13 +337,13 @@ _RAW_BUCKETS = """
 SELECT ts_ms - (ts_ms % :width + :width) % :width AS t, count(v), sum(v), min(v), max(v)
 FROM (SELECT ts_ms, coalesce(value_num, value_bool) AS v FROM readings
       WHERE site = :site AND device = :device AND sensor = :sensor
-        AND ts_ms >= :lo AND ts_ms < :hi)
+        AND ts_ms >= :lo AND ts_ms < :hi) AS r
 WHERE v IS NOT NULL
 GROUP BY t ORDER BY t
 """
 _ROLLUP_BUCKETS = """
 SELECT bucket_ms - (bucket_ms % :width + :width) % :width AS t,
-       sum(n), sum(sum), min(min), max(max)
+       CAST(sum(n) AS BIGINT), sum(sum), min(min), max(max)
 FROM {table}
 WHERE site = :site AND device = :device AND sensor = :sensor
   AND bucket_ms >= :lo AND bucket_ms < :hi
@@ -292,7 +357,7 @@ ORDER BY ts_ms DESC LIMIT ?
 """
 
 
-def series_source(conn: sqlite3.Connection, width: int) -> str:
+def series_source(conn: Reader, width: int) -> str:
     """The table a series of buckets ``width`` wide reads: a rollup when one divides it."""
     for table, size in sorted(ROLLUPS.items(), key=lambda item: -item[1]):
         if width % size == 0 and has_table(conn, table):
@@ -301,7 +366,7 @@ def series_source(conn: sqlite3.Connection, width: int) -> str:
 
 
 def series(
-    conn: sqlite3.Connection,
+    conn: Reader,
     site: str,
     name: str,
     sensor: str,
@@ -356,7 +421,7 @@ def series(
 # -- live feed ----------------------------------------------------------------------------------
 
 
-def feed_head(conn: sqlite3.Connection) -> int:
+def feed_head(conn: Reader) -> int:
     """The newest ``readings_feed`` number (0 when empty): follow the feed from there.
 
     Raises:
@@ -380,7 +445,7 @@ ORDER BY f.seq
 
 
 def feed_since(
-    conn: sqlite3.Connection,
+    conn: Reader,
     cursor: int,
     *,
     site: str | None = None,

@@ -316,7 +316,7 @@ def test_sqlite_store_urls(url: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
-        ("postgres://db/x", "unknown store type"),
+        ("mysql://db/x", "unknown store type"),
         ("sqlite://", "sqlite:///relative.db"),
         ("influxdb://user:pw@host:8086", "token goes in"),
         ("influxdb://:8086", "influxdb://host:port"),

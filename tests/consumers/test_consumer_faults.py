@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from consumers.query import iter_readings
+from consumers.settings import PostgresTarget
 from tests.conftest import wait_for
 from tests.consumers.conftest import Outgoing, SiteQueue, publish, telemetry
 from tests.consumers.crashing_consumer import EXIT_CODE
@@ -38,13 +39,16 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("IOTPIPE_")}
 
 
-def write_config(path: Path, queue: SiteQueue, db: Path, **consume: object) -> Path:
-    """A config file for consumer processes on the test's queue."""
+def write_config(
+    path: Path, queue: SiteQueue, db: Path | PostgresTarget, **consume: object
+) -> Path:
+    """A config file for consumer processes on the test's queue (a SQLite or PostgreSQL store)."""
+    store = db.url if isinstance(db, PostgresTarget) else f"sqlite:///{db}"
     lines = [
         "[amqp]",
         f'url = "{queue.url}"',
         "[consume]",
-        f'store = "sqlite:///{db}"',
+        f'store = "{store}"',
         f'queue = "{queue.name}"',
         f'bindings = ["iotpipe.v1.{queue.site}.#"]',
         *(
@@ -120,8 +124,12 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     procs.kill_all()
 
 
-def stored_messages(db: Path) -> int:
-    """Distinct message ids committed so far (0 before the file exists)."""
+def stored_messages(db: Path | PostgresTarget) -> int:
+    """Distinct message ids committed so far (0 before the store exists or while it is down)."""
+    if isinstance(db, PostgresTarget):
+        from tests.postgres import count_seen_ids
+
+        return count_seen_ids(db.url)
     if not db.exists():
         return 0
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
@@ -140,7 +148,7 @@ def stream(site: str, devices: int, per_device: int, copies: float, seed: int) -
     return messages
 
 
-def report(name: str, sent: Sequence[Outgoing], db: Path) -> tuple[int, int]:
+def report(name: str, sent: Sequence[Outgoing], db: Path | PostgresTarget) -> tuple[int, int]:
     """Print the row and return (lost, doubled) readings."""
     wanted = {m.id: m.readings for m in sent}
     got: dict[str, int] = {}
@@ -158,7 +166,11 @@ def report(name: str, sent: Sequence[Outgoing], db: Path) -> tuple[int, int]:
 
 
 def kill_while_streaming(
-    processes: Processes, config: Path, queue: SiteQueue, sent: Sequence[Outgoing], db: Path
+    processes: Processes,
+    config: Path,
+    queue: SiteQueue,
+    sent: Sequence[Outgoing],
+    db: Path | PostgresTarget,
 ) -> tuple[int, int]:
     """Stream ``sent`` while consumers are SIGKILLed mid-stream and die after a commit (3x each),
     then let one consumer finish and stop it with SIGTERM.

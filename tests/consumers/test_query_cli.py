@@ -112,7 +112,9 @@ def test_store_url_forms(
     ("args", "expected"),
     [
         (["--store", "influxdb://influx:8086"], "InfluxDB's own tools"),
-        (["--store", "postgres://db/x"], "unknown store type"),
+        (["--store", "mysql://db/x"], "unknown store type"),
+        (["--store", "postgresql://iotpipe@127.0.0.1:1/x"], "cannot connect"),
+        (["--store", "postgresql://127.0.0.1"], "no database"),
         (["--store", "sqlite://host/x.db"], "sqlite:///relative.db"),
         (["--store", "missing.db"], "no such file"),
         (["--store", "{store}", "--since", "yesterday"], "relative (-1h, -7d)"),
