@@ -166,6 +166,11 @@ def test_installed_commands_answer(tmp_path: Path) -> None:
     shown = _run("edge", "bundle", "--help")
     assert shown.returncode == 0, shown.stderr
     assert "Usage: iotpipe edge bundle" in shown.stdout
+    # A bundle is built from a checkout (docs/edge-bundle.md); installed, it says so in one line.
+    built = _run("edge", "bundle", "--out", str(tmp_path / "bundle"))
+    assert built.returncode != 0
+    assert built.stderr.strip().endswith("run from a checkout"), built.stderr
+    assert "Traceback" not in built.stderr
     store = shutil.copy(REPO / "tests/data/v0.1.0/store.db", tmp_path / "store.db")
     stats = _run("stats", "--store", str(store))
     assert stats.returncode == 0, stats.stderr
