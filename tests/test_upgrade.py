@@ -34,7 +34,9 @@ from iotpipe.recording import read_recording
 from iotpipe.settings import AmqpSettings, MqttSettings, load
 from simulator.settings import SimulateSettings
 from tests.bridge.conftest import client
-from tests.conftest import free_port
+from tests.bridge.test_bridge import _running_bridge, bind_site_queue
+from tests.conftest import BrokerInfo, free_port, wait_for
+from tests.rabbitmq import blocking_channel
 
 OLD = Path(__file__).parent / "data" / "v0.1.0"
 #: The kernel boot the fixture's outbox counter was made for (tests/data/make_v0_1_0.py).
@@ -122,6 +124,31 @@ def test_the_bridge_spool_of_0_1_0_drains_with_its_properties(tmp_path: Path) ->
         assert spool.depth == 0
     finally:
         spool.close()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.mosquitto
+def test_a_bridge_forwards_what_0_1_0_spooled(
+    tmp_path: Path, mosquitto_broker: BrokerInfo, isolated_rabbitmq_url: str, unique: str
+) -> None:
+    """A 0.2.0 bridge started on the old spool publishes it all, dead letter included."""
+    shutil.copy(OLD / "spool.db", tmp_path / "spool.db")
+    queue = bind_site_queue(isolated_rabbitmq_url, f"test.{unique}.old", SITE)
+    try:
+        with _running_bridge(mosquitto_broker, isolated_rabbitmq_url, tmp_path, unique) as running:
+            arrived = running.drain(queue, 4)
+            dead = running.drain(running.dead_queue, 1)
+            wait_for(lambda: running.bridge.spool.depth == 0, 20, "an empty spool")
+    finally:
+        with blocking_channel(isolated_rabbitmq_url) as channel:
+            channel.queue_delete(queue)
+    ids = [props.message_id for props, _ in arrived]
+    assert len(set(ids)) == 4
+    for props, body in arrived:
+        envelope = decode_telemetry(body)
+        assert isinstance(envelope, Envelope)
+        assert props.message_id == envelope.id
+    assert dead[0][1] == b"{not json"
 
 
 def test_the_edge_outbox_of_0_1_0_keeps_its_envelopes_and_counter(tmp_path: Path) -> None:
