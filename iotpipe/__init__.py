@@ -1,3 +1,3 @@
 """iotpipe: the shared core (envelope, topics, settings, transports) and the ``iotpipe`` command."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

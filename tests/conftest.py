@@ -29,6 +29,15 @@ import pytest
 
 pytest_plugins = ["tests.fixtures_replay", "tests.tlsca", "tests.rabbitmq", "tests.victoria"]
 
+#: How tests run the ``iotpipe`` command as a subprocess. ``IOTPIPE_CLI`` names an installed
+#: ``iotpipe`` executable (CI: the wheel installed into a clean venv, so a file missing from the
+#: package fails there); without it, the code of this checkout.
+IOTPIPE: list[str] = (
+    [os.environ["IOTPIPE_CLI"]]
+    if os.environ.get("IOTPIPE_CLI")
+    else [sys.executable, "-c", "from iotpipe.cli import main; main()"]
+)
+
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(

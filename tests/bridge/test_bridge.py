@@ -22,12 +22,10 @@ from bridge.settings import BridgeSettings
 from iotpipe.amqp import DEAD_EXCHANGE, TELEMETRY_EXCHANGE
 from iotpipe.mqtt import Message, MqttClient
 from iotpipe.settings import AmqpSettings, MqttSettings, load
-from tests.conftest import BrokerInfo, free_port, wait_for
+from tests.conftest import IOTPIPE, BrokerInfo, free_port, wait_for
 from tests.rabbitmq import blocking_channel
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.rabbitmq]
-
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 
 
 def envelope(site: str, device: str, seq: int, /, **extra: Any) -> bytes:

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -34,7 +33,7 @@ import pytest
 from iotpipe.errors import ConnectError, DeliveryError
 from iotpipe.mqtt import MqttClient
 from iotpipe.settings import MqttSettings
-from tests.conftest import EmbeddedBrokerProcess, MosquittoProcess, free_port, wait_for
+from tests.conftest import IOTPIPE, EmbeddedBrokerProcess, MosquittoProcess, free_port, wait_for
 from tests.rabbitmq import PrivateRabbit, blocking_channel
 
 pytestmark = [
@@ -44,7 +43,6 @@ pytestmark = [
     pytest.mark.rabbitmq,
 ]
 
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 TELEMETRY_EXCHANGE = "iotpipe.telemetry"
 DEAD_EXCHANGE = "iotpipe.dead"
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -19,9 +18,7 @@ from bridge.broker_metrics import BrokerEndpoint, DropCounter
 from bridge.settings import BrokerSettings
 from iotpipe.mqtt import Message, pump_until
 from tests.bridge.conftest import StartBroker, client
-from tests.conftest import wait_for
-
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
+from tests.conftest import IOTPIPE, wait_for
 
 DROP_LOG = "broker messages dropped"
 

@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +27,7 @@ from bridge.broker_store import (
 from bridge.settings import BrokerSettings
 from iotpipe.mqtt import Message, MqttClient, pump_until
 from tests.bridge.conftest import client
-from tests.conftest import free_port, wait_for, wait_port
-
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
+from tests.conftest import IOTPIPE, free_port, wait_for, wait_port
 
 #: Not UTF-8: a payload that must come back byte for byte.
 BINARY = b"\xff\xfe\x00\x80binary\xc3"

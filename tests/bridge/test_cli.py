@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -14,9 +13,7 @@ import pytest
 from bridge.broker import BrokerThread, PasswordFile
 from iotpipe.mqtt import Message, pump_until
 from tests.bridge.conftest import client
-from tests.conftest import free_port, wait_for, wait_port
-
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
+from tests.conftest import IOTPIPE, free_port, wait_for, wait_port
 
 
 def _env() -> dict[str, str]:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -36,12 +35,11 @@ from iotpipe.amqp import (
 from iotpipe.mqtt import MqttClient
 from iotpipe.pack import PackedMessage, PackEncoder, PackError, decode
 from iotpipe.settings import AmqpSettings, MqttSettings, load
-from tests.conftest import BrokerInfo, wait_for
+from tests.conftest import IOTPIPE, BrokerInfo, wait_for
 from tests.rabbitmq import blocking_channel
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.rabbitmq]
 
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 DEVICES = ("d1", "d2", "d3")
 
 

@@ -26,13 +26,11 @@ import pytest
 
 from consumers.query import iter_readings
 from consumers.settings import PostgresTarget
-from tests.conftest import wait_for
+from tests.conftest import IOTPIPE, wait_for
 from tests.consumers.conftest import Outgoing, SiteQueue, publish, telemetry
 from tests.consumers.crashing_consumer import EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
-
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 
 
 def _env() -> dict[str, str]:

@@ -16,7 +16,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -48,7 +47,7 @@ from iotpipe.amqp import TELEMETRY_EXCHANGE
 from iotpipe.mqtt import Message as MqttMessage
 from iotpipe.recording import read_recording
 from iotpipe.settings import AmqpSettings
-from tests.conftest import free_port, wait_for, wait_port
+from tests.conftest import IOTPIPE, free_port, wait_for, wait_port
 from tests.consumers.conftest import (
     Outgoing,
     Running,
@@ -595,8 +594,6 @@ def test_live_on_a_version_1_store_is_503(tmp_path: Path) -> None:
 
 
 # -- the command ----------------------------------------------------------------------------------
-
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 
 
 @pytest.mark.parametrize(

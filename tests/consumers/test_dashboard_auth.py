@@ -11,7 +11,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,9 +25,8 @@ from consumers.dashboard.headers import CONTENT_SECURITY_POLICY
 from consumers.dashboard.tokens import TokenFile, token_hash
 from consumers.sqlite_store import SQLiteStore
 from consumers.store import Message, Reading
-from tests.conftest import free_port, wait_for
+from tests.conftest import IOTPIPE, free_port, wait_for
 
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 DATA = "/api/v1/devices"
 
 

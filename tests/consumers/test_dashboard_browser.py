@@ -16,7 +16,6 @@ import json
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,12 +28,11 @@ import pytest
 
 from consumers.sqlite_store import SQLiteStore
 from consumers.store import Confirmation, DeviceStatus, Message, Reading
-from tests.conftest import free_port, wait_for
+from tests.conftest import IOTPIPE, free_port, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 TIMEOUT_MS = 10_000
 STEP_MS = 10_000  # one message every 10 s
 # (site, device) -> {sensor: unit}; "door" is a boolean, "mode" a string, the rest numbers.

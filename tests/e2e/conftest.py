@@ -21,7 +21,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,10 +37,8 @@ from consumers.store import Message, Value
 from iotpipe.amqp import DEAD_EXCHANGE, HEADER_ERROR, HEADER_TOPIC
 from iotpipe.envelope import Envelope, Rejection, Status, decode
 from iotpipe.recording import RecordedMessage
-from tests.conftest import free_port, wait_for
+from tests.conftest import IOTPIPE, free_port, wait_for
 from tests.rabbitmq import blocking_channel
-
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 
 # Mosquitto for the fault and scale-out tests (see tests/bridge/test_bridge_faults.py): no cap on
 # what waits for an absent bridge (its default silently drops beyond 1000), and a window of

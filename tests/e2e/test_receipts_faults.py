@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -369,7 +370,8 @@ def test_consumer_killed_between_commit_and_receipt_gets_the_envelopes_resent_an
     crashing = services.spawn(
         "crashing-consumer",
         [
-            IOTPIPE[0],
+            # a test harness around the consumer: this checkout's code, whatever IOTPIPE_CLI says
+            sys.executable,
             "-m",
             "tests.consumers.crashing_consumer",
             str(pipeline.consumer.config),

@@ -4,6 +4,7 @@ SIGTERM goes offline and exits 0."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -18,7 +19,8 @@ from tests.conftest import BrokerInfo, wait_for
 from tests.edge.conftest import Subscriber
 
 #: The installed ``iotpipe`` script of this interpreter: the agent's one entry point.
-IOTPIPE = str(Path(sys.executable).with_name("iotpipe"))
+# The installed command: IOTPIPE_CLI (CI: from the wheel, tests/conftest.py) or this venv's.
+IOTPIPE = os.environ.get("IOTPIPE_CLI") or str(Path(sys.executable).with_name("iotpipe"))
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.mosquitto, pytest.mark.slow]
 

@@ -35,6 +35,7 @@ from tests.edge.test_image import (
     IMAGE_SIZE,
     ROOT_START,
     TRIXIE_FILES,
+    WHEEL,
     build_image,
     digest,
 )
@@ -75,7 +76,7 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
     bundle = tmp_path / "bundle"
     (bundle / "wheels").mkdir(parents=True)
     (bundle / "install.sh").write_text("#!/bin/sh\necho install\n")
-    (bundle / "wheels" / "iotpipe-0.1.0-py3-none-any.whl").write_bytes(b"PK\x03\x04wheel")
+    (bundle / "wheels" / WHEEL).write_bytes(b"PK\x03\x04wheel")
     (tmp_path / "wifi.txt").write_text(PASSPHRASE + "\n")
     return {
         "config": tmp_path / "edge.toml",
@@ -178,7 +179,7 @@ def test_flash_trixie_writes_cloud_init_and_nothing_else(
     assert "firstrun.sh" not in after
 
     assert after["iotpipe/install.sh"] == (inputs["bundle"] / "install.sh").read_bytes()
-    assert after["iotpipe/wheels/iotpipe-0.1.0-py3-none-any.whl"] == b"PK\x03\x04wheel"
+    assert after[f"iotpipe/wheels/{WHEEL}"] == b"PK\x03\x04wheel"
     assert after["iotpipe/edge.toml"] == EDGE_TOML.encode()
     assert after["iotpipe/mqtt-password"] == MQTT_SECRET.encode()
     assert b"Type=notify" in after["iotpipe/iotpipe-edge.service"]
@@ -335,7 +336,7 @@ def test_bundle_tarball_is_unpacked(inputs: dict[str, Path], tmp_path: Path) -> 
         "seed", "--boot", boot, "--config", inputs["config"], "--ssh-key", inputs["key"],
         "--bundle", tarball,
     )  # fmt: skip
-    assert (boot / "iotpipe" / "wheels" / "iotpipe-0.1.0-py3-none-any.whl").is_file()
+    assert (boot / "iotpipe" / "wheels" / WHEEL).is_file()
     assert (boot / "firstrun.sh").is_file()
 
 

@@ -31,8 +31,11 @@ from edge.provision import (
     detect_style,
     enable_interfaces,
 )
+from iotpipe import __version__
 
 MIB = 1024 * 1024
+#: The name of this version's wheel, as `iotpipe edge bundle` puts it in the bundle.
+WHEEL = f"iotpipe-{__version__}-py3-none-any.whl"
 BOOT_START = 8192  # sectors, as in Raspberry Pi OS images (4 MiB)
 BOOT_SECTORS = 40 * MIB // 512  # FAT32 needs >= 65525 clusters: 40 MiB of 512-byte clusters
 ROOT_START = BOOT_START + BOOT_SECTORS
@@ -258,12 +261,12 @@ def test_fat_image_reads_writes_and_removes(trixie_template: Path, tmp_path: Pat
     tree = tmp_path / "tree"
     (tree / "wheels").mkdir(parents=True)
     (tree / "install.sh").write_text("#!/bin/sh\n")
-    (tree / "wheels" / "iotpipe-0.1.0-py3-none-any.whl").write_bytes(b"PK")
+    (tree / "wheels" / WHEEL).write_bytes(b"PK")
     assert fat.copy_tree(tree, "iotpipe") == [
         "iotpipe/install.sh",
-        "iotpipe/wheels/iotpipe-0.1.0-py3-none-any.whl",
+        f"iotpipe/wheels/{WHEEL}",
     ]
-    assert fat.read("iotpipe/wheels/iotpipe-0.1.0-py3-none-any.whl") == b"PK"
+    assert fat.read(f"iotpipe/wheels/{WHEEL}") == b"PK"
     fat.remove("iotpipe/secrets/a-long-name.toml")
     fat.remove("iotpipe/secrets/a-long-name.toml")
     assert "iotpipe/secrets/a-long-name.toml" not in fat.names()

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from edge.run import parse
 from iotpipe.__main__ import fast_command
 
-IOTPIPE = str(Path(sys.executable).with_name("iotpipe"))
+# The installed command: IOTPIPE_CLI (CI: from the wheel, tests/conftest.py) or this venv's.
+IOTPIPE = os.environ.get("IOTPIPE_CLI") or str(Path(sys.executable).with_name("iotpipe"))
 
 #: Runs the real entry point, but reports the imported top-level packages instead of looping.
 _PROBE = """

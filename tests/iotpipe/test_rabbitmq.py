@@ -13,7 +13,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,10 +38,9 @@ from iotpipe.errors import ConfigError
 from iotpipe.rabbitmq import definitions, hash_password, reader_role, roles_for, secret_file
 from iotpipe.receipts import EXCHANGE as RECEIPTS_EXCHANGE
 from iotpipe.settings import AmqpSettings
-from tests.conftest import wait_for
+from tests.conftest import IOTPIPE, wait_for
 from tests.rabbitmq import PrivateRabbit, blocking_channel, rabbitmq_bin
 
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 VHOST = "iotpipe"
 
 

@@ -15,7 +15,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import tomllib
 import urllib.request
 from collections.abc import Iterator
@@ -26,10 +25,9 @@ import pytest
 
 from iotpipe.settings import UpSettings, load
 from iotpipe.status import probe
-from tests.conftest import free_port, wait_for
+from tests.conftest import IOTPIPE, free_port, wait_for
 from tests.rabbitmq import blocking_channel, rabbitmq_bin
 
-IOTPIPE = [sys.executable, "-c", "from iotpipe.cli import main; main()"]
 SAMPLE = Path(__file__).resolve().parents[2] / "configs" / "up.toml"
 
 
