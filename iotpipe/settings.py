@@ -160,8 +160,11 @@ def _describe(section: str, err: ValidationError) -> ConfigError:
         return ConfigError(location, value, "unknown setting (check the spelling)")
     if first["type"] == "missing":
         return ConfigError(location, None, "required")
-    if any(str(part) in _SECRET_FIELDS for part in first["loc"]) and isinstance(value, str):
-        value = schema.redact_url(value)
+    if any(str(part) in _SECRET_FIELDS for part in first["loc"]):
+        if isinstance(value, str):
+            value = schema.redact_url(value)
+        elif isinstance(value, list | tuple):  # [amqp] urls
+            value = [schema.redact_url(v) if isinstance(v, str) else v for v in value]
     message = str(first["msg"]).removeprefix("Value error, ")
     return ConfigError(location, value, message)
 
