@@ -586,3 +586,28 @@ def test_start_fails_only_when_every_node_refuses() -> None:
     with pytest.raises(ConnectError) as caught:
         publisher.start()
     assert caught.value.target == AmqpSettings(url=second).broker.redacted()
+
+
+@pytest.mark.rabbitmq
+def test_a_cluster_name_with_several_addresses_is_tried_address_by_address(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host name resolving to a dead address then a live one connects to the live one."""
+    live = AmqpSettings(url=rabbitmq_url).broker
+    dead_port = free_port()
+    resolve = socket.getaddrinfo
+
+    def cluster_dns(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host != "rabbit-cluster.invalid":
+            return resolve(host, port, *args, **kwargs)
+        record = resolve(live.host, live.port, *args, **kwargs)[0]
+        return [(*record[:4], (live.host, dead_port)), record]  # dead node first
+
+    monkeypatch.setattr(socket, "getaddrinfo", cluster_dns)
+    url = rabbitmq_url.replace(f"{live.host}:{live.port}", "rabbit-cluster.invalid:5672")
+    publisher = ConfirmingPublisher(AmqpSettings(url=url), Results(), connect_timeout=5)
+    publisher.start()
+    try:
+        assert publisher.connected
+    finally:
+        publisher.close(timeout=5)
