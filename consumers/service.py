@@ -234,6 +234,7 @@ class Consumer:
             queue_type=settings.queue_type,
             delivery_limit=settings.delivery_limit,
             dead_letter_queue=settings.dead_letter_queue,
+            quorum_group_size=settings.quorum_group_size or None,
         )
         source = BatchConsumer(
             amqp,

@@ -153,6 +153,13 @@ class ConsumeSettings(Section):
     dead_letter_queue: str = Field(
         "iotpipe.dead", max_length=255, description="queue keeping iotpipe.dead; '' = none"
     )
+    quorum_group_size: int = Field(
+        0,
+        ge=0,
+        le=99,
+        description="cluster nodes a new quorum queue is replicated on (odd: 3 or 5); "
+        "0 = RabbitMQ's default, every node",
+    )
     prefetch: int = Field(2000, ge=1, le=65_535, description="unacknowledged deliveries at most")
     batch_size: int = Field(1000, ge=1, le=65_535, description="messages per store write, at most")
     batch_latency: float = Field(

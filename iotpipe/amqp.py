@@ -23,6 +23,11 @@ On a lost connection every *unconfirmed* message is reported FAILED at once (the
 spools it; the store deduplicates on the envelope id, so a retry that duplicates is harmless).
 Messages still waiting in the queue were never sent: they stay queued and go out, in order, after
 the publisher reconnects (jittered exponential backoff, topology re-declared).
+
+Several nodes (``[amqp] url`` plus ``urls``, see :attr:`AmqpSettings.brokers`): each connection
+attempt goes to one node; an unreachable node is followed at once by the next, and only a whole
+round of failures waits out a backoff delay. A lost connection fails over to the *next* node at
+once (round-robin), so a dead node costs one refused connect at most.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from iotpipe import compat
 from iotpipe.connection import certificate_problem, tls_context
 from iotpipe.errors import CertificateError, ConnectError
 from iotpipe.pacing import Backoff
-from iotpipe.settings import AmqpSettings
+from iotpipe.settings import AmqpSettings, BrokerUrl
 from iotpipe.topics import Kind
 
 __all__ = [
@@ -65,6 +70,7 @@ __all__ = [
     "HEADER_SITE",
     "HEADER_TOPIC",
     "HEADER_VERSION",
+    "HOME_NODE_DOWN",
     "TELEMETRY_EXCHANGE",
     "UPLINK_EXCHANGE",
     "UPLINK_QUEUE",
@@ -105,6 +111,9 @@ UPLINK_EXCHANGE = "iotpipe.uplink"
 UPLINK_QUEUE = "iotpipe.uplink"
 """The queue ``iotpipe unpack`` consumes packs from, bound to :data:`UPLINK_EXCHANGE` with its
 name as binding key: packs are published with routing key = the uplink queue's name."""
+
+HOME_NODE_DOWN = "is down or inaccessible"
+"""In RabbitMQ's 404 for a classic queue whose node is down (a cluster cannot serve it)."""
 
 APP_ID = "iotpipe-bridge"
 CONTENT_TYPE = "application/json"
@@ -579,9 +588,14 @@ def vhost_of(path: str) -> str:
 
 
 def connection_parameters(
-    settings: AmqpSettings, *, timeout: float, heartbeat: int | None, name: str
+    settings: AmqpSettings,
+    *,
+    timeout: float,
+    heartbeat: int | None,
+    name: str,
+    node: BrokerUrl | None = None,
 ) -> Any:
-    """pika's ``ConnectionParameters`` for ``settings`` (credentials, TLS, vhost, one attempt).
+    """pika's ``ConnectionParameters`` for one node (credentials, TLS, vhost, one attempt).
 
     For the two modules that talk to pika (this one and ``iotpipe.amqp_consumer``); it is not
     in ``__all__``, whose API carries no pika types.
@@ -591,8 +605,9 @@ def connection_parameters(
         timeout: socket and handshake limit in seconds.
         heartbeat: AMQP heartbeat in seconds; None accepts the broker's proposal.
         name: the connection name shown in RabbitMQ's management UI.
+        node: which of ``settings.brokers`` to connect to; None is the first (``url``).
     """
-    url = settings.broker
+    url = settings.broker if node is None else node
     password = url.password.get_secret_value() if url.password is not None else ""
     credentials = (
         pika.PlainCredentials(url.username, password) if url.username is not None else None
@@ -649,7 +664,8 @@ class ConfirmingPublisher:
         publisher.close(timeout=10)               # waits for outstanding confirms
 
     Args:
-        settings: URL (credentials, host, port, vhost from its path) and TLS material.
+        settings: URL (credentials, host, port, vhost from its path) and TLS material; with
+            ``urls``, the nodes of a cluster to fail over between.
         on_result: ``on_result(token, outcome)``, once per published message, on the loop thread.
         window: the most messages unconfirmed at once; more wait in the queue (in order).
         heartbeat: AMQP heartbeat in seconds; None accepts the broker's proposal (60 s).
@@ -671,6 +687,7 @@ class ConfirmingPublisher:
         failed: messages reported FAILED (lost connection or closed publisher).
         reconnects: how many times the connection was re-established.
         peak_unconfirmed: the most messages ever unconfirmed at once (never above ``window``).
+        url: the node connected to (or tried) last.
     """
 
     def __init__(
@@ -706,6 +723,10 @@ class ConfirmingPublisher:
         self._connection_name = connection_name
         self._dead_letter_queue = dead_letter_queue
         self._own_queue = own_queue
+        self._nodes = len(settings.brokers)
+        self._node = 0  # index in settings.brokers of the node the next attempt goes to
+        self._tried = 0  # nodes that failed in a row since the last success or backoff wait
+        self._was_ready = False  # the connection that just closed had been ready: fail over
 
         # Shared with publishing threads: deque.append/popleft are atomic, the flags are plain
         # attribute reads and writes (a stale read costs at most one extra wake-up).
@@ -919,11 +940,14 @@ class ConfirmingPublisher:
         self._reconnect_timer = None
         if self._closing:
             return
+        node = self.settings.brokers[self._node % self._nodes]
+        self.url = node
         params = connection_parameters(
             self.settings,
             timeout=self._connect_timeout,
             heartbeat=self._heartbeat,
             name=self._connection_name,
+            node=node,
         )
         self._connection = _BatchingConnection(
             params,
@@ -941,6 +965,13 @@ class ConfirmingPublisher:
     def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
         self._connection = None
         reason = describe_error(error)
+        self._node += 1
+        self._tried += 1
+        if self._tried < self._nodes and not self._closing:
+            log.warning("amqp node unreachable url=%s reason=%s trying=next", self.url, reason)
+            self._reconnect_timer = self._ioloop.call_later(0, self._connect)
+            return
+        self._tried = 0
         # A refused certificate stays refused: not retried even by start(retry=True).
         problem = None if self._started.is_set() else certificate_problem(error)
         if self._closing:
@@ -984,20 +1015,55 @@ class ConfirmingPublisher:
         )
 
     def _declare_dead_letter_queue(self, channel: Any) -> None:
+        """Declare and bind the dead-letter queue on a channel of its own, then go on.
+
+        An existing queue is taken as it is, whatever its type (passive declare first). A
+        classic one whose cluster node is down cannot be declared anywhere (404): logged, and
+        publishing goes on without it. Any other refusal ends the connection as before.
+        """
         queue = self._dead_letter_queue
-        if not queue:
+        connection = self._connection
+        if not queue or connection is None:
             self._declare_own_queue(channel)
             return
-        channel.queue_declare(
-            queue,
-            durable=True,
-            callback=lambda _frame: channel.queue_bind(
-                queue,
-                DEAD_EXCHANGE,
-                routing_key="#",
-                callback=lambda _frame: self._declare_own_queue(channel),
-            ),
-        )
+        state = {"passive": True, "done": False}
+
+        def finish() -> None:
+            if not state["done"]:
+                state["done"] = True
+                self._declare_own_queue(channel)
+
+        def bind(side: Any) -> None:
+            def bound(_frame: Any) -> None:
+                finish()
+                side.close()
+
+            side.queue_bind(queue, DEAD_EXCHANGE, routing_key="#", callback=bound)
+
+        def on_open(side: Any) -> None:
+            side.add_on_close_callback(on_close)
+            side.queue_declare(
+                queue, passive=state["passive"], durable=True, callback=lambda _f: bind(side)
+            )
+
+        def on_close(_side: Any, reason: BaseException) -> None:
+            if state["done"] or not isinstance(reason, pika_errors.ChannelClosedByBroker):
+                return
+            if reason.reply_code == 404 and HOME_NODE_DOWN in reason.reply_text:
+                log.warning(
+                    "amqp dead-letter queue unavailable url=%s queue=%s reason=%s",
+                    self.url,
+                    queue,
+                    reason.reply_text,
+                )
+                finish()
+            elif reason.reply_code == 404 and state["passive"] and connection.is_open:
+                state["passive"] = False  # it does not exist yet: create it
+                connection.channel(on_open_callback=on_open)
+            else:
+                self._on_channel_closed(channel, reason)
+
+        connection.channel(on_open_callback=on_open)
 
     def _declare_own_queue(self, channel: Any) -> None:
         own = self._own_queue
@@ -1026,6 +1092,8 @@ class ConfirmingPublisher:
         self._channel = channel
         self._tag = 0
         self._backoff.reset()
+        self._tried = 0
+        self._was_ready = True
         self._ready = True
         if self._started.is_set():
             self.reconnects += 1
@@ -1067,17 +1135,22 @@ class ConfirmingPublisher:
             if not self._started.is_set():  # start(retry=True): report, keep trying
                 self._start_error = self._start_error or describe_error(reason)
                 self._started.set()
+            lost = self.url
+            # Another node of the cluster is tried at once; one node alone only after a backoff.
+            failover = self._was_ready and self._nodes > 1
+            self._was_ready = False
+            self._node += 1
             log.warning(
                 "amqp connection lost url=%s reason=%s queued=%d retry_in_s=%.2f",
-                self.url,
+                lost,
                 describe_error(reason),
                 len(self._queue),
-                self._schedule_reconnect(),
+                self._schedule_reconnect(immediately=failover),
             )
 
-    def _schedule_reconnect(self) -> float:
+    def _schedule_reconnect(self, *, immediately: bool = False) -> float:
         """Arrange the next connection attempt (jittered exponential backoff); returns the delay."""
-        delay = self._backoff.next_delay()
+        delay = 0.0 if immediately else self._backoff.next_delay()
         self._reconnect_timer = self._ioloop.call_later(delay, self._connect)
         return delay
 

@@ -54,6 +54,7 @@ from iotpipe.amqp import (
     DEAD_EXCHANGE,
     EXCHANGES,
     HEADER_ERROR,
+    HOME_NODE_DOWN,
     TELEMETRY_EXCHANGE,
     MessageProperties,
     connection_parameters,
@@ -64,7 +65,7 @@ from iotpipe.amqp import (
 from iotpipe.connection import certificate_problem
 from iotpipe.errors import CertificateError, ConfigError, ConnectError
 from iotpipe.pacing import Backoff
-from iotpipe.settings import AmqpSettings
+from iotpipe.settings import AmqpSettings, BrokerUrl
 
 __all__ = ["BatchConsumer", "Delivery", "DeliverySource", "Outgoing", "QueueSpec", "batch_wait"]
 
@@ -98,6 +99,7 @@ _ARGUMENT_FIELDS = {
     "x-dead-letter-routing-key": "dead_letter_routing_key",
     "x-message-ttl": "message_ttl",
     "x-max-length": "max_length",
+    "x-quorum-initial-group-size": "quorum_group_size",
 }
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for queue '[^']*' in vhost '[^']*': "
@@ -128,6 +130,10 @@ class QueueSpec:
         message_ttl: milliseconds a message may wait before it expires (``x-message-ttl``).
         max_length: ready messages kept at most; the oldest are dropped (``x-overflow``
             ``drop-head``).
+        quorum_group_size: quorum queues only: on how many cluster nodes the queue is created
+            (``x-quorum-initial-group-size``); None is RabbitMQ's default, every node in the
+            cluster at the time. RabbitMQ compares it like the other arguments: changing it
+            means deleting the queue (or ``rabbitmq-queues grow``/``shrink`` and a new name).
     """
 
     name: str = "iotpipe.store"
@@ -140,6 +146,7 @@ class QueueSpec:
     dead_letter: bool = True
     message_ttl: int | None = None
     max_length: int | None = None
+    quorum_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > 255:
@@ -152,6 +159,8 @@ class QueueSpec:
             raise ConfigError("queue.message_ttl", self.message_ttl, "0 or more milliseconds")
         if self.max_length is not None and self.max_length < 1:
             raise ConfigError("queue.max_length", self.max_length, "at least 1")
+        if self.quorum_group_size is not None and self.quorum_group_size < 1:
+            raise ConfigError("queue.quorum_group_size", self.quorum_group_size, "at least 1")
 
     def arguments(self) -> dict[str, Any]:
         """The ``x-`` arguments the queue is declared with."""
@@ -162,6 +171,8 @@ class QueueSpec:
         if self.queue_type == "quorum":
             args["x-queue-type"] = "quorum"
             args["x-delivery-limit"] = self.delivery_limit
+            if self.quorum_group_size is not None:
+                args["x-quorum-initial-group-size"] = self.quorum_group_size
         if self.message_ttl is not None:
             args["x-message-ttl"] = self.message_ttl
         if self.max_length is not None:
@@ -329,6 +340,7 @@ class BatchConsumer:
         self.epoch = 0
         # The first delay falls in [backoff_min, 2 * backoff_min], none beyond backoff_max.
         self._backoff = Backoff(2 * backoff_min, backoff_max, jitter=(0.5, 1.0))
+        self._node = 0  # index in settings.brokers of the node the next attempt goes to
         self._server_version = ""
 
         self._connection: Any = None
@@ -424,9 +436,34 @@ class BatchConsumer:
                 return
 
     def _open(self, timeout: float) -> None:
+        """One round of attempts, a node at a time from the next one (round-robin) until one works.
+
+        Raises:
+            ConnectError: every node failed (the last one's reason).
+        """
+        nodes = self.settings.brokers
+        for attempt in range(len(nodes)):
+            node = nodes[self._node % len(nodes)]
+            self._node += 1
+            try:
+                self._open_node(node, timeout)
+            except ConnectError as err:
+                if attempt == len(nodes) - 1:
+                    raise
+                log.warning(
+                    "amqp consumer node unreachable url=%s queue=%s reason=%s trying=next",
+                    node,
+                    self.queue.name,
+                    err.reason,
+                )
+            else:
+                return
+
+    def _open_node(self, node: BrokerUrl, timeout: float) -> None:
         """One connection attempt; on success the consumer is registered and epoch advanced."""
+        self.url = node
         params = connection_parameters(
-            self.settings, timeout=timeout, heartbeat=self.heartbeat, name=self.name
+            self.settings, timeout=timeout, heartbeat=self.heartbeat, name=self.name, node=node
         )
         # A broker under a resource alarm stops reading from connections that publish (ours
         # does, dead letters): give up on such a connection rather than hang in an ack.
@@ -499,7 +536,7 @@ class BatchConsumer:
     def _declare(self, connection: Any, channel: Any) -> None:
         spec = self.queue
         try:
-            declare_topology(channel, spec.dead_letter_queue)
+            declare_topology(channel)
             for name in dict.fromkeys((spec.exchange, *self.publish_exchanges)):
                 if name not in dict(EXCHANGES):
                     channel.exchange_declare(exchange=name, exchange_type="topic", durable=True)
@@ -516,6 +553,7 @@ class BatchConsumer:
                 f"an exchange exists with another type or durability ({err.reply_text}); "
                 "they must be durable topic exchanges: delete the wrong one",
             ) from None
+        self._declare_dead_letter_queue(connection)
         try:
             channel.queue_declare(spec.name, durable=True, arguments=spec.arguments())
         except pika_errors.ChannelClosedByBroker as err:
@@ -524,6 +562,35 @@ class BatchConsumer:
             raise self._inequivalent(connection, err.reply_text) from None
         for key in spec.bindings:
             channel.queue_bind(spec.name, spec.exchange, routing_key=key)
+
+    def _declare_dead_letter_queue(self, connection: Any) -> None:
+        """Declare and bind the dead-letter queue, as it exists if it does (on its own channel).
+
+        An existing queue is taken whatever its type (a cluster's should be a quorum queue,
+        made by the operator). A classic one whose node is down cannot be declared anywhere in
+        the cluster: that is logged, and the consumer goes on without it.
+        """
+        queue = self.queue.dead_letter_queue
+        if not queue:
+            return
+        channel = connection.channel()
+        try:
+            channel.queue_declare(queue, passive=True)
+        except pika_errors.ChannelClosedByBroker as err:
+            if err.reply_code != 404:
+                raise
+            if HOME_NODE_DOWN in err.reply_text:
+                log.warning(
+                    "amqp dead-letter queue unavailable url=%s queue=%s reason=%s",
+                    self.url,
+                    queue,
+                    err.reply_text,
+                )
+                return
+            channel = connection.channel()
+            channel.queue_declare(queue, durable=True)
+        channel.queue_bind(queue, DEAD_EXCHANGE, routing_key="#")
+        channel.close()
 
     def _inequivalent(self, connection: Any, reply: str) -> ConfigError:
         """The ConfigError for a queue that exists with other arguments (406 on declare).

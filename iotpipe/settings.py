@@ -48,7 +48,7 @@ __all__ = [
 DEFAULT_STORE_URL = "sqlite:///state/telemetry.db"
 """Where ``iotpipe consume`` writes readings, and ``stats``/``dashboard``/``up`` read them, by default."""
 
-_SECRET_FIELDS = frozenset({"password", "token", "url", "store", "dedupe"})  # may hold one
+_SECRET_FIELDS = frozenset({"password", "token", "url", "urls", "store", "dedupe"})  # may hold one
 
 
 class Section(BaseModel):
@@ -69,12 +69,32 @@ class AmqpSettings(Section):
         description="file holding the password of the URL's user (first line), read at every "
         "connect; instead of a password in the URL (see `iotpipe rabbitmq setup`)",
     )
+    urls: tuple[str, ...] = Field(
+        (),
+        description="more nodes of the same RabbitMQ cluster, tried in turn after url on every "
+        "(re)connect (round-robin); a list, or one comma-separated string",
+    )
     tls: TlsSettings = TlsSettings()
 
     @field_validator("url")
     @classmethod
     def _valid_url(cls, value: str) -> str:
         parse_url(value, ("amqp", "amqps"))
+        return value
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        # IOTPIPE_AMQP__URLS=amqp://a,amqp://b: an environment variable holds one string.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("urls")
+    @classmethod
+    def _valid_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            parse_url(url, ("amqp", "amqps"))
         return value
 
     @field_validator("password_file")
@@ -86,11 +106,12 @@ class AmqpSettings(Section):
 
     @model_validator(mode="after")
     def _user_for_password_file(self) -> AmqpSettings:
-        if (
-            self.password_file is not None
-            and parse_url(self.url, ("amqp", "amqps")).username is None
+        if self.password_file is not None and any(
+            parse_url(url, ("amqp", "amqps")).username is None for url in (self.url, *self.urls)
         ):
-            raise ValueError("password_file needs a user in url (amqp://USER@host:port/vhost)")
+            raise ValueError(
+                "password_file needs a user in url and urls (amqp://USER@host:port/vhost)"
+            )
         return self
 
     @property
@@ -100,15 +121,27 @@ class AmqpSettings(Section):
         Raises:
             ConfigError: the password file cannot be read.
         """
-        url = parse_url(self.url, ("amqp", "amqps"))
+        return self.brokers[0]
+
+    @property
+    def brokers(self) -> tuple[BrokerUrl, ...]:
+        """Every node to try, :attr:`url` first then :attr:`urls` (duplicates dropped), parsed.
+
+        A host name that resolves to several addresses (a cluster behind DNS) is one entry:
+        pika tries each address it resolves to, in order.
+
+        Raises:
+            ConfigError: the password file cannot be read.
+        """
+        urls = [parse_url(url, ("amqp", "amqps")) for url in dict.fromkeys((self.url, *self.urls))]
         if self.password_file is None:
-            return url
+            return tuple(urls)
         try:
             password = self.password_file.read_text().splitlines()[0]
         except (OSError, IndexError) as err:
             reason = err.strerror if isinstance(err, OSError) else "empty file"
             raise ConfigError("amqp.password_file", self.password_file, str(reason)) from None
-        return url._replace(password=Secret(password))
+        return tuple(url._replace(password=Secret(password)) for url in urls)
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -127,8 +160,11 @@ def _describe(section: str, err: ValidationError) -> ConfigError:
         return ConfigError(location, value, "unknown setting (check the spelling)")
     if first["type"] == "missing":
         return ConfigError(location, None, "required")
-    if any(str(part) in _SECRET_FIELDS for part in first["loc"]) and isinstance(value, str):
-        value = schema.redact_url(value)
+    if any(str(part) in _SECRET_FIELDS for part in first["loc"]):
+        if isinstance(value, str):
+            value = schema.redact_url(value)
+        elif isinstance(value, list | tuple):  # [amqp] urls
+            value = [schema.redact_url(v) if isinstance(v, str) else v for v in value]
     message = str(first["msg"]).removeprefix("Value error, ")
     return ConfigError(location, value, message)
 

@@ -10,6 +10,9 @@ A pytest plugin (``pytest_plugins = [..., "tests.rabbitmq"]`` in ``tests/conftes
     A :class:`PrivateRabbit`: a RabbitMQ node of its own (own node name, ports, data, logs and
     Erlang cookie) that a test may stop, SIGKILL and start again on the same data. Killed at
     teardown whatever happened. Starting one takes several seconds: mark such tests ``slow``.
+:class:`PrivateCluster`
+    Three (or more) private nodes sharing one cookie of their own, joined into a cluster; for a
+    module-scoped fixture (see ``tests/e2e/test_cluster_faults.py``).
 
 The private node runs the ``rabbitmq-server`` script directly as the current user, not through
 Debian's ``/usr/sbin`` wrapper (which switches to the ``rabbitmq`` user, writes its logs under
@@ -21,6 +24,7 @@ share a cookie that neither the shared node nor anyone else knows.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -29,6 +33,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +82,20 @@ class PrivateRabbit:
         mqtt: bool = False,
         mqtt_port: int | None = None,
         tls: ServerTls | None = None,
+        name: str | None = None,
+        cookie: str | None = None,
+        schedulers: int | None = None,
     ) -> None:
+        """``name``: the node name (default ``iotpipe-test-<hex>@localhost``); ``cookie``: its
+        Erlang cookie (default a fresh one; cluster nodes share one); ``schedulers``: Erlang
+        scheduler threads (``+S N:N``; default one per core; several nodes on 2 cores want 1)."""
         binaries = rabbitmq_bin()
         if binaries is None:
             raise RuntimeError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
         self.bin = binaries
         self.workdir = workdir
-        self.name = f"iotpipe-test-{secrets.token_hex(4)}@localhost"
+        self.name = name or f"iotpipe-test-{secrets.token_hex(4)}@localhost"
+        self.schedulers = schedulers
         self.port = free_port()
         self.dist_port = free_port()
         self.mqtt_port = (mqtt_port or free_port()) if mqtt or mqtt_port else None
@@ -95,9 +107,9 @@ class PrivateRabbit:
         self.logs = workdir / "log"
         for directory in (self.home, self.mnesia, self.logs):
             directory.mkdir(parents=True, exist_ok=True)
-        cookie = self.home / ".erlang.cookie"
+        cookie_text, cookie = cookie, self.home / ".erlang.cookie"
         if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.write_text(cookie_text or secrets.token_hex(16).upper())
             cookie.chmod(0o400)  # Erlang refuses a cookie others can read
         config = [f"listeners.tcp.1 = 127.0.0.1:{self.port}"]
         plugins = []
@@ -151,15 +163,19 @@ class PrivateRabbit:
             RABBITMQ_ADVANCED_CONFIG_FILE=str(self.workdir / "advanced.config"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.workdir / "enabled_plugins"),
             RABBITMQ_CONF_ENV_FILE=str(self.workdir / "rabbitmq-env.conf"),
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+            + ("" if self.schedulers is None else f" +S {self.schedulers}:{self.schedulers}"),
             ERL_EPMD_ADDRESS="127.0.0.1",
         )
         return env
 
-    def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """Run ``rabbitmqctl -n NAME ARGS`` against this node (never the shared one)."""
+    def ctl(
+        self, *args: str, timeout: float = 30.0, tool: str = "rabbitmqctl"
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``rabbitmqctl -n NAME ARGS`` (or another ``tool``, e.g. ``rabbitmq-queues``)
+        against this node (never the shared one)."""
         return subprocess.run(
-            [str(self.bin / "rabbitmqctl"), "-n", self.name, *args],
+            [str(self.bin / tool), "-n", self.name, *args],
             env=self.env(),
             cwd=self.workdir,
             capture_output=True,
@@ -251,6 +267,98 @@ class PrivateRabbit:
                 text = path.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(out)
+
+
+class PrivateCluster:
+    """``size`` private nodes joined into one RabbitMQ cluster with a cookie of its own.
+
+    Node names are ``iotpipe-test-<hex>-N@localhost``; each node has its own AMQP and
+    distribution ports and data directory, and runs one Erlang scheduler (``+S 1:1``) so that
+    three VMs on two cores do not starve each other (or the services under test).
+
+    Attributes:
+        nodes: the nodes, the first one the node the others join.
+        start_seconds: how long :meth:`start` took.
+    """
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        tag = secrets.token_hex(4)
+        cookie = secrets.token_hex(16).upper()
+        self.nodes = [
+            PrivateRabbit(
+                workdir / f"node{n}",
+                name=f"iotpipe-test-{tag}-{n}@localhost",
+                cookie=cookie,
+                schedulers=1,
+            )
+            for n in range(1, size + 1)
+        ]
+        self.start_seconds = 0.0
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's AMQP URL, node 1 first."""
+        return [node.url for node in self.nodes]
+
+    def start(self) -> float:
+        """Start node 1, then the others at once, each joining node 1; returns the seconds."""
+        began = time.monotonic()
+        self.nodes[0].start()
+        with ThreadPoolExecutor(len(self.nodes) - 1) as pool:
+            list(pool.map(self._join, self.nodes[1:]))
+        self.start_seconds = time.monotonic() - began
+        return self.start_seconds
+
+    def _join(self, node: PrivateRabbit) -> None:
+        node.start()
+        for args in (("stop_app",), ("join_cluster", self.nodes[0].name), ("start_app",)):
+            result = node.ctl(*args, timeout=120)
+            if result.returncode != 0:
+                raise RuntimeError(f"{node.name}: rabbitmqctl {' '.join(args)}: {result.stderr}")
+
+    def any_running(self) -> PrivateRabbit:
+        """A node whose process runs (to ask the cluster something)."""
+        return next(node for node in self.nodes if node.running)
+
+    def by_port(self, port: int) -> PrivateRabbit:
+        """The node listening for AMQP on ``port``."""
+        return next(node for node in self.nodes if node.port == port)
+
+    def by_name(self, name: str) -> PrivateRabbit:
+        """The node called ``name``."""
+        return next(node for node in self.nodes if node.name == name)
+
+    def query(self, *args: str, tool: str = "rabbitmqctl") -> Any:
+        """``tool ARGS --formatter json`` on a running node, parsed (raises on failure)."""
+        result = self.any_running().ctl(*args, "--formatter", "json", tool=tool)
+        if result.returncode != 0:
+            raise RuntimeError(f"{tool} {' '.join(args)}: {result.stderr or result.stdout}")
+        return json.loads(result.stdout)
+
+    def running_nodes(self) -> set[str]:
+        """The names of the nodes the cluster reports running."""
+        return set(self.query("cluster_status")["running_nodes"])
+
+    def queue(self, name: str) -> dict[str, Any]:
+        """``list_queues`` of one queue: its leader, members and online members."""
+        rows = self.query("list_queues", "name", "leader", "members", "online", "messages")
+        return next(row for row in rows if row["name"] == name)
+
+    def quorum_critical(self, node: PrivateRabbit) -> bool:
+        """Whether stopping ``node`` would leave a quorum queue without a majority."""
+        result = node.ctl("check_if_node_is_quorum_critical", tool="rabbitmq-queues")
+        return result.returncode != 0
+
+    def restore(self) -> None:
+        """Start every node that is down; they rejoin the cluster from their data."""
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+
+    def kill(self) -> None:
+        """SIGKILL every node."""
+        for node in self.nodes:
+            node.kill()
 
 
 def _accepting(port: int) -> bool:

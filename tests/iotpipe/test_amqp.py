@@ -552,3 +552,62 @@ def test_queued_publishes_go_out_in_one_write_in_order(
         _method, _props, body = channel.basic_get(queue, auto_ack=True)
         bodies.append(int(body))
     assert bodies == list(range(300))
+
+
+@pytest.mark.rabbitmq
+def test_a_dead_first_node_is_skipped_for_the_next(
+    scratch: tuple[Any, str], rabbitmq_url: str
+) -> None:
+    """With url on a closed port and the broker in urls, the publisher connects to the second."""
+    channel, exchange = scratch
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, exchange, "#")
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    results = Results()
+    publisher = ConfirmingPublisher(
+        AmqpSettings(url=dead, urls=(rabbitmq_url,)), results, connect_timeout=5
+    )
+    publisher.start()
+    try:
+        assert publisher.url == AmqpSettings(url=rabbitmq_url).broker
+        publisher.publish(exchange, "k", BODY, MessageProperties(), "m")
+        results.wait(1)
+        assert results.by_token == {"m": [Outcome.CONFIRMED]}
+    finally:
+        publisher.close(timeout=5)
+
+
+def test_start_fails_only_when_every_node_refuses() -> None:
+    """Two closed ports: start() raises one ConnectError naming the last node tried."""
+    first, second = (f"amqp://127.0.0.1:{free_port()}/" for _ in range(2))
+    publisher = ConfirmingPublisher(
+        AmqpSettings(url=first, urls=(second,)), Results(), connect_timeout=5
+    )
+    with pytest.raises(ConnectError) as caught:
+        publisher.start()
+    assert caught.value.target == AmqpSettings(url=second).broker.redacted()
+
+
+@pytest.mark.rabbitmq
+def test_a_cluster_name_with_several_addresses_is_tried_address_by_address(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host name resolving to a dead address then a live one connects to the live one."""
+    live = AmqpSettings(url=rabbitmq_url).broker
+    dead_port = free_port()
+    resolve = socket.getaddrinfo
+
+    def cluster_dns(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host != "rabbit-cluster.invalid":
+            return resolve(host, port, *args, **kwargs)
+        record = resolve(live.host, live.port, *args, **kwargs)[0]
+        return [(*record[:4], (live.host, dead_port)), record]  # dead node first
+
+    monkeypatch.setattr(socket, "getaddrinfo", cluster_dns)
+    url = rabbitmq_url.replace(f"{live.host}:{live.port}", "rabbit-cluster.invalid:5672")
+    publisher = ConfirmingPublisher(AmqpSettings(url=url), Results(), connect_timeout=5)
+    publisher.start()
+    try:
+        assert publisher.connected
+    finally:
+        publisher.close(timeout=5)

@@ -675,3 +675,17 @@ def test_publish_many_waits_for_every_confirm_at_once(
     # The routed one of the failing pair may be stored yet unconfirmed (its confirm lost with
     # the channel): the caller sends it again, which receipts are made to bear.
     assert len(got) in (52, 53)
+
+
+@pytest.mark.rabbitmq
+def test_the_consumer_fails_over_to_the_next_node(site: Site) -> None:
+    """With url on a closed port and the broker in urls, the consumer consumes from the second."""
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    consumer = BatchConsumer(AmqpSettings(url=dead, urls=(site.url,)), site.spec)
+    try:
+        consumer.connect()
+        assert consumer.url == AmqpSettings(url=site.url).broker
+        ids = site.publish(3)
+        assert [d.message_id for d in collect(consumer, 3)] == ids
+    finally:
+        consumer.close()

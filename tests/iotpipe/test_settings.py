@@ -200,3 +200,30 @@ def test_an_unencoded_slash_in_a_password_is_refused_without_showing_it(
     assert "%2F" in message
     assert secret not in message
     assert secret.split("/", maxsplit=1)[0].split("?", maxsplit=1)[0] not in message
+
+
+def test_amqp_urls_list_the_other_nodes(tmp_path: Path) -> None:
+    """[amqp] urls adds cluster nodes after url (a list, or one comma-separated variable)."""
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    settings = load(
+        AmqpSettings,
+        "amqp",
+        environ={
+            "IOTPIPE_AMQP__URL": "amqp://u@rabbit-1:5672/",
+            "IOTPIPE_AMQP__URLS": "amqp://u@rabbit-2:5672/, amqp://u@rabbit-1:5672/",
+            "IOTPIPE_AMQP__PASSWORD_FILE": str(secret),
+        },
+    )
+    assert [url.host for url in settings.brokers] == ["rabbit-1", "rabbit-2"]  # no duplicate
+    assert all(url.password == Secret("s3cret") for url in settings.brokers)
+    assert settings.broker.host == "rabbit-1"
+    assert AmqpSettings().brokers == (AmqpSettings().broker,)  # one node, as before
+
+
+def test_amqp_urls_mistakes_name_the_field_and_hide_the_password() -> None:
+    """A bad node URL in urls is a ConfigError naming amqp.urls, without its password."""
+    with pytest.raises(ConfigError) as caught:
+        load(AmqpSettings, "amqp", overrides={"urls": ["http://u:hunter2@host/"]}, environ={})
+    assert caught.value.field.startswith("amqp.urls")
+    assert "hunter2" not in str(caught.value)
