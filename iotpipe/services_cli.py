@@ -93,7 +93,15 @@ def install(
             err=True,
         )
         raise typer.Exit(2)
-    steps = plan(root, names, executable or current_exec(), enable=enable, reload=reload)
+    executable = executable or current_exec()
+    if Path(executable).is_relative_to("/home") or Path(executable).is_relative_to("/root"):
+        typer.echo(
+            f"warning: {executable} is under /home or /root, which the units' ProtectHome=yes "
+            "hides from the services: install iotpipe elsewhere (e.g. a venv in /opt/iotpipe) "
+            "and name it with --exec",
+            err=True,
+        )
+    steps = plan(root, names, executable, enable=enable, reload=reload)
     for step in steps:
         typer.echo(step.describe())
     if dry_run:

@@ -174,6 +174,22 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
     assert "dry run: nothing was changed" in output
 
 
+@pytest.mark.parametrize(
+    ("executable", "warned"),
+    [("/home/ann/.venv/bin/iotpipe", True), ("/root/venv/bin/iotpipe", True),
+     ("/opt/iotpipe/venv/bin/iotpipe", False)],
+)  # fmt: skip
+def test_an_iotpipe_in_a_home_directory_is_warned_about(
+    tmp_path: Path, executable: str, warned: bool
+) -> None:
+    """ProtectHome=yes hides /home and /root: a unit running an iotpipe there would not start."""
+    result = CliRunner().invoke(
+        app, ["services", "install", "--root", str(tmp_path), "--dry-run", "--exec", executable]
+    )
+    assert result.exit_code == 0
+    assert ("ProtectHome=yes" in result.output) is warned
+
+
 def test_install_without_root_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """Installing into / as a user: one clear line, exit 2, nothing touched."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
