@@ -325,12 +325,14 @@ def digest_of(messages: list[Message]) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.usefixtures("pinned_agent")
 @pytest.mark.parametrize("name", sorted(SIMULATOR_DIGESTS))
 def test_simulator_bytes_for_a_seed_are_pinned(name: str) -> None:
     """A seeded simulation publishes exactly the bytes it published before the wire module."""
     assert digest_of(published_by(DIGEST_SETTINGS[name])) == SIMULATOR_DIGESTS[name]
 
 
+@pytest.mark.usefixtures("pinned_agent")
 def test_shipped_recording_is_what_the_simulator_publishes(shipped_recording: Path) -> None:
     """The recording's telemetry is byte for byte what its settings make, statuses but for end times.
 

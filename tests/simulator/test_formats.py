@@ -155,6 +155,7 @@ def envelopes() -> dict[str, list[tuple[int, Sample]]]:
 # -- the formats -----------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("pinned_agent")
 def test_envelope_is_the_default_and_byte_identical() -> None:
     """--format envelope publishes exactly the pinned bytes of the simulator before formats."""
     for name in ("seed11-faults", "seed3-batch-epoch-tags"):

@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from bridge.sparkplug import SparkplugIngest
 from iotpipe import sparkplug
 from iotpipe.envelope import Envelope, decode
@@ -27,6 +29,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.usefixtures("pinned_agent")
 def test_shipped_file_is_what_the_generator_makes(tmp_path: Path) -> None:
     """Regenerating the recording gives the shipped file byte for byte: it is reproducible."""
     header, messages, _summaries = mixed.build()
