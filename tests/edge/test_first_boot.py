@@ -494,7 +494,10 @@ def test_flashed_card_boots_installs_and_publishes(tmp_path: Path) -> None:
     first, second = seen.first, seen.second
     assert first["hostname"].strip() == "pi-boot"  # cloud-init ran our user-data
     assert first["active"].strip() == "active"
+    assert "status: done" in first["cloud-init"], first["cloud-init"]
     assert "Type=notify" in first["unit"]
+    assert "WatchdogUSec=30s" in first["unit"]
+    assert "NRestarts=0" in first["unit"]  # the sandbox let it run: no crash loop
     assert re.search(r"^700 root /etc/iotpipe$", first["etc"], re.M), first["etc"]
     assert re.search(r"^600 root /etc/iotpipe/edge.toml$", first["etc"], re.M), first["etc"]
     assert first["version"].startswith("iotpipe ")
