@@ -74,9 +74,18 @@ def why_not() -> str | None:
     return None
 
 
-def root_tarball(suite: str, cache: Path, say: Callable[[str], None]) -> Path:
-    """The cached arm64 root of ``suite``, built with mmdebstrap when missing."""
-    tarball = cache / f"arm64-{suite}.tar"
+def root_tarball(
+    suite: str,
+    cache: Path,
+    say: Callable[[str], None],
+    *,
+    name: str = "arm64",
+    variant: str = "minbase",
+    packages: tuple[str, ...] = ("python3", "python3-venv"),
+) -> Path:
+    """The cached arm64 root of ``suite`` (``{name}-{suite}.tar``), built with mmdebstrap when
+    missing."""
+    tarball = cache / f"{name}-{suite}.tar"
     if tarball.exists():
         say(f"$ using cached {tarball}")
         return tarball
@@ -84,10 +93,13 @@ def root_tarball(suite: str, cache: Path, say: Callable[[str], None]) -> Path:
     partial = tarball.with_suffix(".partial.tar")
     run(
         [
+            "nice",
+            "-n",
+            "10",
             "mmdebstrap",
             "--arch=arm64",
-            "--variant=minbase",
-            "--include=python3,python3-venv",
+            f"--variant={variant}",
+            "--include=" + ",".join(packages),
             suite,
             str(partial),
             MIRROR,
