@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,7 +45,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from consumers.sqlite_store import ROLLUPS, first_of_each_key, reading_rows, rollup_rows
-from consumers.state import DEFAULT_RETENTION_MS, Durability, value_kind
+from consumers.state import DEFAULT_RETENTION_MS, Durability, StreamRow, value_kind
 from consumers.store import Confirmation, DeviceStatus, Message, StoreUnavailable, WriteResult
 from iotpipe.errors import ConfigError
 from iotpipe.schema import redact_url
@@ -314,19 +313,6 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-@dataclass(slots=True)
-class _StreamDelta:
-    """What one batch adds to a ``streams`` row."""
-
-    first_seq: int
-    max_seq: int
-    messages: int = 0
-    out_of_order: int = 0
-    duplicates: int = 0
-    first_ms: int | None = None
-    last_ms: int | None = None
-
-
 class PostgresStore:
     """A :class:`~consumers.store.Store` writing to a PostgreSQL database shared by many hosts.
 
@@ -553,38 +539,17 @@ class PostgresStore:
             (site, device, boot): max_seq
             for site, device, boot, max_seq in conn.execute(_LOCK_STREAMS, _columns(keys, 3))
         }
-        deltas: dict[tuple[str, str, str], _StreamDelta] = {}
+        # What the batch adds to each row (the SQL adds counts and widens seq and time ranges).
+        deltas: dict[tuple[str, str, str], StreamRow] = {}
         out_of_order = 0
         for message in stored:
             key = (message.site, message.device, message.boot)
-            delta = deltas.setdefault(key, _StreamDelta(message.seq, message.seq))
-            top = max(highest.get(key, message.seq), delta.max_seq)
-            if message.seq < top:
-                delta.out_of_order += 1
-                out_of_order += 1
-            delta.first_seq = min(delta.first_seq, message.seq)
-            delta.max_seq = max(top, message.seq)
-            delta.messages += 1
-            for reading in message.readings:
-                ts = reading.ts_ms
-                delta.first_ms = ts if delta.first_ms is None else min(delta.first_ms, ts)
-                delta.last_ms = ts if delta.last_ms is None else max(delta.last_ms, ts)
+            delta = deltas.setdefault(key, StreamRow(message.seq, message.seq))
+            out_of_order += delta.add(message, max(highest.get(key, message.seq), delta.max_seq))
         for message in duplicates:
             key = (message.site, message.device, message.boot)
-            deltas.setdefault(key, _StreamDelta(message.seq, message.seq)).duplicates += 1
-        rows = [
-            (
-                *key,
-                d.first_seq,
-                d.max_seq,
-                d.messages,
-                d.out_of_order,
-                d.duplicates,
-                d.first_ms or 0,
-                d.last_ms or 0,
-            )
-            for key, d in sorted(deltas.items())
-        ]
+            deltas.setdefault(key, StreamRow(message.seq, message.seq)).duplicates += 1
+        rows = [(*key, *d.row()) for key, d in sorted(deltas.items())]
         conn.execute(_ADD_STREAMS, _columns(rows, 10))
         return out_of_order
 

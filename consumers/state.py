@@ -177,8 +177,9 @@ def unavailable_reason(err: sqlite3.Error, path: Path, busy_timeout_s: float) ->
 
 
 @dataclass(slots=True)
-class _Stream:
-    """A ``streams`` row being updated in memory during :meth:`StateDB.record`."""
+class StreamRow:
+    """A ``streams`` row being updated in memory while a batch is recorded (SQLite and
+    PostgreSQL stores alike)."""
 
     first_seq: int
     max_seq: int
@@ -187,6 +188,23 @@ class _Stream:
     duplicates: int = 0
     first_ms: int | None = None
     last_ms: int | None = None
+
+    def add(self, message: Message, top: int) -> bool:
+        """Count a stored ``message`` of this stream, whose highest seq so far is ``top``.
+
+        Returns True if it arrived out of order (below ``top``).
+        """
+        late = message.seq < top
+        if late:
+            self.out_of_order += 1
+        self.first_seq = min(self.first_seq, message.seq)
+        self.max_seq = max(top, message.seq)
+        self.messages += 1
+        for reading in message.readings:
+            ts = reading.ts_ms
+            self.first_ms = ts if self.first_ms is None else min(self.first_ms, ts)
+            self.last_ms = ts if self.last_ms is None else max(self.last_ms, ts)
+        return late
 
     def row(self) -> tuple[int, ...]:
         """The values after the key, in ``_UPSERT_STREAM`` order."""
@@ -468,20 +486,11 @@ class StateDB:
         self, conn: sqlite3.Connection, stored: Sequence[Message], duplicates: Sequence[Message]
     ) -> int:
         """Fold stored messages and duplicates into ``streams``; return the out-of-order count."""
-        streams: dict[tuple[str, str, str], _Stream] = {}
+        streams: dict[tuple[str, str, str], StreamRow] = {}
         out_of_order = 0
         for message in stored:
             stream = self._stream(conn, streams, message)
-            if message.seq < stream.max_seq:
-                stream.out_of_order += 1
-                out_of_order += 1
-            stream.first_seq = min(stream.first_seq, message.seq)
-            stream.max_seq = max(stream.max_seq, message.seq)
-            stream.messages += 1
-            for reading in message.readings:
-                ts = reading.ts_ms
-                stream.first_ms = ts if stream.first_ms is None else min(stream.first_ms, ts)
-                stream.last_ms = ts if stream.last_ms is None else max(stream.last_ms, ts)
+            out_of_order += stream.add(message, stream.max_seq)
         for message in duplicates:
             self._stream(conn, streams, message).duplicates += 1
         conn.executemany(
@@ -493,9 +502,9 @@ class StateDB:
     @staticmethod
     def _stream(
         conn: sqlite3.Connection,
-        streams: dict[tuple[str, str, str], _Stream],
+        streams: dict[tuple[str, str, str], StreamRow],
         message: Message,
-    ) -> _Stream:
+    ) -> StreamRow:
         """The in-memory row of ``message``'s stream, loaded from the table on first use."""
         key = (message.site, message.device, message.boot)
         stream = streams.get(key)
@@ -505,7 +514,9 @@ class StateDB:
                 " FROM streams WHERE site = ? AND device = ? AND boot = ?",
                 key,
             ).fetchone()
-            stream = _Stream(*row) if row else _Stream(first_seq=message.seq, max_seq=message.seq)
+            stream = (
+                StreamRow(*row) if row else StreamRow(first_seq=message.seq, max_seq=message.seq)
+            )
             streams[key] = stream
         return stream
 
