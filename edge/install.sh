@@ -112,6 +112,12 @@ if [ ! -f "$SERVICE" ]; then
 fi
 command -v systemctl >/dev/null || die "systemctl not found: use --no-systemd"
 
+# The unit's SupplementaryGroups= (the owners of /dev/i2c-* and /dev/gpiochip* on Pi OS): a
+# root without them (plain Debian, or Pi OS provisioned by firstrun.sh) would refuse to start it.
+for group in i2c gpio; do
+    getent group "$group" >/dev/null || groupadd --system "$group" || die "cannot create group $group"
+done
+
 UNIT=/etc/systemd/system/$SERVICE
 # The unit names the default prefix and config directory; point it at these.
 sed -e "s|$DEFAULT_PREFIX|$PREFIX|g" -e "s|/etc/iotpipe|$ETC|g" "$SERVICE" >"$UNIT"
