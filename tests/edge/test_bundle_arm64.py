@@ -82,9 +82,10 @@ def root_tarball(
     name: str = "arm64",
     variant: str = "minbase",
     packages: tuple[str, ...] = ("python3", "python3-venv"),
+    options: tuple[str, ...] = (),
 ) -> Path:
     """The cached arm64 root of ``suite`` (``{name}-{suite}.tar``), built with mmdebstrap when
-    missing."""
+    missing; ``options``: more mmdebstrap options (hooks)."""
     tarball = cache / f"{name}-{suite}.tar"
     if tarball.exists():
         say(f"$ using cached {tarball}")
@@ -100,6 +101,7 @@ def root_tarball(
             "--arch=arm64",
             f"--variant={variant}",
             "--include=" + ",".join(packages),
+            *options,
             suite,
             str(partial),
             MIRROR,
