@@ -28,7 +28,7 @@ we log in with it), firstboot.sh installed the bundle under /opt/iotpipe-edge, t
 root-only in /etc/iotpipe and gone from the FAT (read back with mtools after power-off),
 iotpipe-edge.service is active (notify, watchdog, no restart) and its readings are stored.
 Second boot, with the broker down: the first-boot steps do not run again, the agent keeps its
-readings in the outbox and nothing reaches the store; the broker comes back and they are
+readings in the outbox and none reaches the store; the broker comes back and they are
 delivered. At the end every envelope the device committed (read from the outbox files of the
 card after each power-off) is stored exactly once, or still held in the outbox.
 
@@ -705,7 +705,7 @@ def first_boot(
 
 def reboot_broker_down(power_on: PowerOn, key: Path, pipe: Pipeline) -> dict[str, str]:
     """Boot 2 with the broker down: the first-boot steps do not run again, readings wait in the
-    outbox, nothing is stored; the broker comes back and they are delivered."""
+    outbox, none is stored; the broker comes back and they are delivered."""
     pipe.broker.stop()
     before = pipe.stored()
     guest = power_on("boot2", PAST)
