@@ -31,11 +31,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from consumers.pg_store import PostgresStore  # noqa: E402
 from consumers.sqlite_store import SQLiteStore  # noqa: E402
 from consumers.store import Message, Reading, Store  # noqa: E402
+from tests.postgres import scratch_database  # noqa: E402
 
 T0_MS = 1_795_000_000_000
 DEVICES = 20
@@ -70,18 +68,6 @@ def write_all(store: Store, messages: Sequence[Message], batch: int) -> float:
     return time.perf_counter() - began
 
 
-@contextmanager
-def fresh_database(server: str) -> Iterator[str]:
-    name = f"iotpipe_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield server.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 def round_sqlite(messages: Sequence[Message], batch: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteStore(Path(tmp) / "telemetry.db")
@@ -93,7 +79,7 @@ def round_sqlite(messages: Sequence[Message], batch: int) -> float:
 
 
 def round_pg(server: str, messages: Sequence[Message], batch: int) -> float:
-    with fresh_database(server) as url:
+    with scratch_database(server, prefix="iotpipe_bench_") as url:
         store = PostgresStore(url)
         try:
             seconds = write_all(store, messages, batch)
@@ -121,7 +107,7 @@ def round_pg_two(server: str, messages: Sequence[Message], batch: int) -> float:
         [m for m in messages if int(m.device[1:]) % 2 == 0],
         [m for m in messages if int(m.device[1:]) % 2 == 1],
     ]
-    with fresh_database(server) as url:
+    with scratch_database(server, prefix="iotpipe_bench_") as url:
         PostgresStore(url).close()  # schema first, so the two do not wait on each other for it
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(2) as pool:

@@ -48,9 +48,9 @@ def shared_server_up() -> bool:
 
 
 @contextlib.contextmanager
-def scratch_database(server: str = SHARED) -> Iterator[str]:
+def scratch_database(server: str = SHARED, prefix: str = "iotpipe_test_") -> Iterator[str]:
     """A new database with a unique name on ``server``; yields its URL, drops it afterwards."""
-    name = f"iotpipe_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     try:
